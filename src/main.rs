@@ -1,1 +1,16 @@
-fn main() {}
+//! The `tollgate` binary: parses the command line and runs it; errors print one line and exit 1.
+#![forbid(unsafe_code)]
+
+use clap::Parser;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() {
+    tollgate::lifecycle::init_logging();
+    let cli = tollgate::cli::Cli::parse();
+    if let Err(e) = tollgate::cli::run(cli) {
+        eprintln!("tollgate: {e:#}");
+        std::process::exit(1);
+    }
+}

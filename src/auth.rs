@@ -1,0 +1,349 @@
+//! Who is calling: reads the key from the request, checks its format offline, finds it through the
+//! key cache (database on a miss, concurrent misses coalesced) and checks its permissions.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use http::HeaderMap;
+use moka::sync::Cache;
+use tokio::sync::OnceCell;
+
+use crate::keys::{self, KeyHash};
+use crate::store::{KeyRow, Store};
+
+/// Why a request was refused before reaching an upstream. `label()` is the metric label.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no API key: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'")]
+    Missing,
+    #[error("malformed API key: {0}")]
+    Malformed(keys::KeyFormatError),
+    #[error("unknown API key")]
+    Unknown,
+    #[error("this API key has been revoked")]
+    Revoked,
+    #[error("this API key has expired")]
+    Expired,
+    #[error("the user owning this API key is deactivated")]
+    UserInactive,
+    #[error("this API key may not use {0}")]
+    Forbidden(String),
+    #[error("the key store is unavailable")]
+    StoreUnavailable,
+}
+
+impl AuthError {
+    pub fn label(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing",
+            AuthError::Malformed(_) => "malformed",
+            AuthError::Unknown => "unknown",
+            AuthError::Revoked | AuthError::UserInactive => "revoked",
+            AuthError::Expired => "expired",
+            AuthError::Forbidden(_) => "forbidden",
+            AuthError::StoreUnavailable => "store_unavailable",
+        }
+    }
+}
+
+/// What a key may do. Parsed once when the key is cached.
+///
+/// JSON form: an array of strings; `"/v1/chat"` (or `"path:/v1/chat"`) allows a path prefix,
+/// `"model:gpt-4o"` allows a model (`"model:gpt-4o*"` a model prefix). No path entries means every
+/// path, no model entries every model; `[]` allows everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Permissions {
+    pub paths: Vec<String>,
+    pub models: Vec<String>,
+}
+
+impl Permissions {
+    pub fn parse(v: &serde_json::Value) -> Result<Permissions, String> {
+        let items = v
+            .as_array()
+            .ok_or("permissions must be a JSON array of strings")?;
+        let mut p = Permissions::default();
+        for item in items {
+            let s = item
+                .as_str()
+                .ok_or("permissions must be a JSON array of strings")?;
+            if let Some(m) = s.strip_prefix("model:") {
+                if m.is_empty() {
+                    return Err("empty model in permissions".into());
+                }
+                p.models.push(m.to_string());
+            } else {
+                let path = s.strip_prefix("path:").unwrap_or(s);
+                if !path.starts_with('/') {
+                    return Err(format!(
+                        "permission {s:?}: want a path starting with '/' or model:NAME"
+                    ));
+                }
+                p.paths.push(path.to_string());
+            }
+        }
+        Ok(p)
+    }
+
+    pub fn restricts_models(&self) -> bool {
+        !self.models.is_empty()
+    }
+
+    pub fn allows_path(&self, path: &str) -> bool {
+        self.paths.is_empty() || self.paths.iter().any(|p| path.starts_with(p.as_str()))
+    }
+
+    pub fn allows_model(&self, model: Option<&str>) -> bool {
+        if self.models.is_empty() {
+            return true;
+        }
+        let Some(model) = model else { return false };
+        self.models.iter().any(|m| match m.strip_suffix('*') {
+            Some(prefix) => model.starts_with(prefix),
+            None => model == m,
+        })
+    }
+}
+
+/// A key as cached: everything the request path needs, no secrets.
+#[derive(Debug)]
+pub struct KeyInfo {
+    pub id: i64,
+    pub user_id: i64,
+    pub name: String,
+    pub is_active: bool,
+    pub user_active: bool,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub permissions: Permissions,
+}
+
+impl KeyInfo {
+    fn from_row(row: KeyRow) -> KeyInfo {
+        // A permissions value the gateway cannot read allows nothing rather than everything.
+        let permissions = Permissions::parse(&row.permissions).unwrap_or_else(|_| Permissions {
+            paths: vec!["\u{0}".into()],
+            models: Vec::new(),
+        });
+        KeyInfo {
+            id: row.id,
+            user_id: row.user_id,
+            name: row.name,
+            is_active: row.is_active,
+            user_active: row.user_active,
+            expires_at: row.expires_at,
+            permissions,
+        }
+    }
+
+    /// Refusals that depend only on the key, checked on every request (expiry moves with time).
+    pub fn check_usable(&self, now: DateTime<Utc>) -> Result<(), AuthError> {
+        if !self.is_active {
+            return Err(AuthError::Revoked);
+        }
+        if !self.user_active {
+            return Err(AuthError::UserInactive);
+        }
+        if self.expires_at.is_some_and(|e| e <= now) {
+            return Err(AuthError::Expired);
+        }
+        Ok(())
+    }
+}
+
+/// The key from `Authorization: Bearer …` or `x-api-key`.
+pub fn credential(headers: &HeaderMap) -> Result<&str, AuthError> {
+    if let Some(v) = headers.get(http::header::AUTHORIZATION) {
+        let v = v
+            .to_str()
+            .map_err(|_| AuthError::Malformed(keys::KeyFormatError::Charset))?;
+        let (scheme, token) = v
+            .split_once(' ')
+            .ok_or(AuthError::Malformed(keys::KeyFormatError::Prefix))?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(AuthError::Malformed(keys::KeyFormatError::Prefix));
+        }
+        return Ok(token.trim());
+    }
+    if let Some(v) = headers.get("x-api-key") {
+        return v
+            .to_str()
+            .map(str::trim)
+            .map_err(|_| AuthError::Malformed(keys::KeyFormatError::Charset));
+    }
+    Err(AuthError::Missing)
+}
+
+type Lookup = Arc<OnceCell<Option<Arc<KeyInfo>>>>;
+
+/// Keys by SHA-256: found keys for `ttl`, unknown hashes for `negative_ttl`, the database on a miss.
+pub struct KeyCache {
+    found: Cache<KeyHash, Arc<KeyInfo>>,
+    unknown: Cache<KeyHash, ()>,
+    inflight: Mutex<HashMap<KeyHash, Lookup>>,
+    store: Store,
+    /// The runtime that owns the database pool; lookups run there.
+    db: tokio::runtime::Handle,
+}
+
+impl KeyCache {
+    pub fn new(
+        store: Store,
+        db: tokio::runtime::Handle,
+        capacity: u64,
+        ttl: Duration,
+        negative_ttl: Duration,
+    ) -> KeyCache {
+        KeyCache {
+            found: Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(ttl)
+                .build(),
+            unknown: Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(negative_ttl)
+                .build(),
+            inflight: Mutex::new(HashMap::new()),
+            store,
+            db,
+        }
+    }
+
+    /// Authenticates a request's headers: format, lookup, state. Permissions are checked by the caller.
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<KeyInfo>, AuthError> {
+        let key = credential(headers)?;
+        keys::validate(key).map_err(AuthError::Malformed)?;
+        let info = self
+            .lookup(keys::hash(key))
+            .await?
+            .ok_or(AuthError::Unknown)?;
+        info.check_usable(Utc::now())?;
+        Ok(info)
+    }
+
+    /// Cache first; on a miss one database query per hash however many requests wait for it.
+    pub async fn lookup(&self, hash: KeyHash) -> Result<Option<Arc<KeyInfo>>, AuthError> {
+        if let Some(info) = self.found.get(&hash) {
+            return Ok(Some(info));
+        }
+        if self.unknown.contains_key(&hash) {
+            return Ok(None);
+        }
+        let cell = match self.inflight.lock() {
+            Ok(mut m) => m.entry(hash).or_default().clone(),
+            Err(_) => return Err(AuthError::StoreUnavailable),
+        };
+        let result = cell
+            .get_or_try_init(|| async {
+                let store = self.store.clone();
+                let hex = hex::encode(hash);
+                let row = self
+                    .db
+                    .spawn(async move { store.find_key(&hex).await })
+                    .await
+                    .map_err(|_| AuthError::StoreUnavailable)?
+                    .map_err(|e| {
+                        tracing::warn!(error = %e, "key lookup failed");
+                        AuthError::StoreUnavailable
+                    })?;
+                let info = row.map(|r| Arc::new(KeyInfo::from_row(r)));
+                match &info {
+                    Some(i) => self.found.insert(hash, i.clone()),
+                    None => self.unknown.insert(hash, ()),
+                }
+                Ok::<_, AuthError>(info)
+            })
+            .await
+            .cloned();
+        if let Ok(mut m) = self.inflight.lock() {
+            if m.get(&hash).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                m.remove(&hash);
+            }
+        }
+        result
+    }
+
+    /// Drops every cached entry for `hash` (revocation on this instance).
+    pub fn invalidate(&self, hash: &KeyHash) {
+        self.found.invalidate(hash);
+        self.unknown.invalidate(hash);
+    }
+
+    pub fn invalidate_all(&self) {
+        self.found.invalidate_all();
+        self.unknown.invalidate_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn check_credential(headers: &[(&str, &str)], expected: Result<&str, AuthError>) {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        assert_eq!(credential(&map), expected, "{headers:?}");
+    }
+
+    #[test]
+    fn credentials() {
+        check_credential(&[("authorization", "Bearer tg_x")], Ok("tg_x"));
+        check_credential(&[("authorization", "bearer  tg_x ")], Ok("tg_x"));
+        check_credential(&[("x-api-key", "tg_y")], Ok("tg_y"));
+        check_credential(
+            &[("authorization", "Basic abc")],
+            Err(AuthError::Malformed(keys::KeyFormatError::Prefix)),
+        );
+        check_credential(&[], Err(AuthError::Missing));
+    }
+
+    fn check_perm(perms: serde_json::Value, path: &str, model: Option<&str>, allowed: bool) {
+        let p = Permissions::parse(&perms).unwrap();
+        assert_eq!(
+            p.allows_path(path) && p.allows_model(model),
+            allowed,
+            "{perms} {path} {model:?}"
+        );
+    }
+
+    #[test]
+    fn permissions() {
+        check_perm(json!([]), "/v1/anything", Some("any"), true);
+        check_perm(json!(["/v1/chat"]), "/v1/chat/completions", None, true);
+        check_perm(json!(["/v1/chat"]), "/v1/embeddings", None, false);
+        check_perm(
+            json!(["path:/v1/chat", "model:gpt-4o-mini"]),
+            "/v1/chat/completions",
+            Some("gpt-4o-mini"),
+            true,
+        );
+        check_perm(
+            json!(["model:gpt-4o-mini"]),
+            "/v1/chat/completions",
+            Some("gpt-4o"),
+            false,
+        );
+        check_perm(
+            json!(["model:gpt-4o*"]),
+            "/v1/chat/completions",
+            Some("gpt-4o-2024-08-06"),
+            true,
+        );
+        check_perm(
+            json!(["model:gpt-4o*"]),
+            "/v1/chat/completions",
+            None,
+            false,
+        );
+        assert!(Permissions::parse(&json!({"a": 1})).is_err());
+        assert!(Permissions::parse(&json!(["chat"])).is_err());
+        assert!(Permissions::parse(&json!([1])).is_err());
+    }
+}

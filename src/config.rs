@@ -1,0 +1,387 @@
+//! Typed configuration: `config.toml` parsed once at start, validated, and reported as
+//! `PATH:LINE: what is wrong` when it is not usable.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::upstream::AccountType;
+
+/// Environment variable that overrides `[database] url`.
+pub const DATABASE_URL_ENV: &str = "TOLLGATE_DATABASE_URL";
+/// Environment variable naming the config file when `--config` is not given.
+pub const CONFIG_ENV: &str = "TOLLGATE_CONFIG";
+
+/// The whole configuration. Every section has defaults, so an empty file is valid.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub database: DatabaseConfig,
+    pub auth: AuthConfig,
+    pub upstream: UpstreamConfig,
+    pub routes: Vec<Route>,
+    pub upstream_accounts: Vec<AccountConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            database: DatabaseConfig::default(),
+            auth: AuthConfig::default(),
+            upstream: UpstreamConfig::default(),
+            routes: default_routes(),
+            upstream_accounts: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the proxy listens on.
+    pub listen: SocketAddr,
+    /// Worker threads for the proxy.
+    pub threads: usize,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    pub grace_period_secs: u64,
+    /// Seconds a kept-alive client connection may sit idle between requests.
+    pub idle_timeout_secs: u64,
+    /// Largest request body accepted (and buffered for replay); larger gets 413.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            threads: 2,
+            grace_period_secs: 30,
+            idle_timeout_secs: 75,
+            max_body_bytes: 32 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `sqlite://FILE` (created if missing) or `postgres://…`.
+    pub url: String,
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: "sqlite://tollgate.db".into(),
+            max_connections: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// How long a found key stays cached.
+    pub cache_ttl_secs: u64,
+    /// How long an unknown key hash stays cached as unknown.
+    pub negative_ttl_secs: u64,
+    /// Most keys kept in the cache.
+    pub cache_capacity: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            cache_ttl_secs: 60,
+            negative_ttl_secs: 5,
+            cache_capacity: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Accounts tried per request (first try included).
+    pub max_attempts: usize,
+    pub connect_timeout_ms: u64,
+    /// Longest silence between two reads from the upstream; long LLM streams must survive it.
+    pub read_timeout_secs: u64,
+    /// Cooldown of a failing account when the upstream sends no `Retry-After`.
+    pub cooldown_secs: u64,
+    /// Upper bound on any cooldown, `Retry-After` included.
+    pub max_cooldown_secs: u64,
+    /// How long an idle upstream connection stays in the pool.
+    pub pool_idle_timeout_secs: u64,
+    /// How often accounts are re-read from the database (and DNS re-resolved).
+    pub refresh_secs: u64,
+    /// `anthropic-version` sent to Anthropic when the client sends none.
+    pub anthropic_version: String,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            max_attempts: 3,
+            connect_timeout_ms: 5_000,
+            read_timeout_secs: 600,
+            cooldown_secs: 30,
+            max_cooldown_secs: 600,
+            pool_idle_timeout_secs: 90,
+            refresh_secs: 10,
+            anthropic_version: "2023-06-01".into(),
+        }
+    }
+}
+
+impl UpstreamConfig {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn read_timeout(&self) -> Duration {
+        Duration::from_secs(self.read_timeout_secs)
+    }
+}
+
+/// A path prefix and the account type that serves it. The longest matching prefix wins.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub prefix: String,
+    #[serde(rename = "type")]
+    pub kind: AccountType,
+}
+
+fn default_routes() -> Vec<Route> {
+    vec![
+        Route {
+            prefix: "/v1/messages".into(),
+            kind: AccountType::Anthropic,
+        },
+        Route {
+            prefix: "/v1/".into(),
+            kind: AccountType::Openai,
+        },
+    ]
+}
+
+/// An upstream account declared in the file; upserted into `upstream_accounts` by name at start.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountConfig {
+    pub name: Spanned<String>,
+    #[serde(rename = "type")]
+    pub kind: AccountType,
+    pub base_url: Spanned<String>,
+    /// The secret, or `${ENV_VAR}` to read it from the environment at start.
+    pub api_key: Spanned<String>,
+    /// For `generic` accounts: the header that carries `api_key` (default `authorization`, as a bearer).
+    #[serde(default)]
+    pub header: Option<String>,
+    #[serde(default = "one")]
+    pub priority: i32,
+    #[serde(default = "one_u")]
+    pub weight: u32,
+    #[serde(default = "yes")]
+    pub is_active: bool,
+    #[serde(default)]
+    pub email: Option<String>,
+}
+
+fn one() -> i32 {
+    1
+}
+fn one_u() -> u32 {
+    1
+}
+fn yes() -> bool {
+    true
+}
+
+/// A configuration that cannot be used, with where and why.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub path: String,
+    /// 1-based line of the offending value; 0 when the problem has no single place.
+    pub line: usize,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            0 => write!(f, "{}: {}", self.path, self.message),
+            n => write!(f, "{}:{}: {}", self.path, n, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and validates the file. A missing file at the default location gives the defaults.
+    pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => String::new(),
+            Err(e) => {
+                return Err(ConfigError {
+                    path: path.display().to_string(),
+                    line: 0,
+                    message: format!("cannot read: {e}"),
+                })
+            }
+        };
+        let mut cfg = Config::parse(&text, &path.display().to_string())?;
+        if let Ok(url) = std::env::var(DATABASE_URL_ENV) {
+            if !url.is_empty() {
+                cfg.database.url = url;
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Parses and validates TOML text; `origin` names the file in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let err = |span: Option<std::ops::Range<usize>>, message: String| ConfigError {
+            path: origin.to_string(),
+            line: span.map_or(0, |s| line_of(text, s.start)),
+            message,
+        };
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| err(e.span(), e.message().to_string()))?;
+        cfg.validate().map_err(|(span, msg)| err(span, msg))?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), (Option<std::ops::Range<usize>>, String)> {
+        let plain = |msg: &str| (None, msg.to_string());
+        if self.server.threads == 0 {
+            return Err(plain("[server] threads must be at least 1"));
+        }
+        if self.server.max_body_bytes == 0 {
+            return Err(plain("[server] max_body_bytes must be at least 1"));
+        }
+        if self.upstream.max_attempts == 0 {
+            return Err(plain("[upstream] max_attempts must be at least 1"));
+        }
+        if !(self.database.url.starts_with("sqlite:") || self.database.url.starts_with("postgres"))
+        {
+            return Err(plain(
+                "[database] url must start with sqlite:// or postgres://",
+            ));
+        }
+        for r in &self.routes {
+            if !r.prefix.starts_with('/') {
+                return Err(plain(&format!(
+                    "route prefix {:?} must start with '/'",
+                    r.prefix
+                )));
+            }
+        }
+        let mut names = HashSet::new();
+        for a in &self.upstream_accounts {
+            let name = a.name.get_ref();
+            if name.trim().is_empty() {
+                return Err((Some(a.name.span()), "account name must not be empty".into()));
+            }
+            if !names.insert(name.clone()) {
+                return Err((
+                    Some(a.name.span()),
+                    format!("account name {name:?} is declared twice"),
+                ));
+            }
+            if let Err(e) = crate::upstream::Endpoint::parse(a.base_url.get_ref()) {
+                return Err((Some(a.base_url.span()), e));
+            }
+            if a.weight == 0 {
+                return Err((
+                    Some(a.name.span()),
+                    format!("account {name:?}: weight must be at least 1"),
+                ));
+            }
+            if let Err(e) = expand_env(a.api_key.get_ref()) {
+                return Err((Some(a.api_key.span()), e));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn default_path() -> (PathBuf, bool) {
+        match std::env::var(CONFIG_ENV) {
+            Ok(p) if !p.is_empty() => (PathBuf::from(p), true),
+            _ => (PathBuf::from("config.toml"), false),
+        }
+    }
+}
+
+/// Replaces a whole-value `${VAR}` with the variable's value; anything else is taken literally.
+pub fn expand_env(value: &str) -> Result<String, String> {
+    match value.strip_prefix("${").and_then(|v| v.strip_suffix('}')) {
+        Some(var) => {
+            std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))
+        }
+        None => Ok(value.to_string()),
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_err(text: &str, expected: &str) {
+        let err = Config::parse(text, "config.toml").expect_err("must fail");
+        assert_eq!(err.to_string(), expected);
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let cfg = Config::parse("", "config.toml").unwrap();
+        assert_eq!(cfg.server.listen.port(), 8080);
+        assert_eq!(cfg.routes.len(), 2);
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        check_err(
+            "[server]\nlisten = \"nope\"\n",
+            "config.toml:2: invalid socket address syntax",
+        );
+        check_err("[server]\nbogus = 1\n", "config.toml:2: unknown field `bogus`, expected one of `listen`, `threads`, `grace_period_secs`, `idle_timeout_secs`, `max_body_bytes`");
+        check_err(
+            "[[upstream_accounts]]\nname = \"a\"\ntype = \"openai\"\nbase_url = \"ftp://x\"\napi_key = \"k\"\n",
+            "config.toml:4: base_url must start with http:// or https://",
+        );
+        check_err(
+            "[[upstream_accounts]]\nname = \"a\"\ntype = \"nope\"\nbase_url = \"http://x\"\napi_key = \"k\"\n",
+            "config.toml:3: unknown variant `nope`, expected one of `openai`, `anthropic`, `generic`",
+        );
+        check_err(
+            "[[upstream_accounts]]\nname = \"a\"\ntype = \"openai\"\nbase_url = \"http://x\"\napi_key = \"k\"\n[[upstream_accounts]]\nname = \"a\"\ntype = \"openai\"\nbase_url = \"http://x\"\napi_key = \"k\"\n",
+            "config.toml:7: account name \"a\" is declared twice",
+        );
+        check_err(
+            "[[upstream_accounts]]\nname = \"a\"\ntype = \"openai\"\nbase_url = \"http://x\"\napi_key = \"${TOLLGATE_SURELY_UNSET_VAR}\"\n",
+            "config.toml:5: environment variable TOLLGATE_SURELY_UNSET_VAR is not set",
+        );
+        check_err(
+            "[upstream]\nmax_attempts = 0\n",
+            "config.toml: [upstream] max_attempts must be at least 1",
+        );
+    }
+}

@@ -1,0 +1,62 @@
+//! The per-request context: all state one request carries between proxy phases. Each field says
+//! which phase sets it and which phases read it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use crate::auth::KeyInfo;
+use crate::lifecycle::InFlight;
+use crate::upstream::{Account, AccountType};
+
+pub struct RequestCtx {
+    /// UUIDv7, set in `new_ctx`; sent upstream and to the client as `x-request-id`, logged.
+    pub request_id: String,
+    /// Set in `new_ctx`; read by `logging` for the latency.
+    pub started: Instant,
+    /// Set by the auth stage in `request_filter`; read by `forward` and `logging`.
+    pub key: Option<Arc<KeyInfo>>,
+    /// Account type chosen by route in `request_filter`; read by `forward`.
+    pub kind: Option<AccountType>,
+    /// The whole request body, read in `request_filter`; replayed by `forward` on every attempt.
+    pub body: Bytes,
+    /// The request's `model`, read from `body` in `request_filter`; checked against permissions.
+    pub model: Option<String>,
+    /// Ids of accounts tried so far; appended by `forward`, read by selection to skip them.
+    pub tried: Vec<i64>,
+    /// The account whose response reached the client; set by `forward`, read by `logging`.
+    pub account: Option<Arc<Account>>,
+    /// Status sent to the client (0 = none); set by whoever writes the response header.
+    pub status: u16,
+    /// Low-cardinality reason when the request did not end well; read by `logging`.
+    pub error: Option<&'static str>,
+    /// When the upstream response header arrived relative to `started`; set by `forward`.
+    pub upstream_header_at: Option<Instant>,
+    /// Counts this request as in flight until the context is dropped after `logging`.
+    _in_flight: InFlight,
+}
+
+impl RequestCtx {
+    pub fn new(in_flight: InFlight) -> RequestCtx {
+        let mut buf = uuid::Uuid::encode_buffer();
+        let request_id = uuid::Uuid::now_v7()
+            .hyphenated()
+            .encode_lower(&mut buf)
+            .to_string();
+        RequestCtx {
+            request_id,
+            started: Instant::now(),
+            key: None,
+            kind: None,
+            body: Bytes::new(),
+            model: None,
+            tried: Vec::new(),
+            account: None,
+            status: 0,
+            error: None,
+            upstream_header_at: None,
+            _in_flight: in_flight,
+        }
+    }
+}

@@ -1,0 +1,371 @@
+//! The upstream leg: sends the buffered request to the selected account, retries on the next
+//! account while nothing has reached the client, and streams the response back chunk by chunk.
+//!
+//! tollgate drives pingora's connector itself instead of pingora's built-in proxy loop because
+//! that loop can replay at most 64 KiB of request body on retry; here the whole (size-limited)
+//! body is kept in the request context and replayed on every attempt.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderName, HeaderValue};
+use pingora::connectors::http::Connector;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::Session;
+
+use crate::ctx::RequestCtx;
+use crate::error::GatewayError;
+use crate::upstream::{parse_retry_after, Account, AccountSet, AccountType};
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the client's
+/// credentials, which never leave tollgate.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+];
+const CLIENT_CREDENTIALS: &[&str] = &["authorization", "x-api-key", "proxy-authorization"];
+
+/// Names to drop from a forwarded message: the fixed hop-by-hop set, any header listed in
+/// `Connection`, and (`request == true`) the client's credentials.
+pub fn headers_to_drop(headers: &http::HeaderMap, request: bool) -> Vec<HeaderName> {
+    let mut drop: Vec<HeaderName> = HOP_BY_HOP
+        .iter()
+        .chain(if request { CLIENT_CREDENTIALS } else { &[] })
+        .filter(|n| headers.contains_key(**n))
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+        .collect();
+    for v in headers.get_all(http::header::CONNECTION) {
+        for name in v.to_str().unwrap_or("").split(',') {
+            if let Ok(n) = HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes()) {
+                if headers.contains_key(&n) && !drop.contains(&n) {
+                    drop.push(n);
+                }
+            }
+        }
+    }
+    drop
+}
+
+pub struct Forwarder {
+    connector: Connector,
+    max_attempts: usize,
+    read_timeout: Duration,
+    anthropic_version: HeaderValue,
+}
+
+/// Why one attempt did not produce the client's response.
+enum AttemptFailure {
+    /// Nothing reached the client: try another account. `cooldown` says whether this account
+    /// should be skipped for a while (a stale pooled connection is not the account's fault).
+    Retry {
+        reason: String,
+        cooldown: bool,
+        retry_after: Option<Duration>,
+    },
+    /// The response had started; the request ends here with what was sent.
+    Committed(&'static str),
+}
+
+impl Forwarder {
+    pub fn new(max_attempts: usize, read_timeout: Duration, anthropic_version: &str) -> Forwarder {
+        Forwarder {
+            connector: Connector::new(None),
+            max_attempts,
+            read_timeout,
+            anthropic_version: HeaderValue::from_str(anthropic_version)
+                .unwrap_or(HeaderValue::from_static("2023-06-01")),
+        }
+    }
+
+    /// Serves the request from the first account that answers. On `Err` nothing has been sent to
+    /// the client and the caller writes the error response.
+    pub async fn forward(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        accounts: &AccountSet,
+    ) -> Result<(), GatewayError> {
+        let Some(kind) = ctx.kind else {
+            return Err(GatewayError::NoRoute);
+        };
+        let mut last_failure: Option<String> = None;
+        while ctx.tried.len() < self.max_attempts {
+            let Some(account) = accounts.pick(kind, &ctx.tried) else {
+                break;
+            };
+            ctx.tried.push(account.id);
+            account.stats.attempts.fetch_add(1, Ordering::Relaxed);
+            let may_retry =
+                ctx.tried.len() < self.max_attempts && accounts.has_eligible(kind, &ctx.tried);
+            match self.attempt(session, ctx, &account, may_retry).await {
+                Ok(success) => {
+                    let counter = if success {
+                        &account.stats.successes
+                    } else {
+                        &account.stats.errors
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    ctx.account = Some(account);
+                    return Ok(());
+                }
+                Err(AttemptFailure::Committed(reason)) => {
+                    account.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    ctx.error = Some(reason);
+                    ctx.account = Some(account);
+                    return Ok(());
+                }
+                Err(AttemptFailure::Retry {
+                    reason,
+                    cooldown,
+                    retry_after,
+                }) => {
+                    account.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    if cooldown {
+                        accounts.cool_down(&account, retry_after);
+                    }
+                    tracing::warn!(request_id = %ctx.request_id, account = %account.name, %reason, "upstream attempt failed");
+                    last_failure = Some(format!("{}: {reason}", account.name));
+                }
+            }
+        }
+        Err(match last_failure {
+            None => GatewayError::NoAccount,
+            Some(last) => GatewayError::UpstreamFailed {
+                attempts: ctx.tried.len(),
+                last,
+            },
+        })
+    }
+
+    /// One try against one account. `Ok(true)` = a 2xx/3xx/4xx response was streamed, `Ok(false)`
+    /// = an upstream error status was passed through because no other account could take it.
+    async fn attempt(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        account: &Account,
+        may_retry: bool,
+    ) -> Result<bool, AttemptFailure> {
+        let retry = |reason: String, cooldown: bool| AttemptFailure::Retry {
+            reason,
+            cooldown,
+            retry_after: None,
+        };
+        let request = self
+            .upstream_request(session, ctx, account)
+            .map_err(|e| retry(format!("building request: {e}"), false))?;
+        let (mut client, reused) = self
+            .connector
+            .get_http_session(&account.peer)
+            .await
+            .map_err(|e| retry(format!("connect: {}", e.etype().as_str()), true))?;
+        client.set_read_timeout(Some(self.read_timeout));
+        client.set_write_timeout(Some(self.read_timeout));
+
+        // A pooled connection the upstream already closed fails on first use: not the account's fault.
+        let send = async {
+            client.write_request_header(Box::new(request)).await?;
+            if !ctx.body.is_empty() {
+                client.write_request_body(ctx.body.clone(), true).await?;
+            }
+            client.finish_request_body().await?;
+            client.read_response_header().await
+        };
+        if let Err(e) = send.await {
+            client.shutdown().await;
+            return Err(retry(e.etype().as_str().to_string(), !reused));
+        }
+        let Some(upstream) = client.response_header() else {
+            return Err(retry("no response header".into(), true));
+        };
+        let status = upstream.status.as_u16();
+        let failed = status >= 500 || status == 429;
+        if failed && may_retry {
+            let retry_after = parse_retry_after(upstream.headers.get(http::header::RETRY_AFTER));
+            client.shutdown().await;
+            return Err(AttemptFailure::Retry {
+                reason: format!("status {status}"),
+                cooldown: true,
+                retry_after,
+            });
+        }
+        ctx.upstream_header_at = Some(Instant::now());
+        let response = self.client_response(upstream, ctx);
+        ctx.status = status;
+        if session
+            .write_response_header(Box::new(response), false)
+            .await
+            .is_err()
+        {
+            client.shutdown().await;
+            return Err(AttemptFailure::Committed("client_aborted"));
+        }
+        loop {
+            match client.read_response_body().await {
+                Ok(Some(chunk)) => {
+                    if session
+                        .write_response_body(Some(chunk), false)
+                        .await
+                        .is_err()
+                    {
+                        client.shutdown().await;
+                        return Err(AttemptFailure::Committed("client_aborted"));
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    client.shutdown().await;
+                    // Ending without the terminating chunk tells the client the body is incomplete.
+                    session.set_keepalive(None);
+                    return Err(AttemptFailure::Committed("upstream_aborted"));
+                }
+            }
+        }
+        if session.write_response_body(None, true).await.is_err() {
+            client.shutdown().await;
+            return Err(AttemptFailure::Committed("client_aborted"));
+        }
+        if client.response_done() {
+            self.connector
+                .release_http_session(client, &account.peer, account.peer.options.idle_timeout)
+                .await;
+        }
+        Ok(!failed)
+    }
+
+    /// The request as the upstream sees it: the client's, minus hop-by-hop headers and the client's
+    /// key, plus the account's credential, `Host`, forwarding headers and the request id.
+    fn upstream_request(
+        &self,
+        session: &Session,
+        ctx: &RequestCtx,
+        account: &Account,
+    ) -> pingora::Result<RequestHeader> {
+        let mut req = session.req_header().clone();
+        for name in headers_to_drop(&req.headers, true) {
+            req.remove_header(&name);
+        }
+        if !account.endpoint.base_path.is_empty() {
+            let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
+            let joined = format!("{}{}", account.endpoint.base_path, pq);
+            req.set_uri(http::Uri::try_from(joined).map_err(|e| {
+                pingora::Error::because(
+                    pingora::ErrorType::InvalidHTTPHeader,
+                    "joining base path",
+                    e,
+                )
+            })?);
+        }
+        req.insert_header(http::header::HOST, account.host_header.clone())?;
+        req.insert_header(account.auth_header.clone(), account.auth_value.clone())?;
+        if account.kind == AccountType::Anthropic && !req.headers.contains_key("anthropic-version")
+        {
+            req.insert_header("anthropic-version", self.anthropic_version.clone())?;
+        }
+        let client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string());
+        if let Some(ip) = client_ip {
+            let xff = match req
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(prev) => format!("{prev}, {ip}"),
+                None => ip,
+            };
+            req.insert_header("x-forwarded-for", xff)?;
+        }
+        req.insert_header("x-forwarded-proto", "http")?;
+        req.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if ctx.body.is_empty()
+            && !matches!(
+                req.method,
+                http::Method::POST | http::Method::PUT | http::Method::PATCH
+            )
+        {
+            req.remove_header(&http::header::CONTENT_LENGTH);
+        } else {
+            req.insert_header(http::header::CONTENT_LENGTH, ctx.body.len())?;
+        }
+        Ok(req)
+    }
+
+    /// The response as the client sees it: the upstream's, with connection-scoped headers replaced
+    /// and `x-request-id` added. Framing is kept (chunked stays chunked) so streams pass through.
+    fn client_response(&self, upstream: &ResponseHeader, ctx: &RequestCtx) -> ResponseHeader {
+        let mut resp = upstream.clone();
+        let chunked = resp
+            .headers
+            .get(http::header::TRANSFER_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+        for name in headers_to_drop(&resp.headers, false) {
+            resp.remove_header(&name);
+        }
+        let no_body = matches!(resp.status.as_u16(), 100..=199 | 204 | 304);
+        if chunked || (!no_body && !resp.headers.contains_key(http::header::CONTENT_LENGTH)) {
+            let _ = resp.insert_header(http::header::TRANSFER_ENCODING, "chunked");
+        }
+        let _ = resp.insert_header("x-request-id", ctx.request_id.as_str());
+        resp
+    }
+}
+
+/// Type the request path holds: the forwarder is shared by every worker.
+pub type SharedForwarder = Arc<Forwarder>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(headers: &[(&str, &str)], request: bool, expected: &[&str]) {
+        let mut map = http::HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let got: Vec<String> = headers_to_drop(&map, request)
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(got, expected, "{headers:?}");
+    }
+
+    #[test]
+    fn hop_by_hop_and_credentials() {
+        check(&[("content-type", "application/json")], true, &[]);
+        check(
+            &[
+                ("connection", "keep-alive, x-secret"),
+                ("x-secret", "1"),
+                ("keep-alive", "timeout=5"),
+                ("authorization", "Bearer tg_"),
+            ],
+            true,
+            &["connection", "keep-alive", "authorization", "x-secret"],
+        );
+        check(
+            &[("x-api-key", "k"), ("te", "trailers")],
+            true,
+            &["te", "x-api-key"],
+        );
+        // Responses keep any authorization-like header the upstream chose to send.
+        check(
+            &[("x-api-key", "k"), ("transfer-encoding", "chunked")],
+            false,
+            &["transfer-encoding"],
+        );
+    }
+}

@@ -1,0 +1,132 @@
+//! The pingora `ProxyHttp` implementation: the request path as a table of contents. Each phase
+//! calls one stage; the stages live in their own modules.
+//!
+//! | phase            | stage                                                      |
+//! |------------------|------------------------------------------------------------|
+//! | `new_ctx`        | [`RequestCtx::new`]: request id, start time, in-flight guard |
+//! | `request_filter` | [`auth`](crate::auth) → route → [`body`](crate::body) → permissions → [`forward`](crate::forward) |
+//! | `logging`        | one structured line per request                            |
+//!
+//! `request_filter` always answers the request itself (it returns `true`), so pingora's own
+//! upstream phases never run; see `forward.rs` for why.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::prelude::*;
+
+use crate::auth::{AuthError, KeyCache};
+use crate::body;
+use crate::ctx::RequestCtx;
+use crate::error::GatewayError;
+use crate::forward::Forwarder;
+use crate::lifecycle::Drain;
+use crate::upstream::{AccountSet, Router};
+
+/// Everything the request path shares; built once at start.
+pub struct Gateway {
+    pub keys: Arc<KeyCache>,
+    /// Swapped whole by the account refresher; requests hold the set they started with.
+    pub accounts: Arc<ArcSwap<AccountSet>>,
+    pub router: Router,
+    pub forwarder: Forwarder,
+    pub max_body_bytes: usize,
+    pub idle_timeout_secs: u64,
+    pub drain: Arc<Drain>,
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new(self.drain.enter())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        session.set_keepalive(Some(self.idle_timeout_secs));
+        if let Err((error, close)) = self.serve(session, ctx).await {
+            let close = close || !body::drain(session, self.max_body_bytes).await;
+            ctx.status = error.status();
+            ctx.error = Some(error.label());
+            error.respond(session, &ctx.request_id, close).await?;
+        }
+        Ok(true)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        // Unreachable: request_filter answers every request.
+        Err(Error::explain(
+            InternalError,
+            "tollgate forwards in request_filter",
+        ))
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        let latency_ms = ctx.started.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(
+            request_id = %ctx.request_id,
+            method = %session.req_header().method,
+            key_id = ctx.key.as_ref().map_or(0, |k| k.id),
+            account = ctx.account.as_ref().map_or("-", |a| &a.name),
+            attempts = ctx.tried.len(),
+            status = ctx.status,
+            error = ctx.error.unwrap_or("-"),
+            latency_ms,
+            "request"
+        );
+    }
+}
+
+impl Gateway {
+    /// The stages in order. `Err` carries what to answer and whether to close the connection.
+    async fn serve(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> std::result::Result<(), (GatewayError, bool)> {
+        let key = self
+            .keys
+            .authenticate(&session.req_header().headers)
+            .await
+            .map_err(|e| (e.into(), false))?;
+        ctx.key = Some(key.clone());
+
+        let path = session.req_header().uri.path();
+        if !key.permissions.allows_path(path) {
+            return Err((AuthError::Forbidden(format!("path {path}")).into(), false));
+        }
+        ctx.kind = Some(
+            self.router
+                .route(path)
+                .ok_or((GatewayError::NoRoute, false))?,
+        );
+
+        ctx.body = body::read(session, self.max_body_bytes)
+            .await
+            .map_err(|e| (e.error, e.close))?;
+        if key.permissions.restricts_models() {
+            ctx.model = body::model(&ctx.body);
+            if !key.permissions.allows_model(ctx.model.as_deref()) {
+                let what = ctx
+                    .model
+                    .as_deref()
+                    .map_or("a request without a model".to_string(), |m| {
+                        format!("model {m}")
+                    });
+                return Err((AuthError::Forbidden(what).into(), false));
+            }
+        }
+
+        let accounts = self.accounts.load_full();
+        self.forwarder
+            .forward(session, ctx, &accounts)
+            .await
+            .map_err(|e| (e, false))
+    }
+}

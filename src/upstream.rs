@@ -1,0 +1,576 @@
+//! Upstream accounts and which one serves a request: lowest `priority` first, then smooth
+//! weighted round-robin by `weight` inside a tier, skipping accounts in cooldown.
+//!
+//! The selection core ([`swrr_pick`]) is pure; [`AccountSet`] wraps it with the shared state
+//! (round-robin weights under a short lock never held across an await, cooldowns in atomics).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::HeaderValue;
+use pingora::upstreams::peer::HttpPeer;
+use serde::{Deserialize, Serialize};
+
+/// What API an account speaks; decides how its credential is injected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccountType {
+    Openai,
+    Anthropic,
+    Generic,
+}
+
+impl AccountType {
+    pub const ALL: [AccountType; 3] = [
+        AccountType::Openai,
+        AccountType::Anthropic,
+        AccountType::Generic,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountType::Openai => "openai",
+            AccountType::Anthropic => "anthropic",
+            AccountType::Generic => "generic",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl FromStr for AccountType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "openai" => Ok(AccountType::Openai),
+            "anthropic" => Ok(AccountType::Anthropic),
+            "generic" => Ok(AccountType::Generic),
+            other => Err(format!(
+                "unknown account type {other:?} (want openai, anthropic or generic)"
+            )),
+        }
+    }
+}
+
+/// A parsed `base_url`: where to connect and what to prefix paths with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path prefix without a trailing slash ("" for none).
+    pub base_path: String,
+}
+
+impl Endpoint {
+    pub fn parse(url: &str) -> Result<Endpoint, String> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else {
+            return Err("base_url must start with http:// or https://".into());
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        if authority.is_empty() || authority.contains('@') {
+            return Err("base_url needs a host (and no user info)".into());
+        }
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+                let port = p
+                    .parse::<u16>()
+                    .map_err(|_| format!("base_url has a bad port {p:?}"))?;
+                (h, port)
+            }
+            _ => (authority, if tls { 443 } else { 80 }),
+        };
+        if host.is_empty() {
+            return Err("base_url needs a host".into());
+        }
+        Ok(Endpoint {
+            tls,
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            port,
+            base_path: path.trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// The `Host` header value.
+    pub fn authority(&self) -> String {
+        let default = if self.tls { 443 } else { 80 };
+        if self.port == default {
+            self.host.clone()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Per-account runtime state that survives reloads of the account list.
+#[derive(Debug, Default)]
+pub struct AccountStats {
+    /// Milliseconds since [`AccountSet`]'s epoch until which the account is skipped.
+    cooldown_until_ms: AtomicU64,
+    pub attempts: AtomicU64,
+    pub successes: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// One usable upstream account, built once per load; the request path only reads it.
+#[derive(Debug)]
+pub struct Account {
+    pub id: i64,
+    pub name: Arc<str>,
+    pub kind: AccountType,
+    pub priority: i32,
+    pub weight: u32,
+    pub endpoint: Endpoint,
+    pub host_header: HeaderValue,
+    /// The peer to connect to, resolved when the account was loaded.
+    pub peer: HttpPeer,
+    /// Header carrying the credential and its value (sensitive: never logged).
+    pub auth_header: http::HeaderName,
+    pub auth_value: HeaderValue,
+    pub stats: Arc<AccountStats>,
+}
+
+/// An account as loaded from the database, before DNS resolution.
+#[derive(Debug, Clone)]
+pub struct AccountSpec {
+    pub id: i64,
+    pub name: String,
+    pub kind: AccountType,
+    pub priority: i32,
+    pub weight: u32,
+    pub base_url: String,
+    pub api_key: String,
+    /// Generic accounts: header carrying the key (default `authorization`, as a bearer token).
+    pub header: Option<String>,
+}
+
+/// Timeouts applied to every upstream connection.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerTimeouts {
+    pub connect: Duration,
+    pub read: Duration,
+    pub pool_idle: Duration,
+}
+
+impl Account {
+    pub fn build(
+        spec: &AccountSpec,
+        addr: SocketAddr,
+        t: PeerTimeouts,
+        stats: Arc<AccountStats>,
+    ) -> Result<Account, String> {
+        let endpoint = Endpoint::parse(&spec.base_url)?;
+        let (auth_header, auth_value) = match spec.kind {
+            AccountType::Openai => (
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", spec.api_key),
+            ),
+            AccountType::Anthropic => (
+                http::HeaderName::from_static("x-api-key"),
+                spec.api_key.clone(),
+            ),
+            AccountType::Generic => match spec.header.as_deref().map(str::to_ascii_lowercase) {
+                None => (
+                    http::header::AUTHORIZATION,
+                    format!("Bearer {}", spec.api_key),
+                ),
+                Some(h) if h == "authorization" => (
+                    http::header::AUTHORIZATION,
+                    format!("Bearer {}", spec.api_key),
+                ),
+                Some(h) => (
+                    http::HeaderName::from_str(&h)
+                        .map_err(|_| format!("account {}: bad header name {h:?}", spec.name))?,
+                    spec.api_key.clone(),
+                ),
+            },
+        };
+        let mut auth_value = HeaderValue::from_str(&auth_value).map_err(|_| {
+            format!(
+                "account {}: the credential is not a valid header value",
+                spec.name
+            )
+        })?;
+        auth_value.set_sensitive(true);
+        let host_header = HeaderValue::from_str(&endpoint.authority())
+            .map_err(|_| format!("account {}: bad host", spec.name))?;
+        let mut peer = HttpPeer::new(addr, endpoint.tls, endpoint.host.clone());
+        peer.options.connection_timeout = Some(t.connect);
+        peer.options.total_connection_timeout = Some(t.connect * 2);
+        peer.options.read_timeout = Some(t.read);
+        peer.options.write_timeout = Some(t.read);
+        peer.options.idle_timeout = Some(t.pool_idle);
+        Ok(Account {
+            id: spec.id,
+            name: Arc::from(spec.name.as_str()),
+            kind: spec.kind,
+            priority: spec.priority,
+            weight: spec.weight.max(1),
+            endpoint,
+            host_header,
+            peer,
+            auth_header,
+            auth_value,
+            stats,
+        })
+    }
+}
+
+/// Accounts of one type and priority, with their smooth-weighted-round-robin state.
+#[derive(Debug)]
+struct Tier {
+    accounts: Vec<Arc<Account>>,
+    weights: Vec<i64>,
+    current: Mutex<Vec<i64>>,
+}
+
+/// Every active account, grouped by type and ordered into priority tiers. Immutable once built
+/// except for the round-robin counters and account stats; a reload builds a new set.
+#[derive(Debug)]
+pub struct AccountSet {
+    by_type: [Vec<Tier>; 3],
+    epoch: Instant,
+    default_cooldown: Duration,
+    max_cooldown: Duration,
+}
+
+impl AccountSet {
+    pub fn new(
+        mut accounts: Vec<Account>,
+        default_cooldown: Duration,
+        max_cooldown: Duration,
+        epoch: Instant,
+    ) -> AccountSet {
+        accounts.sort_by_key(|a| (a.kind.index(), a.priority, a.id));
+        let mut by_type: [Vec<Tier>; 3] = Default::default();
+        for a in accounts {
+            let tiers = &mut by_type[a.kind.index()];
+            let same_tier = tiers
+                .last()
+                .is_some_and(|t: &Tier| t.accounts[0].priority == a.priority);
+            if !same_tier {
+                tiers.push(Tier {
+                    accounts: Vec::new(),
+                    weights: Vec::new(),
+                    current: Mutex::new(Vec::new()),
+                });
+            }
+            if let Some(t) = tiers.last_mut() {
+                t.weights.push(i64::from(a.weight));
+                t.accounts.push(Arc::new(a));
+                if let Ok(mut c) = t.current.lock() {
+                    c.push(0);
+                }
+            }
+        }
+        AccountSet {
+            by_type,
+            epoch,
+            default_cooldown,
+            max_cooldown,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_type
+            .iter()
+            .flatten()
+            .map(|t| t.accounts.len())
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn accounts(&self) -> impl Iterator<Item = &Arc<Account>> {
+        self.by_type
+            .iter()
+            .flatten()
+            .flat_map(|t| t.accounts.iter())
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// The next account for `kind`: the first tier with an eligible account (not in cooldown,
+    /// not already `tried` by this request), then smooth weighted round-robin within it.
+    pub fn pick(&self, kind: AccountType, tried: &[i64]) -> Option<Arc<Account>> {
+        let now = self.now_ms();
+        for tier in &self.by_type[kind.index()] {
+            let eligible = |i: usize| {
+                let a = &tier.accounts[i];
+                a.stats.cooldown_until_ms.load(Ordering::Relaxed) <= now && !tried.contains(&a.id)
+            };
+            let picked = match tier.current.lock() {
+                Ok(mut current) => swrr_pick(&mut current, &tier.weights, eligible),
+                Err(_) => (0..tier.accounts.len()).find(|&i| eligible(i)),
+            };
+            if let Some(i) = picked {
+                return Some(tier.accounts[i].clone());
+            }
+        }
+        None
+    }
+
+    /// Whether `pick` would find an account (without advancing the round-robin).
+    pub fn has_eligible(&self, kind: AccountType, tried: &[i64]) -> bool {
+        let now = self.now_ms();
+        self.by_type[kind.index()]
+            .iter()
+            .flat_map(|t| t.accounts.iter())
+            .any(|a| {
+                a.stats.cooldown_until_ms.load(Ordering::Relaxed) <= now && !tried.contains(&a.id)
+            })
+    }
+
+    /// Skips `account` until `retry_after` (bounded by the configured maximum) or the default cooldown.
+    pub fn cool_down(&self, account: &Account, retry_after: Option<Duration>) {
+        let d = retry_after
+            .unwrap_or(self.default_cooldown)
+            .min(self.max_cooldown);
+        let until = self.now_ms() + d.as_millis() as u64;
+        account
+            .stats
+            .cooldown_until_ms
+            .fetch_max(until, Ordering::Relaxed);
+    }
+
+    pub fn in_cooldown(&self, account: &Account) -> bool {
+        account.stats.cooldown_until_ms.load(Ordering::Relaxed) > self.now_ms()
+    }
+}
+
+/// Smooth weighted round-robin (as in nginx) over the eligible entries: each gains its weight,
+/// the largest wins and pays back the eligible total. Over any run of picks with a fixed eligible
+/// set, picks are proportional to weight and evenly interleaved.
+pub fn swrr_pick(
+    current: &mut [i64],
+    weights: &[i64],
+    eligible: impl Fn(usize) -> bool,
+) -> Option<usize> {
+    let mut total = 0;
+    let mut best: Option<usize> = None;
+    for i in 0..weights.len() {
+        if !eligible(i) {
+            continue;
+        }
+        current[i] += weights[i];
+        total += weights[i];
+        if best.is_none_or(|b| current[i] > current[b]) {
+            best = Some(i);
+        }
+    }
+    if let Some(b) = best {
+        current[b] -= total;
+    }
+    best
+}
+
+/// Path prefix → account type; the longest matching prefix wins.
+#[derive(Debug, Clone)]
+pub struct Router {
+    routes: Vec<(String, AccountType)>,
+}
+
+impl Router {
+    pub fn new(routes: impl IntoIterator<Item = (String, AccountType)>) -> Router {
+        let mut routes: Vec<_> = routes.into_iter().collect();
+        routes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        Router { routes }
+    }
+
+    pub fn route(&self, path: &str) -> Option<AccountType> {
+        self.routes
+            .iter()
+            .find(|(p, _)| path.starts_with(p.as_str()))
+            .map(|(_, k)| *k)
+    }
+}
+
+/// Keeps each account's stats (cooldown, counters) across reloads, keyed by account id.
+#[derive(Debug, Default)]
+pub struct StatsRegistry {
+    by_id: Mutex<HashMap<i64, Arc<AccountStats>>>,
+}
+
+impl StatsRegistry {
+    pub fn get(&self, id: i64) -> Arc<AccountStats> {
+        match self.by_id.lock() {
+            Ok(mut m) => m.entry(id).or_default().clone(),
+            Err(_) => Arc::default(),
+        }
+    }
+}
+
+/// Parses `Retry-After` given in seconds (the form API providers use).
+pub fn parse_retry_after(value: Option<&HeaderValue>) -> Option<Duration> {
+    let v = value?.to_str().ok()?.trim();
+    v.parse::<u64>().ok().map(Duration::from_secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_swrr(weights: &[i64], picks: usize, expected: &[usize]) {
+        let mut current = vec![0; weights.len()];
+        let mut counts = vec![0; weights.len()];
+        for _ in 0..picks {
+            let i = swrr_pick(&mut current, weights, |_| true).unwrap();
+            counts[i] += 1;
+        }
+        assert_eq!(counts, expected, "weights {weights:?}");
+    }
+
+    #[test]
+    fn swrr_is_proportional() {
+        check_swrr(&[3, 1], 1000, &[750, 250]);
+        check_swrr(&[1, 1, 1], 999, &[333, 333, 333]);
+        check_swrr(&[5, 1, 1], 700, &[500, 100, 100]);
+        check_swrr(&[1], 10, &[10]);
+    }
+
+    #[test]
+    fn swrr_interleaves() {
+        let mut current = vec![0; 2];
+        let seq: Vec<usize> = (0..4)
+            .map(|_| swrr_pick(&mut current, &[3, 1], |_| true).unwrap())
+            .collect();
+        assert_eq!(seq, vec![0, 0, 1, 0]);
+    }
+
+    #[test]
+    fn swrr_skips_ineligible() {
+        let mut current = vec![0; 3];
+        for _ in 0..10 {
+            assert_eq!(swrr_pick(&mut current, &[5, 1, 1], |i| i == 2), Some(2));
+        }
+        assert_eq!(swrr_pick(&mut current, &[5, 1, 1], |_| false), None);
+    }
+
+    fn check_endpoint(url: &str, expected: Result<(bool, &str, u16, &str), &str>) {
+        let got = Endpoint::parse(url);
+        match expected {
+            Ok((tls, host, port, path)) => {
+                let e = got.unwrap();
+                assert_eq!(
+                    (e.tls, e.host.as_str(), e.port, e.base_path.as_str()),
+                    (tls, host, port, path),
+                    "{url}"
+                );
+            }
+            Err(msg) => assert_eq!(got.unwrap_err(), msg, "{url}"),
+        }
+    }
+
+    #[test]
+    fn endpoints() {
+        check_endpoint(
+            "https://api.openai.com",
+            Ok((true, "api.openai.com", 443, "")),
+        );
+        check_endpoint("http://127.0.0.1:9000/", Ok((false, "127.0.0.1", 9000, "")));
+        check_endpoint(
+            "https://gw.example/openai/v1/",
+            Ok((true, "gw.example", 443, "/openai/v1")),
+        );
+        check_endpoint("http://[::1]:8080", Ok((false, "::1", 8080, "")));
+        check_endpoint(
+            "ftp://x",
+            Err("base_url must start with http:// or https://"),
+        );
+        check_endpoint("http://", Err("base_url needs a host (and no user info)"));
+        check_endpoint(
+            "http://h:notaport",
+            Err("base_url has a bad port \"notaport\""),
+        );
+    }
+
+    fn account(id: i64, priority: i32, weight: u32) -> Account {
+        let spec = AccountSpec {
+            id,
+            name: format!("a{id}"),
+            kind: AccountType::Openai,
+            priority,
+            weight,
+            base_url: "http://127.0.0.1:1".into(),
+            api_key: "k".into(),
+            header: None,
+        };
+        let t = PeerTimeouts {
+            connect: Duration::from_secs(1),
+            read: Duration::from_secs(1),
+            pool_idle: Duration::from_secs(1),
+        };
+        Account::build(&spec, "127.0.0.1:1".parse().unwrap(), t, Arc::default()).unwrap()
+    }
+
+    #[test]
+    fn lower_priority_value_wins_then_falls_back() {
+        let set = AccountSet::new(
+            vec![account(1, 2, 1), account(2, 1, 1), account(3, 1, 1)],
+            Duration::from_secs(30),
+            Duration::from_secs(60),
+            Instant::now(),
+        );
+        let first = set.pick(AccountType::Openai, &[]).unwrap();
+        assert_eq!(first.priority, 1);
+        // Both tier-1 accounts tried: tier 2 serves.
+        assert_eq!(set.pick(AccountType::Openai, &[2, 3]).unwrap().id, 1);
+        // Cooldown removes an account from the rotation.
+        let a2 = set.pick(AccountType::Openai, &[3]).unwrap();
+        set.cool_down(&a2, None);
+        for _ in 0..5 {
+            assert_eq!(set.pick(AccountType::Openai, &[]).unwrap().id, 3);
+        }
+        assert!(set.pick(AccountType::Anthropic, &[]).is_none());
+        assert!(set.pick(AccountType::Openai, &[1, 2, 3]).is_none());
+    }
+
+    #[test]
+    fn routes_longest_prefix() {
+        let r = Router::new([
+            ("/v1/".to_string(), AccountType::Openai),
+            ("/v1/messages".to_string(), AccountType::Anthropic),
+            ("/gemini/".to_string(), AccountType::Generic),
+        ]);
+        for (path, expected) in [
+            ("/v1/chat/completions", Some(AccountType::Openai)),
+            ("/v1/messages", Some(AccountType::Anthropic)),
+            ("/v1/messages/count_tokens", Some(AccountType::Anthropic)),
+            ("/gemini/v1beta/models", Some(AccountType::Generic)),
+            ("/healthz", None),
+        ] {
+            assert_eq!(r.route(path), expected, "{path}");
+        }
+    }
+
+    #[test]
+    fn retry_after_seconds() {
+        let v = HeaderValue::from_static("7");
+        assert_eq!(parse_retry_after(Some(&v)), Some(Duration::from_secs(7)));
+        assert_eq!(
+            parse_retry_after(Some(&HeaderValue::from_static("soon"))),
+            None
+        );
+        assert_eq!(parse_retry_after(None), None);
+    }
+}
