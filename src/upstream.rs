@@ -393,7 +393,7 @@ pub struct Router {
 impl Router {
     pub fn new(routes: impl IntoIterator<Item = (String, AccountType)>) -> Router {
         let mut routes: Vec<_> = routes.into_iter().collect();
-        routes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
         Router { routes }
     }
 

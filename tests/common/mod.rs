@@ -1,0 +1,380 @@
+//! Test harness: a recording mock upstream (hyper), a real `tollgate serve` process on a free
+//! port, and a fresh SQLite file or PostgreSQL database per test.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Notify};
+
+pub fn fixture(name: &str) -> Bytes {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    Bytes::from(std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+}
+
+// ---------------------------------------------------------------- mock upstream
+
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+pub enum Reply {
+    Json(u16, Bytes),
+    /// Status with extra headers and a body.
+    Status(u16, Vec<(&'static str, String)>, Bytes),
+    /// `text/event-stream`: the first chunk at once, the rest after `gate` is notified.
+    Sse { first: Bytes, rest: Vec<Bytes>, gate: Arc<Notify> },
+}
+
+type Handler = Arc<dyn Fn(&Recorded) -> Reply + Send + Sync>;
+
+pub struct MockUpstream {
+    pub addr: SocketAddr,
+    pub requests: Arc<Mutex<Vec<Recorded>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MockUpstream {
+    pub async fn start(handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static) -> MockUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests: Arc<Mutex<Vec<Recorded>>> = Arc::default();
+        let handler: Handler = Arc::new(handler);
+        let recorded = requests.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                let handler = handler.clone();
+                let recorded = recorded.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let handler = handler.clone();
+                        let recorded = recorded.clone();
+                        async move { Ok::<_, Infallible>(serve_one(req, &handler, &recorded).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        MockUpstream { addr, requests, task }
+    }
+
+    /// Answers every request with the JSON fixture and status 200.
+    pub async fn json_ok() -> MockUpstream {
+        let body = fixture("chat_completion.json");
+        MockUpstream::start(move |_| Reply::Json(200, body.clone())).await
+    }
+
+    pub async fn status(code: u16) -> MockUpstream {
+        MockUpstream::start(move |_| Reply::Json(code, Bytes::from_static(br#"{"error":{"message":"upstream says no"}}"#))).await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn count(&self) -> usize {
+        self.requests.lock().unwrap().len()
+    }
+
+    pub fn recorded(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+impl Drop for MockUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve_one(req: Request<Incoming>, handler: &Handler, recorded: &Mutex<Vec<Recorded>>) -> Response<BoxBody<Bytes, Infallible>> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let rec = Recorded {
+        method: parts.method.to_string(),
+        path: parts.uri.path_and_query().map_or("/".into(), |p| p.to_string()),
+        headers: parts.headers,
+        body,
+    };
+    let reply = handler(&rec);
+    recorded.lock().unwrap().push(rec);
+    match reply {
+        Reply::Json(status, body) => Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Full::new(body).boxed())
+            .unwrap(),
+        Reply::Status(status, headers, body) => {
+            let mut b = Response::builder().status(status);
+            for (k, v) in headers {
+                b = b.header(k, v);
+            }
+            b.body(Full::new(body).boxed()).unwrap()
+        }
+        Reply::Sse { first, rest, gate } => {
+            let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(16);
+            tokio::spawn(async move {
+                let _ = tx.send(Ok(Frame::data(first))).await;
+                gate.notified().await;
+                for chunk in rest {
+                    let _ = tx.send(Ok(Frame::data(chunk))).await;
+                }
+            });
+            let stream = tokio_stream_from(rx);
+            Response::builder()
+                .status(200)
+                .header("content-type", "text/event-stream")
+                .body(BodyExt::boxed(StreamBody::new(stream)))
+                .unwrap()
+        }
+    }
+}
+
+fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> + Send + Sync {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+// ---------------------------------------------------------------- databases
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Db {
+    Sqlite,
+    Postgres,
+}
+
+/// `TEST_DATABASE_URL`, or None when PostgreSQL tests should be skipped. Under `CI=true` a
+/// missing PostgreSQL fails the test instead.
+pub fn postgres_base_url() -> Option<String> {
+    match std::env::var("TEST_DATABASE_URL") {
+        Ok(u) if !u.is_empty() => Some(u),
+        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("CI=true but TEST_DATABASE_URL is not set: PostgreSQL tests must run in CI")
+        }
+        _ => None,
+    }
+}
+
+/// A database for one test, removed when dropped.
+pub struct TestDb {
+    pub url: String,
+    kind: Db,
+    pg_admin_url: Option<String>,
+    pg_name: Option<String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDb {
+    /// None: PostgreSQL requested but not configured (skip).
+    pub async fn new(kind: Db) -> Option<TestDb> {
+        match kind {
+            Db::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                let url = format!("sqlite://{}", dir.path().join("tollgate.db").display());
+                Some(TestDb { url, kind, pg_admin_url: None, pg_name: None, _dir: Some(dir) })
+            }
+            Db::Postgres => {
+                let base = postgres_base_url()?;
+                let name = format!("tollgate_t_{}", uuid::Uuid::now_v7().simple());
+                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&base)
+                    .await
+                    .unwrap_or_else(|e| panic!("cannot reach PostgreSQL at TEST_DATABASE_URL: {e}"));
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
+                let url = match base.rfind('/') {
+                    Some(i) if base[..i].contains("://") && i > base.find("://").unwrap() + 2 => format!("{}/{name}", &base[..i]),
+                    _ => format!("{base}/{name}"),
+                };
+                Some(TestDb { url, kind, pg_admin_url: Some(base), pg_name: Some(name), _dir: None })
+            }
+        }
+    }
+
+    pub async fn exec(&self, sql: &str) {
+        match self.kind {
+            Db::Sqlite => {
+                let mut c = <sqlx::SqliteConnection as sqlx::Connection>::connect(&self.url).await.unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).execute(&mut c).await.unwrap();
+            }
+            Db::Postgres => {
+                let mut c = <sqlx::PgConnection as sqlx::Connection>::connect(&self.url).await.unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).execute(&mut c).await.unwrap();
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let (Some(admin), Some(name)) = (self.pg_admin_url.take(), self.pg_name.take()) {
+            // A separate thread: Drop may run inside a runtime.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async {
+                    if let Ok(mut c) = <sqlx::PgConnection as sqlx::Connection>::connect(&admin).await {
+                        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(&mut c).await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------- the gateway
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+/// A config directory plus, once started, a running `tollgate serve`.
+pub struct Gateway {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub addr: SocketAddr,
+    pub db: TestDb,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Gateway {
+    /// Writes the config (`extra` is appended: more sections or `[[upstream_accounts]]`).
+    pub async fn new(kind: Db, server_extra: &str, extra: &str) -> Option<Gateway> {
+        let db = TestDb::new(kind).await?;
+        let dir = tempfile::tempdir().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = dir.path().join("config.toml");
+        let text = format!(
+            "[server]\nlisten = \"{addr}\"\nthreads = 2\ngrace_period_secs = 10\n{server_extra}\n\n[database]\nurl = \"{}\"\n\n[upstream]\nconnect_timeout_ms = 1000\nread_timeout_secs = 10\n\n{extra}\n",
+            db.url
+        );
+        std::fs::write(&config, text).unwrap();
+        Some(Gateway { dir, config, addr, db, child: None })
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env_remove("TOLLGATE_DATABASE_URL")
+            .output()
+            .unwrap()
+    }
+
+    /// Runs a CLI command that must succeed; returns stdout's last line.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(out.status.success(), "tollgate {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().lines().last().unwrap_or("").to_string()
+    }
+
+    pub fn add_user(&self, email: &str) {
+        let username = email.split('@').next().unwrap();
+        self.cli_ok(&["users", "add", "--email", email, "--username", username]);
+    }
+
+    pub fn create_key(&self, email: &str, extra: &[&str]) -> String {
+        let mut args = vec!["keys", "create", "--user", email, "--name", "test"];
+        args.extend_from_slice(extra);
+        self.cli_ok(&args)
+    }
+
+    pub fn add_account(&self, name: &str, kind: &str, url: &str, secret: &str, priority: i32, weight: i32) -> i64 {
+        let (p, w) = (priority.to_string(), weight.to_string());
+        self.cli_ok(&["accounts", "add", "--name", name, "--type", kind, "--base-url", url, "--api-key", secret, "--priority", &p, "--weight", &w])
+            .parse()
+            .unwrap()
+    }
+
+    /// Starts `tollgate serve` and waits until it accepts connections.
+    pub async fn start(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("serve.log")).unwrap();
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("serve")
+            .env_remove("TOLLGATE_DATABASE_URL")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        for _ in 0..500 {
+            if tokio::net::TcpStream::connect(self.addr).await.is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("tollgate exited with {status}: {}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("tollgate did not start listening: {}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+        child.wait().unwrap()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Declares a test body once and instantiates it for SQLite and PostgreSQL.
+#[macro_export]
+macro_rules! both_dbs {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                $body(common::Db::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if common::postgres_base_url().is_none() {
+                    eprintln!("skipped: TEST_DATABASE_URL is not set");
+                    return;
+                }
+                $body(common::Db::Postgres).await
+            }
+        }
+    };
+}
