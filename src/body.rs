@@ -69,38 +69,3 @@ pub async fn drain(session: &mut Session, limit: usize) -> bool {
     session.set_total_drain_timeout(Some(std::time::Duration::from_secs(10)));
     session.drain_request_body().await.is_ok()
 }
-
-/// The top-level `"model"` of a JSON body, if any (borrowed parse: no copy of the body).
-pub fn model(body: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Probe<'a> {
-        #[serde(borrow, default)]
-        model: Option<std::borrow::Cow<'a, str>>,
-    }
-    if body.is_empty() || memchr::memmem::find(body, b"\"model\"").is_none() {
-        return None;
-    }
-    serde_json::from_slice::<Probe>(body)
-        .ok()?
-        .model
-        .map(|m| m.into_owned())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn model_of_body() {
-        for (body, expected) in [
-            (&br#"{"model":"gpt-4o","messages":[]}"#[..], Some("gpt-4o")),
-            (
-                br#"{"messages":[{"content":"model"}],"model":"claude-3-5-sonnet"}"#,
-                Some("claude-3-5-sonnet"),
-            ),
-            (br#"{"messages":[]}"#, None),
-            (b"not json \"model\"", None),
-            (b"", None),
-        ] {
-            assert_eq!(super::model(body).as_deref(), expected);
-        }
-    }
-}

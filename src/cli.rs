@@ -10,8 +10,9 @@ use clap::{Args, Parser, Subcommand};
 use crate::auth::Permissions;
 use crate::config::Config;
 use crate::keys;
-use crate::store::{NewAccount, Store};
+use crate::store::{GroupBy, NewAccount, Store};
 use crate::upstream::{AccountType, Endpoint};
+use chrono::{DateTime, Utc};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -42,6 +43,42 @@ pub enum Command {
     /// Manage upstream accounts.
     #[command(subcommand)]
     Accounts(AccountsCmd),
+    /// Usage totals over a time range: requests, errors, tokens, cost.
+    Usage(UsageArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct UsageArgs {
+    /// Start of the range: RFC 3339 time, a date (YYYY-MM-DD), or an age like 7d / 24h (default 30d).
+    #[arg(long, default_value = "30d")]
+    pub since: String,
+    /// End of the range (exclusive), same forms as --since; default now.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Group totals by key, account, model or day.
+    #[arg(long, value_enum, default_value = "key")]
+    pub by: GroupBy,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Also check the metering invariants (every request id once, counters equal to row counts).
+    #[arg(long)]
+    pub check: bool,
+}
+
+/// Parses `--since`/`--until`: RFC 3339, a UTC date, or an age before now.
+pub fn parse_time(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(d.and_time(chrono::NaiveTime::MIN).and_utc());
+    }
+    let age = parse_duration(s)
+        .map_err(|_| format!("bad time {s:?}: want RFC 3339, YYYY-MM-DD, or an age like 7d"))?;
+    chrono::Duration::from_std(age)
+        .map(|a| now - a)
+        .map_err(|_| format!("bad time {s:?}: too far back"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -313,6 +350,63 @@ async fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
                     a.error_count
                 )
             })?;
+        }
+        Command::Usage(args) => {
+            let now = Utc::now();
+            let since =
+                parse_time(&args.since, now).map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+            let until = match &args.until {
+                Some(u) => parse_time(u, now).map_err(|e| anyhow::anyhow!("--until: {e}"))?,
+                None => now + chrono::Duration::seconds(1),
+            };
+            if until <= since {
+                bail!("--until must be after --since");
+            }
+            let totals = store.usage_totals(since, until, args.by).await?;
+            let check = if args.check {
+                Some(store.usage_invariants().await?)
+            } else {
+                None
+            };
+            if args.json {
+                let out = serde_json::json!({
+                    "since": since, "until": until, "by": args.by, "groups": totals, "invariants": check,
+                });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!(
+                    "{:<40} {:>10} {:>8} {:>14} {:>14} {:>14} {:>18}",
+                    format!("{:?}", args.by).to_lowercase(),
+                    "requests",
+                    "errors",
+                    "prompt_tok",
+                    "completion_tok",
+                    "tokens",
+                    "cost_usd"
+                );
+                for t in &totals {
+                    println!(
+                        "{:<40} {:>10} {:>8} {:>14} {:>14} {:>14} {:>18}",
+                        t.group,
+                        t.requests,
+                        t.errors,
+                        t.prompt_tokens,
+                        t.completion_tokens,
+                        t.tokens,
+                        t.cost
+                    );
+                }
+                if let Some(c) = check {
+                    eprintln!(
+                        "invariants {}: rows={} duplicate_request_ids={} keys_mismatched={} accounts_mismatched={}",
+                        if c.holds() { "hold" } else { "VIOLATED" },
+                        c.rows, c.duplicate_request_ids, c.keys_mismatched, c.accounts_mismatched
+                    );
+                }
+            }
+            if check.is_some_and(|c| !c.holds()) {
+                bail!("metering invariants violated");
+            }
         }
         Command::Accounts(AccountsCmd::Disable { id }) => {
             store.set_account_active(id, false).await?;

@@ -1,7 +1,7 @@
 //! Typed configuration: `config.toml` parsed once at start, validated, and reported as
 //! `PATH:LINE: what is wrong` when it is not usable.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::cost::{Price, PriceTable};
 use crate::upstream::AccountType;
 
 /// Environment variable that overrides `[database] url`.
@@ -26,6 +27,12 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub routes: Vec<Route>,
     pub upstream_accounts: Vec<AccountConfig>,
+    pub metering: MeteringConfig,
+    pub writer: WriterConfig,
+    /// Model → price (USD per million tokens, decimal strings). See `cost.rs`.
+    pub prices: PriceTable,
+    /// Account type → price used for models missing from `prices`.
+    pub default_prices: HashMap<AccountType, Price>,
 }
 
 impl Default for Config {
@@ -37,6 +44,10 @@ impl Default for Config {
             upstream: UpstreamConfig::default(),
             routes: default_routes(),
             upstream_accounts: Vec::new(),
+            metering: MeteringConfig::default(),
+            writer: WriterConfig::default(),
+            prices: PriceTable::default(),
+            default_prices: HashMap::new(),
         }
     }
 }
@@ -147,6 +158,61 @@ impl UpstreamConfig {
     }
     pub fn read_timeout(&self) -> Duration {
         Duration::from_secs(self.read_timeout_secs)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeteringConfig {
+    /// Add `stream_options.include_usage` to OpenAI streaming requests that lack it (and strip the
+    /// extra usage-only chunk from what the client receives), so streams are metered.
+    pub inject_stream_usage: bool,
+    /// Largest non-streaming JSON response read for usage; larger ones pass through with 0 tokens.
+    pub max_json_body_bytes: usize,
+}
+
+impl Default for MeteringConfig {
+    fn default() -> Self {
+        MeteringConfig {
+            inject_stream_usage: true,
+            max_json_body_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// The usage writer; see `writer.rs` for the guarantees these bound.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WriterConfig {
+    /// Rows per flush (one transaction).
+    pub batch_size: usize,
+    /// Longest a queued row waits before a flush.
+    pub flush_interval_ms: u64,
+    /// Records the request path can queue before it counts a loss.
+    pub queue_capacity: usize,
+    /// Queue depth above which batches go to the spool instead of the database.
+    pub high_water: usize,
+    /// Where batches go while the database is down or slow.
+    pub spool_dir: PathBuf,
+    pub spool_segment_bytes: u64,
+    /// A flush that takes longer counts as failed (and the batch is spooled).
+    pub flush_timeout_ms: u64,
+    /// Upper bound of the exponential backoff between attempts to reach a down database.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        WriterConfig {
+            batch_size: 1000,
+            flush_interval_ms: 200,
+            queue_capacity: 200_000,
+            high_water: 100_000,
+            spool_dir: PathBuf::from("spool"),
+            spool_segment_bytes: 16 * 1024 * 1024,
+            flush_timeout_ms: 5_000,
+            max_backoff_ms: 5_000,
+        }
     }
 }
 
@@ -268,6 +334,16 @@ impl Config {
         }
         if self.server.max_body_bytes == 0 {
             return Err(plain("[server] max_body_bytes must be at least 1"));
+        }
+        if self.writer.batch_size == 0 || self.writer.flush_interval_ms == 0 {
+            return Err(plain(
+                "[writer] batch_size and flush_interval_ms must be at least 1",
+            ));
+        }
+        if self.writer.high_water == 0 || self.writer.high_water > self.writer.queue_capacity {
+            return Err(plain(
+                "[writer] high_water must be between 1 and queue_capacity",
+            ));
         }
         if self.upstream.max_attempts == 0 {
             return Err(plain("[upstream] max_attempts must be at least 1"));

@@ -8,6 +8,7 @@ use bytes::Bytes;
 
 use crate::auth::KeyInfo;
 use crate::lifecycle::InFlight;
+use crate::meter::{ResponseTap, Stripper};
 use crate::upstream::{Account, AccountType};
 
 pub struct RequestCtx {
@@ -33,6 +34,12 @@ pub struct RequestCtx {
     pub error: Option<&'static str>,
     /// When the upstream response header arrived relative to `started`; set by `forward`.
     pub upstream_header_at: Option<Instant>,
+    /// Reads usage from the response body; set by `forward` when the response header is sent,
+    /// fed each chunk by `forward`, finished by `logging`.
+    pub tap: Option<ResponseTap>,
+    /// Set in `request_filter` when tollgate added `stream_options.include_usage`; `forward` runs
+    /// SSE chunks through it to remove the usage-only chunk the client did not ask for.
+    pub stripper: Stripper,
     /// Counts this request as in flight until the context is dropped after `logging`.
     _in_flight: InFlight,
 }
@@ -56,6 +63,8 @@ impl RequestCtx {
             status: 0,
             error: None,
             upstream_header_at: None,
+            tap: None,
+            stripper: None,
             _in_flight: in_flight,
         }
     }

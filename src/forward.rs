@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -16,6 +17,7 @@ use pingora::proxy::Session;
 
 use crate::ctx::RequestCtx;
 use crate::error::GatewayError;
+use crate::meter::ResponseTap;
 use crate::upstream::{parse_retry_after, Account, AccountSet, AccountType};
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the client's
@@ -56,6 +58,8 @@ pub fn headers_to_drop(headers: &http::HeaderMap, request: bool) -> Vec<HeaderNa
 
 pub struct Forwarder {
     connector: Connector,
+    /// Cap on a JSON response body held for usage extraction.
+    json_cap: usize,
     max_attempts: usize,
     read_timeout: Duration,
     anthropic_version: HeaderValue,
@@ -75,9 +79,15 @@ enum AttemptFailure {
 }
 
 impl Forwarder {
-    pub fn new(max_attempts: usize, read_timeout: Duration, anthropic_version: &str) -> Forwarder {
+    pub fn new(
+        max_attempts: usize,
+        read_timeout: Duration,
+        anthropic_version: &str,
+        json_cap: usize,
+    ) -> Forwarder {
         Forwarder {
             connector: Connector::new(None),
+            json_cap,
             max_attempts,
             read_timeout,
             anthropic_version: HeaderValue::from_str(anthropic_version)
@@ -198,35 +208,63 @@ impl Forwarder {
             });
         }
         ctx.upstream_header_at = Some(Instant::now());
-        let response = self.client_response(upstream, ctx);
+        let content_type = upstream
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .map(|v| v.as_bytes());
+        let mut tap = ResponseTap::for_response(content_type, account.kind, self.json_cap);
+        let strip = matches!(tap, ResponseTap::Sse(_)) && ctx.stripper.is_some();
+        let response = self.client_response(upstream, ctx, strip);
         ctx.status = status;
         if session
             .write_response_header(Box::new(response), false)
             .await
             .is_err()
         {
+            ctx.tap = Some(tap);
             client.shutdown().await;
             return Err(AttemptFailure::Committed("client_aborted"));
         }
-        loop {
+        let outcome = loop {
             match client.read_response_body().await {
                 Ok(Some(chunk)) => {
-                    if session
-                        .write_response_body(Some(chunk), false)
-                        .await
-                        .is_err()
+                    tap.feed(&chunk);
+                    let out = match ctx.stripper.as_mut().filter(|_| strip) {
+                        Some(s) => {
+                            let mut buf = Vec::with_capacity(chunk.len());
+                            s.feed(&chunk, &mut buf);
+                            Bytes::from(buf)
+                        }
+                        None => chunk,
+                    };
+                    if !out.is_empty()
+                        && session.write_response_body(Some(out), false).await.is_err()
                     {
-                        client.shutdown().await;
-                        return Err(AttemptFailure::Committed("client_aborted"));
+                        break Err("client_aborted");
                     }
                 }
-                Ok(None) => break,
-                Err(_) => {
-                    client.shutdown().await;
-                    // Ending without the terminating chunk tells the client the body is incomplete.
-                    session.set_keepalive(None);
-                    return Err(AttemptFailure::Committed("upstream_aborted"));
-                }
+                Ok(None) => break Ok(()),
+                Err(_) => break Err("upstream_aborted"),
+            }
+        };
+        ctx.tap = Some(tap);
+        if let Err(reason) = outcome {
+            client.shutdown().await;
+            // Ending without the terminating chunk tells the client the body is incomplete.
+            session.set_keepalive(None);
+            return Err(AttemptFailure::Committed(reason));
+        }
+        if let Some(s) = ctx.stripper.as_mut().filter(|_| strip) {
+            let mut rest = Vec::new();
+            s.finish(&mut rest);
+            if !rest.is_empty()
+                && session
+                    .write_response_body(Some(rest.into()), false)
+                    .await
+                    .is_err()
+            {
+                client.shutdown().await;
+                return Err(AttemptFailure::Committed("client_aborted"));
             }
         }
         if session.write_response_body(None, true).await.is_err() {
@@ -264,6 +302,8 @@ impl Forwarder {
                 )
             })?);
         }
+        // Usage is read from the response body, so it must arrive uncompressed.
+        req.remove_header(&http::header::ACCEPT_ENCODING);
         req.insert_header(http::header::HOST, account.host_header.clone())?;
         req.insert_header(account.auth_header.clone(), account.auth_value.clone())?;
         if account.kind == AccountType::Anthropic && !req.headers.contains_key("anthropic-version")
@@ -302,7 +342,12 @@ impl Forwarder {
 
     /// The response as the client sees it: the upstream's, with connection-scoped headers replaced
     /// and `x-request-id` added. Framing is kept (chunked stays chunked) so streams pass through.
-    fn client_response(&self, upstream: &ResponseHeader, ctx: &RequestCtx) -> ResponseHeader {
+    fn client_response(
+        &self,
+        upstream: &ResponseHeader,
+        ctx: &RequestCtx,
+        rewrites_body: bool,
+    ) -> ResponseHeader {
         let mut resp = upstream.clone();
         let chunked = resp
             .headers
@@ -311,6 +356,9 @@ impl Forwarder {
             .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
         for name in headers_to_drop(&resp.headers, false) {
             resp.remove_header(&name);
+        }
+        if rewrites_body {
+            resp.remove_header(&http::header::CONTENT_LENGTH);
         }
         let no_body = matches!(resp.status.as_u16(), 100..=199 | 204 | 304);
         if chunked || (!no_body && !resp.headers.contains_key(http::header::CONTENT_LENGTH)) {

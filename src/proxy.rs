@@ -5,7 +5,7 @@
 //! |------------------|------------------------------------------------------------|
 //! | `new_ctx`        | [`RequestCtx::new`]: request id, start time, in-flight guard |
 //! | `request_filter` | [`auth`](crate::auth) → route → [`body`](crate::body) → permissions → [`forward`](crate::forward) |
-//! | `logging`        | one structured line per request                            |
+//! | `logging`        | [`meter::record`] → [`UsageSink::submit`]; one structured log line |
 //!
 //! `request_filter` always answers the request itself (it returns `true`), so pingora's own
 //! upstream phases never run; see `forward.rs` for why.
@@ -22,7 +22,12 @@ use crate::ctx::RequestCtx;
 use crate::error::GatewayError;
 use crate::forward::Forwarder;
 use crate::lifecycle::Drain;
+use crate::meter::{self, Pricing};
+use crate::sse::UsageChunkStripper;
+use crate::upstream::AccountType;
 use crate::upstream::{AccountSet, Router};
+use crate::usage;
+use crate::writer::UsageSink;
 
 /// Everything the request path shares; built once at start.
 pub struct Gateway {
@@ -34,6 +39,11 @@ pub struct Gateway {
     pub max_body_bytes: usize,
     pub idle_timeout_secs: u64,
     pub drain: Arc<Drain>,
+    /// Where each request's usage record goes (never blocks).
+    pub usage: UsageSink,
+    pub pricing: Arc<Pricing>,
+    /// Add `stream_options.include_usage` to OpenAI streams that lack it.
+    pub inject_stream_usage: bool,
 }
 
 #[async_trait]
@@ -68,6 +78,12 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        let req = session.req_header();
+        if let Some((record, _priced)) =
+            meter::record(ctx, req.method.as_str(), req.uri.path(), &self.pricing)
+        {
+            self.usage.submit(record);
+        }
         let latency_ms = ctx.started.elapsed().as_secs_f64() * 1e3;
         tracing::info!(
             request_id = %ctx.request_id,
@@ -111,7 +127,7 @@ impl Gateway {
             .await
             .map_err(|e| (e.error, e.close))?;
         if key.permissions.restricts_models() {
-            ctx.model = body::model(&ctx.body);
+            ctx.model = usage::request_model(&ctx.body);
             if !key.permissions.allows_model(ctx.model.as_deref()) {
                 let what = ctx
                     .model
@@ -120,6 +136,13 @@ impl Gateway {
                         format!("model {m}")
                     });
                 return Err((AuthError::Forbidden(what).into(), false));
+            }
+        }
+
+        if self.inject_stream_usage && ctx.kind == Some(AccountType::Openai) {
+            if let Some(body) = usage::inject_include_usage(&ctx.body) {
+                ctx.body = body.into();
+                ctx.stripper = Some(UsageChunkStripper::new());
             }
         }
 

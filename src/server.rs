@@ -3,8 +3,8 @@
 //!
 //! Background work runs on a dedicated runtime (`tollgate-db`) that owns the database pool, so
 //! the proxy's runtimes never drive database I/O; the request path reaches it only on a key-cache
-//! miss. Tasks on it: the account refresher (re-reads accounts, re-resolves DNS every
-//! `refresh_secs`). They stop when the runtime is dropped at the end of [`serve`].
+//! miss. Tasks on it: the usage writer (`writer.rs`; drained by the shutdown step) and the account
+//! refresher (re-reads accounts, re-resolves DNS every `refresh_secs`; stops with the runtime).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,9 +18,12 @@ use crate::auth::KeyCache;
 use crate::config::{expand_env, Config};
 use crate::forward::Forwarder;
 use crate::lifecycle::{Drain, Signals};
+use crate::meter::Pricing;
 use crate::proxy::Gateway;
+use crate::spool::Spool;
 use crate::store::{redact_url, NewAccount, Store};
 use crate::upstream::{Account, AccountSet, AccountSpec, PeerTimeouts, Router, StatsRegistry};
+use crate::writer::{self, WriterOptions};
 
 pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let db_rt = tokio::runtime::Builder::new_multi_thread()
@@ -50,6 +53,22 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let accounts = Arc::new(ArcSwap::from_pointee(initial));
     db_rt.spawn(refresh_accounts(loader.clone(), accounts.clone()));
 
+    let spool =
+        Spool::open(&cfg.writer.spool_dir, cfg.writer.spool_segment_bytes).with_context(|| {
+            format!(
+                "opening the spool directory {}",
+                cfg.writer.spool_dir.display()
+            )
+        })?;
+    let (usage_sink, writer) = {
+        let _on_db_runtime = db_rt.enter();
+        writer::start(
+            Arc::new(store.clone()),
+            spool,
+            WriterOptions::from_config(&cfg.writer),
+        )
+    };
+
     let drain = Arc::new(Drain::default());
     let keys = Arc::new(KeyCache::new(
         store.clone(),
@@ -66,10 +85,17 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             cfg.upstream.max_attempts,
             cfg.upstream.read_timeout(),
             &cfg.upstream.anthropic_version,
+            cfg.metering.max_json_body_bytes,
         ),
         max_body_bytes: cfg.server.max_body_bytes,
         idle_timeout_secs: cfg.server.idle_timeout_secs,
         drain: drain.clone(),
+        usage: usage_sink,
+        pricing: Arc::new(Pricing {
+            models: cfg.prices.clone(),
+            defaults: cfg.default_prices.clone(),
+        }),
+        inject_stream_usage: cfg.metering.inject_stream_usage,
     };
 
     let conf = ServerConf {
@@ -89,7 +115,11 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let finish_store = store.clone();
     let finish_handle = db_rt.handle().clone();
     drain.on_finish(move || {
-        finish_handle.block_on(finish_store.close());
+        // Every request has finished: flush what they queued, then close the database.
+        finish_handle.block_on(async {
+            writer.shutdown().await;
+            finish_store.close().await;
+        });
         tracing::info!("stopped");
     });
     tracing::info!(listen = %cfg.server.listen, database = %redact_url(&cfg.database.url), "tollgate listening");

@@ -12,7 +12,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::types::Json;
 use sqlx::{PgPool, Row, SqlitePool};
 
+use crate::meter::UsageRecord;
 use crate::upstream::AccountType;
+use rust_decimal::Decimal;
+use std::collections::{HashMap, HashSet};
 
 #[derive(Clone)]
 pub enum Store {
@@ -332,6 +335,328 @@ impl Store {
             return Err(StoreError::NotFound(format!("account {id}")));
         }
         Ok(())
+    }
+}
+
+/// How `tollgate usage` groups its totals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupBy {
+    Key,
+    Account,
+    Model,
+    Day,
+}
+
+/// Totals of one group over a time range.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct UsageTotals {
+    pub group: String,
+    pub requests: i64,
+    pub errors: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub tokens: i64,
+    pub cost: Decimal,
+}
+
+/// SQLite keeps timestamps of usage rows as fixed-width UTC text so that ranges compare as text.
+fn sqlite_time(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+/// SQLite keeps costs as exact decimal text; this is the one place they are converted.
+fn sqlite_cost(text: &str) -> Result<Decimal, sqlx::Error> {
+    Decimal::from_str(text).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+/// Per-id deltas of one flush, from the rows actually inserted.
+#[derive(Debug, Default)]
+struct Deltas {
+    keys: HashMap<i64, (i64, DateTime<Utc>)>,
+    accounts: HashMap<i64, (i64, i64, DateTime<Utc>)>,
+}
+
+impl Deltas {
+    fn add(&mut self, r: &UsageRecord) {
+        let k = self.keys.entry(r.api_key_id).or_insert((0, r.created_at));
+        k.0 += 1;
+        k.1 = k.1.max(r.created_at);
+        if let Some(a) = r.upstream_account_id {
+            let e = self.accounts.entry(a).or_insert((0, 0, r.created_at));
+            e.0 += 1;
+            e.1 += i64::from(r.is_success());
+            e.2 = e.2.max(r.created_at);
+        }
+    }
+}
+
+const PG_INSERT_USAGE: &str = "\
+WITH ins AS (
+  INSERT INTO usage_records (request_id, user_id, api_key_id, upstream_account_id, method, endpoint, model,
+      status_code, response_time, prompt_tokens, completion_tokens, cached_tokens, cache_creation_tokens,
+      tokens_used, cost, error_message, created_at)
+  SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::text[], $6::text[], $7::text[],
+      $8::int4[], $9::int4[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], $15::numeric[],
+      $16::text[], $17::timestamptz[])
+  ON CONFLICT (request_id) DO NOTHING
+  RETURNING api_key_id, upstream_account_id, status_code, error_message, created_at
+), key_counts AS (
+  UPDATE api_keys k SET request_count = k.request_count + a.n,
+         last_used_at = GREATEST(COALESCE(k.last_used_at, a.last), a.last)
+  FROM (SELECT api_key_id, count(*) AS n, max(created_at) AS last FROM ins GROUP BY api_key_id) a
+  WHERE k.id = a.api_key_id
+  RETURNING 1
+), account_counts AS (
+  UPDATE upstream_accounts u SET request_count = u.request_count + a.n,
+         success_count = u.success_count + a.ok, error_count = u.error_count + (a.n - a.ok),
+         last_used_at = GREATEST(COALESCE(u.last_used_at, a.last), a.last)
+  FROM (SELECT upstream_account_id, count(*) AS n,
+               count(*) FILTER (WHERE status_code BETWEEN 200 AND 399 AND error_message IS NULL) AS ok,
+               max(created_at) AS last
+        FROM ins WHERE upstream_account_id IS NOT NULL GROUP BY upstream_account_id) a
+  WHERE u.id = a.upstream_account_id
+  RETURNING 1
+)
+SELECT count(*) FROM ins";
+
+/// Rows per SQLite INSERT statement (17 parameters each, well under SQLite's 32766).
+const SQLITE_ROWS_PER_STATEMENT: usize = 1000;
+
+impl Store {
+    /// Writes a batch of usage records in ONE transaction: the rows (a request id already present
+    /// is skipped) and the key/account counters, aggregated per id from the rows actually
+    /// inserted. Replaying a committed batch therefore changes nothing. Returns rows inserted.
+    pub async fn insert_usage(&self, rows: &[UsageRecord]) -> Result<u64, StoreError> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        match self {
+            Store::Postgres(p) => {
+                let n: i64 = sqlx::query_scalar(PG_INSERT_USAGE)
+                    .bind(
+                        rows.iter()
+                            .map(|r| r.request_id.as_str())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(rows.iter().map(|r| r.user_id).collect::<Vec<_>>())
+                    .bind(rows.iter().map(|r| r.api_key_id).collect::<Vec<_>>())
+                    .bind(
+                        rows.iter()
+                            .map(|r| r.upstream_account_id)
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(rows.iter().map(|r| r.method.as_str()).collect::<Vec<_>>())
+                    .bind(rows.iter().map(|r| r.endpoint.as_str()).collect::<Vec<_>>())
+                    .bind(rows.iter().map(|r| r.model.as_deref()).collect::<Vec<_>>())
+                    .bind(rows.iter().map(|r| r.status_code).collect::<Vec<_>>())
+                    .bind(rows.iter().map(|r| r.response_time).collect::<Vec<_>>())
+                    .bind(rows.iter().map(|r| r.prompt_tokens).collect::<Vec<_>>())
+                    .bind(rows.iter().map(|r| r.completion_tokens).collect::<Vec<_>>())
+                    .bind(rows.iter().map(|r| r.cached_tokens).collect::<Vec<_>>())
+                    .bind(
+                        rows.iter()
+                            .map(|r| r.cache_creation_tokens)
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(rows.iter().map(|r| r.tokens_used).collect::<Vec<_>>())
+                    .bind(rows.iter().map(|r| r.cost).collect::<Vec<_>>())
+                    .bind(
+                        rows.iter()
+                            .map(|r| r.error_message.as_deref())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
+                    .fetch_one(p)
+                    .await?;
+                Ok(n as u64)
+            }
+            Store::Sqlite(p) => {
+                let mut tx = p.begin().await?;
+                let mut inserted: HashSet<String> = HashSet::new();
+                for chunk in rows.chunks(SQLITE_ROWS_PER_STATEMENT) {
+                    let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                        "INSERT INTO usage_records (request_id, user_id, api_key_id, upstream_account_id, method, \
+                         endpoint, model, status_code, response_time, prompt_tokens, completion_tokens, cached_tokens, \
+                         cache_creation_tokens, tokens_used, cost, error_message, created_at) ",
+                    );
+                    q.push_values(chunk, |mut b, r| {
+                        b.push_bind(r.request_id.as_str())
+                            .push_bind(r.user_id)
+                            .push_bind(r.api_key_id)
+                            .push_bind(r.upstream_account_id)
+                            .push_bind(r.method.as_str())
+                            .push_bind(r.endpoint.as_str())
+                            .push_bind(r.model.as_deref())
+                            .push_bind(r.status_code)
+                            .push_bind(r.response_time)
+                            .push_bind(r.prompt_tokens)
+                            .push_bind(r.completion_tokens)
+                            .push_bind(r.cached_tokens)
+                            .push_bind(r.cache_creation_tokens)
+                            .push_bind(r.tokens_used)
+                            .push_bind(r.cost.to_string())
+                            .push_bind(r.error_message.as_deref())
+                            .push_bind(sqlite_time(r.created_at));
+                    });
+                    q.push(" ON CONFLICT (request_id) DO NOTHING RETURNING request_id");
+                    let ids: Vec<String> = q.build_query_scalar().fetch_all(&mut *tx).await?;
+                    inserted.extend(ids);
+                }
+                let mut deltas = Deltas::default();
+                for r in rows.iter().filter(|r| inserted.contains(&r.request_id)) {
+                    deltas.add(r);
+                }
+                for (id, (n, last)) in &deltas.keys {
+                    sqlx::query(
+                        "UPDATE api_keys SET request_count = request_count + $1, \
+                         last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < $2 THEN $2 ELSE last_used_at END \
+                         WHERE id = $3",
+                    )
+                    .bind(n)
+                    .bind(sqlite_time(*last))
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                for (id, (n, ok, last)) in &deltas.accounts {
+                    sqlx::query(
+                        "UPDATE upstream_accounts SET request_count = request_count + $1, \
+                         success_count = success_count + $2, error_count = error_count + $3, \
+                         last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < $4 THEN $4 ELSE last_used_at END \
+                         WHERE id = $5",
+                    )
+                    .bind(n)
+                    .bind(ok)
+                    .bind(n - ok)
+                    .bind(sqlite_time(*last))
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(inserted.len() as u64)
+            }
+        }
+    }
+
+    /// Totals per group for `since <= created_at < until`.
+    pub async fn usage_totals(
+        &self,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        by: GroupBy,
+    ) -> Result<Vec<UsageTotals>, StoreError> {
+        let group = match (self, by) {
+            (_, GroupBy::Key) => "CAST(r.api_key_id AS TEXT) || ' ' || k.name",
+            (_, GroupBy::Account) => "COALESCE(a.name, '-')",
+            (_, GroupBy::Model) => "COALESCE(r.model, '-')",
+            (Store::Postgres(_), GroupBy::Day) => {
+                "to_char(r.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+            }
+            (Store::Sqlite(_), GroupBy::Day) => "substr(r.created_at, 1, 10)",
+        };
+        let from = "FROM usage_records r JOIN api_keys k ON k.id = r.api_key_id \
+                    LEFT JOIN upstream_accounts a ON a.id = r.upstream_account_id \
+                    WHERE r.created_at >= $1 AND r.created_at < $2";
+        let is_error =
+            "CASE WHEN r.status_code >= 400 OR r.error_message IS NOT NULL THEN 1 ELSE 0 END";
+        let mut out: Vec<UsageTotals> = match self {
+            Store::Postgres(p) => {
+                let sql = format!(
+                    "SELECT {group} AS g, count(*) AS n, COALESCE(SUM({is_error}), 0)::int8 AS e, \
+                     COALESCE(SUM(r.prompt_tokens), 0)::int8 AS pt, COALESCE(SUM(r.completion_tokens), 0)::int8 AS ct, \
+                     COALESCE(SUM(r.tokens_used), 0)::int8 AS t, COALESCE(SUM(r.cost), 0) AS c {from} GROUP BY g"
+                );
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(since)
+                    .bind(until)
+                    .fetch_all(p)
+                    .await?
+                    .iter()
+                    .map(|r| {
+                        Ok(UsageTotals {
+                            group: r.try_get("g")?,
+                            requests: r.try_get("n")?,
+                            errors: r.try_get("e")?,
+                            prompt_tokens: r.try_get("pt")?,
+                            completion_tokens: r.try_get("ct")?,
+                            tokens: r.try_get("t")?,
+                            cost: r.try_get("c")?,
+                        })
+                    })
+                    .collect::<Result<_, sqlx::Error>>()?
+            }
+            Store::Sqlite(p) => {
+                // Costs are exact decimal text: summed here, never as SQLite floats.
+                let sql = format!(
+                    "SELECT {group} AS g, {is_error} AS e, r.prompt_tokens AS pt, r.completion_tokens AS ct, \
+                     r.tokens_used AS t, r.cost AS c {from}"
+                );
+                let mut groups: HashMap<String, UsageTotals> = HashMap::new();
+                for r in sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(sqlite_time(since))
+                    .bind(sqlite_time(until))
+                    .fetch_all(p)
+                    .await?
+                {
+                    let g: String = r.try_get("g")?;
+                    let t = groups.entry(g.clone()).or_insert_with(|| UsageTotals {
+                        group: g,
+                        ..UsageTotals::default()
+                    });
+                    t.requests += 1;
+                    t.errors += r.try_get::<i64, _>("e")?;
+                    t.prompt_tokens += r.try_get::<i64, _>("pt")?;
+                    t.completion_tokens += r.try_get::<i64, _>("ct")?;
+                    t.tokens += r.try_get::<i64, _>("t")?;
+                    t.cost += sqlite_cost(&r.try_get::<String, _>("c")?)?;
+                }
+                groups.into_values().collect()
+            }
+        };
+        out.sort_by(|a, b| a.group.cmp(&b.group));
+        Ok(out)
+    }
+
+    /// Every request id's row count and each key's counter, for invariant checks in tests and
+    /// `tollgate usage --check`.
+    pub async fn usage_invariants(&self) -> Result<InvariantReport, StoreError> {
+        let dup_sql = "SELECT COUNT(*) FROM (SELECT request_id FROM usage_records GROUP BY request_id HAVING COUNT(*) > 1) d";
+        let mismatch_sql = "SELECT COUNT(*) FROM api_keys k WHERE k.request_count <> \
+                            (SELECT COUNT(*) FROM usage_records r WHERE r.api_key_id = k.id)";
+        let account_sql = "SELECT COUNT(*) FROM upstream_accounts a WHERE a.request_count <> \
+                           (SELECT COUNT(*) FROM usage_records r WHERE r.upstream_account_id = a.id)";
+        let rows_sql = "SELECT COUNT(*) FROM usage_records";
+        let (duplicate_request_ids, keys_mismatched, accounts_mismatched, rows) = dispatch!(self, p => (
+            sqlx::query_scalar::<_, i64>(dup_sql).fetch_one(p).await?,
+            sqlx::query_scalar::<_, i64>(mismatch_sql).fetch_one(p).await?,
+            sqlx::query_scalar::<_, i64>(account_sql).fetch_one(p).await?,
+            sqlx::query_scalar::<_, i64>(rows_sql).fetch_one(p).await?,
+        ));
+        Ok(InvariantReport {
+            rows,
+            duplicate_request_ids,
+            keys_mismatched,
+            accounts_mismatched,
+        })
+    }
+}
+
+/// The metering invariants: every request id once, every counter equal to its row count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct InvariantReport {
+    pub rows: i64,
+    pub duplicate_request_ids: i64,
+    pub keys_mismatched: i64,
+    pub accounts_mismatched: i64,
+}
+
+impl InvariantReport {
+    pub fn holds(&self) -> bool {
+        self.duplicate_request_ids == 0
+            && self.keys_mismatched == 0
+            && self.accounts_mismatched == 0
     }
 }
 

@@ -12,14 +12,23 @@ use futures_util::StreamExt;
 use tokio::sync::Notify;
 
 async fn gateway(db: Db, server_extra: &str) -> Gateway {
-    Gateway::new(db, server_extra, "").await.expect("database available")
+    Gateway::new(db, server_extra, "")
+        .await
+        .expect("database available")
 }
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap()
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
 }
 
-async fn post(gw: &Gateway, key: Option<&str>, body: impl Into<reqwest::Body>) -> reqwest::Response {
+async fn post(
+    gw: &Gateway,
+    key: Option<&str>,
+    body: impl Into<reqwest::Body>,
+) -> reqwest::Response {
     let mut req = client().post(gw.url("/v1/chat/completions")).body(body);
     if let Some(k) = key {
         req = req.bearer_auth(k);
@@ -30,7 +39,10 @@ async fn post(gw: &Gateway, key: Option<&str>, body: impl Into<reqwest::Body>) -
 async fn error_code(resp: reqwest::Response) -> (u16, String) {
     let status = resp.status().as_u16();
     let v: serde_json::Value = resp.json().await.unwrap();
-    (status, v["error"]["code"].as_str().unwrap_or("").to_string())
+    (
+        status,
+        v["error"]["code"].as_str().unwrap_or("").to_string(),
+    )
 }
 
 both_dbs!(refusals_never_reach_the_upstream, refusals);
@@ -43,11 +55,19 @@ async fn refusals(db: Db) {
     let revoked = gw.create_key("alice@example.com", &[]);
     let expired = gw.create_key("alice@example.com", &[]);
     let of_inactive_user = gw.create_key("bob@example.com", &[]);
-    let path_limited = gw.create_key("alice@example.com", &["--permissions", r#"["/v1/embeddings"]"#]);
-    let model_limited = gw.create_key("alice@example.com", &["--permissions", r#"["model:gpt-4o-mini*"]"#]);
+    let path_limited = gw.create_key(
+        "alice@example.com",
+        &["--permissions", r#"["/v1/embeddings"]"#],
+    );
+    let model_limited = gw.create_key(
+        "alice@example.com",
+        &["--permissions", r#"["model:gpt-4o-mini*"]"#],
+    );
     gw.cli_ok(&["keys", "revoke", "1"]);
     gw.cli_ok(&["users", "deactivate", "2"]);
-    gw.db.exec("UPDATE api_keys SET expires_at = '2001-01-01T00:00:00Z' WHERE id = 2").await;
+    gw.db
+        .exec("UPDATE api_keys SET expires_at = '2001-01-01T00:00:00Z' WHERE id = 2")
+        .await;
     gw.start().await;
 
     let mut typo = expired.clone().into_bytes();
@@ -69,9 +89,17 @@ async fn refusals(db: Db) {
     ];
     for (key, status, code) in &cases {
         let resp = post(&gw, *key, body).await;
-        assert_ne!(resp.headers().get("connection").map(|v| v.as_bytes()), Some(&b"close"[..]), "{code}: kept alive");
+        assert_ne!(
+            resp.headers().get("connection").map(|v| v.as_bytes()),
+            Some(&b"close"[..]),
+            "{code}: kept alive"
+        );
         assert!(resp.headers().contains_key("x-request-id"));
-        assert_eq!(error_code(resp).await, (*status, code.to_string()), "key {key:?}");
+        assert_eq!(
+            error_code(resp).await,
+            (*status, code.to_string()),
+            "key {key:?}"
+        );
     }
     // x-api-key works as well as Authorization, and a permitted model passes.
     let resp = client()
@@ -82,7 +110,11 @@ async fn refusals(db: Db) {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(mock.count(), 1, "only the permitted request reached the upstream");
+    assert_eq!(
+        mock.count(),
+        1,
+        "only the permitted request reached the upstream"
+    );
 }
 
 both_dbs!(upstream_sees_the_account_credential_only, credential_swap);
@@ -107,7 +139,10 @@ async fn credential_swap(db: Db) {
         .unwrap();
     assert_eq!(resp.status(), 200);
     let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
-    assert_eq!(resp.bytes().await.unwrap(), common::fixture("chat_completion.json"));
+    assert_eq!(
+        resp.bytes().await.unwrap(),
+        common::fixture("chat_completion.json")
+    );
 
     let seen = &mock.recorded()[0];
     assert_eq!(seen.path, "/v1/chat/completions?x=1");
@@ -118,11 +153,17 @@ async fn credential_swap(db: Db) {
     assert!(!seen.headers.contains_key("proxy-authorization"));
     assert!(!seen.headers.contains_key("x-hop"));
     for (name, value) in &seen.headers {
-        assert!(!value.to_str().unwrap_or("").contains(&key), "client key leaked in {name}");
+        assert!(
+            !value.to_str().unwrap_or("").contains(&key),
+            "client key leaked in {name}"
+        );
     }
     assert_eq!(seen.body, common::fixture("chat_completion.json"));
     assert!(!gw.log().contains(&key), "the key must never be logged");
-    assert!(!gw.log().contains("sk-upstream-secret"), "the upstream credential must never be logged");
+    assert!(
+        !gw.log().contains("sk-upstream-secret"),
+        "the upstream credential must never be logged"
+    );
 }
 
 both_dbs!(anthropic_accounts_get_x_api_key, anthropic_credential);
@@ -133,7 +174,13 @@ async fn anthropic_credential(db: Db) {
     gw.add_account("claude", "anthropic", &mock.url(), "sk-ant-secret", 1, 1);
     let key = gw.create_key("alice@example.com", &[]);
     gw.start().await;
-    let resp = client().post(gw.url("/v1/messages")).header("x-api-key", &key).body("{}").send().await.unwrap();
+    let resp = client()
+        .post(gw.url("/v1/messages"))
+        .header("x-api-key", &key)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let seen = &mock.recorded()[0];
     assert_eq!(seen.headers["x-api-key"], "sk-ant-secret");
@@ -174,14 +221,33 @@ async fn weight_split(db: Db) {
         let c = c.clone();
         let url = gw.url("/v1/chat/completions");
         let key = key.clone();
-        async move { c.post(url).bearer_auth(key).body("{}").send().await.unwrap().status().as_u16() }
+        async move {
+            c.post(url)
+                .bearer_auth(key)
+                .body("{}")
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
     });
-    let statuses: Vec<u16> = futures_util::stream::iter(futs).buffer_unordered(16).collect().await;
+    let statuses: Vec<u16> = futures_util::stream::iter(futs)
+        .buffer_unordered(16)
+        .collect()
+        .await;
     assert!(statuses.iter().all(|&s| s == 200));
-    let heavy = mock.recorded().iter().filter(|r| r.headers["authorization"] == "Bearer sk-heavy").count();
+    let heavy = mock
+        .recorded()
+        .iter()
+        .filter(|r| r.headers["authorization"] == "Bearer sk-heavy")
+        .count();
     let light = mock.count() - heavy;
     assert_eq!(heavy + light, 1000);
-    assert!((740..=760).contains(&heavy), "3:1 split within 1%: heavy={heavy} light={light}");
+    assert!(
+        (740..=760).contains(&heavy),
+        "3:1 split within 1%: heavy={heavy} light={light}"
+    );
 }
 
 both_dbs!(a_failing_account_cools_down, cooldown);
@@ -197,13 +263,24 @@ async fn cooldown(db: Db) {
     for _ in 0..10 {
         assert_eq!(post(&gw, Some(&key), "{}").await.status(), 200);
     }
-    assert_eq!(failing.count(), 1, "after one failure the account is skipped");
+    assert_eq!(
+        failing.count(),
+        1,
+        "after one failure the account is skipped"
+    );
     assert_eq!(healthy.count(), 10);
 }
 
 both_dbs!(rate_limited_account_honours_retry_after, retry_after);
 async fn retry_after(db: Db) {
-    let limited = MockUpstream::start(|_| Reply::Status(429, vec![("retry-after", "120".into())], Bytes::from_static(b"{}"))).await;
+    let limited = MockUpstream::start(|_| {
+        Reply::Status(
+            429,
+            vec![("retry-after", "120".into())],
+            Bytes::from_static(b"{}"),
+        )
+    })
+    .await;
     let healthy = MockUpstream::json_ok().await;
     let mut gw = gateway(db, "").await;
     gw.add_user("alice@example.com");
@@ -251,13 +328,23 @@ async fn sse_streaming(db: Db) {
     gw.add_account("main", "openai", &mock.url(), "sk", 1, 1);
     let key = gw.create_key("alice@example.com", &[]);
     gw.start().await;
-    let resp = post(&gw, Some(&key), r#"{"stream":true}"#).await;
+    let resp = post(
+        &gw,
+        Some(&key),
+        r#"{"stream":true,"stream_options":{"include_usage":true}}"#,
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let mut stream = resp.bytes_stream();
     // The upstream holds the rest of the stream until we have seen the first chunk.
-    let first = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.expect("first chunk before upstream finished");
-    assert_eq!(first.unwrap().unwrap(), common::fixture("chat_stream_1.sse"));
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("first chunk before upstream finished");
+    assert_eq!(
+        first.unwrap().unwrap(),
+        common::fixture("chat_stream_1.sse")
+    );
     gate.notify_one();
     let mut rest = Vec::new();
     while let Some(chunk) = stream.next().await {
@@ -276,7 +363,10 @@ async fn body_replay(db: Db) {
     gw.add_account("healthy", "openai", &healthy.url(), "sk-h", 2, 1);
     let key = gw.create_key("alice@example.com", &[]);
     gw.start().await;
-    let body: Bytes = (0..2_097_152u32).map(|i| b'a' + (i % 26) as u8).collect::<Vec<u8>>().into();
+    let body: Bytes = (0..2_097_152u32)
+        .map(|i| b'a' + (i % 26) as u8)
+        .collect::<Vec<u8>>()
+        .into();
     let resp = post(&gw, Some(&key), body.clone()).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(failing.recorded()[0].body, body);
@@ -285,7 +375,11 @@ async fn body_replay(db: Db) {
     let too_big: Vec<u8> = vec![b'x'; 2_097_153];
     let (status, code) = error_code(post(&gw, Some(&key), too_big).await).await;
     assert_eq!((status, code.as_str()), (413, "body_too_large"));
-    assert_eq!(failing.count() + healthy.count(), 2, "the oversized request reached no upstream");
+    assert_eq!(
+        failing.count() + healthy.count(),
+        2,
+        "the oversized request reached no upstream"
+    );
 }
 
 both_dbs!(sigterm_lets_in_flight_streams_finish, graceful_shutdown);
@@ -303,11 +397,20 @@ async fn graceful_shutdown(db: Db) {
     gw.add_account("main", "openai", &mock.url(), "sk", 1, 1);
     let key = gw.create_key("alice@example.com", &[]);
     gw.start().await;
-    let resp = post(&gw, Some(&key), r#"{"stream":true}"#).await;
+    let resp = post(
+        &gw,
+        Some(&key),
+        r#"{"stream":true,"stream_options":{"include_usage":true}}"#,
+    )
+    .await;
     let mut stream = resp.bytes_stream();
     stream.next().await.unwrap().unwrap();
     let pid = gw.pid();
-    std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap();
+    std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
     // New connections are refused once the listener closes; the open stream still completes.
     for _ in 0..200 {
         if tokio::net::TcpStream::connect(gw.addr).await.is_err() {
@@ -329,21 +432,77 @@ async fn graceful_shutdown(db: Db) {
 async fn a_bad_config_names_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.toml");
-    std::fs::write(&path, "[server]\nthreads = 2\nlisten = \"not an address\"\n").unwrap();
-    let out = std::process::Command::new(common::BIN).arg("--config").arg(&path).arg("serve").output().unwrap();
+    std::fs::write(
+        &path,
+        "[server]\nthreads = 2\nlisten = \"not an address\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::BIN)
+        .arg("--config")
+        .arg(&path)
+        .arg("serve")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("{}:3: invalid socket address syntax", path.display())), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}:3: invalid socket address syntax",
+            path.display()
+        )),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]
 async fn cli_rejects_bad_input_with_one_line() {
     let gw = Gateway::new(Db::Sqlite, "", "").await.unwrap();
     for (args, expected) in [
-        (vec!["keys", "create", "--user", "nobody@example.com", "--name", "x"], "user nobody@example.com not found"),
-        (vec!["accounts", "add", "--name", "x", "--type", "nope", "--base-url", "http://h", "--api-key", "k"], "unknown account type"),
-        (vec!["accounts", "add", "--name", "x", "--type", "openai", "--base-url", "h", "--api-key", "k"], "--base-url"),
-        (vec!["users", "add", "--email", "not-an-email", "--username", "u"], "not an email"),
+        (
+            vec![
+                "keys",
+                "create",
+                "--user",
+                "nobody@example.com",
+                "--name",
+                "x",
+            ],
+            "user nobody@example.com not found",
+        ),
+        (
+            vec![
+                "accounts",
+                "add",
+                "--name",
+                "x",
+                "--type",
+                "nope",
+                "--base-url",
+                "http://h",
+                "--api-key",
+                "k",
+            ],
+            "unknown account type",
+        ),
+        (
+            vec![
+                "accounts",
+                "add",
+                "--name",
+                "x",
+                "--type",
+                "openai",
+                "--base-url",
+                "h",
+                "--api-key",
+                "k",
+            ],
+            "--base-url",
+        ),
+        (
+            vec!["users", "add", "--email", "not-an-email", "--username", "u"],
+            "not an email",
+        ),
     ] {
         let out = gw.cli(&args);
         assert!(!out.status.success(), "{args:?}");
@@ -352,9 +511,27 @@ async fn cli_rejects_bad_input_with_one_line() {
         assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     }
     gw.add_user("a@example.com");
-    let out = gw.cli(&["keys", "create", "--user", "a@example.com", "--name", "x", "--permissions", "[1]"]);
+    let out = gw.cli(&[
+        "keys",
+        "create",
+        "--user",
+        "a@example.com",
+        "--name",
+        "x",
+        "--permissions",
+        "[1]",
+    ]);
     assert!(!out.status.success());
-    let out = gw.cli(&["keys", "create", "--user", "a@example.com", "--name", "x", "--expires-in", "soon"]);
+    let out = gw.cli(&[
+        "keys",
+        "create",
+        "--user",
+        "a@example.com",
+        "--name",
+        "x",
+        "--expires-in",
+        "soon",
+    ]);
     assert!(!out.status.success());
     let key = gw.create_key("a@example.com", &["--expires-in", "30d"]);
     assert!(tollgate::keys::validate(&key).is_ok());

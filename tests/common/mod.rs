@@ -17,7 +17,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
 
 pub fn fixture(name: &str) -> Bytes {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
     Bytes::from(std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
 }
 
@@ -36,7 +38,11 @@ pub enum Reply {
     /// Status with extra headers and a body.
     Status(u16, Vec<(&'static str, String)>, Bytes),
     /// `text/event-stream`: the first chunk at once, the rest after `gate` is notified.
-    Sse { first: Bytes, rest: Vec<Bytes>, gate: Arc<Notify> },
+    Sse {
+        first: Bytes,
+        rest: Vec<Bytes>,
+        gate: Arc<Notify>,
+    },
 }
 
 type Handler = Arc<dyn Fn(&Recorded) -> Reply + Send + Sync>;
@@ -48,7 +54,9 @@ pub struct MockUpstream {
 }
 
 impl MockUpstream {
-    pub async fn start(handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static) -> MockUpstream {
+    pub async fn start(
+        handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static,
+    ) -> MockUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let requests: Arc<Mutex<Vec<Recorded>>> = Arc::default();
@@ -56,7 +64,9 @@ impl MockUpstream {
         let recorded = requests.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 let handler = handler.clone();
                 let recorded = recorded.clone();
                 tokio::spawn(async move {
@@ -71,7 +81,11 @@ impl MockUpstream {
                 });
             }
         });
-        MockUpstream { addr, requests, task }
+        MockUpstream {
+            addr,
+            requests,
+            task,
+        }
     }
 
     /// Answers every request with the JSON fixture and status 200.
@@ -81,7 +95,13 @@ impl MockUpstream {
     }
 
     pub async fn status(code: u16) -> MockUpstream {
-        MockUpstream::start(move |_| Reply::Json(code, Bytes::from_static(br#"{"error":{"message":"upstream says no"}}"#))).await
+        MockUpstream::start(move |_| {
+            Reply::Json(
+                code,
+                Bytes::from_static(br#"{"error":{"message":"upstream says no"}}"#),
+            )
+        })
+        .await
     }
 
     pub fn url(&self) -> String {
@@ -103,12 +123,23 @@ impl Drop for MockUpstream {
     }
 }
 
-async fn serve_one(req: Request<Incoming>, handler: &Handler, recorded: &Mutex<Vec<Recorded>>) -> Response<BoxBody<Bytes, Infallible>> {
+async fn serve_one(
+    req: Request<Incoming>,
+    handler: &Handler,
+    recorded: &Mutex<Vec<Recorded>>,
+) -> Response<BoxBody<Bytes, Infallible>> {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let rec = Recorded {
         method: parts.method.to_string(),
-        path: parts.uri.path_and_query().map_or("/".into(), |p| p.to_string()),
+        path: parts
+            .uri
+            .path_and_query()
+            .map_or("/".into(), |p| p.to_string()),
         headers: parts.headers,
         body,
     };
@@ -146,7 +177,9 @@ async fn serve_one(req: Request<Incoming>, handler: &Handler, recorded: &Mutex<V
     }
 }
 
-fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> + Send + Sync {
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + Sync {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
@@ -186,20 +219,39 @@ impl TestDb {
             Db::Sqlite => {
                 let dir = tempfile::tempdir().unwrap();
                 let url = format!("sqlite://{}", dir.path().join("tollgate.db").display());
-                Some(TestDb { url, kind, pg_admin_url: None, pg_name: None, _dir: Some(dir) })
+                Some(TestDb {
+                    url,
+                    kind,
+                    pg_admin_url: None,
+                    pg_name: None,
+                    _dir: Some(dir),
+                })
             }
             Db::Postgres => {
                 let base = postgres_base_url()?;
                 let name = format!("tollgate_t_{}", uuid::Uuid::now_v7().simple());
                 let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&base)
                     .await
-                    .unwrap_or_else(|e| panic!("cannot reach PostgreSQL at TEST_DATABASE_URL: {e}"));
-                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
+                    .unwrap_or_else(|e| {
+                        panic!("cannot reach PostgreSQL at TEST_DATABASE_URL: {e}")
+                    });
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
                 let url = match base.rfind('/') {
-                    Some(i) if base[..i].contains("://") && i > base.find("://").unwrap() + 2 => format!("{}/{name}", &base[..i]),
+                    Some(i) if base[..i].contains("://") && i > base.find("://").unwrap() + 2 => {
+                        format!("{}/{name}", &base[..i])
+                    }
                     _ => format!("{base}/{name}"),
                 };
-                Some(TestDb { url, kind, pg_admin_url: Some(base), pg_name: Some(name), _dir: None })
+                Some(TestDb {
+                    url,
+                    kind,
+                    pg_admin_url: Some(base),
+                    pg_name: Some(name),
+                    _dir: None,
+                })
             }
         }
     }
@@ -207,12 +259,116 @@ impl TestDb {
     pub async fn exec(&self, sql: &str) {
         match self.kind {
             Db::Sqlite => {
-                let mut c = <sqlx::SqliteConnection as sqlx::Connection>::connect(&self.url).await.unwrap();
-                sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).execute(&mut c).await.unwrap();
+                let mut c = <sqlx::SqliteConnection as sqlx::Connection>::connect(&self.url)
+                    .await
+                    .unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+                    .execute(&mut c)
+                    .await
+                    .unwrap();
             }
             Db::Postgres => {
-                let mut c = <sqlx::PgConnection as sqlx::Connection>::connect(&self.url).await.unwrap();
-                sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).execute(&mut c).await.unwrap();
+                let mut c = <sqlx::PgConnection as sqlx::Connection>::connect(&self.url)
+                    .await
+                    .unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+                    .execute(&mut c)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+}
+
+/// One usage row as the tests check it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub request_id: String,
+    pub api_key_id: i64,
+    pub upstream_account_id: Option<i64>,
+    pub model: Option<String>,
+    pub status_code: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cached_tokens: i64,
+    pub cache_creation_tokens: i64,
+    pub tokens_used: i64,
+    pub cost: rust_decimal::Decimal,
+    pub error_message: Option<String>,
+}
+
+impl TestDb {
+    pub async fn rows(&self) -> Vec<Row> {
+        use sqlx::Row as _;
+        let sql = "SELECT request_id, api_key_id, upstream_account_id, model, status_code, prompt_tokens, completion_tokens, \
+                   cached_tokens, cache_creation_tokens, tokens_used, CAST(cost AS TEXT) AS cost, error_message FROM usage_records ORDER BY id";
+        macro_rules! read {
+            ($conn:expr) => {
+                sqlx::query(sql)
+                    .fetch_all(&mut $conn)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| Row {
+                        request_id: r.get("request_id"),
+                        api_key_id: r.get("api_key_id"),
+                        upstream_account_id: r.get("upstream_account_id"),
+                        model: r.get("model"),
+                        status_code: r.get::<i32, _>("status_code") as i64,
+                        prompt_tokens: r.get("prompt_tokens"),
+                        completion_tokens: r.get("completion_tokens"),
+                        cached_tokens: r.get("cached_tokens"),
+                        cache_creation_tokens: r.get("cache_creation_tokens"),
+                        tokens_used: r.get("tokens_used"),
+                        cost: r.get::<String, _>("cost").parse().unwrap(),
+                        error_message: r.get("error_message"),
+                    })
+                    .collect()
+            };
+        }
+        match self.kind {
+            Db::Sqlite => {
+                let mut c = <sqlx::SqliteConnection as sqlx::Connection>::connect(&self.url)
+                    .await
+                    .unwrap();
+                read!(c)
+            }
+            Db::Postgres => {
+                let mut c = <sqlx::PgConnection as sqlx::Connection>::connect(&self.url)
+                    .await
+                    .unwrap();
+                read!(c)
+            }
+        }
+    }
+
+    /// The metering invariants, through the same code `tollgate usage --check` uses.
+    pub async fn invariants(&self) -> tollgate::store::InvariantReport {
+        let store = tollgate::store::Store::connect(&self.url, 1).await.unwrap();
+        let report = store.usage_invariants().await.unwrap();
+        store.close().await;
+        report
+    }
+
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        match self.kind {
+            Db::Sqlite => {
+                let mut c = <sqlx::SqliteConnection as sqlx::Connection>::connect(&self.url)
+                    .await
+                    .unwrap();
+                sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+                    .fetch_one(&mut c)
+                    .await
+                    .unwrap()
+            }
+            Db::Postgres => {
+                let mut c = <sqlx::PgConnection as sqlx::Connection>::connect(&self.url)
+                    .await
+                    .unwrap();
+                sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+                    .fetch_one(&mut c)
+                    .await
+                    .unwrap()
             }
         }
     }
@@ -223,10 +379,19 @@ impl Drop for TestDb {
         if let (Some(admin), Some(name)) = (self.pg_admin_url.take(), self.pg_name.take()) {
             // A separate thread: Drop may run inside a runtime.
             let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
                 rt.block_on(async {
-                    if let Ok(mut c) = <sqlx::PgConnection as sqlx::Connection>::connect(&admin).await {
-                        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(&mut c).await;
+                    if let Ok(mut c) =
+                        <sqlx::PgConnection as sqlx::Connection>::connect(&admin).await
+                    {
+                        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                        )))
+                        .execute(&mut c)
+                        .await;
                     }
                 });
             })
@@ -249,7 +414,11 @@ pub struct Gateway {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Gateway {
@@ -260,11 +429,18 @@ impl Gateway {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = dir.path().join("config.toml");
         let text = format!(
-            "[server]\nlisten = \"{addr}\"\nthreads = 2\ngrace_period_secs = 10\n{server_extra}\n\n[database]\nurl = \"{}\"\n\n[upstream]\nconnect_timeout_ms = 1000\nread_timeout_secs = 10\n\n{extra}\n",
-            db.url
+            "[server]\nlisten = \"{addr}\"\nthreads = 2\ngrace_period_secs = 10\n{server_extra}\n\n[database]\nurl = \"{}\"\n\n[upstream]\nconnect_timeout_ms = 1000\nread_timeout_secs = 10\n\n[writer]\nspool_dir = \"{}\"\nflush_interval_ms = 50\n\n{extra}\n",
+            db.url,
+            dir.path().join("spool").display()
         );
         std::fs::write(&config, text).unwrap();
-        Some(Gateway { dir, config, addr, db, child: None })
+        Some(Gateway {
+            dir,
+            config,
+            addr,
+            db,
+            child: None,
+        })
     }
 
     pub fn cli(&self, args: &[&str]) -> Output {
@@ -280,8 +456,17 @@ impl Gateway {
     /// Runs a CLI command that must succeed; returns stdout's last line.
     pub fn cli_ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);
-        assert!(out.status.success(), "tollgate {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap().lines().last().unwrap_or("").to_string()
+        assert!(
+            out.status.success(),
+            "tollgate {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap_or("")
+            .to_string()
     }
 
     pub fn add_user(&self, email: &str) {
@@ -295,11 +480,34 @@ impl Gateway {
         self.cli_ok(&args)
     }
 
-    pub fn add_account(&self, name: &str, kind: &str, url: &str, secret: &str, priority: i32, weight: i32) -> i64 {
+    pub fn add_account(
+        &self,
+        name: &str,
+        kind: &str,
+        url: &str,
+        secret: &str,
+        priority: i32,
+        weight: i32,
+    ) -> i64 {
         let (p, w) = (priority.to_string(), weight.to_string());
-        self.cli_ok(&["accounts", "add", "--name", name, "--type", kind, "--base-url", url, "--api-key", secret, "--priority", &p, "--weight", &w])
-            .parse()
-            .unwrap()
+        self.cli_ok(&[
+            "accounts",
+            "add",
+            "--name",
+            name,
+            "--type",
+            kind,
+            "--base-url",
+            url,
+            "--api-key",
+            secret,
+            "--priority",
+            &p,
+            "--weight",
+            &w,
+        ])
+        .parse()
+        .unwrap()
     }
 
     /// Starts `tollgate serve` and waits until it accepts connections.
@@ -343,7 +551,11 @@ impl Gateway {
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
-        Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
         child.wait().unwrap()
     }
 }

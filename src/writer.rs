@@ -1,0 +1,440 @@
+//! The usage writer: the request path hands each [`UsageRecord`] to a bounded queue and one
+//! background task writes them in batches.
+//!
+//! # Guarantees and their bounds
+//!
+//! - **The request path never waits.** [`UsageSink::submit`] is a non-blocking `try_send`. If the
+//!   queue is full (`queue_capacity`, only possible when even the spool cannot keep up), the record
+//!   is *lost visibly*: counted in `rows_lost` and logged at error with its request id.
+//! - **Batches**: a flush happens when `batch_size` records are queued or `flush_interval_ms`
+//!   after the first one arrived. One flush = one transaction ([`Store::insert_usage`]) whose
+//!   inserts skip request ids already present, so a batch written twice counts once.
+//! - **Database down or slow** (an error, or no answer within `flush_timeout_ms`): the batch is
+//!   appended to the local spool (fsync'd) and the writer goes *degraded*: later batches go
+//!   straight to the spool, and the database is probed with capped exponential backoff (100 ms
+//!   doubling to `max_backoff_ms`) by replaying the spool, oldest segment first. A segment is
+//!   deleted only after all its records committed. When the queue depth passes `high_water`,
+//!   batches are spooled even while the database is up, so the queue drains at disk speed.
+//! - **Start-up**: whatever is in the spool (from a crash or an outage) is replayed first.
+//! - **Shutdown** ([`WriterHandle::shutdown`]): everything queued is flushed (to the database, or
+//!   the spool if it is down); nothing queued is lost.
+//! - **SIGKILL** loses at most the records not yet flushed: those queued within the last flush
+//!   interval (≤ `flush_interval_ms`, or `batch_size` records) plus a batch in the middle of its
+//!   database write (≤ `flush_timeout_ms` before it would have been spooled).
+//! - **Spool unwritable** (disk full): the batch is counted in `rows_lost` and its request ids
+//!   are logged at error. A loss is never silent.
+//!
+//! Spool I/O is synchronous on the writer task: it happens only while degraded, and the writer
+//! runs on the background runtime, never on a proxy thread.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{sleep_until, timeout, Instant};
+
+use crate::meter::UsageRecord;
+use crate::spool::Spool;
+use crate::store::Store;
+
+/// Where batches go when the database is reachable. [`Store`] in production; a fake in tests.
+#[async_trait]
+pub trait BatchSink: Send + Sync + 'static {
+    /// Writes the batch in one transaction; returns rows actually inserted.
+    async fn write(&self, batch: &[UsageRecord]) -> Result<u64, String>;
+}
+
+#[async_trait]
+impl BatchSink for Store {
+    async fn write(&self, batch: &[UsageRecord]) -> Result<u64, String> {
+        self.insert_usage(batch).await.map_err(|e| e.to_string())
+    }
+}
+
+/// Counters the writer exposes (exported as metrics by `metrics.rs`).
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    pub rows_written: AtomicU64,
+    pub rows_duplicate: AtomicU64,
+    pub rows_spooled: AtomicU64,
+    pub rows_replayed: AtomicU64,
+    pub rows_lost: AtomicU64,
+    pub flushes: AtomicU64,
+    pub flush_failures: AtomicU64,
+    pub spool_bytes: AtomicU64,
+    pub torn_segments: AtomicU64,
+    /// Last flush duration in microseconds.
+    pub last_flush_us: AtomicU64,
+    /// 1 while the database is considered down.
+    pub degraded: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+pub struct WriterOptions {
+    pub batch_size: usize,
+    pub flush_interval: Duration,
+    pub queue_capacity: usize,
+    pub high_water: usize,
+    pub flush_timeout: Duration,
+    pub max_backoff: Duration,
+}
+
+impl WriterOptions {
+    pub fn from_config(c: &crate::config::WriterConfig) -> WriterOptions {
+        WriterOptions {
+            batch_size: c.batch_size,
+            flush_interval: Duration::from_millis(c.flush_interval_ms),
+            queue_capacity: c.queue_capacity,
+            high_water: c.high_water,
+            flush_timeout: Duration::from_millis(c.flush_timeout_ms),
+            max_backoff: Duration::from_millis(c.max_backoff_ms),
+        }
+    }
+}
+
+/// The request path's end of the queue. Cheap to clone.
+#[derive(Clone)]
+pub struct UsageSink {
+    tx: mpsc::Sender<UsageRecord>,
+    stats: Arc<WriterStats>,
+}
+
+impl UsageSink {
+    /// Queues a record without waiting. A full queue is a counted, logged loss.
+    pub fn submit(&self, record: UsageRecord) {
+        if let Err(e) = self.tx.try_send(record) {
+            let record = match e {
+                mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => r,
+            };
+            self.stats.rows_lost.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(request_id = %record.request_id, "usage record LOST: the writer queue is full or closed");
+        }
+    }
+
+    /// Records waiting in the queue.
+    pub fn depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    pub fn stats(&self) -> &Arc<WriterStats> {
+        &self.stats
+    }
+}
+
+/// Owns the writer task; [`shutdown`](Self::shutdown) drains it.
+pub struct WriterHandle {
+    stop: Option<oneshot::Sender<()>>,
+    flush: mpsc::Sender<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl WriterHandle {
+    /// Writes everything queued so far (database or spool) and returns when done.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.flush.send(tx).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Stops the writer after flushing everything queued.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "usage writer task failed");
+            }
+        }
+    }
+}
+
+/// Starts the writer task on the current runtime.
+pub fn start(
+    sink: Arc<dyn BatchSink>,
+    spool: Spool,
+    opts: WriterOptions,
+) -> (UsageSink, WriterHandle) {
+    let (tx, rx) = mpsc::channel(opts.queue_capacity.max(1));
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let (flush_tx, flush_rx) = mpsc::channel(16);
+    let stats = Arc::new(WriterStats::default());
+    stats.spool_bytes.store(spool.bytes(), Ordering::Relaxed);
+    let writer = Writer {
+        sink,
+        spool,
+        stats: stats.clone(),
+        probe: Probe::new(opts.max_backoff),
+        opts,
+        depth: {
+            let tx = tx.clone();
+            Box::new(move || tx.max_capacity() - tx.capacity())
+        },
+    };
+    // The one writer task ("usage-writer"); owned by the handle and drained by `shutdown`.
+    let task = tokio::spawn(writer.run(rx, stop_rx, flush_rx));
+    (
+        UsageSink { tx, stats },
+        WriterHandle {
+            stop: Some(stop_tx),
+            flush: flush_tx,
+            task: Some(task),
+        },
+    )
+}
+
+/// When to next try the database while degraded.
+struct Probe {
+    degraded: bool,
+    backoff: Duration,
+    next: Instant,
+    max: Duration,
+}
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+
+impl Probe {
+    fn new(max: Duration) -> Probe {
+        Probe {
+            degraded: false,
+            backoff: MIN_BACKOFF,
+            next: Instant::now(),
+            max,
+        }
+    }
+
+    fn failed(&mut self) {
+        if self.degraded {
+            self.backoff = (self.backoff * 2).min(self.max);
+        } else {
+            self.degraded = true;
+            self.backoff = MIN_BACKOFF.min(self.max);
+        }
+        self.next = Instant::now() + self.backoff;
+    }
+
+    fn recovered(&mut self) {
+        self.degraded = false;
+        self.backoff = MIN_BACKOFF;
+    }
+}
+
+struct Writer {
+    sink: Arc<dyn BatchSink>,
+    spool: Spool,
+    stats: Arc<WriterStats>,
+    probe: Probe,
+    opts: WriterOptions,
+    depth: Box<dyn Fn() -> usize + Send>,
+}
+
+impl Writer {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<UsageRecord>,
+        mut stop: oneshot::Receiver<()>,
+        mut flush: mpsc::Receiver<oneshot::Sender<()>>,
+    ) {
+        // Whatever a crash or an outage left behind goes first.
+        self.replay().await;
+        let mut batch: Vec<UsageRecord> = Vec::with_capacity(self.opts.batch_size);
+        let mut deadline: Option<Instant> = None;
+        loop {
+            let probe_due = self.probe.degraded || !self.spool.is_empty();
+            tokio::select! {
+                biased;
+                _ = &mut stop => break,
+                Some(ack) = flush.recv() => {
+                    while let Ok(r) = rx.try_recv() {
+                        batch.push(r);
+                    }
+                    self.flush_all(&mut batch).await;
+                    deadline = None;
+                    let _ = ack.send(());
+                }
+                n = rx.recv_many(&mut batch, self.opts.batch_size), if batch.len() < self.opts.batch_size => {
+                    if n == 0 {
+                        break; // every sender is gone
+                    }
+                    if deadline.is_none() {
+                        deadline = Some(Instant::now() + self.opts.flush_interval);
+                    }
+                }
+                _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    self.flush_all(&mut batch).await;
+                    deadline = None;
+                }
+                _ = sleep_until(self.probe.next), if probe_due && batch.is_empty() => {
+                    self.replay().await;
+                }
+            }
+            if batch.len() >= self.opts.batch_size {
+                self.flush_all(&mut batch).await;
+                deadline = None;
+            }
+        }
+        // Shutdown: nothing queued is lost.
+        rx.close();
+        while let Some(r) = rx.recv().await {
+            batch.push(r);
+        }
+        self.flush_all(&mut batch).await;
+        if self.probe.degraded || !self.spool.is_empty() {
+            self.replay().await;
+        }
+        if let Err(e) = self.spool.roll() {
+            tracing::warn!(error = %e, "closing the spool segment");
+        }
+        tracing::info!(
+            rows_written = self.stats.rows_written.load(Ordering::Relaxed),
+            rows_spooled = self.stats.rows_spooled.load(Ordering::Relaxed),
+            rows_lost = self.stats.rows_lost.load(Ordering::Relaxed),
+            "usage writer stopped"
+        );
+    }
+
+    /// Writes `batch` (emptying it) in chunks of `batch_size`.
+    async fn flush_all(&mut self, batch: &mut Vec<UsageRecord>) {
+        let all = std::mem::take(batch);
+        for chunk in all.chunks(self.opts.batch_size) {
+            self.flush(chunk).await;
+        }
+        *batch = Vec::with_capacity(self.opts.batch_size);
+    }
+
+    async fn flush(&mut self, batch: &[UsageRecord]) {
+        if batch.is_empty() {
+            return;
+        }
+        if self.probe.degraded || (self.depth)() > self.opts.high_water {
+            self.spool_batch(batch);
+            return;
+        }
+        let started = std::time::Instant::now();
+        self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        match timeout(self.opts.flush_timeout, self.sink.write(batch)).await {
+            Ok(Ok(inserted)) => {
+                self.stats
+                    .last_flush_us
+                    .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                self.stats
+                    .rows_written
+                    .fetch_add(inserted, Ordering::Relaxed);
+                self.stats.rows_duplicate.fetch_add(
+                    batch.len() as u64 - inserted.min(batch.len() as u64),
+                    Ordering::Relaxed,
+                );
+            }
+            failure => {
+                let reason = match failure {
+                    Ok(Err(e)) => e,
+                    _ => format!("no answer within {:?}", self.opts.flush_timeout),
+                };
+                self.stats.flush_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %reason, rows = batch.len(), "usage flush failed; spooling and retrying with backoff");
+                self.set_degraded();
+                self.spool_batch(batch);
+            }
+        }
+    }
+
+    fn set_degraded(&mut self) {
+        self.probe.failed();
+        self.stats.degraded.store(1, Ordering::Relaxed);
+    }
+
+    fn spool_batch(&mut self, batch: &[UsageRecord]) {
+        let encoded: Vec<Vec<u8>> = batch
+            .iter()
+            .filter_map(|r| serde_json::to_vec(r).ok())
+            .collect();
+        let refs: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
+        match self.spool.append(&refs) {
+            Ok(()) => {
+                self.stats
+                    .rows_spooled
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                self.stats
+                    .spool_bytes
+                    .store(self.spool.bytes(), Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.stats
+                    .rows_lost
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                let ids: Vec<&str> = batch.iter().map(|r| r.request_id.as_str()).collect();
+                tracing::error!(error = %e, request_ids = ?ids, "usage records LOST: the spool cannot be written");
+            }
+        }
+    }
+
+    /// Replays closed spool segments, oldest first; stops at the first failure (degraded, with
+    /// backoff). A segment is deleted only after all its records committed.
+    async fn replay(&mut self) {
+        if let Err(e) = self.spool.roll() {
+            tracing::warn!(error = %e, "closing the spool segment before replay");
+        }
+        let segments = match self.spool.closed_segments() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "listing spool segments");
+                return;
+            }
+        };
+        for path in segments {
+            let segment = match Spool::read_segment(&path) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading a spool segment");
+                    self.set_degraded();
+                    return;
+                }
+            };
+            if segment.torn {
+                self.stats.torn_segments.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(path = %path.display(), skipped_bytes = segment.skipped_bytes, "spool segment has a torn tail; replaying the records before it");
+            }
+            let records: Vec<UsageRecord> = segment
+                .records
+                .iter()
+                .filter_map(|bytes| match serde_json::from_slice(bytes) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        tracing::error!(error = %e, "undecodable spool record skipped");
+                        None
+                    }
+                })
+                .collect();
+            for chunk in records.chunks(self.opts.batch_size) {
+                match timeout(self.opts.flush_timeout, self.sink.write(chunk)).await {
+                    Ok(Ok(inserted)) => {
+                        self.stats
+                            .rows_written
+                            .fetch_add(inserted, Ordering::Relaxed);
+                        self.stats
+                            .rows_replayed
+                            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    }
+                    _ => {
+                        self.set_degraded();
+                        return;
+                    }
+                }
+            }
+            if let Err(e) = self.spool.remove(&path) {
+                tracing::error!(error = %e, "removing a replayed spool segment (it will be replayed again, harmlessly)");
+            }
+            self.stats
+                .spool_bytes
+                .store(self.spool.bytes(), Ordering::Relaxed);
+        }
+        if self.probe.degraded {
+            tracing::info!("database reachable again; spool replayed");
+        }
+        self.probe.recovered();
+        self.stats.degraded.store(0, Ordering::Relaxed);
+    }
+}
