@@ -438,3 +438,220 @@ impl Writer {
         self.stats.degraded.store(0, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Mutex;
+
+    /// A sink that records what it committed and can be switched down.
+    #[derive(Default)]
+    struct FakeSink {
+        committed: Mutex<Vec<String>>,
+        down: AtomicBool,
+        writes: AtomicU64,
+    }
+
+    #[async_trait]
+    impl BatchSink for FakeSink {
+        async fn write(&self, batch: &[UsageRecord]) -> Result<u64, String> {
+            self.writes.fetch_add(1, Ordering::SeqCst);
+            if self.down.load(Ordering::SeqCst) {
+                return Err("database down".into());
+            }
+            let mut c = self.committed.lock().unwrap();
+            let mut n = 0;
+            for r in batch {
+                if !c.contains(&r.request_id) {
+                    c.push(r.request_id.clone());
+                    n += 1;
+                }
+            }
+            Ok(n)
+        }
+    }
+
+    fn record(i: usize) -> UsageRecord {
+        UsageRecord {
+            request_id: format!("req-{i:05}"),
+            user_id: 1,
+            api_key_id: 1,
+            upstream_account_id: None,
+            method: "POST".into(),
+            endpoint: "/v1/chat/completions".into(),
+            model: None,
+            status_code: 200,
+            response_time: 1,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cached_tokens: 0,
+            cache_creation_tokens: 0,
+            tokens_used: 0,
+            cost: rust_decimal::Decimal::ZERO,
+            error_message: None,
+            created_at: chrono::Utc::now(),
+        }
+    }
+
+    fn opts(batch_size: usize) -> WriterOptions {
+        WriterOptions {
+            batch_size,
+            flush_interval: Duration::from_millis(200),
+            queue_capacity: 10_000,
+            high_water: 5_000,
+            flush_timeout: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(2),
+        }
+    }
+
+    fn setup(batch_size: usize) -> (Arc<FakeSink>, UsageSink, WriterHandle, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path().join("spool"), 1 << 20).unwrap();
+        let sink = Arc::new(FakeSink::default());
+        let (usage, handle) = start(sink.clone(), spool, opts(batch_size));
+        (sink, usage, handle, dir)
+    }
+
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn flushes_at_batch_size_without_waiting() {
+        let (sink, usage, handle, _dir) = setup(10);
+        for i in 0..10 {
+            usage.submit(record(i));
+        }
+        settle().await;
+        assert_eq!(
+            sink.committed.lock().unwrap().len(),
+            10,
+            "a full batch is written at once"
+        );
+        handle.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn flushes_after_the_interval() {
+        let (sink, usage, handle, _dir) = setup(1000);
+        usage.submit(record(1));
+        settle().await;
+        assert_eq!(
+            sink.committed.lock().unwrap().len(),
+            0,
+            "not before the interval"
+        );
+        tokio::time::advance(Duration::from_millis(199)).await;
+        settle().await;
+        assert_eq!(sink.committed.lock().unwrap().len(), 0);
+        tokio::time::advance(Duration::from_millis(2)).await;
+        settle().await;
+        assert_eq!(
+            sink.committed.lock().unwrap().len(),
+            1,
+            "flushed once the interval passed"
+        );
+        assert_eq!(sink.writes.load(Ordering::SeqCst), 1);
+        handle.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_flushes_everything_queued() {
+        let (sink, usage, handle, _dir) = setup(1000);
+        for i in 0..2500 {
+            usage.submit(record(i));
+        }
+        handle.shutdown().await;
+        assert_eq!(sink.committed.lock().unwrap().len(), 2500);
+        assert_eq!(usage.stats().rows_lost.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn outage_spools_then_replays_each_record_once() {
+        let (sink, usage, handle, dir) = setup(100);
+        sink.down.store(true, Ordering::SeqCst);
+        for i in 0..250 {
+            usage.submit(record(i));
+        }
+        handle.flush().await;
+        let stats = usage.stats().clone();
+        assert_eq!(
+            stats.rows_spooled.load(Ordering::Relaxed),
+            250,
+            "every batch went to the spool"
+        );
+        assert_eq!(stats.degraded.load(Ordering::Relaxed), 1);
+        assert!(sink.committed.lock().unwrap().is_empty());
+        // Probes back off while the database stays down.
+        let before = sink.writes.load(Ordering::SeqCst);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        settle().await;
+        let probes = sink.writes.load(Ordering::SeqCst) - before;
+        assert!(
+            (1..=8).contains(&probes),
+            "backoff caps the probing: {probes} probes in 10s"
+        );
+        // Back up: the spool is replayed, every record exactly once, and the spool emptied.
+        sink.down.store(false, Ordering::SeqCst);
+        tokio::time::advance(Duration::from_secs(3)).await;
+        settle().await;
+        handle.flush().await;
+        let committed = sink.committed.lock().unwrap().clone();
+        assert_eq!(committed.len(), 250);
+        assert_eq!(stats.degraded.load(Ordering::Relaxed), 0);
+        handle.shutdown().await;
+        let spool = Spool::open(dir.path().join("spool"), 1 << 20).unwrap();
+        assert!(
+            spool.closed_segments().unwrap().is_empty(),
+            "replayed segments are deleted"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_during_an_outage_keeps_records_in_the_spool() {
+        let (sink, usage, handle, dir) = setup(100);
+        sink.down.store(true, Ordering::SeqCst);
+        for i in 0..42 {
+            usage.submit(record(i));
+        }
+        handle.shutdown().await;
+        let spool = Spool::open(dir.path().join("spool"), 1 << 20).unwrap();
+        let records: usize = spool
+            .closed_segments()
+            .unwrap()
+            .iter()
+            .map(|p| Spool::read_segment(p).unwrap().records.len())
+            .sum();
+        assert_eq!(
+            records, 42,
+            "nothing queued is lost at shutdown, even with the database down"
+        );
+        // The next start replays them.
+        sink.down.store(false, Ordering::SeqCst);
+        let (_usage, handle) = start(sink.clone(), spool, opts(100));
+        handle.flush().await;
+        assert_eq!(sink.committed.lock().unwrap().len(), 42);
+        handle.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_is_a_counted_loss_not_a_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path().join("spool"), 1 << 20).unwrap();
+        let sink = Arc::new(FakeSink::default());
+        let mut o = opts(10);
+        o.queue_capacity = 5;
+        o.high_water = 5;
+        let (usage, handle) = start(sink.clone(), spool, o);
+        // No await between submits: the writer cannot drain, so the 6th onwards are lost.
+        for i in 0..8 {
+            usage.submit(record(i));
+        }
+        assert_eq!(usage.stats().rows_lost.load(Ordering::Relaxed), 3);
+        handle.shutdown().await;
+        assert_eq!(sink.committed.lock().unwrap().len(), 5);
+    }
+}

@@ -590,3 +590,131 @@ macro_rules! both_dbs {
         }
     };
 }
+
+// ---------------------------------------------------------------- a database outage on demand
+
+/// A TCP relay in front of PostgreSQL that the test can cut (existing connections dropped, new
+/// ones refused) and restore: the test's own database becomes unreachable without touching the
+/// shared server.
+pub struct TcpCutter {
+    pub addr: SocketAddr,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpCutter {
+    pub async fn start(target: SocketAddr) -> TcpCutter {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (u, c) = (up.clone(), conns.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if !u.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let h = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                c.lock().unwrap().push(h.abort_handle());
+            }
+        });
+        TcpCutter {
+            addr,
+            up,
+            conns,
+            task,
+        }
+    }
+
+    pub fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        for h in self.conns.lock().unwrap().drain(..) {
+            h.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for TcpCutter {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.cut();
+    }
+}
+
+/// Host and port of a postgres URL (`postgres://user@host:port/db`).
+pub fn pg_socket(url: &str) -> SocketAddr {
+    let rest = url.split("://").nth(1).unwrap();
+    let hostport = rest.split('/').next().unwrap().rsplit('@').next().unwrap();
+    let hostport = if hostport.contains(':') {
+        hostport.to_string()
+    } else {
+        format!("{hostport}:5432")
+    };
+    std::net::ToSocketAddrs::to_socket_addrs(&hostport)
+        .unwrap()
+        .next()
+        .unwrap()
+}
+
+/// Records in the spool directory (closed and open segments), read with tollgate's own reader.
+pub fn spooled_records(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".spool"))
+        .map(|e| {
+            tollgate::spool::Spool::read_segment(&e.path())
+                .map(|s| s.records.len())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+impl Gateway {
+    /// Rewrites the config's database URL (e.g. to go through a [`TcpCutter`]).
+    pub fn set_database_url(&self, url: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let text = text.replace(
+            &format!("url = \"{}\"", self.db.url),
+            &format!("url = \"{url}\""),
+        );
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// Adds `key = value` lines to the config's `[writer]` section.
+    pub fn set_writer(&self, lines: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let text = text.replacen(
+            "flush_interval_ms = 50\n",
+            &format!("flush_interval_ms = 50\n{lines}\n"),
+            1,
+        );
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    pub fn spool_dir(&self) -> PathBuf {
+        self.dir.path().join("spool")
+    }
+
+    /// SIGKILL: no shutdown steps run.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}

@@ -1,0 +1,526 @@
+//! Usage metering end to end: exact tokens and cost per format, the count invariants under load,
+//! database outages, shutdown and crashes — on SQLite and PostgreSQL.
+
+mod common;
+
+use std::collections::HashSet;
+use std::str::FromStr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{fixture, Db, Gateway, MockUpstream, Reply};
+use futures_util::StreamExt;
+use rust_decimal::Decimal;
+
+const PRICES: &str = r#"
+[[routes]]
+prefix = "/v1/messages"
+type = "anthropic"
+
+[[routes]]
+prefix = "/v1beta/"
+type = "generic"
+
+[[routes]]
+prefix = "/v1/"
+type = "openai"
+
+[prices."gpt-4o-mini"]
+input = "0.15"
+output = "0.60"
+cached_input = "0.075"
+
+[prices."claude-3-5-sonnet"]
+input = "3"
+output = "15"
+cached_input = "0.30"
+cache_write = "3.75"
+
+[prices."gemini-1.5-flash"]
+input = "0.075"
+output = "0.30"
+"#;
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+fn sse(body: Bytes) -> Reply {
+    Reply::Status(
+        200,
+        vec![("content-type", "text/event-stream".into())],
+        body,
+    )
+}
+
+/// The mock upstream of the format tests: the response depends on the path and request body.
+async fn format_upstream() -> MockUpstream {
+    MockUpstream::start(|req| {
+        let body = String::from_utf8_lossy(&req.body);
+        match req.path.as_str() {
+            "/v1/messages" if body.contains("\"stream\":true") => {
+                sse(fixture("anthropic_stream.sse"))
+            }
+            "/v1/messages" => Reply::Json(200, fixture("anthropic_message.json")),
+            "/v1/responses" => Reply::Json(200, fixture("responses.json")),
+            p if p.starts_with("/v1beta/") => Reply::Json(200, fixture("gemini.json")),
+            _ if body.contains("\"stream\":true") => {
+                let mut s = fixture("chat_stream_1.sse").to_vec();
+                s.extend_from_slice(&fixture("chat_stream_2.sse"));
+                sse(s.into())
+            }
+            _ if body.contains("unpriced") => Reply::Json(200, fixture("chat_unknown_model.json")),
+            _ => Reply::Json(200, fixture("chat_completion_cached.json")),
+        }
+    })
+    .await
+}
+
+struct Case {
+    path: &'static str,
+    body: &'static str,
+    /// (model, prompt, completion, cached, cache_creation, total, cost)
+    expected: (&'static str, i64, i64, i64, i64, i64, &'static str),
+}
+
+both_dbs!(tokens_and_cost_are_exact_for_every_format, formats);
+async fn formats(db: Db) {
+    let mock = format_upstream().await;
+    let mut gw = Gateway::new(db, "", PRICES).await.unwrap();
+    gw.add_user("alice@example.com");
+    gw.add_account("openai", "openai", &mock.url(), "sk-o", 1, 1);
+    gw.add_account("anthropic", "anthropic", &mock.url(), "sk-a", 1, 1);
+    gw.add_account("gemini", "generic", &mock.url(), "sk-g", 1, 1);
+    let key = gw.create_key("alice@example.com", &[]);
+    gw.start().await;
+
+    let cases = [
+        // OpenAI chat with cached prompt tokens: (200×0.15 + 1000×0.075 + 300×0.60) / 1e6
+        Case {
+            path: "/v1/chat/completions",
+            body: r#"{"model":"gpt-4o-mini","messages":[]}"#,
+            expected: (
+                "gpt-4o-mini-2024-07-18",
+                1200,
+                300,
+                1000,
+                0,
+                1500,
+                "0.000285",
+            ),
+        },
+        // OpenAI stream; tollgate adds include_usage: (9×0.15 + 1×0.60) / 1e6
+        Case {
+            path: "/v1/chat/completions",
+            body: r#"{"model":"gpt-4o-mini","stream":true}"#,
+            expected: ("gpt-4o-mini", 9, 1, 0, 0, 10, "0.00000195"),
+        },
+        // OpenAI responses API: (40×0.15 + 10×0.075 + 20×0.60) / 1e6
+        Case {
+            path: "/v1/responses",
+            body: r#"{"model":"gpt-4o-mini","input":"hi"}"#,
+            expected: ("gpt-4o-mini-2024-07-18", 50, 20, 10, 0, 70, "0.00001875"),
+        },
+        // Anthropic messages with cache reads and writes: (100×3 + 1000×0.30 + 200×3.75 + 50×15) / 1e6
+        Case {
+            path: "/v1/messages",
+            body: r#"{"model":"claude-3-5-sonnet-20241022","max_tokens":10}"#,
+            expected: (
+                "claude-3-5-sonnet-20241022",
+                1300,
+                50,
+                1000,
+                200,
+                1350,
+                "0.0021",
+            ),
+        },
+        // Anthropic stream: message_start + message_delta: (25×3 + 40×15) / 1e6
+        Case {
+            path: "/v1/messages",
+            body: r#"{"model":"claude-3-5-sonnet-20241022","stream":true}"#,
+            expected: ("claude-3-5-sonnet-20241022", 25, 40, 0, 0, 65, "0.000675"),
+        },
+        // Gemini through a generic account: (100×0.075 + 50×0.30) / 1e6
+        Case {
+            path: "/v1beta/models/gemini-1.5-flash:generateContent",
+            body: r#"{"contents":[]}"#,
+            expected: ("gemini-1.5-flash-002", 100, 50, 0, 0, 150, "0.0000225"),
+        },
+        // A model missing from the price table: tokens kept, cost 0, never a guess.
+        Case {
+            path: "/v1/chat/completions",
+            body: r#"{"model":"unpriced"}"#,
+            expected: ("some-unpriced-model", 7, 5, 0, 0, 12, "0"),
+        },
+    ];
+    let mut ids = Vec::new();
+    for case in &cases {
+        let resp = client()
+            .post(gw.url(case.path))
+            .bearer_auth(&key)
+            .body(case.body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{}", case.path);
+        ids.push(resp.headers()["x-request-id"].to_str().unwrap().to_string());
+        let body = resp.bytes().await.unwrap();
+        if case.body.contains("gpt-4o-mini\",\"stream\"") {
+            // The client did not ask for usage: the usage-only chunk tollgate requested is removed.
+            assert_eq!(body, fixture("chat_stream_1.sse").slice(..).to_vec().into_iter().chain(b"data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\ndata: [DONE]\n\n".iter().copied()).collect::<Vec<u8>>());
+        }
+    }
+    let streamed = mock
+        .recorded()
+        .into_iter()
+        .find(|r| String::from_utf8_lossy(&r.body).contains("gpt-4o-mini\",\"stream\""))
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&streamed.body)
+            .contains(r#""stream_options":{"include_usage":true}"#),
+        "{:?}",
+        streamed.body
+    );
+
+    assert!(gw.terminate().success());
+    let rows = gw.db.rows().await;
+    assert_eq!(rows.len(), cases.len());
+    for (case, id) in cases.iter().zip(&ids) {
+        let row = rows
+            .iter()
+            .find(|r| &r.request_id == id)
+            .unwrap_or_else(|| panic!("no row for {}", case.path));
+        let (model, prompt, completion, cached, creation, total, cost) = case.expected;
+        assert_eq!(
+            (
+                row.model.as_deref(),
+                row.prompt_tokens,
+                row.completion_tokens,
+                row.cached_tokens,
+                row.cache_creation_tokens,
+                row.tokens_used
+            ),
+            (Some(model), prompt, completion, cached, creation, total),
+            "{} {}",
+            case.path,
+            case.body
+        );
+        assert_eq!(
+            row.cost,
+            Decimal::from_str(cost).unwrap(),
+            "cost of {} {}",
+            case.path,
+            case.body
+        );
+        assert_eq!(row.status_code, 200);
+        assert_eq!(row.error_message, None);
+    }
+    assert!(gw.db.invariants().await.holds());
+}
+
+both_dbs!(ten_thousand_requests_over_fifty_keys, load_invariants);
+async fn load_invariants(db: Db) {
+    let mock = MockUpstream::json_ok().await;
+    let mut gw = Gateway::new(db, "", "").await.unwrap();
+    gw.add_user("alice@example.com");
+    gw.add_account("a", "openai", &mock.url(), "sk-a", 1, 2);
+    gw.add_account("b", "openai", &mock.url(), "sk-b", 1, 1);
+    let keys: Vec<String> = (0..50)
+        .map(|_| gw.create_key("alice@example.com", &[]))
+        .collect();
+    gw.start().await;
+    let c = client();
+    let url = gw.url("/v1/chat/completions");
+    let statuses: Vec<u16> = futures_util::stream::iter((0..10_000).map(|i| {
+        let (c, url, key) = (c.clone(), url.clone(), keys[i % 50].clone());
+        async move {
+            c.post(url)
+                .bearer_auth(key)
+                .body("{}")
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    }))
+    .buffer_unordered(32)
+    .collect()
+    .await;
+    assert!(statuses.iter().all(|&s| s == 200));
+    assert!(gw.terminate().success(), "{}", gw.log());
+    let report = gw.db.invariants().await;
+    assert_eq!(report.rows, 10_000);
+    assert!(report.holds(), "{report:?}");
+    for key_id in [1, 25, 50] {
+        assert_eq!(
+            gw.db
+                .scalar(&format!(
+                    "SELECT request_count FROM api_keys WHERE id = {key_id}"
+                ))
+                .await,
+            200
+        );
+    }
+    let ok = gw
+        .db
+        .scalar("SELECT SUM(success_count) FROM upstream_accounts")
+        .await;
+    assert_eq!(ok, 10_000);
+}
+
+both_dbs!(a_replayed_batch_changes_nothing, replay_is_idempotent);
+async fn replay_is_idempotent(db: Db) {
+    let gw = Gateway::new(db, "", "").await.unwrap();
+    gw.add_user("alice@example.com");
+    gw.create_key("alice@example.com", &[]);
+    let account = gw.add_account("a", "openai", "http://127.0.0.1:9", "sk", 1, 1);
+    let store = tollgate::store::Store::connect(&gw.db.url, 2)
+        .await
+        .unwrap();
+    let record = |i: u32, status: i32| tollgate::meter::UsageRecord {
+        request_id: format!("00000000-0000-7000-8000-{i:012}"),
+        user_id: 1,
+        api_key_id: 1,
+        upstream_account_id: Some(account),
+        method: "POST".into(),
+        endpoint: "/v1/chat/completions".into(),
+        model: Some("gpt-4o-mini".into()),
+        status_code: status,
+        response_time: 12,
+        prompt_tokens: 10,
+        completion_tokens: 5,
+        cached_tokens: 0,
+        cache_creation_tokens: 0,
+        tokens_used: 15,
+        cost: Decimal::from_str("0.0000045").unwrap(),
+        error_message: None,
+        created_at: chrono::Utc::now(),
+    };
+    let batch: Vec<_> = (0..100)
+        .map(|i| record(i, if i % 10 == 0 { 502 } else { 200 }))
+        .collect();
+    assert_eq!(store.insert_usage(&batch).await.unwrap(), 100);
+    let counters = "SELECT request_count * 1000000 + success_count * 1000 + error_count FROM upstream_accounts";
+    let before = (
+        gw.db.scalar(counters).await,
+        gw.db.scalar("SELECT request_count FROM api_keys").await,
+    );
+    assert_eq!(before, (100_090_010, 100));
+    assert_eq!(
+        store.insert_usage(&batch).await.unwrap(),
+        0,
+        "a replayed batch inserts nothing"
+    );
+    assert_eq!(
+        (
+            gw.db.scalar(counters).await,
+            gw.db.scalar("SELECT request_count FROM api_keys").await
+        ),
+        before
+    );
+    // A batch overlapping the committed one counts only its new rows.
+    let overlap: Vec<_> = (50..150).map(|i| record(i, 200)).collect();
+    assert_eq!(store.insert_usage(&overlap).await.unwrap(), 50);
+    assert_eq!(
+        gw.db.scalar("SELECT request_count FROM api_keys").await,
+        150
+    );
+    let report = store.usage_invariants().await.unwrap();
+    assert!(report.holds() && report.rows == 150, "{report:?}");
+    // Costs survive exactly.
+    let total = store
+        .usage_totals(
+            chrono::Utc::now() - chrono::Duration::hours(1),
+            chrono::Utc::now() + chrono::Duration::hours(1),
+            tollgate::store::GroupBy::Model,
+        )
+        .await
+        .unwrap();
+    assert_eq!(total[0].cost, Decimal::from_str("0.000675").unwrap());
+    store.close().await;
+}
+
+both_dbs!(
+    sigterm_during_fifty_open_streams_records_fifty_rows,
+    shutdown_with_streams
+);
+async fn shutdown_with_streams(db: Db) {
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    let g = gate.clone();
+    let mock = MockUpstream::start(move |_| Reply::Sse {
+        first: fixture("chat_stream_1.sse"),
+        rest: vec![fixture("chat_stream_2.sse")],
+        gate: g.clone(),
+    })
+    .await;
+    let mut gw = Gateway::new(db, "", PRICES).await.unwrap();
+    gw.add_user("alice@example.com");
+    gw.add_account("a", "openai", &mock.url(), "sk", 1, 1);
+    let key = gw.create_key("alice@example.com", &[]);
+    gw.start().await;
+    let mut streams = Vec::new();
+    for _ in 0..50 {
+        let resp = client()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .body(r#"{"model":"gpt-4o-mini","stream":true}"#)
+            .send()
+            .await
+            .unwrap();
+        let mut s = resp.bytes_stream();
+        s.next().await.unwrap().unwrap(); // the stream is open and flowing
+        streams.push(s);
+    }
+    std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(gw.pid().to_string())
+        .status()
+        .unwrap();
+    // Let every stream finish, then the process exits on its own.
+    gate.notify_waiters();
+    for s in streams {
+        let rest: Vec<_> = s.collect().await;
+        assert!(rest.iter().all(|c| c.is_ok()));
+    }
+    assert!(gw.terminate().success(), "{}", gw.log());
+    let rows = gw.db.rows().await;
+    assert_eq!(rows.len(), 50);
+    assert!(
+        rows.iter()
+            .all(|r| r.tokens_used == 10 && r.error_message.is_none()),
+        "{rows:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outage_loses_and_duplicates_nothing() {
+    if common::postgres_base_url().is_none() {
+        eprintln!("skipped: TEST_DATABASE_URL is not set");
+        return;
+    }
+    let mock = MockUpstream::json_ok().await;
+    let mut gw = Gateway::new(Db::Postgres, "", "").await.unwrap();
+    gw.set_writer("flush_timeout_ms = 1000\nmax_backoff_ms = 500");
+    gw.add_user("alice@example.com");
+    gw.add_account("a", "openai", &mock.url(), "sk", 1, 1);
+    let keys: Vec<String> = (0..5)
+        .map(|_| gw.create_key("alice@example.com", &[]))
+        .collect();
+    let cutter = common::TcpCutter::start(common::pg_socket(&gw.db.url)).await;
+    let via_cutter = gw
+        .db
+        .url
+        .replace(
+            &common::pg_socket(&gw.db.url).to_string(),
+            &cutter.addr.to_string(),
+        )
+        .replace("localhost:5432", &cutter.addr.to_string());
+    gw.set_database_url(&via_cutter);
+    gw.start().await;
+
+    let send = |n: usize| {
+        let (c, url, keys) = (client(), gw.url("/v1/chat/completions"), keys.clone());
+        async move {
+            let mut ids = Vec::new();
+            for i in 0..n {
+                let r = c
+                    .post(url.clone())
+                    .bearer_auth(&keys[i % keys.len()])
+                    .body("{}")
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                ids.push(r.headers()["x-request-id"].to_str().unwrap().to_string());
+            }
+            ids
+        }
+    };
+    let mut ids = send(100).await; // keys now cached
+    cutter.cut();
+    ids.extend(send(300).await); // served from cache while the database is gone
+                                 // Wait (on the durable state, not a clock) until the outage rows sit in the spool.
+    for _ in 0..1000 {
+        if common::spooled_records(&gw.spool_dir()) >= 300 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        common::spooled_records(&gw.spool_dir()) >= 300,
+        "outage rows spooled: {}",
+        gw.log()
+    );
+    cutter.restore();
+    ids.extend(send(100).await);
+    assert!(gw.terminate().success(), "{}", gw.log());
+    let rows = gw.db.rows().await;
+    let seen: HashSet<&str> = rows.iter().map(|r| r.request_id.as_str()).collect();
+    assert_eq!(rows.len(), 500, "every request exactly once");
+    assert!(ids.iter().all(|id| seen.contains(id.as_str())));
+    assert!(gw.db.invariants().await.holds());
+    assert_eq!(
+        common::spooled_records(&gw.spool_dir()),
+        0,
+        "the spool is empty after replay"
+    );
+}
+
+both_dbs!(
+    kill_9_then_restart_replays_the_spool_without_duplicates,
+    crash_recovery
+);
+async fn crash_recovery(db: Db) {
+    let mock = MockUpstream::json_ok().await;
+    // high_water = 1: every batch that finds anything else queued goes to the spool, so a crash
+    // leaves spooled rows behind on both databases.
+    let mut gw = Gateway::new(db, "", "").await.unwrap();
+    gw.set_writer("high_water = 1\nbatch_size = 10");
+    gw.add_user("alice@example.com");
+    gw.add_account("a", "openai", &mock.url(), "sk", 1, 1);
+    let key = gw.create_key("alice@example.com", &[]);
+    gw.start().await;
+    let c = client();
+    let url = gw.url("/v1/chat/completions");
+    let ids: Vec<String> = futures_util::stream::iter((0..2000).map(|_| {
+        let (c, url, key) = (c.clone(), url.clone(), key.clone());
+        async move {
+            let r = c
+                .post(url)
+                .bearer_auth(key)
+                .body("{}")
+                .send()
+                .await
+                .unwrap();
+            r.headers()["x-request-id"].to_str().unwrap().to_string()
+        }
+    }))
+    .buffer_unordered(32)
+    .collect()
+    .await;
+    gw.kill9();
+    let spooled = common::spooled_records(&gw.spool_dir());
+    let in_db_before = gw.db.rows().await.len();
+    eprintln!("before restart: {in_db_before} rows in the database, {spooled} in the spool");
+    assert!(spooled > 0, "the crash left rows in the spool");
+    gw.start().await; // start-up replays the spool
+    assert!(gw.terminate().success(), "{}", gw.log());
+    let rows = gw.db.rows().await;
+    let unique: HashSet<&str> = rows.iter().map(|r| r.request_id.as_str()).collect();
+    assert_eq!(unique.len(), rows.len(), "no duplicates");
+    assert!(
+        rows.len() >= in_db_before + spooled.min(2000 - in_db_before),
+        "spooled rows were replayed: before={in_db_before} spooled={spooled} after={}",
+        rows.len()
+    );
+    assert!(rows.len() <= 2000);
+    let known: HashSet<&str> = ids.iter().map(String::as_str).collect();
+    assert!(unique.iter().all(|id| known.contains(id)));
+    assert!(gw.db.invariants().await.holds());
+    assert_eq!(common::spooled_records(&gw.spool_dir()), 0);
+}
