@@ -250,8 +250,10 @@ impl Forwarder {
         ctx.tap = Some(tap);
         if let Err(reason) = outcome {
             client.shutdown().await;
-            // Ending without the terminating chunk tells the client the body is incomplete.
+            // Close the client connection as it is: no terminating chunk, so the client can tell
+            // the body is incomplete (pingora would otherwise finish it cleanly).
             session.set_keepalive(None);
+            session.as_downstream_mut().shutdown().await;
             return Err(AttemptFailure::Committed(reason));
         }
         if let Some(s) = ctx.stripper.as_mut().filter(|_| strip) {

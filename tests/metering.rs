@@ -524,3 +524,69 @@ async fn crash_recovery(db: Db) {
     assert!(gw.db.invariants().await.holds());
     assert_eq!(common::spooled_records(&gw.spool_dir()), 0);
 }
+
+both_dbs!(streams_ending_early_still_leave_one_row, early_end);
+async fn early_end(db: Db) {
+    let anthropic_start = Bytes::from_static(
+        b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-3-5-sonnet-20241022\",\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n",
+    );
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    let mock = common::RawSseUpstream::start(
+        anthropic_start.clone(),
+        Bytes::from_static(b"event: ping\ndata: {\"type\":\"ping\"}\n\n"),
+        gate.clone(),
+    )
+    .await;
+    let mut gw = Gateway::new(db, "", PRICES).await.unwrap();
+    gw.add_user("alice@example.com");
+    gw.add_account("a", "anthropic", &mock.url(), "sk", 1, 1);
+    let key = gw.create_key("alice@example.com", &[]);
+    gw.start().await;
+
+    // The upstream dies mid-stream: the client sees an incomplete body.
+    let resp = client()
+        .post(gw.url("/v1/messages"))
+        .bearer_auth(&key)
+        .body(r#"{"stream":true,"x":"cut"}"#)
+        .send()
+        .await
+        .unwrap();
+    let cut_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let mut s = resp.bytes_stream();
+    assert_eq!(s.next().await.unwrap().unwrap(), anthropic_start);
+    gate.notify_waiters();
+    let rest: Vec<_> = s.collect().await;
+    assert!(
+        rest.iter().any(|c| c.is_err()),
+        "the client must see the stream was cut"
+    );
+
+    // The client goes away mid-stream.
+    let resp = client()
+        .post(gw.url("/v1/messages"))
+        .bearer_auth(&key)
+        .body(r#"{"stream":true}"#)
+        .send()
+        .await
+        .unwrap();
+    let gone_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let mut s = resp.bytes_stream();
+    s.next().await.unwrap().unwrap();
+    drop(s);
+    gate.notify_waiters();
+
+    assert!(gw.terminate().success(), "{}", gw.log());
+    let rows = gw.db.rows().await;
+    assert_eq!(rows.len(), 2);
+    for (id, error) in [(cut_id, "upstream_aborted"), (gone_id, "client_aborted")] {
+        let row = rows.iter().find(|r| r.request_id == id).unwrap();
+        assert_eq!(row.status_code, 200, "status as sent");
+        assert_eq!(row.error_message.as_deref(), Some(error));
+        assert_eq!(
+            (row.prompt_tokens, row.completion_tokens),
+            (25, 1),
+            "usage seen so far"
+        );
+        assert_eq!(row.cost, Decimal::from_str("0.00009").unwrap());
+    }
+}

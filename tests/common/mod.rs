@@ -167,14 +167,19 @@ async fn serve_one(
                     let _ = tx.send(Ok(Frame::data(chunk))).await;
                 }
             });
-            let stream = tokio_stream_from(rx);
-            Response::builder()
-                .status(200)
-                .header("content-type", "text/event-stream")
-                .body(BodyExt::boxed(StreamBody::new(stream)))
-                .unwrap()
+            sse_response(rx)
         }
     }
+}
+
+fn sse_response(
+    rx: mpsc::Receiver<Result<Frame<Bytes>, Infallible>>,
+) -> Response<BoxBody<Bytes, Infallible>> {
+    Response::builder()
+        .status(200)
+        .header("content-type", "text/event-stream")
+        .body(BodyExt::boxed(StreamBody::new(tokio_stream_from(rx))))
+        .unwrap()
 }
 
 fn tokio_stream_from<T: Send + 'static>(
@@ -716,5 +721,96 @@ impl Gateway {
         let mut child = self.child.take().unwrap();
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+}
+
+// ---------------------------------------------------------------- streams that end early
+
+/// A raw-TCP SSE upstream for streams that end badly. Each request gets `first` at once; after
+/// `gate` is notified, a request whose body contains `cut` has its connection dropped mid-body,
+/// any other gets `chunk` every 10 ms until the gateway stops reading.
+pub struct RawSseUpstream {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RawSseUpstream {
+    pub async fn start(first: Bytes, chunk: Bytes, gate: Arc<Notify>) -> RawSseUpstream {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let (first, chunk, gate) = (first.clone(), chunk.clone(), gate.clone());
+                tokio::spawn(async move {
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    // Headers, then the body by content-length.
+                    let body_start = loop {
+                        let Ok(n) = sock.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        req.extend_from_slice(&buf[..n]);
+                        if let Some(i) = req.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&req[..body_start]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while req.len() < body_start + len {
+                        let Ok(n) = sock.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        req.extend_from_slice(&buf[..n]);
+                    }
+                    let cut = String::from_utf8_lossy(&req[body_start..]).contains("cut");
+                    let frame = |b: &[u8]| {
+                        let mut f = format!("{:x}\r\n", b.len()).into_bytes();
+                        f.extend_from_slice(b);
+                        f.extend_from_slice(b"\r\n");
+                        f
+                    };
+                    let mut out = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+                    out.extend(frame(&first));
+                    if sock.write_all(&out).await.is_err() {
+                        return;
+                    }
+                    gate.notified().await;
+                    if cut {
+                        return; // dropped mid-body: no terminating chunk
+                    }
+                    loop {
+                        if sock.write_all(&frame(&chunk)).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                });
+            }
+        });
+        RawSseUpstream { addr, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for RawSseUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
