@@ -2,6 +2,7 @@
 //! key cache (database on a miss, concurrent misses coalesced) and checks its permissions.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -182,6 +183,11 @@ pub struct KeyCache {
     found: Cache<KeyHash, Arc<KeyInfo>>,
     unknown: Cache<KeyHash, ()>,
     inflight: Mutex<HashMap<KeyHash, Lookup>>,
+    /// Bumped by every invalidation. A lookup that started before an invalidation does not put
+    /// its (possibly stale) answer into the cache, so a revoked key cannot be written back.
+    generation: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
     store: Store,
     /// The runtime that owns the database pool; lookups run there.
     db: tokio::runtime::Handle,
@@ -205,6 +211,9 @@ impl KeyCache {
                 .time_to_live(negative_ttl)
                 .build(),
             inflight: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
             store,
             db,
         }
@@ -225,11 +234,15 @@ impl KeyCache {
     /// Cache first; on a miss one database query per hash however many requests wait for it.
     pub async fn lookup(&self, hash: KeyHash) -> Result<Option<Arc<KeyInfo>>, AuthError> {
         if let Some(info) = self.found.get(&hash) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(Some(info));
         }
         if self.unknown.contains_key(&hash) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let generation = self.generation.load(Ordering::Acquire);
         let cell = match self.inflight.lock() {
             Ok(mut m) => m.entry(hash).or_default().clone(),
             Err(_) => return Err(AuthError::StoreUnavailable),
@@ -248,9 +261,11 @@ impl KeyCache {
                         AuthError::StoreUnavailable
                     })?;
                 let info = row.map(|r| Arc::new(KeyInfo::from_row(r)));
-                match &info {
-                    Some(i) => self.found.insert(hash, i.clone()),
-                    None => self.unknown.insert(hash, ()),
+                if self.generation.load(Ordering::Acquire) == generation {
+                    match &info {
+                        Some(i) => self.found.insert(hash, i.clone()),
+                        None => self.unknown.insert(hash, ()),
+                    }
                 }
                 Ok::<_, AuthError>(info)
             })
@@ -264,15 +279,50 @@ impl KeyCache {
         result
     }
 
-    /// Drops every cached entry for `hash` (revocation on this instance).
+    /// Drops every cached entry for `hash`, found or unknown (a revocation or an edit).
     pub fn invalidate(&self, hash: &KeyHash) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         self.found.invalidate(hash);
         self.unknown.invalidate(hash);
     }
 
+    /// [`invalidate`](Self::invalidate) by the hex form stored in the database.
+    pub fn invalidate_hex(&self, hex_hash: &str) {
+        let mut hash = [0u8; 32];
+        if hex::decode_to_slice(hex_hash, &mut hash).is_ok() {
+            self.invalidate(&hash);
+        }
+    }
+
     pub fn invalidate_all(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         self.found.invalidate_all();
         self.unknown.invalidate_all();
+    }
+
+    /// Loads recently used keys so the first requests after a start hit the cache.
+    pub async fn warm(&self, limit: u64) -> Result<usize, crate::store::StoreError> {
+        let rows = self
+            .store
+            .recent_keys(limit.min(i64::MAX as u64) as i64)
+            .await?;
+        let n = rows.len();
+        for (hex_hash, row) in rows {
+            let mut hash = [0u8; 32];
+            if hex::decode_to_slice(&hex_hash, &mut hash).is_ok() {
+                self.found.insert(hash, Arc::new(KeyInfo::from_row(row)));
+            }
+        }
+        Ok(n)
+    }
+
+    /// (hits, misses, entries) for metrics.
+    pub fn stats(&self) -> (u64, u64, u64) {
+        (
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
+            self.found.entry_count() + self.unknown.entry_count(),
+        )
     }
 }
 

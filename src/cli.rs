@@ -2,17 +2,13 @@
 //! Listings go to stdout; `keys create` prints the new key alone on stdout's last line.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
-use crate::auth::Permissions;
 use crate::config::Config;
-use crate::keys;
-use crate::store::{GroupBy, NewAccount, Store};
-use crate::upstream::{AccountType, Endpoint};
-use chrono::{DateTime, Utc};
+use crate::ops;
+use crate::store::{GroupBy, Store};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -45,6 +41,8 @@ pub enum Command {
     Accounts(AccountsCmd),
     /// Usage totals over a time range: requests, errors, tokens, cost.
     Usage(UsageArgs),
+    /// Tell a running gateway to re-read its config (through its admin API).
+    Reload,
 }
 
 #[derive(Args, Debug)]
@@ -64,21 +62,6 @@ pub struct UsageArgs {
     /// Also check the metering invariants (every request id once, counters equal to row counts).
     #[arg(long)]
     pub check: bool,
-}
-
-/// Parses `--since`/`--until`: RFC 3339, a UTC date, or an age before now.
-pub fn parse_time(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
-    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return Ok(t.with_timezone(&Utc));
-    }
-    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
-        return Ok(d.and_time(chrono::NaiveTime::MIN).and_utc());
-    }
-    let age = parse_duration(s)
-        .map_err(|_| format!("bad time {s:?}: want RFC 3339, YYYY-MM-DD, or an age like 7d"))?;
-    chrono::Duration::from_std(age)
-        .map(|a| now - a)
-        .map_err(|_| format!("bad time {s:?}: too far back"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -148,6 +131,8 @@ pub enum AccountsCmd {
     List(ListArgs),
     /// Stop sending traffic to an account.
     Disable { id: i64 },
+    /// Delete an account (softly: its usage rows keep referring to it).
+    Delete { id: i64 },
 }
 
 #[derive(Args, Debug)]
@@ -157,36 +142,16 @@ pub struct ListArgs {
     pub json: bool,
 }
 
-/// Parses `30d`, `12h`, `90m`, `3600s`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("bad duration {s:?}: want e.g. 30d, 12h, 90m, 3600s"))?;
-    let secs = match unit {
-        "d" => n.checked_mul(86_400),
-        "h" => n.checked_mul(3_600),
-        "m" => n.checked_mul(60),
-        "s" | "" => Some(n),
-        _ => None,
-    }
-    .ok_or_else(|| format!("bad duration {s:?}: want e.g. 30d, 12h, 90m, 3600s"))?;
-    if secs == 0 {
-        return Err(format!("bad duration {s:?}: must be positive"));
-    }
-    Ok(Duration::from_secs(secs))
-}
-
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let (path, explicit) = match &cli.config {
         Some(p) => (p.clone(), true),
         None => Config::default_path(),
     };
     let cfg = Config::load(&path, explicit)?;
-    if let Command::Serve = cli.command {
-        return crate::server::serve(cfg);
+    match cli.command {
+        Command::Serve => return crate::server::serve(cfg, path),
+        Command::Reload => return reload(&cfg),
+        _ => {}
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -208,22 +173,28 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve => unreachable!("handled by run"),
+        Command::Serve | Command::Reload => unreachable!("handled by run"),
         Command::Migrate => eprintln!("migrations applied"),
         Command::Users(UsersCmd::Add {
             email,
             username,
             role,
         }) => {
-            if !email.contains('@') {
-                bail!("--email {email:?} is not an email address");
-            }
-            let id = store.create_user(&email, &username, &role).await?;
-            eprintln!("created user {id} ({email})");
-            println!("{id}");
+            let u = ops::add_user(
+                store,
+                &ops::NewUser {
+                    email,
+                    username,
+                    role,
+                },
+            )
+            .await
+            .map_err(flag)?;
+            eprintln!("created user {} ({})", u.id, u.email);
+            println!("{}", u.id);
         }
         Command::Users(UsersCmd::List(args)) => {
-            let users = store.list_users().await?;
+            let users = ops::list_users(store).await?;
             print_list(&args, &users, |u| {
                 format!(
                     "{:>6}  {:<30} {:<20} {:<8} {}",
@@ -236,8 +207,8 @@ async fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
             })?;
         }
         Command::Users(UsersCmd::Deactivate { id }) => {
-            store.set_user_active(id, false).await?;
-            eprintln!("user {id} deactivated");
+            ops::deactivate_user(store, id).await?;
+            eprintln!("user {id} deactivated; running gateways refuse their keys within a second");
         }
         Command::Keys(KeysCmd::Create {
             user,
@@ -245,36 +216,24 @@ async fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
             expires_in,
             permissions,
         }) => {
-            let perms: serde_json::Value = serde_json::from_str(&permissions)
+            let permissions: serde_json::Value = serde_json::from_str(&permissions)
                 .map_err(|e| anyhow::anyhow!("--permissions is not JSON: {e}"))?;
-            Permissions::parse(&perms).map_err(|e| anyhow::anyhow!("--permissions: {e}"))?;
-            let expires_at = match expires_in {
-                Some(d) => {
-                    let d = parse_duration(&d).map_err(|e| anyhow::anyhow!("--expires-in: {e}"))?;
-                    Some(
-                        chrono::Utc::now()
-                            + chrono::Duration::from_std(d).context("--expires-in is too long")?,
-                    )
-                }
-                None => None,
-            };
-            let user_id = store.user_id_by_email(&user).await?;
-            let key = keys::generate().context("reading the OS random source")?;
-            let id = store
-                .create_key(
-                    user_id,
-                    &name,
-                    &keys::hash_hex(&key),
-                    keys::display_prefix(&key),
-                    &perms,
-                    expires_at,
-                )
-                .await?;
-            eprintln!("created key {id} for {user}; it is shown only now:");
-            println!("{key}");
+            let k = ops::create_key(
+                store,
+                &ops::NewKey {
+                    user: user.clone(),
+                    name,
+                    expires_in,
+                    permissions,
+                },
+            )
+            .await
+            .map_err(flag)?;
+            eprintln!("created key {} for {user}; it is shown only now:", k.id);
+            println!("{}", k.key);
         }
         Command::Keys(KeysCmd::List(args)) => {
-            let keys = store.list_keys().await?;
+            let keys = ops::list_keys(store).await?;
             print_list(&args, &keys, |k| {
                 format!(
                     "{:>6}  {:<10} {:<24} {:<30} {:<8} requests={} expires={}",
@@ -289,8 +248,8 @@ async fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
             })?;
         }
         Command::Keys(KeysCmd::Revoke { id }) => {
-            store.revoke_key(id).await?;
-            eprintln!("key {id} revoked");
+            ops::revoke_key(store, id).await?;
+            eprintln!("key {id} revoked; running gateways refuse it within a second");
         }
         Command::Accounts(AccountsCmd::Add {
             name,
@@ -302,39 +261,22 @@ async fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
             header,
             email,
         }) => {
-            let kind: AccountType = kind
-                .parse()
-                .map_err(|e: String| anyhow::anyhow!("--type: {e}"))?;
-            Endpoint::parse(&base_url).map_err(|e| anyhow::anyhow!("--base-url: {e}"))?;
-            if weight < 1 {
-                bail!("--weight must be at least 1");
-            }
-            if api_key.is_empty() {
-                bail!("--api-key must not be empty");
-            }
-            let mut credentials = serde_json::json!({ "api_key": api_key });
-            if let Some(h) = header {
-                http::HeaderName::from_bytes(h.as_bytes())
-                    .map_err(|_| anyhow::anyhow!("--header {h:?} is not a header name"))?;
-                credentials["header"] = serde_json::Value::String(h);
-            }
-            let id = store
-                .create_account(&NewAccount {
-                    name: &name,
-                    kind,
-                    email: email.as_deref(),
-                    base_url: &base_url,
-                    credentials,
-                    priority,
-                    weight,
-                    is_active: true,
-                })
-                .await?;
+            let input = ops::NewAccountInput {
+                name: name.clone(),
+                kind,
+                base_url,
+                api_key,
+                priority,
+                weight,
+                header,
+                email,
+            };
+            let id = ops::add_account(store, &input).await.map_err(flag)?;
             eprintln!("created account {id} ({name})");
             println!("{id}");
         }
         Command::Accounts(AccountsCmd::List(args)) => {
-            let accounts = store.list_accounts().await?;
+            let accounts = ops::list_accounts(store).await?;
             print_list(&args, &accounts, |a| {
                 format!(
                     "{:>6}  {:<20} {:<9} {:<8} priority={} weight={} {} requests={} ok={} errors={}",
@@ -351,40 +293,45 @@ async fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
                 )
             })?;
         }
+        Command::Accounts(AccountsCmd::Disable { id }) => {
+            ops::update_account(
+                store,
+                id,
+                &ops::AccountUpdate {
+                    is_active: Some(false),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            eprintln!("account {id} disabled");
+        }
+        Command::Accounts(AccountsCmd::Delete { id }) => {
+            ops::delete_account(store, id).await?;
+            eprintln!("account {id} deleted");
+        }
         Command::Usage(args) => {
-            let now = Utc::now();
-            let since =
-                parse_time(&args.since, now).map_err(|e| anyhow::anyhow!("--since: {e}"))?;
-            let until = match &args.until {
-                Some(u) => parse_time(u, now).map_err(|e| anyhow::anyhow!("--until: {e}"))?,
-                None => now + chrono::Duration::seconds(1),
-            };
-            if until <= since {
-                bail!("--until must be after --since");
-            }
-            let totals = store.usage_totals(since, until, args.by).await?;
+            let report = ops::usage(store, &args.since, args.until.as_deref(), args.by)
+                .await
+                .map_err(flag)?;
             let check = if args.check {
                 Some(store.usage_invariants().await?)
             } else {
                 None
             };
             if args.json {
-                let out = serde_json::json!({
-                    "since": since, "until": until, "by": args.by, "groups": totals, "invariants": check,
-                });
-                println!("{}", serde_json::to_string_pretty(&out)?);
-            } else {
                 println!(
-                    "{:<40} {:>10} {:>8} {:>14} {:>14} {:>14} {:>18}",
-                    format!("{:?}", args.by).to_lowercase(),
-                    "requests",
-                    "errors",
-                    "prompt_tok",
-                    "completion_tok",
-                    "tokens",
-                    "cost_usd"
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({ "report": report, "invariants": check })
+                    )?
                 );
-                for t in &totals {
+            } else {
+                let by = format!("{:?}", args.by).to_lowercase();
+                println!(
+                    "{by:<40} {:>10} {:>8} {:>14} {:>14} {:>14} {:>18}",
+                    "requests", "errors", "prompt_tok", "completion_tok", "tokens", "cost_usd"
+                );
+                for t in &report.groups {
                     println!(
                         "{:<40} {:>10} {:>8} {:>14} {:>14} {:>14} {:>18}",
                         t.group,
@@ -396,24 +343,61 @@ async fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
                         t.cost
                     );
                 }
-                if let Some(c) = check {
-                    eprintln!(
-                        "invariants {}: rows={} duplicate_request_ids={} keys_mismatched={} accounts_mismatched={}",
-                        if c.holds() { "hold" } else { "VIOLATED" },
-                        c.rows, c.duplicate_request_ids, c.keys_mismatched, c.accounts_mismatched
-                    );
+            }
+            if let Some(c) = check {
+                eprintln!(
+                    "invariants {}: rows={} duplicate_request_ids={} keys_mismatched={} accounts_mismatched={}",
+                    if c.holds() { "hold" } else { "VIOLATED" },
+                    c.rows,
+                    c.duplicate_request_ids,
+                    c.keys_mismatched,
+                    c.accounts_mismatched
+                );
+                if !c.holds() {
+                    bail!("metering invariants violated");
                 }
             }
-            if check.is_some_and(|c| !c.holds()) {
-                bail!("metering invariants violated");
-            }
-        }
-        Command::Accounts(AccountsCmd::Disable { id }) => {
-            store.set_account_active(id, false).await?;
-            eprintln!("account {id} disabled");
         }
     }
     Ok(())
+}
+
+/// `tollgate reload`: asks the running gateway's admin API to re-read its config file.
+fn reload(cfg: &Config) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let token = std::env::var(crate::admin::TOKEN_ENV)
+        .map_err(|_| anyhow::anyhow!("{} is not set", crate::admin::TOKEN_ENV))?;
+    let addr = cfg.admin.listen;
+    let mut conn = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+        .with_context(|| format!("connecting to the admin API at {addr}"))?;
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    write!(conn, "POST /admin/reload HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    conn.read_to_string(&mut response)?;
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").trim();
+    if response.starts_with("HTTP/1.1 200") {
+        eprintln!("config reloaded");
+        Ok(())
+    } else {
+        bail!(
+            "reload refused: {}",
+            if body.is_empty() {
+                response.lines().next().unwrap_or("")
+            } else {
+                body
+            }
+        )
+    }
+}
+
+/// Names the command-line flag in a validation error (`base_url` → `--base-url`).
+fn flag(e: ops::OpsError) -> anyhow::Error {
+    match e {
+        ops::OpsError::Invalid { field, message } => {
+            anyhow::anyhow!("--{}: {message}", field.replace('_', "-"))
+        }
+        other => other.into(),
+    }
 }
 
 fn active(a: bool) -> &'static str {
@@ -437,38 +421,4 @@ fn print_list<T: serde::Serialize>(
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        for (input, expected) in [
-            ("30d", Ok(30 * 86_400)),
-            ("12h", Ok(43_200)),
-            ("90m", Ok(5_400)),
-            ("3600s", Ok(3_600)),
-            ("45", Ok(45)),
-            (
-                "0d",
-                Err("bad duration \"0d\": must be positive".to_string()),
-            ),
-            (
-                "3w",
-                Err("bad duration \"3w\": want e.g. 30d, 12h, 90m, 3600s".to_string()),
-            ),
-            (
-                "d",
-                Err("bad duration \"d\": want e.g. 30d, 12h, 90m, 3600s".to_string()),
-            ),
-        ] {
-            assert_eq!(
-                parse_duration(input).map(|d| d.as_secs()),
-                expected,
-                "{input}"
-            );
-        }
-    }
 }

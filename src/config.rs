@@ -29,6 +29,8 @@ pub struct Config {
     pub upstream_accounts: Vec<AccountConfig>,
     pub metering: MeteringConfig,
     pub writer: WriterConfig,
+    pub metrics: MetricsConfig,
+    pub admin: AdminConfig,
     /// Model → price (USD per million tokens, decimal strings). See `cost.rs`.
     pub prices: PriceTable,
     /// Account type → price used for models missing from `prices`.
@@ -46,6 +48,8 @@ impl Default for Config {
             upstream_accounts: Vec::new(),
             metering: MeteringConfig::default(),
             writer: WriterConfig::default(),
+            metrics: MetricsConfig::default(),
+            admin: AdminConfig::default(),
             prices: PriceTable::default(),
             default_prices: HashMap::new(),
         }
@@ -176,6 +180,42 @@ impl Default for MeteringConfig {
         MeteringConfig {
             inject_stream_usage: true,
             max_json_body_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// The Prometheus and health listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `GET /metrics`, `/healthz`, `/readyz`. Loopback by default.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+        }
+    }
+}
+
+/// The admin API listener. Every route needs `Authorization: Bearer $TOLLGATE_ADMIN_TOKEN`; without
+/// that variable the admin API is off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// How often every instance re-checks keys and users changed in the database (the safety net
+    /// behind PostgreSQL LISTEN/NOTIFY, and the only mechanism on SQLite).
+    pub key_refresh_ms: u64,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9091)),
+            key_refresh_ms: 1000,
         }
     }
 }

@@ -32,7 +32,10 @@ pub struct RequestCtx {
     pub status: u16,
     /// Low-cardinality reason when the request did not end well; read by `logging`.
     pub error: Option<&'static str>,
-    /// When the upstream response header arrived relative to `started`; set by `forward`.
+    /// When the first upstream attempt started; set by `forward`, read by `logging` (upstream
+    /// time vs tollgate's own overhead).
+    pub upstream_started: Option<Instant>,
+    /// When the upstream response header arrived; set by `forward`.
     pub upstream_header_at: Option<Instant>,
     /// Reads usage from the response body; set by `forward` when the response header is sent,
     /// fed each chunk by `forward`, finished by `logging`.
@@ -62,6 +65,7 @@ impl RequestCtx {
             account: None,
             status: 0,
             error: None,
+            upstream_started: None,
             upstream_header_at: None,
             tap: None,
             stripper: None,

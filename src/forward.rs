@@ -18,7 +18,7 @@ use pingora::proxy::Session;
 use crate::ctx::RequestCtx;
 use crate::error::GatewayError;
 use crate::meter::ResponseTap;
-use crate::upstream::{parse_retry_after, Account, AccountSet, AccountType};
+use crate::upstream::{parse_retry_after, Account, AccountSet, AccountType, ErrorKind};
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the client's
 /// credentials, which never leave tollgate.
@@ -71,6 +71,7 @@ enum AttemptFailure {
     /// should be skipped for a while (a stale pooled connection is not the account's fault).
     Retry {
         reason: String,
+        kind: ErrorKind,
         cooldown: bool,
         retry_after: Option<Duration>,
     },
@@ -107,6 +108,7 @@ impl Forwarder {
             return Err(GatewayError::NoRoute);
         };
         let mut last_failure: Option<String> = None;
+        ctx.upstream_started = Some(Instant::now());
         while ctx.tried.len() < self.max_attempts {
             let Some(account) = accounts.pick(kind, &ctx.tried) else {
                 break;
@@ -117,27 +119,30 @@ impl Forwarder {
                 ctx.tried.len() < self.max_attempts && accounts.has_eligible(kind, &ctx.tried);
             match self.attempt(session, ctx, &account, may_retry).await {
                 Ok(success) => {
-                    let counter = if success {
-                        &account.stats.successes
+                    if success {
+                        account.stats.successes.fetch_add(1, Ordering::Relaxed);
                     } else {
-                        &account.stats.errors
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
+                        account.stats.record_error(ErrorKind::Status);
+                    }
                     ctx.account = Some(account);
                     return Ok(());
                 }
                 Err(AttemptFailure::Committed(reason)) => {
-                    account.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    // A client that goes away is not the account's fault.
+                    if reason == "upstream_aborted" {
+                        account.stats.record_error(ErrorKind::Aborted);
+                    }
                     ctx.error = Some(reason);
                     ctx.account = Some(account);
                     return Ok(());
                 }
                 Err(AttemptFailure::Retry {
                     reason,
+                    kind,
                     cooldown,
                     retry_after,
                 }) => {
-                    account.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    account.stats.record_error(kind);
                     if cooldown {
                         accounts.cool_down(&account, retry_after);
                     }
@@ -164,19 +169,32 @@ impl Forwarder {
         account: &Account,
         may_retry: bool,
     ) -> Result<bool, AttemptFailure> {
-        let retry = |reason: String, cooldown: bool| AttemptFailure::Retry {
+        let retry = |reason: String, kind: ErrorKind, cooldown: bool| AttemptFailure::Retry {
             reason,
+            kind,
             cooldown,
             retry_after: None,
         };
+        let kind_of = |e: &pingora::Error| match e.etype() {
+            pingora::ErrorType::ConnectTimedout
+            | pingora::ErrorType::ReadTimedout
+            | pingora::ErrorType::WriteTimedout => ErrorKind::Timeout,
+            _ => ErrorKind::Connect,
+        };
         let request = self
             .upstream_request(session, ctx, account)
-            .map_err(|e| retry(format!("building request: {e}"), false))?;
+            .map_err(|e| retry(format!("building request: {e}"), ErrorKind::Connect, false))?;
         let (mut client, reused) = self
             .connector
             .get_http_session(&account.peer)
             .await
-            .map_err(|e| retry(format!("connect: {}", e.etype().as_str()), true))?;
+            .map_err(|e| {
+                retry(
+                    format!("connect: {}", e.etype().as_str()),
+                    kind_of(&e),
+                    true,
+                )
+            })?;
         client.set_read_timeout(Some(self.read_timeout));
         client.set_write_timeout(Some(self.read_timeout));
 
@@ -191,10 +209,10 @@ impl Forwarder {
         };
         if let Err(e) = send.await {
             client.shutdown().await;
-            return Err(retry(e.etype().as_str().to_string(), !reused));
+            return Err(retry(e.etype().as_str().to_string(), kind_of(&e), !reused));
         }
         let Some(upstream) = client.response_header() else {
-            return Err(retry("no response header".into(), true));
+            return Err(retry("no response header".into(), ErrorKind::Connect, true));
         };
         let status = upstream.status.as_u16();
         let failed = status >= 500 || status == 429;
@@ -203,6 +221,7 @@ impl Forwarder {
             client.shutdown().await;
             return Err(AttemptFailure::Retry {
                 reason: format!("status {status}"),
+                kind: ErrorKind::Status,
                 cooldown: true,
                 retry_after,
             });

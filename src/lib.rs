@@ -3,6 +3,7 @@
 #![deny(clippy::unwrap_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod admin;
 pub mod auth;
 pub mod body;
 pub mod cli;
@@ -11,9 +12,12 @@ pub mod cost;
 pub mod ctx;
 pub mod error;
 pub mod forward;
+pub mod httpd;
 pub mod keys;
 pub mod lifecycle;
 pub mod meter;
+pub mod metrics;
+pub mod ops;
 pub mod proxy;
 pub mod server;
 pub mod spool;

@@ -23,6 +23,7 @@ use crate::error::GatewayError;
 use crate::forward::Forwarder;
 use crate::lifecycle::Drain;
 use crate::meter::{self, Pricing};
+use crate::metrics::Metrics;
 use crate::sse::UsageChunkStripper;
 use crate::upstream::AccountType;
 use crate::upstream::{AccountSet, Router};
@@ -34,14 +35,16 @@ pub struct Gateway {
     pub keys: Arc<KeyCache>,
     /// Swapped whole by the account refresher; requests hold the set they started with.
     pub accounts: Arc<ArcSwap<AccountSet>>,
-    pub router: Router,
+    pub router: Arc<ArcSwap<Router>>,
     pub forwarder: Forwarder,
     pub max_body_bytes: usize,
     pub idle_timeout_secs: u64,
     pub drain: Arc<Drain>,
     /// Where each request's usage record goes (never blocks).
     pub usage: UsageSink,
-    pub pricing: Arc<Pricing>,
+    /// Swapped whole by a config reload, as is `router`.
+    pub pricing: Arc<ArcSwap<Pricing>>,
+    pub metrics: Arc<Metrics>,
     /// Add `stream_options.include_usage` to OpenAI streams that lack it.
     pub inject_stream_usage: bool,
 }
@@ -79,12 +82,29 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         let req = session.req_header();
-        if let Some((record, _priced)) =
-            meter::record(ctx, req.method.as_str(), req.uri.path(), &self.pricing)
-        {
+        if let Some((record, priced)) = meter::record(
+            ctx,
+            req.method.as_str(),
+            req.uri.path(),
+            &self.pricing.load(),
+        ) {
+            if record.tokens_used > 0 {
+                let kind = ctx.kind.unwrap_or(AccountType::Generic);
+                self.metrics
+                    .usage(kind, &record, priced.price_key.as_deref());
+            }
             self.usage.submit(record);
         }
-        let latency_ms = ctx.started.elapsed().as_secs_f64() * 1e3;
+        if matches!(ctx.status, 401 | 403) {
+            if let Some(reason) = ctx.error {
+                self.metrics.auth_failure(reason);
+            }
+        }
+        let total = ctx.started.elapsed().as_secs_f64();
+        let upstream = ctx.upstream_started.map(|t| t.elapsed().as_secs_f64());
+        let served_by = ctx.account.as_ref().map(|a| a.kind);
+        self.metrics.request(ctx.status, served_by, total, upstream);
+        let latency_ms = total * 1e3;
         tracing::info!(
             request_id = %ctx.request_id,
             method = %session.req_header().method,
@@ -119,6 +139,7 @@ impl Gateway {
         }
         ctx.kind = Some(
             self.router
+                .load()
                 .route(path)
                 .ok_or((GatewayError::NoRoute, false))?,
         );

@@ -110,6 +110,37 @@ pub struct AccountRow {
     pub error_count: i64,
 }
 
+/// NOTIFY channel: payload is a changed key's hash.
+pub const KEYS_CHANNEL: &str = "tollgate_keys";
+/// NOTIFY channel: payload is a changed account's id.
+pub const ACCOUNTS_CHANNEL: &str = "tollgate_accounts";
+
+/// Changes to a key; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct KeyPatch {
+    pub is_active: Option<bool>,
+    /// `Some(None)` removes the expiry.
+    #[serde(default, deserialize_with = "double_option")]
+    pub expires_at: Option<Option<DateTime<Utc>>>,
+    pub permissions: Option<serde_json::Value>,
+}
+
+/// Changes to an account; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct AccountPatch {
+    pub priority: Option<i32>,
+    pub weight: Option<i32>,
+    pub is_active: Option<bool>,
+    pub credentials: Option<serde_json::Value>,
+    pub base_url: Option<String>,
+}
+
+fn double_option<'de, D: serde::Deserializer<'de>, T: serde::Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    serde::Deserialize::deserialize(d).map(Some)
+}
+
 pub struct NewAccount<'a> {
     pub name: &'a str,
     pub kind: AccountType,
@@ -198,13 +229,21 @@ impl Store {
             .ok_or_else(|| StoreError::NotFound(format!("user {email}")))
     }
 
-    pub async fn set_user_active(&self, id: i64, active: bool) -> Result<(), StoreError> {
-        let sql = "UPDATE users SET is_active = $1, updated_at = $2 WHERE id = $3";
-        let done = dispatch!(self, p => sqlx::query(sql).bind(active).bind(Utc::now()).bind(id).execute(p).await.map(|r| r.rows_affected()))?;
+    /// Activates or deactivates a user; returns the hashes of the user's keys (to drop from caches).
+    pub async fn set_user_active(&self, id: i64, active: bool) -> Result<Vec<String>, StoreError> {
+        let sql = format!(
+            "UPDATE users SET is_active = $1, updated_at = {} WHERE id = $2",
+            self.now_sql()
+        );
+        let done = dispatch!(self, p => sqlx::query(sqlx::AssertSqlSafe(sql)).bind(active).bind(id).execute(p).await.map(|r| r.rows_affected()))?;
         if done == 0 {
             return Err(StoreError::NotFound(format!("user {id}")));
         }
-        Ok(())
+        let hashes: Vec<String> = dispatch!(self, p => sqlx::query_scalar("SELECT key_hash FROM api_keys WHERE user_id = $1").bind(id).fetch_all(p).await)?;
+        for h in &hashes {
+            self.notify(KEYS_CHANNEL, h).await;
+        }
+        Ok(hashes)
     }
 
     // ---- keys ----
@@ -266,13 +305,36 @@ impl Store {
         Ok(rows)
     }
 
-    pub async fn revoke_key(&self, id: i64) -> Result<(), StoreError> {
-        let sql = "UPDATE api_keys SET is_active = $1, updated_at = $2 WHERE id = $3";
-        let done = dispatch!(self, p => sqlx::query(sql).bind(false).bind(Utc::now()).bind(id).execute(p).await.map(|r| r.rows_affected()))?;
-        if done == 0 {
-            return Err(StoreError::NotFound(format!("key {id}")));
-        }
-        Ok(())
+    /// Revokes a key; returns its hash (to drop from caches).
+    pub async fn revoke_key(&self, id: i64) -> Result<String, StoreError> {
+        self.update_key(
+            id,
+            &KeyPatch {
+                is_active: Some(false),
+                ..KeyPatch::default()
+            },
+        )
+        .await
+    }
+
+    /// Changes a key's state, expiry or permissions; returns its hash and tells other instances.
+    pub async fn update_key(&self, id: i64, patch: &KeyPatch) -> Result<String, StoreError> {
+        let sql = format!(
+            "UPDATE api_keys SET is_active = COALESCE($1, is_active), \
+             expires_at = CASE WHEN $2 THEN $3 ELSE expires_at END, \
+             permissions = COALESCE($4, permissions), updated_at = {} WHERE id = $5 RETURNING key_hash",
+            self.now_sql()
+        );
+        let hash: Option<String> = dispatch!(self, p => sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(patch.is_active)
+            .bind(patch.expires_at.is_some())
+            .bind(patch.expires_at.flatten())
+            .bind(patch.permissions.as_ref().map(Json))
+            .bind(id)
+            .fetch_optional(p).await)?;
+        let hash = hash.ok_or_else(|| StoreError::NotFound(format!("key {id}")))?;
+        self.notify(KEYS_CHANNEL, &hash).await;
+        Ok(hash)
     }
 
     // ---- upstream accounts ----
@@ -307,7 +369,7 @@ impl Store {
         let sql =
             "SELECT id, name, type, email, base_url, credentials, is_active, priority, weight, \
                           request_count, success_count, error_count \
-                   FROM upstream_accounts ORDER BY priority, id";
+                   FROM upstream_accounts WHERE deleted_at IS NULL ORDER BY priority, id";
         let rows = dispatch!(self, p => sqlx::query(sql).fetch_all(p).await.and_then(|rows| rows.iter().map(|r| {
             let kind: String = r.try_get("type")?;
             Ok(AccountRow {
@@ -328,13 +390,135 @@ impl Store {
         Ok(rows)
     }
 
-    pub async fn set_account_active(&self, id: i64, active: bool) -> Result<(), StoreError> {
-        let sql = "UPDATE upstream_accounts SET is_active = $1, updated_at = $2 WHERE id = $3";
-        let done = dispatch!(self, p => sqlx::query(sql).bind(active).bind(Utc::now()).bind(id).execute(p).await.map(|r| r.rows_affected()))?;
+    /// Changes an account's priority, weight, state or credentials.
+    pub async fn update_account(&self, id: i64, patch: &AccountPatch) -> Result<(), StoreError> {
+        let sql = format!(
+            "UPDATE upstream_accounts SET priority = COALESCE($1, priority), weight = COALESCE($2, weight), \
+             is_active = COALESCE($3, is_active), credentials = COALESCE($4, credentials), \
+             base_url = COALESCE($5, base_url), updated_at = {} WHERE id = $6 AND deleted_at IS NULL",
+            self.now_sql()
+        );
+        let done = dispatch!(self, p => sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(patch.priority).bind(patch.weight).bind(patch.is_active)
+            .bind(patch.credentials.as_ref().map(Json)).bind(patch.base_url.as_deref()).bind(id)
+            .execute(p).await.map(|r| r.rows_affected()))?;
         if done == 0 {
             return Err(StoreError::NotFound(format!("account {id}")));
         }
+        self.notify(ACCOUNTS_CHANNEL, &id.to_string()).await;
         Ok(())
+    }
+
+    pub async fn set_account_active(&self, id: i64, active: bool) -> Result<(), StoreError> {
+        self.update_account(
+            id,
+            &AccountPatch {
+                is_active: Some(active),
+                ..AccountPatch::default()
+            },
+        )
+        .await
+    }
+
+    /// Soft delete: the row stays (usage rows reference it) but the account is gone from listings
+    /// and never serves again.
+    pub async fn delete_account(&self, id: i64) -> Result<(), StoreError> {
+        let sql = format!(
+            "UPDATE upstream_accounts SET is_active = $1, deleted_at = {now}, updated_at = {now} WHERE id = $2 AND deleted_at IS NULL",
+            now = self.now_sql()
+        );
+        let done = dispatch!(self, p => sqlx::query(sqlx::AssertSqlSafe(sql)).bind(false).bind(id).execute(p).await.map(|r| r.rows_affected()))?;
+        if done == 0 {
+            return Err(StoreError::NotFound(format!("account {id}")));
+        }
+        self.notify(ACCOUNTS_CHANNEL, &id.to_string()).await;
+        Ok(())
+    }
+
+    /// The database's "now" in each backend's column format.
+    fn now_sql(&self) -> &'static str {
+        match self {
+            Store::Postgres(_) => "now()",
+            Store::Sqlite(_) => "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+        }
+    }
+
+    /// Tells other instances on PostgreSQL (LISTEN/NOTIFY); a no-op on SQLite, where the periodic
+    /// refresh is the only mechanism. Best effort: the refresh is the safety net.
+    async fn notify(&self, channel: &str, payload: &str) {
+        if let Store::Postgres(p) = self {
+            if let Err(e) = sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(channel)
+                .bind(payload)
+                .execute(p)
+                .await
+            {
+                tracing::warn!(error = %e, channel, "NOTIFY failed; other instances will catch up on their next refresh");
+            }
+        }
+    }
+
+    /// The database clock, as the watermark [`Store::keys_changed_since`] takes.
+    pub async fn clock(&self) -> Result<String, StoreError> {
+        let sql = match self {
+            Store::Postgres(_) => "SELECT now()::text",
+            Store::Sqlite(_) => "SELECT strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+        };
+        Ok(dispatch!(self, p => sqlx::query_scalar(sql).fetch_one(p).await)?)
+    }
+
+    /// Hashes of keys whose key or user row changed after `since` minus a 10 s overlap (so a
+    /// transaction that committed late is not missed). Returns them with the new watermark.
+    pub async fn keys_changed_since(
+        &self,
+        since: &str,
+    ) -> Result<(Vec<String>, String), StoreError> {
+        let now = self.clock().await?;
+        let sql = match self {
+            Store::Postgres(_) => "SELECT key_hash FROM api_keys WHERE updated_at > $1::timestamptz - interval '10 seconds' \
+                 UNION SELECT k.key_hash FROM users u JOIN api_keys k ON k.user_id = u.id \
+                 WHERE u.updated_at > $1::timestamptz - interval '10 seconds'",
+            Store::Sqlite(_) => "SELECT key_hash FROM api_keys WHERE updated_at > strftime('%Y-%m-%dT%H:%M:%fZ', $1, '-10 seconds') \
+                 UNION SELECT k.key_hash FROM users u JOIN api_keys k ON k.user_id = u.id \
+                 WHERE u.updated_at > strftime('%Y-%m-%dT%H:%M:%fZ', $1, '-10 seconds')",
+        };
+        let hashes = dispatch!(self, p => sqlx::query_scalar(sql).bind(since).fetch_all(p).await)?;
+        Ok((hashes, now))
+    }
+
+    /// Recently used active keys, to warm the cache at start.
+    pub async fn recent_keys(&self, limit: i64) -> Result<Vec<(String, KeyRow)>, StoreError> {
+        let sql = "SELECT k.key_hash, k.id, k.user_id, k.name, k.permissions, k.is_active, k.expires_at, \
+                          u.is_active AS user_active \
+                   FROM api_keys k JOIN users u ON u.id = k.user_id \
+                   WHERE k.is_active AND u.is_active \
+                   ORDER BY k.last_used_at DESC, k.id DESC LIMIT $1";
+        let rows = dispatch!(self, p => sqlx::query(sql).bind(limit).fetch_all(p).await.and_then(|rows| rows.iter().map(|r| Ok((
+            r.try_get("key_hash")?,
+            KeyRow {
+                id: r.try_get("id")?,
+                user_id: r.try_get("user_id")?,
+                name: r.try_get("name")?,
+                permissions: r.try_get::<Json<serde_json::Value>, _>("permissions")?.0,
+                is_active: r.try_get("is_active")?,
+                user_active: r.try_get("user_active")?,
+                expires_at: r.try_get("expires_at")?,
+            },
+        ))).collect::<Result<Vec<_>, sqlx::Error>>()))?;
+        Ok(rows)
+    }
+
+    /// A cheap round trip, for readiness.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        dispatch!(self, p => sqlx::query("SELECT 1").execute(p).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    pub fn pg_pool(&self) -> Option<&PgPool> {
+        match self {
+            Store::Postgres(p) => Some(p),
+            Store::Sqlite(_) => None,
+        }
     }
 }
 
@@ -362,7 +546,8 @@ pub struct UsageTotals {
 
 /// SQLite keeps timestamps of usage rows as fixed-width UTC text so that ranges compare as text.
 fn sqlite_time(t: DateTime<Utc>) -> String {
-    t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+    // The same shape as the columns' default, strftime('%Y-%m-%dT%H:%M:%fZ', 'now').
+    t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
 }
 
 /// SQLite keeps costs as exact decimal text; this is the one place they are converted.

@@ -16,7 +16,7 @@ use pingora::upstreams::peer::HttpPeer;
 use serde::{Deserialize, Serialize};
 
 /// What API an account speaks; decides how its credential is injected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AccountType {
     Openai,
@@ -118,6 +118,37 @@ impl Endpoint {
     }
 }
 
+/// Why an attempt on an account failed (the `kind` label of `tollgate_upstream_errors_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Could not connect, or the connection broke before a response header.
+    Connect,
+    /// No answer within the connect or read timeout.
+    Timeout,
+    /// Answered with a 5xx or 429.
+    Status,
+    /// The response body broke off mid-way.
+    Aborted,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 4] = [
+        ErrorKind::Connect,
+        ErrorKind::Timeout,
+        ErrorKind::Status,
+        ErrorKind::Aborted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Connect => "connect",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Status => "status",
+            ErrorKind::Aborted => "aborted",
+        }
+    }
+}
+
 /// Per-account runtime state that survives reloads of the account list.
 #[derive(Debug, Default)]
 pub struct AccountStats {
@@ -125,7 +156,21 @@ pub struct AccountStats {
     cooldown_until_ms: AtomicU64,
     pub attempts: AtomicU64,
     pub successes: AtomicU64,
-    pub errors: AtomicU64,
+    errors: [AtomicU64; 4],
+}
+
+impl AccountStats {
+    pub fn record_error(&self, kind: ErrorKind) {
+        self.errors[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn errors_of(&self, kind: ErrorKind) -> u64 {
+        self.errors[kind as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn errors(&self) -> u64 {
+        ErrorKind::ALL.iter().map(|k| self.errors_of(*k)).sum()
+    }
 }
 
 /// One usable upstream account, built once per load; the request path only reads it.

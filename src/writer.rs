@@ -73,6 +73,9 @@ pub struct WriterStats {
 
 #[derive(Debug, Clone)]
 pub struct WriterOptions {
+    /// Rows per flush, and flush durations (no-op handles unless metrics are installed).
+    pub batch_rows: metrics::Histogram,
+    pub flush_seconds: metrics::Histogram,
     pub batch_size: usize,
     pub flush_interval: Duration,
     pub queue_capacity: usize,
@@ -84,6 +87,8 @@ pub struct WriterOptions {
 impl WriterOptions {
     pub fn from_config(c: &crate::config::WriterConfig) -> WriterOptions {
         WriterOptions {
+            batch_rows: metrics::Histogram::noop(),
+            flush_seconds: metrics::Histogram::noop(),
             batch_size: c.batch_size,
             flush_interval: Duration::from_millis(c.flush_interval_ms),
             queue_capacity: c.queue_capacity,
@@ -496,6 +501,8 @@ mod tests {
 
     fn opts(batch_size: usize) -> WriterOptions {
         WriterOptions {
+            batch_rows: metrics::Histogram::noop(),
+            flush_seconds: metrics::Histogram::noop(),
             batch_size,
             flush_interval: Duration::from_millis(200),
             queue_capacity: 10_000,

@@ -414,6 +414,11 @@ pub struct Gateway {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub addr: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub metrics_addr: SocketAddr,
+    /// The admin API (on when `admin_token` is set).
+    pub admin_addr: SocketAddr,
+    pub admin_token: Option<String>,
     pub db: TestDb,
     child: Option<Child>,
 }
@@ -432,9 +437,11 @@ impl Gateway {
         let db = TestDb::new(kind).await?;
         let dir = tempfile::tempdir().unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = dir.path().join("config.toml");
         let text = format!(
-            "[server]\nlisten = \"{addr}\"\nthreads = 2\ngrace_period_secs = 10\n{server_extra}\n\n[database]\nurl = \"{}\"\n\n[upstream]\nconnect_timeout_ms = 1000\nread_timeout_secs = 10\n\n[writer]\nspool_dir = \"{}\"\nflush_interval_ms = 50\n\n{extra}\n",
+            "[server]\nlisten = \"{addr}\"\nthreads = 2\ngrace_period_secs = 10\n{server_extra}\n\n[database]\nurl = \"{}\"\n\n[upstream]\nconnect_timeout_ms = 1000\nread_timeout_secs = 10\n\n[writer]\nspool_dir = \"{}\"\nflush_interval_ms = 50\n\n[metrics]\nlisten = \"{metrics_addr}\"\n\n[admin]\nlisten = \"{admin_addr}\"\n\n{extra}\n",
             db.url,
             dir.path().join("spool").display()
         );
@@ -443,6 +450,9 @@ impl Gateway {
             dir,
             config,
             addr,
+            metrics_addr,
+            admin_addr,
+            admin_token: None,
             db,
             child: None,
         })
@@ -523,6 +533,10 @@ impl Gateway {
             .arg(&self.config)
             .arg("serve")
             .env_remove("TOLLGATE_DATABASE_URL")
+            .env(
+                "TOLLGATE_ADMIN_TOKEN",
+                self.admin_token.as_deref().unwrap_or(""),
+            )
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)

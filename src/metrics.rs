@@ -1,0 +1,387 @@
+//! Prometheus metrics: the families tollgate exports, their handles (registered once at start),
+//! and `/metrics` rendering. The request path only bumps registered handles and atomics; state
+//! kept in atomics elsewhere (account stats, key cache, writer) is copied into gauges and counters
+//! when Prometheus scrapes. No label carries a key, a user, a raw path or a client-sent string:
+//! labels come from fixed sets, account names (bounded by the accounts) and price-table keys.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use metrics::{counter, gauge, histogram, Counter, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::auth::KeyCache;
+use crate::meter::UsageRecord;
+use crate::upstream::{AccountSet, AccountType, ErrorKind};
+use crate::writer::{UsageSink, WriterStats};
+
+/// Buckets for latencies: sub-millisecond resolution for tollgate's own overhead, up to the
+/// minutes an LLM stream can take.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+const ROWS_BUCKETS: &[f64] = &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0];
+
+const STATUS_CLASSES: [&str; 6] = ["none", "1xx", "2xx", "3xx", "4xx", "5xx"];
+const UPSTREAM_TYPES: [&str; 4] = ["none", "openai", "anthropic", "generic"];
+pub const AUTH_REASONS: [&str; 7] = [
+    "missing",
+    "malformed",
+    "unknown",
+    "revoked",
+    "expired",
+    "forbidden",
+    "store_unavailable",
+];
+const TOKEN_KINDS: [&str; 4] = ["prompt", "completion", "cached", "cache_creation"];
+
+/// Cost is exported in units of 1e-10 USD inside, rendered as USD.
+const COST_SCALE: f64 = 1e10;
+
+pub struct Metrics {
+    exporter: Option<PrometheusHandle>,
+    requests: Vec<Counter>,
+    pub request_duration: Histogram,
+    pub upstream_duration: Histogram,
+    pub overhead: Histogram,
+    auth_failures: Vec<Counter>,
+    tokens: Vec<Counter>,
+    unpriced: Vec<Counter>,
+    /// (account type, price key) → cost in 1e-10 USD.
+    cost: Mutex<HashMap<(AccountType, String), Arc<AtomicU64>>>,
+    pub writer_batch_rows: Histogram,
+    pub writer_flush_seconds: Histogram,
+    reloads_ok: Counter,
+    reloads_failed: Counter,
+}
+
+impl Metrics {
+    /// Installs the Prometheus recorder and registers every fixed handle. Without a recorder
+    /// (tests, CLI) use [`Metrics::noop`].
+    pub fn install() -> Result<Metrics, String> {
+        let handle = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("tollgate_writer_batch_rows".into()),
+                    ROWS_BUCKETS,
+                )
+            })
+            .map_err(|e| e.to_string())?
+            .install_recorder()
+            .map_err(|e| e.to_string())?;
+        describe();
+        Ok(Metrics::register(Some(handle)))
+    }
+
+    pub fn noop() -> Metrics {
+        Metrics::register(None)
+    }
+
+    fn register(exporter: Option<PrometheusHandle>) -> Metrics {
+        let mut requests = Vec::new();
+        for class in STATUS_CLASSES {
+            for kind in UPSTREAM_TYPES {
+                requests.push(counter!("tollgate_requests_total", "status_class" => class, "upstream_type" => kind));
+            }
+        }
+        gauge!("tollgate_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        Metrics {
+            exporter,
+            requests,
+            request_duration: histogram!("tollgate_request_duration_seconds"),
+            upstream_duration: histogram!("tollgate_upstream_duration_seconds"),
+            overhead: histogram!("tollgate_overhead_seconds"),
+            auth_failures: AUTH_REASONS
+                .iter()
+                .map(|r| counter!("tollgate_auth_failures_total", "reason" => *r))
+                .collect(),
+            tokens: TOKEN_KINDS
+                .iter()
+                .map(|k| counter!("tollgate_tokens_total", "kind" => *k))
+                .collect(),
+            unpriced: AccountType::ALL
+                .iter()
+                .map(|t| counter!("tollgate_unpriced_requests_total", "account_type" => t.as_str()))
+                .collect(),
+            cost: Mutex::new(HashMap::new()),
+            writer_batch_rows: histogram!("tollgate_writer_batch_rows"),
+            writer_flush_seconds: histogram!("tollgate_writer_flush_duration_seconds"),
+            reloads_ok: counter!("tollgate_config_reloads_total", "result" => "ok"),
+            reloads_failed: counter!("tollgate_config_reloads_total", "result" => "error"),
+        }
+    }
+
+    /// One finished request.
+    pub fn request(
+        &self,
+        status: u16,
+        kind: Option<AccountType>,
+        total_s: f64,
+        upstream_s: Option<f64>,
+    ) {
+        let class = match status {
+            100..=599 => (status / 100) as usize,
+            _ => 0,
+        };
+        let t = kind.map_or(0, |k| {
+            1 + AccountType::ALL.iter().position(|x| *x == k).unwrap_or(0)
+        });
+        if let Some(c) = self.requests.get(class * UPSTREAM_TYPES.len() + t) {
+            c.increment(1);
+        }
+        self.request_duration.record(total_s);
+        if let Some(up) = upstream_s {
+            self.upstream_duration.record(up);
+            self.overhead.record((total_s - up).max(0.0));
+        }
+    }
+
+    pub fn auth_failure(&self, reason: &str) {
+        if let Some(i) = AUTH_REASONS.iter().position(|r| *r == reason) {
+            self.auth_failures[i].increment(1);
+        }
+    }
+
+    /// Tokens and cost of one metered request. `price_key` None = unpriced.
+    pub fn usage(&self, kind: AccountType, r: &UsageRecord, price_key: Option<&str>) {
+        let counts = [
+            r.prompt_tokens,
+            r.completion_tokens,
+            r.cached_tokens,
+            r.cache_creation_tokens,
+        ];
+        for (c, n) in self.tokens.iter().zip(counts) {
+            if n > 0 {
+                c.increment(n as u64);
+            }
+        }
+        let cost = r.cost;
+        match price_key {
+            None => {
+                if let Some(c) = AccountType::ALL
+                    .iter()
+                    .position(|x| *x == kind)
+                    .and_then(|i| self.unpriced.get(i))
+                {
+                    c.increment(1);
+                }
+            }
+            Some(key) => {
+                let units = (cost * rust_decimal::Decimal::from(10_000_000_000u64)).trunc();
+                let units = u64::try_from(units).unwrap_or(0);
+                let slot = self.cost_slot(kind, key);
+                slot.fetch_add(units, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn cost_slot(&self, kind: AccountType, key: &str) -> Arc<AtomicU64> {
+        let Ok(mut map) = self.cost.lock() else {
+            return Arc::default();
+        };
+        // Keys come from the price table (bounded), never from the client.
+        if let Some(slot) = map.get(&(kind, key.to_string())) {
+            return slot.clone();
+        }
+        map.entry((kind, key.to_string())).or_default().clone()
+    }
+
+    pub fn reload(&self, ok: bool) {
+        if ok {
+            &self.reloads_ok
+        } else {
+            &self.reloads_failed
+        }
+        .increment(1);
+    }
+
+    /// The `/metrics` body: state held in atomics is copied in first.
+    pub fn render(&self, sources: &Sources) -> String {
+        sources.sync();
+        let mut out = self
+            .exporter
+            .as_ref()
+            .map(|h| h.render())
+            .unwrap_or_default();
+        out.push_str("# HELP tollgate_cost_total Cost of metered requests in USD, by account type and price-table model.\n");
+        out.push_str("# TYPE tollgate_cost_total counter\n");
+        if let Ok(map) = self.cost.lock() {
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            for ((kind, model), units) in entries {
+                let usd = units.load(Ordering::Relaxed) as f64 / COST_SCALE;
+                let _ = writeln!(
+                    out,
+                    "tollgate_cost_total{{account_type=\"{}\",model=\"{}\"}} {usd}",
+                    kind.as_str(),
+                    escape(model)
+                );
+            }
+        }
+        out
+    }
+}
+
+fn escape(label: &str) -> String {
+    label
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The atomics-backed state copied into metrics at scrape time.
+pub struct Sources {
+    pub accounts: Arc<arc_swap::ArcSwap<AccountSet>>,
+    pub keys: Arc<KeyCache>,
+    pub writer: Arc<WriterStats>,
+    pub usage: UsageSink,
+    pub in_flight: Arc<crate::lifecycle::Drain>,
+}
+
+impl Sources {
+    fn sync(&self) {
+        let set = self.accounts.load();
+        gauge!("tollgate_upstream_accounts").set(set.len() as f64);
+        for a in set.accounts() {
+            let name = a.name.to_string();
+            let s = &a.stats;
+            counter!("tollgate_upstream_attempts_total", "account" => name.clone())
+                .absolute(s.attempts.load(Ordering::Relaxed));
+            counter!("tollgate_upstream_successes_total", "account" => name.clone())
+                .absolute(s.successes.load(Ordering::Relaxed));
+            for kind in ErrorKind::ALL {
+                counter!("tollgate_upstream_errors_total", "account" => name.clone(), "kind" => kind.as_str())
+                    .absolute(s.errors_of(kind));
+            }
+            gauge!("tollgate_upstream_cooldown", "account" => name).set(if set.in_cooldown(a) {
+                1.0
+            } else {
+                0.0
+            });
+        }
+        let (hits, misses, entries) = self.keys.stats();
+        counter!("tollgate_key_cache_hits_total").absolute(hits);
+        counter!("tollgate_key_cache_misses_total").absolute(misses);
+        gauge!("tollgate_key_cache_entries").set(entries as f64);
+        let w = &self.writer;
+        gauge!("tollgate_writer_queue_depth").set(self.usage.depth() as f64);
+        counter!("tollgate_writer_rows_written_total")
+            .absolute(w.rows_written.load(Ordering::Relaxed));
+        counter!("tollgate_writer_rows_spooled_total")
+            .absolute(w.rows_spooled.load(Ordering::Relaxed));
+        counter!("tollgate_writer_rows_replayed_total")
+            .absolute(w.rows_replayed.load(Ordering::Relaxed));
+        counter!("tollgate_writer_rows_lost_total").absolute(w.rows_lost.load(Ordering::Relaxed));
+        gauge!("tollgate_writer_spool_bytes").set(w.spool_bytes.load(Ordering::Relaxed) as f64);
+        gauge!("tollgate_writer_degraded").set(w.degraded.load(Ordering::Relaxed) as f64);
+        gauge!("tollgate_in_flight_requests").set(self.in_flight.in_flight() as f64);
+    }
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(
+        "tollgate_build_info",
+        "Always 1; the version label says which build runs."
+    );
+    describe_counter!(
+        "tollgate_requests_total",
+        "Requests answered, by status class and upstream account type."
+    );
+    describe_histogram!(
+        "tollgate_request_duration_seconds",
+        Unit::Seconds,
+        "Time from request start to the end of the response."
+    );
+    describe_histogram!(
+        "tollgate_upstream_duration_seconds",
+        Unit::Seconds,
+        "Time spent waiting on and streaming from upstreams."
+    );
+    describe_histogram!(
+        "tollgate_overhead_seconds",
+        Unit::Seconds,
+        "Request duration minus upstream duration: what tollgate adds."
+    );
+    describe_gauge!("tollgate_in_flight_requests", "Requests being served now.");
+    describe_counter!(
+        "tollgate_auth_failures_total",
+        "Requests refused before reaching an upstream, by reason."
+    );
+    describe_counter!(
+        "tollgate_key_cache_hits_total",
+        "Key lookups answered by the cache."
+    );
+    describe_counter!(
+        "tollgate_key_cache_misses_total",
+        "Key lookups that went to the database."
+    );
+    describe_gauge!(
+        "tollgate_key_cache_entries",
+        "Keys in the cache (found and unknown)."
+    );
+    describe_gauge!(
+        "tollgate_upstream_accounts",
+        "Active upstream accounts loaded."
+    );
+    describe_counter!(
+        "tollgate_upstream_attempts_total",
+        "Attempts sent to each upstream account."
+    );
+    describe_counter!(
+        "tollgate_upstream_successes_total",
+        "Attempts whose response reached the client without an upstream error."
+    );
+    describe_counter!(
+        "tollgate_upstream_errors_total",
+        "Failed attempts per upstream account, by kind."
+    );
+    describe_gauge!(
+        "tollgate_upstream_cooldown",
+        "1 while the account is cooling down after a failure."
+    );
+    describe_counter!("tollgate_tokens_total", "Tokens metered, by kind.");
+    describe_counter!(
+        "tollgate_unpriced_requests_total",
+        "Metered requests whose model has no price: recorded with cost 0."
+    );
+    describe_gauge!(
+        "tollgate_writer_queue_depth",
+        "Usage records waiting to be written."
+    );
+    describe_histogram!("tollgate_writer_batch_rows", "Rows per usage flush.");
+    describe_histogram!(
+        "tollgate_writer_flush_duration_seconds",
+        Unit::Seconds,
+        "Time one usage flush (one transaction) took."
+    );
+    describe_counter!(
+        "tollgate_writer_rows_written_total",
+        "Usage rows committed to the database."
+    );
+    describe_counter!(
+        "tollgate_writer_rows_spooled_total",
+        "Usage rows written to the local spool."
+    );
+    describe_counter!(
+        "tollgate_writer_rows_replayed_total",
+        "Spooled usage rows replayed into the database."
+    );
+    describe_counter!(
+        "tollgate_writer_rows_lost_total",
+        "Usage rows lost (queue full or spool unwritable). Should stay 0."
+    );
+    describe_gauge!("tollgate_writer_spool_bytes", "Bytes in the local spool.");
+    describe_gauge!(
+        "tollgate_writer_degraded",
+        "1 while the database is considered down and batches go to the spool."
+    );
+    describe_counter!(
+        "tollgate_config_reloads_total",
+        "Config reloads, by result."
+    );
+}
