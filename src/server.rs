@@ -262,7 +262,20 @@ pub fn serve(cfg: Config, config_path: PathBuf) -> anyhow::Result<()> {
         });
         tracing::info!("stopped");
     });
-    ready.store(true, Ordering::Release);
+    // Ready once pingora runs its services; not ready again from the stop signal on, so load
+    // balancers stop sending before the listener closes.
+    let mut phases = server.watch_execution_phase();
+    let readiness = ready.clone();
+    db_rt.spawn(async move {
+        use pingora::server::ExecutionPhase as P;
+        while let Ok(phase) = phases.recv().await {
+            match phase {
+                P::Running => readiness.store(true, Ordering::Release),
+                P::Setup | P::Bootstrap | P::BootstrapComplete => {}
+                _ => readiness.store(false, Ordering::Release),
+            }
+        }
+    });
     tracing::info!(
         listen = %cfg.server.listen,
         metrics = %cfg.metrics.listen,

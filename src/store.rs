@@ -342,11 +342,13 @@ impl Store {
     pub async fn create_account(&self, a: &NewAccount<'_>) -> Result<i64, StoreError> {
         let sql = "INSERT INTO upstream_accounts (name, type, email, base_url, credentials, priority, weight, is_active) \
                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id";
-        dispatch!(self, p => sqlx::query_scalar(sql)
+        let id: i64 = dispatch!(self, p => sqlx::query_scalar(sql)
             .bind(a.name).bind(a.kind.as_str()).bind(a.email).bind(a.base_url)
             .bind(Json(&a.credentials)).bind(a.priority).bind(a.weight).bind(a.is_active)
             .fetch_one(p).await)
-        .map_err(|e| StoreError::from_insert(e, &format!("account {}", a.name)))
+        .map_err(|e| StoreError::from_insert(e, &format!("account {}", a.name)))?;
+        self.notify(ACCOUNTS_CHANNEL, &id.to_string()).await;
+        Ok(id)
     }
 
     /// Inserts or updates (matched by name) an account declared in `config.toml`.

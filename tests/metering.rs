@@ -268,7 +268,7 @@ async fn load_invariants(db: Db) {
     }
     let ok = gw
         .db
-        .scalar("SELECT SUM(success_count) FROM upstream_accounts")
+        .scalar("SELECT CAST(SUM(success_count) AS BIGINT) FROM upstream_accounts")
         .await;
     assert_eq!(ok, 10_000);
 }

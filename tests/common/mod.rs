@@ -379,6 +379,19 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// The same database, for a second instance; only the original drops it.
+    pub fn share(&self) -> TestDb {
+        TestDb {
+            url: self.url.clone(),
+            kind: self.kind,
+            pg_admin_url: None,
+            pg_name: None,
+            _dir: None,
+        }
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         if let (Some(admin), Some(name)) = (self.pg_admin_url.take(), self.pg_name.take()) {
@@ -713,6 +726,71 @@ impl Gateway {
             &format!("url = \"{url}\""),
         );
         std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// A second instance on the same database, with its own ports and spool.
+    pub async fn sibling(&self) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let port = |_| -> SocketAddr { format!("127.0.0.1:{}", free_port()).parse().unwrap() };
+        let (addr, metrics_addr, admin_addr) = (port(0), port(1), port(2));
+        let text = std::fs::read_to_string(&self.config)
+            .unwrap()
+            .replace(&self.addr.to_string(), &addr.to_string())
+            .replace(&self.metrics_addr.to_string(), &metrics_addr.to_string())
+            .replace(&self.admin_addr.to_string(), &admin_addr.to_string())
+            .replace(
+                &self.spool_dir().display().to_string(),
+                &dir.path().join("spool").display().to_string(),
+            );
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, text).unwrap();
+        Gateway {
+            dir,
+            config,
+            addr,
+            metrics_addr,
+            admin_addr,
+            admin_token: self.admin_token.clone(),
+            db: self.db.share(),
+            child: None,
+        }
+    }
+
+    /// GET on the metrics listener.
+    pub async fn scrape(&self, path: &str) -> (u16, String) {
+        let r = reqwest::get(format!("http://{}{}", self.metrics_addr, path))
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    /// The value of one sample in a Prometheus text exposition (0 when absent).
+    pub fn sample(exposition: &str, series: &str) -> f64 {
+        exposition
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    }
+
+    /// A request to the admin API.
+    pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r =
+            reqwest::Client::new().request(method, format!("http://{}{}", self.admin_addr, path));
+        match &self.admin_token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
     }
 
     /// Adds `key = value` lines to the config's `[writer]` section.
