@@ -69,6 +69,8 @@ pub struct ServerConfig {
     pub idle_timeout_secs: u64,
     /// Largest request body accepted (and buffered for replay); larger gets 413.
     pub max_body_bytes: usize,
+    /// Longest wait on one read from or write to a client (slow or stalled clients are cut off).
+    pub client_timeout_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -79,6 +81,7 @@ impl Default for ServerConfig {
             grace_period_secs: 30,
             idle_timeout_secs: 75,
             max_body_bytes: 32 * 1024 * 1024,
+            client_timeout_secs: 60,
         }
     }
 }
@@ -478,7 +481,7 @@ mod tests {
             "[server]\nlisten = \"nope\"\n",
             "config.toml:2: invalid socket address syntax",
         );
-        check_err("[server]\nbogus = 1\n", "config.toml:2: unknown field `bogus`, expected one of `listen`, `threads`, `grace_period_secs`, `idle_timeout_secs`, `max_body_bytes`");
+        check_err("[server]\nbogus = 1\n", "config.toml:2: unknown field `bogus`, expected one of `listen`, `threads`, `grace_period_secs`, `idle_timeout_secs`, `max_body_bytes`, `client_timeout_secs`");
         check_err(
             "[[upstream_accounts]]\nname = \"a\"\ntype = \"openai\"\nbase_url = \"ftp://x\"\napi_key = \"k\"\n",
             "config.toml:4: base_url must start with http:// or https://",

@@ -39,6 +39,8 @@ pub struct Gateway {
     pub forwarder: Forwarder,
     pub max_body_bytes: usize,
     pub idle_timeout_secs: u64,
+    /// Longest wait on one read from or write to the client.
+    pub client_timeout: std::time::Duration,
     pub drain: Arc<Drain>,
     /// Where each request's usage record goes (never blocks).
     pub usage: UsageSink,
@@ -59,6 +61,9 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         session.set_keepalive(Some(self.idle_timeout_secs));
+        // A client that stalls mid-request or stops reading is cut off rather than held forever.
+        session.set_read_timeout(Some(self.client_timeout));
+        session.set_write_timeout(Some(self.client_timeout));
         if let Err((error, close)) = self.serve(session, ctx).await {
             let close = close || !body::drain(session, self.max_body_bytes).await;
             ctx.status = error.status();

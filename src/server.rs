@@ -128,6 +128,7 @@ pub fn serve(cfg: Config, config_path: PathBuf) -> anyhow::Result<()> {
         ),
         max_body_bytes: cfg.server.max_body_bytes,
         idle_timeout_secs: cfg.server.idle_timeout_secs,
+        client_timeout: Duration::from_secs(cfg.server.client_timeout_secs),
         drain: drain.clone(),
         usage: usage_sink.clone(),
         pricing: pricing.clone(),

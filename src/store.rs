@@ -33,6 +33,21 @@ macro_rules! dispatch {
     };
 }
 
+/// Decodes a [`KeyRow`] from a row of either backend (same columns, different row types).
+macro_rules! key_row {
+    ($r:expr) => {
+        KeyRow {
+            id: $r.try_get("id")?,
+            user_id: $r.try_get("user_id")?,
+            name: $r.try_get("name")?,
+            permissions: $r.try_get::<Json<serde_json::Value>, _>("permissions")?.0,
+            is_active: $r.try_get("is_active")?,
+            user_active: $r.try_get("user_active")?,
+            expires_at: $r.try_get("expires_at")?,
+        }
+    };
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database: {0}")]
@@ -274,15 +289,7 @@ impl Store {
                    FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.key_hash = $1";
         let row = dispatch!(self, p => match sqlx::query(sql).bind(key_hash_hex).fetch_optional(p).await? {
             None => None,
-            Some(r) => Some(KeyRow {
-                id: r.try_get("id")?,
-                user_id: r.try_get("user_id")?,
-                name: r.try_get("name")?,
-                permissions: r.try_get::<Json<serde_json::Value>, _>("permissions")?.0,
-                is_active: r.try_get("is_active")?,
-                user_active: r.try_get("user_active")?,
-                expires_at: r.try_get("expires_at")?,
-            }),
+            Some(r) => Some(key_row!(r)),
         });
         Ok(row)
     }
@@ -497,15 +504,7 @@ impl Store {
                    ORDER BY k.last_used_at DESC, k.id DESC LIMIT $1";
         let rows = dispatch!(self, p => sqlx::query(sql).bind(limit).fetch_all(p).await.and_then(|rows| rows.iter().map(|r| Ok((
             r.try_get("key_hash")?,
-            KeyRow {
-                id: r.try_get("id")?,
-                user_id: r.try_get("user_id")?,
-                name: r.try_get("name")?,
-                permissions: r.try_get::<Json<serde_json::Value>, _>("permissions")?.0,
-                is_active: r.try_get("is_active")?,
-                user_active: r.try_get("user_active")?,
-                expires_at: r.try_get("expires_at")?,
-            },
+            key_row!(r),
         ))).collect::<Result<Vec<_>, sqlx::Error>>()))?;
         Ok(rows)
     }
