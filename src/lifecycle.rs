@@ -56,10 +56,12 @@ impl Drain {
         }
     }
 
-    /// Runs the shutdown steps if nobody has yet.
+    /// Runs the shutdown steps if nobody has yet. A second caller (the drain watcher and the main
+    /// thread can both get here) waits until the first has finished, so the process never exits
+    /// in the middle of the final flush.
     pub fn finish(&self) {
-        let step = self.finish.lock().ok().and_then(|mut f| f.take());
-        if let Some(step) = step {
+        let Ok(mut slot) = self.finish.lock() else { return };
+        if let Some(step) = slot.take() {
             step();
         }
     }
