@@ -60,7 +60,9 @@ impl Drain {
     /// thread can both get here) waits until the first has finished, so the process never exits
     /// in the middle of the final flush.
     pub fn finish(&self) {
-        let Ok(mut slot) = self.finish.lock() else { return };
+        let Ok(mut slot) = self.finish.lock() else {
+            return;
+        };
         if let Some(step) = slot.take() {
             step();
         }

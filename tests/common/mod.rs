@@ -701,6 +701,24 @@ pub fn pg_socket(url: &str) -> SocketAddr {
         .unwrap()
 }
 
+/// Request ids of the records in the spool directory.
+pub fn spooled_ids(dir: &std::path::Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".spool"))
+        .filter_map(|e| tollgate::spool::Spool::read_segment(&e.path()).ok())
+        .flat_map(|s| s.records)
+        .map(|r| {
+            serde_json::from_slice::<tollgate::meter::UsageRecord>(&r)
+                .unwrap()
+                .request_id
+        })
+        .collect()
+}
+
 /// Records in the spool directory (closed and open segments), read with tollgate's own reader.
 pub fn spooled_records(dir: &std::path::Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
