@@ -1,0 +1,566 @@
+#!/usr/bin/env bash
+# Load benchmark of tollgate against a static upstream, with nginx and a bare pingora proxy as
+# baselines. One command: `bash benches/load.sh` (see benches/README.md, "Load benchmark").
+#
+#   bash benches/load.sh          throughput (interleaved rounds) + latency at half load
+#   bash benches/load.sh sse      500 concurrent SSE streams: memory per stream, TTFB overhead
+#   bash benches/load.sh all      both
+#
+# Settings (environment):
+#   LOAD_DURATION=10      seconds per measured wrk run          LOAD_ROUNDS=3   interleaved rounds
+#   LOAD_CONNECTIONS=64   wrk -c                                LOAD_WRK_THREADS=1  wrk -t
+#   LOAD_WARMUP=2         seconds of unmeasured wrk before each measured run (0 = none)
+#   LOAD_THREADS=2        pingora worker threads of tollgate and bare_proxy ([server] threads)
+#   LOAD_LATENCY=1        run the half-load latency phase (0 = skip)
+#   LOAD_LAT_DELAY_MS=4   pause per connection between requests in that phase
+#   LOAD_LOGS=on          on: tollgate logs at its default level (info, a line per request) and
+#                         nginx writes its access log, as both ship; off: RUST_LOG=warn, no log
+#   LOAD_CONFIGS="direct nginx bare tollgate-sqlite tollgate-pg"   which configurations to run
+#   TEST_DATABASE_URL     postgres://... : also run tollgate on PostgreSQL (a fresh database
+#                         tollgate_bench_<random>, dropped at the end)
+#   SSE_STREAMS=500  SSE_HOLD_SECS=10  SSE_SEQUENTIAL=50   the SSE scenario
+#   LOAD_SKIP_BUILD=1     don't run cargo build (use the binaries already in target/release)
+#   LOAD_OUT=target/load  where the report (Markdown) and the raw results (JSON lines) go
+#   LOAD_KEEP_TMP=1       keep the temporary directory (configs, logs, databases)
+#   LOAD_NO_NGINX=1       behave as if nginx were missing (Python upstream, no nginx baseline)
+#
+# Everything listens on 127.0.0.1 only, every run is bounded in time, and every process this
+# script starts is stopped when it exits (trap EXIT).
+set -euo pipefail
+
+MODE=${1:-rps}
+case "$MODE" in rps | sse | all) ;; -h | --help) sed -n '2,28p' "$0"; exit 0 ;;
+*) echo "usage: bash benches/load.sh [rps|sse|all]" >&2; exit 2 ;; esac
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+HERE=$ROOT/benches/load
+DURATION=${LOAD_DURATION:-10}
+ROUNDS=${LOAD_ROUNDS:-3}
+CONNS=${LOAD_CONNECTIONS:-64}
+WRK_THREADS=${LOAD_WRK_THREADS:-1}
+WARMUP=${LOAD_WARMUP:-2}
+THREADS=${LOAD_THREADS:-2}
+LATENCY=${LOAD_LATENCY:-1}
+LAT_DELAY_MS=${LOAD_LAT_DELAY_MS:-4}
+LOGS=${LOAD_LOGS:-on}
+CONFIGS=${LOAD_CONFIGS:-direct nginx bare tollgate-sqlite tollgate-pg}
+SSE_STREAMS=${SSE_STREAMS:-500}
+SSE_HOLD=${SSE_HOLD_SECS:-10}
+SSE_SEQ=${SSE_SEQUENTIAL:-50}
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+OUT=${LOAD_OUT:-$TARGET/load}
+PY=${PYTHON:-python3}
+REPORT="$PY $HERE/report.py"
+
+log() { printf '[load %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# --- tools --------------------------------------------------------------------------------------
+find_nginx() { command -v nginx 2>/dev/null || { [ -x /usr/sbin/nginx ] && echo /usr/sbin/nginx; } || true; }
+command -v "$PY" >/dev/null || die "python3 is required"
+missing=()
+command -v wrk >/dev/null || missing+=(wrk)
+[ -n "$(find_nginx)" ] || missing+=(nginx)
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing ${missing[*]} with apt-get"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get install -y -q "${missing[@]}" >&2 ||
+    { $SUDO apt-get update -q >&2 && $SUDO apt-get install -y -q "${missing[@]}" >&2; } ||
+    log "apt-get could not install ${missing[*]}"
+  # One that failed may be installable alone (nginx is optional, wrk is not).
+  command -v wrk >/dev/null || $SUDO apt-get install -y -q wrk >&2 || true
+fi
+command -v wrk >/dev/null || die "wrk is required and could not be installed"
+NGINX=$(find_nginx)
+[ "${LOAD_NO_NGINX:-0}" != 1 ] || NGINX="" # as if nginx could not be installed
+[ -n "$NGINX" ] || log "nginx is not available: the nginx configurations are skipped and the upstream is Python (slow)"
+
+# --- build --------------------------------------------------------------------------------------
+if [ "${LOAD_SKIP_BUILD:-0}" != 1 ]; then
+  log "cargo build --release --bin tollgate --example bare_proxy (fat LTO: minutes on a cold tree)"
+  (cd "$ROOT" && cargo build --release --bin tollgate --example bare_proxy)
+fi
+TG=$TARGET/release/tollgate
+BARE=$TARGET/release/examples/bare_proxy
+if [[ $MODE != rps || " $CONFIGS " == *" tollgate-"* ]]; then
+  [ -x "$TG" ] || die "$TG is missing (build it, or unset LOAD_SKIP_BUILD)"
+fi
+if [[ $MODE != rps || " $CONFIGS " == *" bare "* ]]; then
+  [ -x "$BARE" ] || die "$BARE is missing (build it, or unset LOAD_SKIP_BUILD)"
+fi
+
+# --- process bookkeeping and cleanup ------------------------------------------------------------
+T=$(mktemp -d /tmp/tollgate-load.XXXXXX)
+PIDS=()
+PG_DB=""
+PG_ADMIN_URL=${TEST_DATABASE_URL:-}
+cleanup() {
+  set +e
+  local pid
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
+  for _ in 1 2 3 4 5 6 7 8 9 10; do
+    local alive=0
+    for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ $alive = 0 ] && break
+    sleep 0.3
+  done
+  for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null; done
+  if [ -n "$PG_DB" ]; then
+    psql "$PG_ADMIN_URL" -qXc "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" >/dev/null 2>&1 &&
+      log "dropped database $PG_DB"
+  fi
+  if [ "${LOAD_KEEP_TMP:-0}" = 1 ]; then log "kept $T"; else rm -rf "$T"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+forget() { # PID: no longer ours to stop
+  local keep=() p
+  for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
+  PIDS=("${keep[@]+"${keep[@]}"}")
+}
+
+stop() { # PID SIGNAL SECONDS -> 0 if it exited by itself within SECONDS, 1 if it had to be killed
+  local pid=$1 sig=$2 secs=$3 i
+  kill "-$sig" "$pid" 2>/dev/null || { forget "$pid"; wait "$pid" 2>/dev/null || true; return 0; }
+  for ((i = 0; i < secs * 10; i++)); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  local rc=0
+  if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null; rc=1; fi
+  wait "$pid" 2>/dev/null || true
+  forget "$pid"
+  return $rc
+}
+
+ticks() { # PID -> utime+stime in clock ticks (0 if gone)
+  local s
+  s=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
+  s=${s##*) }
+  # shellcheck disable=SC2086
+  set -- $s
+  echo $((${12} + ${13}))
+}
+hwm_kb() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+wait_tcp() { # PORT SECONDS
+  local i
+  for ((i = 0; i < $2 * 20; i++)); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  return 1
+}
+wait_http() { # URL SECONDS PID
+  local i
+  for ((i = 0; i < $2 * 10; i++)); do
+    kill -0 "$3" 2>/dev/null || return 1
+    [ "$(curl -s -o /dev/null -m 2 -w '%{http_code}' "$1" || true)" = 200 ] && return 0
+    sleep 0.1
+  done
+  return 1
+}
+port() { $REPORT freeport; }
+
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+mkdir -p "$OUT"
+RESULTS=$T/results.jsonl
+: >"$RESULTS"
+HZ=$(getconf CLK_TCK)
+unset TOLLGATE_DATABASE_URL TOLLGATE_CONFIG TOLLGATE_ADMIN_TOKEN
+if [ "$LOGS" = on ]; then RUST_LOG_LEVEL=info; ACCESS_LOG="access_log $T/nginx-proxy.access.log;"
+else RUST_LOG_LEVEL=warn; ACCESS_LOG="access_log off;"; fi
+
+# --- the static upstream ------------------------------------------------------------------------
+NGX_TMP="client_body_temp_path $T/ngx/body; proxy_temp_path $T/ngx/proxy; fastcgi_temp_path $T/ngx/fcgi; uwsgi_temp_path $T/ngx/uwsgi; scgi_temp_path $T/ngx/scgi;"
+mkdir -p "$T/ngx"
+up_stats() { # -> "requests connections" the upstream has served and accepted so far
+  local body
+  body=$(curl -s -m 5 "http://127.0.0.1:$UP/__stats")
+  if [ "$STATS_SELF" = 1 ]; then
+    echo "$body" | awk 'NR == 3 {print $3, $1}'
+  else
+    echo "$body" | "$PY" -c 'import json, sys; s = json.load(sys.stdin); print(s["requests"], s["conns"])'
+  fi
+}
+start_upstream() { # the JSON upstream of the throughput scenario -> UP, UP_PID, STATS_SELF, UP_KIND
+  UP=$(port)
+  if [ -n "$NGINX" ]; then
+    # master_process off: the one process is the worker, so its CPU and memory are the server's.
+    cat >"$T/nginx-up.conf" <<EOF
+worker_processes 1;
+master_process off;
+daemon off;
+pid $T/nginx-up.pid;
+error_log $T/nginx-up.err warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  $NGX_TMP
+  keepalive_requests 10000000;
+  keepalive_timeout 300s;
+  server {
+    listen 127.0.0.1:$UP backlog=4096;
+    location = /__stats { stub_status; }
+    location / { default_type application/json; return 200 '$(cat "$HERE/response.json")'; }
+  }
+}
+EOF
+    "$NGINX" -p "$T/ngx" -e "$T/nginx-up.err" -c "$T/nginx-up.conf" >"$T/nginx-up.out" 2>&1 &
+    UP_PID=$!
+    STATS_SELF=1 # stub_status counts the request that asks
+    UP_KIND="nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///'), 1 worker, fixed JSON"
+  else
+    "$PY" "$HERE/upstream.py" --port "$UP" --mode json >"$T/upstream.log" 2>&1 &
+    UP_PID=$!
+    STATS_SELF=0
+    UP_KIND="Python asyncio (benches/load/upstream.py), fixed JSON"
+  fi
+  PIDS+=("$UP_PID")
+  wait_http "http://127.0.0.1:$UP/__stats" 10 "$UP_PID" ||
+    die "the upstream did not start: $(cat "$T"/nginx-up.err "$T"/upstream.log 2>/dev/null | tail -5)"
+  log "upstream: $UP_KIND on 127.0.0.1:$UP"
+}
+UP=""; UP_PID=""; STATS_SELF=0; UP_KIND=""
+
+# --- tollgate databases -------------------------------------------------------------------------
+declare -A DB_URL KEY
+tg_config() { # NAME URL UPSTREAM_PORT -> writes $T/NAME.toml with fresh ports, sets TG_PORT, TG_METRICS
+  TG_PORT=$(port); TG_METRICS=$(port)
+  cat >"$T/$1.toml" <<EOF
+[server]
+listen = "127.0.0.1:$TG_PORT"
+threads = $THREADS
+grace_period_secs = 10
+
+[database]
+url = "$2"
+
+[metrics]
+listen = "127.0.0.1:$TG_METRICS"
+
+[admin]
+listen = "127.0.0.1:$(port)"
+
+[writer]
+spool_dir = "$T/spool-$1"
+
+[prices."gpt-4o-mini"]
+input = "0.15"
+output = "0.60"
+cached_input = "0.075"
+EOF
+}
+tg_setup() { # NAME URL UPSTREAM_PORT: a user, a key (-> KEY[NAME]) and an account at the upstream
+  local cfg=$T/$1.toml
+  tg_config "$1" "$2" "$3"
+  DB_URL[$1]=$2
+  "$TG" --config "$cfg" users add --email bench@example.com --username bench >/dev/null 2>>"$T/cli.log" ||
+    die "tollgate users add failed: $(tail -3 "$T/cli.log")"
+  KEY[$1]=$("$TG" --config "$cfg" keys create --user bench@example.com --name bench 2>>"$T/cli.log" | tail -1)
+  [ -n "${KEY[$1]}" ] || die "tollgate keys create failed: $(tail -3 "$T/cli.log")"
+  "$TG" --config "$cfg" accounts add --name upstream --type openai \
+    --base-url "http://127.0.0.1:$3" --api-key sk-bench >/dev/null 2>>"$T/cli.log" ||
+    die "tollgate accounts add failed: $(tail -3 "$T/cli.log")"
+}
+count_rows() { # NAME -> "rows rows_with_tokens"
+  local url=${DB_URL[$1]}
+  if [[ $url == sqlite:* ]]; then
+    "$PY" - "${url#sqlite://}" <<'EOF'
+import sqlite3, sys
+c = sqlite3.connect(sys.argv[1])
+print(*c.execute("select count(*), count(case when tokens_used > 0 then 1 end) from usage_records").fetchone())
+EOF
+  else
+    psql "$url" -qXAt -F ' ' -c "select count(*), count(*) filter (where tokens_used > 0) from usage_records"
+  fi
+}
+pg_ticks() { # -> "pid:ticks ..." of the PostgreSQL backends of the bench database
+  local pid out=""
+  for pid in $(psql "$PG_ADMIN_URL" -qXAt -c "select pid from pg_stat_activity where datname = '$PG_DB' and pid <> pg_backend_pid()" 2>/dev/null); do
+    out+="$pid:$(ticks "$pid") "
+  done
+  echo "$out"
+}
+pg_delta() { # BEFORE AFTER -> ticks the backends spent in between
+  "$PY" -c 'import sys
+b = dict(x.split(":") for x in sys.argv[1].split())
+a = dict(x.split(":") for x in sys.argv[2].split())
+print(sum(int(v) - int(b.get(p, 0)) for p, v in a.items()))' "$1" "$2"
+}
+
+want() { [[ " $CONFIGS " == *" $1 "* ]]; }
+ACTIVE=()
+for c in direct nginx bare tollgate-sqlite tollgate-pg; do
+  want "$c" || continue
+  case $c in
+    nginx) [ -n "$NGINX" ] || continue ;;
+    tollgate-pg)
+      if [ -z "$PG_ADMIN_URL" ]; then
+        [ "$MODE" = sse ] || log "TEST_DATABASE_URL is not set: tollgate on PostgreSQL is skipped"
+        continue
+      fi
+      command -v psql >/dev/null || { log "psql is missing: tollgate on PostgreSQL is skipped"; continue; } ;;
+  esac
+  ACTIVE+=("$c")
+done
+
+# --- proxies ------------------------------------------------------------------------------------
+start_proxy() { # CONFIG -> PROXY_PID PROXY_PORT
+  case $1 in
+    direct) PROXY_PID=$UP_PID; PROXY_PORT=$UP ;;
+    nginx)
+      PROXY_PORT=$(port)
+      cat >"$T/nginx-proxy.conf" <<EOF
+worker_processes 1;
+master_process off;
+daemon off;
+pid $T/nginx-proxy.pid;
+error_log $T/nginx-proxy.err warn;
+events { worker_connections 8192; }
+http {
+  $ACCESS_LOG
+  $NGX_TMP
+  keepalive_requests 10000000;
+  keepalive_timeout 300s;
+  upstream up {
+    server 127.0.0.1:$UP;
+    keepalive 128;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+  }
+  server {
+    listen 127.0.0.1:$PROXY_PORT backlog=4096;
+    location / {
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+EOF
+      "$NGINX" -p "$T/ngx" -e "$T/nginx-proxy.err" -c "$T/nginx-proxy.conf" >>"$T/nginx-proxy.out" 2>&1 &
+      PROXY_PID=$!
+      PIDS+=("$PROXY_PID")
+      wait_tcp "$PROXY_PORT" 10 || die "nginx (proxy) did not start: $(tail -5 "$T/nginx-proxy.err")"
+      ;;
+    bare)
+      PROXY_PORT=$(port)
+      BARE_LISTEN=127.0.0.1:$PROXY_PORT BARE_UPSTREAM=127.0.0.1:$UP BARE_THREADS=$THREADS \
+        RUST_LOG=$RUST_LOG_LEVEL "$BARE" >>"$T/bare.log" 2>&1 &
+      PROXY_PID=$!
+      PIDS+=("$PROXY_PID")
+      wait_tcp "$PROXY_PORT" 10 || die "bare_proxy did not start: $(tail -5 "$T/bare.log")"
+      ;;
+    tollgate-*)
+      tg_config "$1" "${DB_URL[$1]}" "$UP"
+      PROXY_PORT=$TG_PORT
+      RUST_LOG=$RUST_LOG_LEVEL "$TG" --config "$T/$1.toml" serve >"$T/$1.log" 2>&1 &
+      PROXY_PID=$!
+      PIDS+=("$PROXY_PID")
+      wait_http "http://127.0.0.1:$TG_METRICS/readyz" 30 "$PROXY_PID" ||
+        die "tollgate ($1) did not become ready: $(tail -5 "$T/$1.log")"
+      ;;
+  esac
+}
+stop_proxy() { # CONFIG -> 0 if it stopped by itself
+  case $1 in
+    direct) return 0 ;;
+    nginx) stop "$PROXY_PID" QUIT 10 ;;
+    bare) stop "$PROXY_PID" TERM 10 ;;
+    tollgate-*) stop "$PROXY_PID" TERM 40 ;; # SIGTERM: the writer flushes before exit
+  esac
+}
+
+lua_script() { # FILE KEY [DELAY_MS]
+  cat >"$1" <<EOF
+wrk.method = "POST"
+wrk.body = '{"model":"gpt-4o-mini","messages":[]}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $2"
+function done(s, latency, requests)
+  io.write(string.format('WRKJSON {"requests":%d,"duration_us":%d,"bytes":%d,"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,"p999_us":%d,"mean_us":%.1f,"max_us":%d}\n',
+    s.requests, s.duration, s.bytes, s.errors.connect, s.errors.read, s.errors.write, s.errors.status, s.errors.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency:percentile(99.9), latency.mean, latency.max))
+end
+EOF
+  [ -z "${3:-}" ] || printf 'function delay() return %s end\n' "$3" >>"$1"
+}
+
+RUN=0
+run_one() { # PHASE CONFIG ROUND CONNS SCRIPT [extra k=v ...]
+  local phase=$1 config=$2 round=$3 conns=$4 script=$5
+  shift 5
+  local url pid extra=() before=() warm="" p0 p1 u0 u1 g0="" g1="" hwm clean=1
+  RUN=$((RUN + 1))
+  start_proxy "$config"
+  pid=$PROXY_PID
+  url="http://127.0.0.1:$PROXY_PORT/v1/chat/completions"
+  local threads=$((WRK_THREADS < conns ? WRK_THREADS : conns))
+  local up0 up1
+  read -r -a up0 <<<"$(up_stats)"
+  [[ $config != tollgate-* ]] || read -r -a before <<<"$(count_rows "$config")"
+  if [ "$WARMUP" != 0 ]; then
+    warm=$T/run$RUN.warm
+    wrk -t"$threads" -c"$conns" -d"${WARMUP}s" --latency -s "$script" "$url" >"$warm" 2>&1 || true
+  fi
+  p0=$(ticks "$pid"); u0=$(ticks "$UP_PID")
+  [ "$config" = tollgate-pg ] && g0=$(pg_ticks)
+  wrk -t"$threads" -c"$conns" -d"${DURATION}s" --latency -s "$script" "$url" >"$T/run$RUN.wrk" 2>&1 ||
+    { cat "$T/run$RUN.wrk" >&2; die "wrk failed ($config)"; }
+  p1=$(ticks "$pid"); u1=$(ticks "$UP_PID")
+  [ "$config" = tollgate-pg ] && { g1=$(pg_ticks); extra+=("db_ticks=$(pg_delta "$g0" "$g1")"); }
+  hwm=$(hwm_kb "$pid")
+  [ "$config" = direct ] || extra+=("proxy_ticks=$((p1 - p0))" "hwm_kb=$hwm")
+  stop_proxy "$config" || clean=0
+  # Between the two queries: what the run sent, plus the first query (stub_status counts the
+  # query that asks) and the second query's connection.
+  read -r -a up1 <<<"$(up_stats)"
+  extra+=("upstream_served=$((up1[0] - up0[0] - STATS_SELF))" "upstream_conns=$((up1[1] - up0[1] - 1))")
+  if [[ $config == tollgate-* ]]; then
+    local after
+    read -r -a after <<<"$(count_rows "$config")"
+    extra+=("rows=$((after[0] - before[0]))" "metered=$((after[1] - before[1]))" "stopped_cleanly=$clean")
+    [ -z "$warm" ] || extra+=("warm=$warm")
+    # Say what tollgate complained about (the first lines and how many), without the colours.
+    sed 's/\x1b\[[0-9;]*m//g' "$T/$config.log" | grep -E ' (ERROR|WARN) ' | grep -v 'admin API is off' >"$T/$config.warn" || true
+    if [ -s "$T/$config.warn" ]; then
+      log "$config logged $(wc -l <"$T/$config.warn") ERROR/WARN lines, e.g.:"
+      sort -k3 "$T/$config.warn" | uniq -c -f2 | sort -rn | head -3 | cut -c1-220 >&2
+      extra+=("log_problems=$(wc -l <"$T/$config.warn")")
+    fi
+    # The request log is large; keep only its end.
+    tail -200 "$T/$config.log" >"$T/$config.log.tail" && rm -f "$T/$config.log"
+  fi
+  $REPORT record "$RESULTS" phase="$phase" config="$config" round="$round" conns="$conns" \
+    hz="$HZ" wrk="$T/run$RUN.wrk" upstream_ticks=$((u1 - u0)) "${extra[@]}" "$@" >&2
+  rm -f "$T/nginx-proxy.access.log"
+}
+
+meta() {
+  "$PY" - "$@" <<'EOF'
+import json, os, subprocess, sys
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+mem = next((int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0)
+m = dict(a.split("=", 1) for a in sys.argv[1:])
+m.update(nproc=os.cpu_count(), cpu=cpu, mem_gib=round(mem / 1048576, 1), load=open("/proc/loadavg").read().split()[:3])
+print(json.dumps(m))
+EOF
+}
+
+START=$(date +%s)
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# --- scenario 1: throughput and latency ---------------------------------------------------------
+if [ "$MODE" = rps ] || [ "$MODE" = all ]; then
+  start_upstream
+  for c in "${ACTIVE[@]}"; do
+    case $c in
+      tollgate-sqlite) tg_setup "$c" "sqlite://$T/bench.db" "$UP" ;;
+      tollgate-pg)
+        PG_DB=tollgate_bench_$(od -An -N4 -tx4 /dev/urandom | tr -d ' ')
+        psql "$PG_ADMIN_URL" -qXc "CREATE DATABASE $PG_DB" >/dev/null || die "could not create database $PG_DB"
+        tg_setup "$c" "$($REPORT pgurl "$PG_ADMIN_URL" "$PG_DB")" "$UP"
+        log "database $PG_DB created"
+        ;;
+    esac
+  done
+  ANY_KEY=${KEY[tollgate-sqlite]:-${KEY[tollgate-pg]:-tg_nokey_000000000000000000000000000000}}
+  for c in "${ACTIVE[@]}"; do lua_script "$T/$c.lua" "${KEY[$c]:-$ANY_KEY}"; done
+
+  log "throughput: ${ACTIVE[*]}; $ROUNDS rounds x ${DURATION}s (+${WARMUP}s warm-up), wrk -t$WRK_THREADS -c$CONNS"
+  n=${#ACTIVE[@]}
+  for ((r = 1; r <= ROUNDS; r++)); do
+    log "round $r/$ROUNDS"
+    for ((i = 0; i < n; i++)); do
+      c=${ACTIVE[$(((i + r - 1) % n))]} # rotate the order so no configuration always goes first
+      run_one rps "$c" "$r" "$CONNS" "$T/$c.lua"
+    done
+  done
+
+  if [ "$LATENCY" = 1 ]; then
+    read -r RATE LAT_CONNS <<<"$($REPORT rate "$RESULTS" "$LAT_DELAY_MS")"
+    for c in "${ACTIVE[@]}"; do lua_script "$T/$c.lat.lua" "${KEY[$c]:-$ANY_KEY}" "$LAT_DELAY_MS"; done
+    # wrk's pause timer is coarse: measure what LAT_CONNS paced connections offer to the upstream
+    # directly, and scale the connection count to the target once, for every configuration.
+    wrk -t"$((WRK_THREADS < LAT_CONNS ? WRK_THREADS : LAT_CONNS))" -c"$LAT_CONNS" -d3s -s "$T/${ACTIVE[0]}.lat.lua" "http://127.0.0.1:$UP/v1/chat/completions" >"$T/calibrate.wrk" 2>&1 || true
+    LAT_CONNS=$($REPORT calibrate "$T/calibrate.wrk" "$RATE" "$LAT_CONNS")
+    log "latency at half load: about $RATE req/s offered (wrk -c$LAT_CONNS, ${LAT_DELAY_MS} ms pause per connection)"
+    for c in "${ACTIVE[@]}"; do
+      run_one lat "$c" 1 "$LAT_CONNS" "$T/$c.lat.lua" target="$RATE" delay_ms="$LAT_DELAY_MS"
+    done
+  fi
+fi
+
+# --- scenario 2: SSE streams --------------------------------------------------------------------
+if [ "$MODE" = sse ] || [ "$MODE" = all ]; then
+  SSE_UP=$(port)
+  "$PY" "$HERE/upstream.py" --port "$SSE_UP" --mode sse --hold "$SSE_HOLD" >"$T/sse-upstream.log" 2>&1 &
+  SSE_UP_PID=$!
+  PIDS+=("$SSE_UP_PID")
+  UP_KIND="${UP_KIND:+$UP_KIND; }SSE: Python asyncio (benches/load/upstream.py)"
+  wait_http "http://127.0.0.1:$SSE_UP/__stats" 10 "$SSE_UP_PID" || die "the SSE upstream did not start: $(tail -5 "$T/sse-upstream.log")"
+  tg_setup tollgate-sse "sqlite://$T/sse.db" "$SSE_UP"
+  start_proxy tollgate-sse
+  TGP=$PROXY_PID
+  direct="http://127.0.0.1:$SSE_UP/v1/chat/completions"
+  gw="http://127.0.0.1:$PROXY_PORT/v1/chat/completions"
+  k=${KEY[tollgate-sse]}
+  log "SSE: warm-up stream, then $SSE_SEQ streams one at a time (direct, then through tollgate)"
+  "$PY" "$HERE/sse_client.py" --url "$gw" --key "$k" --streams 1 --hold 0 >"$T/sse-warm.json"
+  "$PY" "$HERE/sse_client.py" --url "$direct" --key "$k" --streams "$SSE_SEQ" --hold 0 --sequential >"$T/sse-direct-seq.json"
+  "$PY" "$HERE/sse_client.py" --url "$gw" --key "$k" --streams "$SSE_SEQ" --hold 0 --sequential >"$T/sse-gw-seq.json"
+  log "SSE: $SSE_STREAMS concurrent streams held ${SSE_HOLD}s, direct"
+  timeout $((SSE_HOLD + 120)) "$PY" "$HERE/sse_client.py" --url "$direct" --key "$k" --streams "$SSE_STREAMS" --hold "$SSE_HOLD" >"$T/sse-direct.json"
+  sleep 1
+  bare_sse=()
+  if [ -x "$BARE" ]; then
+    # The same through the bare pingora proxy: what the engine alone costs per stream.
+    bp=$(port)
+    BARE_LISTEN=127.0.0.1:$bp BARE_UPSTREAM=127.0.0.1:$SSE_UP BARE_THREADS=$THREADS "$BARE" >>"$T/bare-sse.log" 2>&1 &
+    BP=$!
+    PIDS+=("$BP")
+    wait_tcp "$bp" 10 || die "bare_proxy did not start: $(tail -5 "$T/bare-sse.log")"
+    bu="http://127.0.0.1:$bp/v1/chat/completions"
+    log "SSE: $SSE_STREAMS concurrent streams held ${SSE_HOLD}s, through bare pingora (pid $BP)"
+    "$PY" "$HERE/sse_client.py" --url "$bu" --key "$k" --streams 1 --hold 0 >/dev/null
+    "$PY" "$HERE/sse_client.py" --url "$bu" --key "$k" --streams "$SSE_SEQ" --hold 0 --sequential >"$T/sse-bare-seq.json"
+    timeout $((SSE_HOLD + 120)) "$PY" "$HERE/sse_client.py" --url "$bu" --key "$k" --streams "$SSE_STREAMS" --hold "$SSE_HOLD" --pid "$BP" >"$T/sse-bare.json"
+    stop "$BP" TERM 10 || true
+    bare_sse=(bare="$T/sse-bare.json" bare_seq="$T/sse-bare-seq.json")
+    sleep 1
+  fi
+  log "SSE: $SSE_STREAMS concurrent streams held ${SSE_HOLD}s, through tollgate (pid $TGP)"
+  timeout $((SSE_HOLD + 120)) "$PY" "$HERE/sse_client.py" --url "$gw" --key "$k" --streams "$SSE_STREAMS" --hold "$SSE_HOLD" --pid "$TGP" >"$T/sse-gw.json"
+  clean=1
+  stop "$TGP" TERM 40 || clean=0
+  read -r -a rows <<<"$(count_rows tollgate-sse)"
+  $REPORT sse "$RESULTS" direct="$T/sse-direct.json" gateway="$T/sse-gw.json" \
+    direct_seq="$T/sse-direct-seq.json" gateway_seq="$T/sse-gw-seq.json" \
+    rows="${rows[0]}" metered="${rows[1]}" expected_rows=$((1 + SSE_SEQ + SSE_STREAMS)) stopped_cleanly=$clean \
+    "${bare_sse[@]+"${bare_sse[@]}"}" >&2
+fi
+
+# --- report -------------------------------------------------------------------------------------
+STAMP=$(date +%Y%m%d-%H%M%S)
+meta mode="$MODE" rounds="$ROUNDS" duration="$DURATION" warmup="$WARMUP" connections="$CONNS" \
+  wrk_threads="$WRK_THREADS" threads="$THREADS" logs="$LOGS" upstream="$UP_KIND" \
+  load_before="$LOAD_BEFORE" >"$T/meta.json"
+{
+  echo "## tollgate load benchmark, $(date -u '+%Y-%m-%d %H:%M UTC'), $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  echo
+  "$PY" -c 'import json,sys; m=json.load(open(sys.argv[1])); print("Machine: %s CPUs (%s), %s GiB; load average before %s, at the end %s. Upstream: %s. Proxies: %s pingora threads, logs %s. wrk, the upstream and the proxy share these CPUs." % (m["nproc"], m["cpu"], m["mem_gib"], m["load_before"], " ".join(m["load"]), m["upstream"], m["threads"], m["logs"]))' "$T/meta.json"
+  echo
+  $REPORT summary "$RESULTS" "$T/meta.json"
+  echo
+  echo "Total time: $(($(date +%s) - START)) s (after the build)."
+} >"$OUT/load-$STAMP.md"
+cp "$RESULTS" "$OUT/load-$STAMP.jsonl"
+cat "$OUT/load-$STAMP.md"
+log "report: $OUT/load-$STAMP.md (raw runs: $OUT/load-$STAMP.jsonl)"
+if grep -q 'usage rows: FAIL\|| FAIL' "$OUT/load-$STAMP.md"; then
+  log "a usage-row check FAILED"
+  exit 1
+fi
