@@ -27,6 +27,10 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 PY
 pids+=($!)
+for _ in $(seq 1 200); do
+  curl -fsS -X POST -d '{}' "http://127.0.0.1:$up/" >/dev/null 2>&1 && break
+  sleep 0.05
+done
 
 cat > "$tmp/config.toml" <<TOML
 [server]

@@ -9,7 +9,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() {
     tollgate::lifecycle::init_logging();
     let cli = tollgate::cli::Cli::parse();
-    if let Err(e) = tollgate::cli::run(cli) {
+    let result = tollgate::cli::run(cli);
+    tollgate::lifecycle::flush_logs();
+    if let Err(e) = result {
         eprintln!("tollgate: {e:#}");
         std::process::exit(1);
     }
