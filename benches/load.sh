@@ -60,6 +60,7 @@ find_nginx() { command -v nginx 2>/dev/null || { [ -x /usr/sbin/nginx ] && echo 
 command -v "$PY" >/dev/null || die "python3 is required"
 missing=()
 command -v wrk >/dev/null || missing+=(wrk)
+command -v curl >/dev/null || missing+=(curl)
 [ -n "$(find_nginx)" ] || missing+=(nginx)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]} with apt-get"
@@ -72,6 +73,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   command -v wrk >/dev/null || $SUDO apt-get install -y -q wrk >&2 || true
 fi
 command -v wrk >/dev/null || die "wrk is required and could not be installed"
+command -v curl >/dev/null || die "curl is required and could not be installed"
 NGINX=$(find_nginx)
 [ "${LOAD_NO_NGINX:-0}" != 1 ] || NGINX="" # as if nginx could not be installed
 [ -n "$NGINX" ] || log "nginx is not available: the nginx configurations are skipped and the upstream is Python (slow)"

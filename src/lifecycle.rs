@@ -22,8 +22,10 @@ pub fn init_logging() {
         .lossy(false)
         .thread_name("tollgate-log")
         .finish(std::io::stderr());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     if tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(writer)
         .try_init()
         .is_ok()

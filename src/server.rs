@@ -257,8 +257,10 @@ pub fn serve(cfg: Config, config_path: PathBuf) -> anyhow::Result<()> {
     drain.on_finish(move || {
         // Every request has finished: flush what they queued, stop the tasks, close the database.
         finish_handle.block_on(async {
-            writer.shutdown().await;
+            // Background tasks first (so none of them sees the pool close under it), then the
+            // writer's final flush, then the pool.
             let _ = stop_tx.send(true);
+            writer.shutdown().await;
             finish_store.close().await;
         });
         tracing::info!("stopped");
