@@ -294,12 +294,6 @@ impl KeyCache {
         }
     }
 
-    pub fn invalidate_all(&self) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        self.found.invalidate_all();
-        self.unknown.invalidate_all();
-    }
-
     /// Loads recently used keys so the first requests after a start hit the cache.
     pub async fn warm(&self, limit: u64) -> Result<usize, crate::store::StoreError> {
         let rows = self

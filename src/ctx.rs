@@ -35,8 +35,6 @@ pub struct RequestCtx {
     /// When the first upstream attempt started; set by `forward`, read by `logging` (upstream
     /// time vs tollgate's own overhead).
     pub upstream_started: Option<Instant>,
-    /// When the upstream response header arrived; set by `forward`.
-    pub upstream_header_at: Option<Instant>,
     /// Reads usage from the response body; set by `forward` when the response header is sent,
     /// fed each chunk by `forward`, finished by `logging`.
     pub tap: Option<ResponseTap>,
@@ -66,7 +64,6 @@ impl RequestCtx {
             status: 0,
             error: None,
             upstream_started: None,
-            upstream_header_at: None,
             tap: None,
             stripper: None,
             _in_flight: in_flight,

@@ -6,7 +6,6 @@
 //! body is kept in the request context and replayed on every attempt.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -226,7 +225,6 @@ impl Forwarder {
                 retry_after,
             });
         }
-        ctx.upstream_header_at = Some(Instant::now());
         let content_type = upstream
             .headers
             .get(http::header::CONTENT_TYPE)
@@ -389,9 +387,6 @@ impl Forwarder {
         resp
     }
 }
-
-/// Type the request path holds: the forwarder is shared by every worker.
-pub type SharedForwarder = Arc<Forwarder>;
 
 #[cfg(test)]
 mod tests {

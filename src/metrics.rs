@@ -276,6 +276,12 @@ impl Sources {
         counter!("tollgate_writer_rows_replayed_total")
             .absolute(w.rows_replayed.load(Ordering::Relaxed));
         counter!("tollgate_writer_rows_lost_total").absolute(w.rows_lost.load(Ordering::Relaxed));
+        counter!("tollgate_writer_rows_duplicate_total")
+            .absolute(w.rows_duplicate.load(Ordering::Relaxed));
+        counter!("tollgate_writer_flush_failures_total")
+            .absolute(w.flush_failures.load(Ordering::Relaxed));
+        counter!("tollgate_writer_torn_segments_total")
+            .absolute(w.torn_segments.load(Ordering::Relaxed));
         gauge!("tollgate_writer_spool_bytes").set(w.spool_bytes.load(Ordering::Relaxed) as f64);
         gauge!("tollgate_writer_degraded").set(w.degraded.load(Ordering::Relaxed) as f64);
         gauge!("tollgate_in_flight_requests").set(self.in_flight.in_flight() as f64);
@@ -376,6 +382,18 @@ fn describe() {
         "Usage rows lost (queue full or spool unwritable). Should stay 0."
     );
     describe_gauge!("tollgate_writer_spool_bytes", "Bytes in the local spool.");
+    describe_counter!(
+        "tollgate_writer_rows_duplicate_total",
+        "Rows skipped because their request id was already written (replays)."
+    );
+    describe_counter!(
+        "tollgate_writer_flush_failures_total",
+        "Usage flushes that failed or timed out (their batch was spooled)."
+    );
+    describe_counter!(
+        "tollgate_writer_torn_segments_total",
+        "Spool segments found with a torn or corrupt tail."
+    );
     describe_gauge!(
         "tollgate_writer_degraded",
         "1 while the database is considered down and batches go to the spool."

@@ -418,17 +418,6 @@ impl Store {
         Ok(())
     }
 
-    pub async fn set_account_active(&self, id: i64, active: bool) -> Result<(), StoreError> {
-        self.update_account(
-            id,
-            &AccountPatch {
-                is_active: Some(active),
-                ..AccountPatch::default()
-            },
-        )
-        .await
-    }
-
     /// Soft delete: the row stays (usage rows reference it) but the account is gone from listings
     /// and never serves again.
     pub async fn delete_account(&self, id: i64) -> Result<(), StoreError> {

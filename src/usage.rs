@@ -176,7 +176,8 @@ struct StreamOptions {
 }
 
 fn parse_stream_req(body: &[u8]) -> Option<StreamReq> {
-    if first_non_ws(body) != Some(b'{') {
+    // Most requests never mention streaming: skip the full parse for them.
+    if first_non_ws(body) != Some(b'{') || memchr::memmem::find(body, b"\"stream").is_none() {
         return None;
     }
     serde_json::from_slice(body).ok()

@@ -61,12 +61,9 @@ pub struct WriterStats {
     pub rows_spooled: AtomicU64,
     pub rows_replayed: AtomicU64,
     pub rows_lost: AtomicU64,
-    pub flushes: AtomicU64,
     pub flush_failures: AtomicU64,
     pub spool_bytes: AtomicU64,
     pub torn_segments: AtomicU64,
-    /// Last flush duration in microseconds.
-    pub last_flush_us: AtomicU64,
     /// 1 while the database is considered down.
     pub degraded: AtomicU64,
 }
@@ -319,12 +316,12 @@ impl Writer {
             return;
         }
         let started = std::time::Instant::now();
-        self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         match timeout(self.opts.flush_timeout, self.sink.write(batch)).await {
             Ok(Ok(inserted)) => {
-                self.stats
-                    .last_flush_us
-                    .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                self.opts
+                    .flush_seconds
+                    .record(started.elapsed().as_secs_f64());
+                self.opts.batch_rows.record(batch.len() as f64);
                 self.stats
                     .rows_written
                     .fetch_add(inserted, Ordering::Relaxed);
