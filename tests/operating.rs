@@ -97,6 +97,24 @@ async fn metrics_flow(db: Db) {
             "a secret in a label: {line}"
         );
     }
+    // The usage writer's flushes show up too (rows, batch sizes, flush durations).
+    let t = Instant::now();
+    loop {
+        let (_, m) = gw.scrape("/metrics").await;
+        if Gateway::sample(&m, "tollgate_writer_rows_written_total") >= 3.0 {
+            assert!(
+                Gateway::sample(&m, "tollgate_writer_batch_rows_count") >= 1.0,
+                "batch histogram fed"
+            );
+            assert!(Gateway::sample(&m, "tollgate_writer_flush_duration_seconds_count") >= 1.0);
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "usage rows never written"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     promtool_check(&after);
 }
 
