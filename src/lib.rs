@@ -15,6 +15,7 @@ pub mod forward;
 pub mod httpd;
 pub mod keys;
 pub mod lifecycle;
+pub mod logging;
 pub mod meter;
 pub mod metrics;
 pub mod ops;

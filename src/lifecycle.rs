@@ -1,4 +1,4 @@
-//! Start and stop: logging setup, the in-flight request count, and graceful shutdown on SIGTERM
+//! Start and stop: the in-flight request count, and graceful shutdown on SIGTERM
 //! or Ctrl-C (stop accepting, let in-flight requests finish within the grace period, then run the
 //! shutdown steps once and exit 0).
 
@@ -8,42 +8,6 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
-
-/// Installs the `tracing` subscriber (and the `log` bridge, so pingora's own logs appear).
-/// `RUST_LOG` overrides the default `info`.
-///
-/// Lines go to stderr through a background writer thread, so a request never waits on the write
-/// syscall. It is not lossy: if stderr stops being read for long, logging waits rather than
-/// drops lines. [`flush_logs`] must run before the process exits.
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("tollgate-log")
-        .finish(std::io::stderr());
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    if tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(writer)
-        .try_init()
-        .is_ok()
-    {
-        if let Ok(mut g) = LOG_GUARD.lock() {
-            *g = Some(guard);
-        }
-    }
-}
-
-static LOG_GUARD: Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> = Mutex::new(None);
-
-/// Writes out every log line still queued. Call before exiting.
-pub fn flush_logs() {
-    if let Ok(mut g) = LOG_GUARD.lock() {
-        g.take();
-    }
-}
 
 type Step = Box<dyn FnOnce() + Send>;
 
@@ -112,7 +76,7 @@ impl Drain {
                 if drain.in_flight() == 0 {
                     tracing::info!("all in-flight requests finished; shutting down");
                     drain.finish();
-                    flush_logs();
+                    crate::logging::flush_logs();
                     std::process::exit(0);
                 }
             });

@@ -7,10 +7,10 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    tollgate::lifecycle::init_logging();
+    tollgate::logging::init_logging();
     let cli = tollgate::cli::Cli::parse();
     let result = tollgate::cli::run(cli);
-    tollgate::lifecycle::flush_logs();
+    tollgate::logging::flush_logs();
     if let Err(e) = result {
         eprintln!("tollgate: {e:#}");
         std::process::exit(1);
