@@ -138,6 +138,8 @@ pub struct UpstreamConfig {
     pub max_cooldown_secs: u64,
     /// How long an idle upstream connection stays in the pool.
     pub pool_idle_timeout_secs: u64,
+    /// Idle upstream connections kept per account per proxy thread (0 = no reuse).
+    pub pool_max_idle: usize,
     /// How often accounts are re-read from the database (and DNS re-resolved).
     pub refresh_secs: u64,
     /// `anthropic-version` sent to Anthropic when the client sends none.
@@ -153,6 +155,7 @@ impl Default for UpstreamConfig {
             cooldown_secs: 30,
             max_cooldown_secs: 600,
             pool_idle_timeout_secs: 90,
+            pool_max_idle: 128,
             refresh_secs: 10,
             anthropic_version: "2023-06-01".into(),
         }

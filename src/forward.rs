@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
-use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
 
 use crate::ctx::RequestCtx;
 use crate::error::GatewayError;
 use crate::meter::ResponseTap;
+use crate::pool::UpstreamPool;
 use crate::upstream::{parse_retry_after, Account, AccountSet, AccountType, ErrorKind};
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the client's
@@ -56,7 +56,7 @@ pub fn headers_to_drop(headers: &http::HeaderMap, request: bool) -> Vec<HeaderNa
 }
 
 pub struct Forwarder {
-    connector: Connector,
+    pool: UpstreamPool,
     /// Cap on a JSON response body held for usage extraction.
     json_cap: usize,
     max_attempts: usize,
@@ -80,13 +80,14 @@ enum AttemptFailure {
 
 impl Forwarder {
     pub fn new(
+        pool: UpstreamPool,
         max_attempts: usize,
         read_timeout: Duration,
         anthropic_version: &str,
         json_cap: usize,
     ) -> Forwarder {
         Forwarder {
-            connector: Connector::new(None),
+            pool,
             json_cap,
             max_attempts,
             read_timeout,
@@ -183,17 +184,13 @@ impl Forwarder {
         let request = self
             .upstream_request(session, ctx, account)
             .map_err(|e| retry(format!("building request: {e}"), ErrorKind::Connect, false))?;
-        let (mut client, reused) = self
-            .connector
-            .get_http_session(&account.peer)
-            .await
-            .map_err(|e| {
-                retry(
-                    format!("connect: {}", e.etype().as_str()),
-                    kind_of(&e),
-                    true,
-                )
-            })?;
+        let (mut client, reused) = self.pool.session(&account.peer).await.map_err(|e| {
+            retry(
+                format!("connect: {}", e.etype().as_str()),
+                kind_of(&e),
+                true,
+            )
+        })?;
         client.set_read_timeout(Some(self.read_timeout));
         client.set_write_timeout(Some(self.read_timeout));
 
@@ -291,9 +288,7 @@ impl Forwarder {
             return Err(AttemptFailure::Committed("client_aborted"));
         }
         if client.response_done() {
-            self.connector
-                .release_http_session(client, &account.peer, account.peer.options.idle_timeout)
-                .await;
+            self.pool.release(client, &account.peer).await;
         }
         Ok(!failed)
     }

@@ -19,6 +19,7 @@ pub mod logging;
 pub mod meter;
 pub mod metrics;
 pub mod ops;
+pub mod pool;
 pub mod proxy;
 pub mod server;
 pub mod spool;

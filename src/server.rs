@@ -32,6 +32,7 @@ use crate::httpd::{self, Handler, Response};
 use crate::lifecycle::{Drain, Signals};
 use crate::meter::Pricing;
 use crate::metrics::{Metrics, Sources};
+use crate::pool::UpstreamPool;
 use crate::proxy::Gateway;
 use crate::spool::Spool;
 use crate::store::{redact_url, NewAccount, Store, ACCOUNTS_CHANNEL, KEYS_CHANNEL};
@@ -121,6 +122,10 @@ pub fn serve(cfg: Config, config_path: PathBuf) -> anyhow::Result<()> {
         accounts: accounts.clone(),
         router: router.clone(),
         forwarder: Forwarder::new(
+            UpstreamPool::new(
+                Duration::from_secs(cfg.upstream.pool_idle_timeout_secs),
+                cfg.upstream.pool_max_idle,
+            ),
             cfg.upstream.max_attempts,
             cfg.upstream.read_timeout(),
             &cfg.upstream.anthropic_version,

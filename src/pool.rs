@@ -1,0 +1,248 @@
+//! Kept-alive upstream connections: one pool per proxy thread, taken and returned without a lock,
+//! a spawned task or a wake-up.
+//!
+//! pingora's own pool (`TransportConnector`) spawns an idle-watch task for every connection it
+//! takes back and must wait for that task to let go before the next request can reuse the
+//! connection. Under load that cost a spawn, a lock and a wake-up per request, and when the watch
+//! task had not yet let go the request opened a new connection instead ("failed to acquire
+//! reusable stream", hundreds of new upstream connections per benchmark run).
+//!
+//! Here an idle connection sits in a per-thread stack (most recently used first) and is checked
+//! when it is taken: a non-blocking read that finds data, EOF or an error discards it, as
+//! pingora does. Connections are dropped once idle longer than `idle_timeout`, and at most
+//! `max_idle` are kept per peer per thread (the oldest goes first). Expired connections are swept
+//! whenever the thread's pool is used; a thread that serves nothing keeps its (bounded) idle
+//! connections until it does.
+//!
+//! The pool is thread-local because each pingora worker thread runs its own runtime
+//! (`work_stealing = false`), so a request's task never changes thread. It is only touched
+//! between awaits, so with work stealing on it stays correct (a connection may just be returned
+//! to another thread's pool).
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use pingora::connectors::TransportConnector;
+use pingora::protocols::http::client::HttpSession;
+use pingora::protocols::http::v1::client::HttpSession as Http1Session;
+use pingora::protocols::Stream;
+use pingora::upstreams::peer::{HttpPeer, Peer};
+use tokio::io::AsyncReadExt;
+// tokio's clock, so the idle timeout can be tested on paused time.
+use tokio::time::Instant;
+
+struct Idle {
+    stream: Stream,
+    since: Instant,
+}
+
+#[derive(Default)]
+struct ThreadPool {
+    /// Per peer (`Peer::reuse_hash`): idle connections, most recently returned at the back.
+    idle: HashMap<u64, VecDeque<Idle>>,
+    last_sweep: Option<Instant>,
+}
+
+thread_local! {
+    static POOL: RefCell<ThreadPool> = RefCell::new(ThreadPool::default());
+}
+
+/// How often a thread's whole pool is checked for expired connections.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+pub struct UpstreamPool {
+    transport: TransportConnector,
+    idle_timeout: Duration,
+    max_idle: usize,
+}
+
+impl UpstreamPool {
+    pub fn new(idle_timeout: Duration, max_idle: usize) -> UpstreamPool {
+        UpstreamPool {
+            transport: TransportConnector::new(None),
+            idle_timeout,
+            max_idle,
+        }
+    }
+
+    /// An HTTP/1 session to `peer`: a pooled connection if one is usable, else a new one.
+    /// The flag says whether the connection was reused (a reused one may have been closed by the
+    /// upstream in the meantime, which is not the upstream's fault).
+    pub async fn session(&self, peer: &HttpPeer) -> pingora::Result<(HttpSession, bool)> {
+        if let Some(stream) = self.take(peer.reuse_hash()) {
+            return Ok((
+                HttpSession::H1(Http1Session::new_with_options(stream, peer)),
+                true,
+            ));
+        }
+        let stream = self.transport.new_stream(peer).await?;
+        Ok((
+            HttpSession::H1(Http1Session::new_with_options(stream, peer)),
+            false,
+        ))
+    }
+
+    /// Returns a session whose response was read to the end; kept if the upstream allows it.
+    pub async fn release(&self, session: HttpSession, peer: &HttpPeer) {
+        let HttpSession::H1(mut session) = session else {
+            return; // only HTTP/1 sessions are made here
+        };
+        session.respect_keepalive();
+        if let Some(stream) = session.reuse().await {
+            self.put(peer.reuse_hash(), stream);
+        }
+    }
+
+    fn take(&self, key: u64) -> Option<Stream> {
+        POOL.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            let now = Instant::now();
+            self.maybe_sweep(&mut pool, now);
+            let idle = pool.idle.get_mut(&key)?;
+            while let Some(mut conn) = idle.pop_back() {
+                if now.duration_since(conn.since) > self.idle_timeout {
+                    // The most recent one is expired, so all older ones are too.
+                    idle.clear();
+                    break;
+                }
+                if still_usable(&mut conn.stream) {
+                    return Some(conn.stream);
+                }
+            }
+            None
+        })
+    }
+
+    fn put(&self, key: u64, stream: Stream) {
+        if self.max_idle == 0 {
+            return;
+        }
+        POOL.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            let now = Instant::now();
+            self.maybe_sweep(&mut pool, now);
+            let idle = pool.idle.entry(key).or_default();
+            while idle.len() >= self.max_idle {
+                idle.pop_front();
+            }
+            idle.push_back(Idle { stream, since: now });
+        })
+    }
+
+    /// Drops every connection of this thread idle longer than `idle_timeout`, at most once per
+    /// [`SWEEP_EVERY`].
+    fn maybe_sweep(&self, pool: &mut ThreadPool, now: Instant) {
+        if pool
+            .last_sweep
+            .is_some_and(|t| now.duration_since(t) < SWEEP_EVERY)
+        {
+            return;
+        }
+        pool.last_sweep = Some(now);
+        pool.idle.retain(|_, idle| {
+            while idle
+                .front()
+                .is_some_and(|c| now.duration_since(c.since) > self.idle_timeout)
+            {
+                idle.pop_front();
+            }
+            !idle.is_empty()
+        });
+    }
+}
+
+/// An idle connection is usable if a read would block: data means the upstream broke protocol,
+/// EOF or an error means it is gone.
+fn still_usable(stream: &mut Stream) -> bool {
+    let mut buf = [0u8; 1];
+    tokio::task::unconstrained(stream.read(&mut buf))
+        .now_or_never()
+        .is_none()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    /// A listener that accepts connections and keeps them (or closes them when asked).
+    async fn listener() -> (TcpListener, HttpPeer) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = HttpPeer::new(l.local_addr().unwrap(), false, String::new());
+        (l, peer)
+    }
+
+    async fn connect(pool: &UpstreamPool, peer: &HttpPeer) -> Stream {
+        pool.transport.new_stream(peer).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn returned_connections_are_reused_most_recent_first() {
+        let (l, peer) = listener().await;
+        let pool = UpstreamPool::new(Duration::from_secs(60), 8);
+        let a = connect(&pool, &peer).await;
+        let b = connect(&pool, &peer).await;
+        let (_sa, _) = l.accept().await.unwrap();
+        let (_sb, _) = l.accept().await.unwrap();
+        let (ida, idb) = (a.id(), b.id());
+        pool.put(peer.reuse_hash(), a);
+        pool.put(peer.reuse_hash(), b);
+        assert_eq!(pool.take(peer.reuse_hash()).map(|s| s.id()), Some(idb));
+        assert_eq!(pool.take(peer.reuse_hash()).map(|s| s.id()), Some(ida));
+        assert!(pool.take(peer.reuse_hash()).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_or_wrote_to_is_discarded() {
+        let (l, peer) = listener().await;
+        let pool = UpstreamPool::new(Duration::from_secs(60), 8);
+        let closed = connect(&pool, &peer).await;
+        let (server_closed, _) = l.accept().await.unwrap();
+        let chatty = connect(&pool, &peer).await;
+        let (mut server_chatty, _) = l.accept().await.unwrap();
+        pool.put(peer.reuse_hash(), closed);
+        pool.put(peer.reuse_hash(), chatty);
+        drop(server_closed);
+        server_chatty
+            .write_all(b"HTTP/1.1 408\r\n\r\n")
+            .await
+            .unwrap();
+        // Let the FIN and the bytes arrive.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(pool.take(peer.reuse_hash()).is_none(), "both discarded");
+    }
+
+    #[tokio::test]
+    async fn at_most_max_idle_per_peer_oldest_dropped() {
+        let (l, peer) = listener().await;
+        let pool = UpstreamPool::new(Duration::from_secs(60), 2);
+        let mut ids = Vec::new();
+        let mut servers = Vec::new();
+        for _ in 0..3 {
+            let s = connect(&pool, &peer).await;
+            servers.push(l.accept().await.unwrap());
+            ids.push(s.id());
+            pool.put(peer.reuse_hash(), s);
+        }
+        assert_eq!(pool.take(peer.reuse_hash()).map(|s| s.id()), Some(ids[2]));
+        assert_eq!(pool.take(peer.reuse_hash()).map(|s| s.id()), Some(ids[1]));
+        assert!(
+            pool.take(peer.reuse_hash()).is_none(),
+            "the oldest was dropped"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_longer_than_the_timeout_is_not_reused() {
+        let (l, peer) = listener().await;
+        let pool = UpstreamPool::new(Duration::from_secs(5), 8);
+        let s = connect(&pool, &peer).await;
+        let _server = l.accept().await.unwrap();
+        pool.put(peer.reuse_hash(), s);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(pool.take(peer.reuse_hash()).is_none());
+    }
+}
