@@ -16,7 +16,7 @@ use pingora::proxy::Session;
 use crate::ctx::RequestCtx;
 use crate::error::GatewayError;
 use crate::meter::ResponseTap;
-use crate::pool::UpstreamPool;
+use crate::pool::{hold_writes, UpstreamPool};
 use crate::upstream::{parse_retry_after, Account, AccountSet, AccountType, ErrorKind};
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the client's
@@ -54,6 +54,9 @@ pub fn headers_to_drop(headers: &http::HeaderMap, request: bool) -> Vec<HeaderNa
     }
     drop
 }
+
+/// Largest request body sent in the same write as its header (larger ones are not copied).
+const COALESCE_MAX_BODY: usize = 64 * 1024;
 
 pub struct Forwarder {
     pool: UpstreamPool,
@@ -196,10 +199,13 @@ impl Forwarder {
 
         // A pooled connection the upstream already closed fails on first use: not the account's fault.
         let send = async {
+            // Header and (small) body leave in one write instead of two.
+            hold_writes(&client, ctx.body.len() <= COALESCE_MAX_BODY);
             client.write_request_header(Box::new(request)).await?;
             if !ctx.body.is_empty() {
                 client.write_request_body(ctx.body.clone(), true).await?;
             }
+            hold_writes(&client, false);
             client.finish_request_body().await?;
             client.read_response_header().await
         };

@@ -14,6 +14,10 @@
 //! whenever the thread's pool is used; a thread that serves nothing keeps its (bounded) idle
 //! connections until it does.
 //!
+//! Every connection the pool makes is wrapped in [`Coalesce`], so a request's header and body
+//! can leave in one write: pingora's HTTP/1 client flushes the header on its own, which cost a
+//! second `sendto` (and a second wake-up of the upstream) per request.
+//!
 //! The pool is thread-local because each pingora worker thread runs its own runtime
 //! (`work_stealing = false`), so a request's task never changes thread. It is only touched
 //! between awaits, so with work stealing on it stays correct (a connection may just be returned
@@ -21,15 +25,24 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use futures_util::FutureExt;
 use pingora::connectors::TransportConnector;
 use pingora::protocols::http::client::HttpSession;
 use pingora::protocols::http::v1::client::HttpSession as Http1Session;
-use pingora::protocols::Stream;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::tls::TlsRef;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
+    TimingDigest, UniqueID, UniqueIDType, ALPN,
+};
 use pingora::upstreams::peer::{HttpPeer, Peer};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 // tokio's clock, so the idle timeout can be tested on paused time.
 use tokio::time::Instant;
 
@@ -77,7 +90,7 @@ impl UpstreamPool {
                 true,
             ));
         }
-        let stream = self.transport.new_stream(peer).await?;
+        let stream: Stream = Box::new(Coalesce::new(self.transport.new_stream(peer).await?));
         Ok((
             HttpSession::H1(Http1Session::new_with_options(stream, peer)),
             false,
@@ -153,6 +166,163 @@ impl UpstreamPool {
     }
 }
 
+/// While on, the session's writes are collected and its flushes do nothing; turning it off lets
+/// the next flush send everything collected in one write. Only for sessions from this pool (on
+/// any other session it does nothing).
+pub fn hold_writes(session: &HttpSession, on: bool) {
+    if let Some(c) = session
+        .stream()
+        .and_then(|s| s.as_any().downcast_ref::<Coalesce>())
+    {
+        c.hold.store(on, Ordering::Relaxed);
+    }
+}
+
+/// An upstream connection that can hold back writes (see [`hold_writes`]); everything else is
+/// passed through to the connection it wraps.
+#[derive(Debug)]
+pub struct Coalesce {
+    inner: Stream,
+    held: Vec<u8>,
+    /// Bytes of `held` already passed on (a write may be partial).
+    sent: usize,
+    hold: AtomicBool,
+}
+
+impl Coalesce {
+    pub fn new(inner: Stream) -> Coalesce {
+        Coalesce {
+            inner,
+            held: Vec::new(),
+            sent: 0,
+            hold: AtomicBool::new(false),
+        }
+    }
+
+    fn holding(&self) -> bool {
+        self.hold.load(Ordering::Relaxed)
+    }
+
+    /// Passes on whatever is held, in order, before anything else is written.
+    fn poll_release(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while self.sent < self.held.len() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.held[self.sent..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+        self.held.clear();
+        self.sent = 0;
+        // A pooled connection does not keep a large request's buffer.
+        if self.held.capacity() > 16 * 1024 {
+            self.held = Vec::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Coalesce {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if this.holding() {
+            this.held.extend_from_slice(buf);
+            return Poll::Ready(Ok(buf.len()));
+        }
+        ready!(this.poll_release(cx))?;
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.holding() {
+            return Poll::Ready(Ok(()));
+        }
+        ready!(this.poll_release(cx))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl AsyncRead for Coalesce {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+#[async_trait::async_trait]
+impl Shutdown for Coalesce {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await
+    }
+}
+
+impl UniqueID for Coalesce {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for Coalesce {
+    fn get_ssl(&self) -> Option<&TlsRef> {
+        self.inner.get_ssl()
+    }
+    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for Coalesce {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for Coalesce {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for Coalesce {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+#[async_trait::async_trait]
+impl Peek for Coalesce {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
 /// An idle connection is usable if a read would block: data means the upstream broke protocol,
 /// EOF or an error means it is gone.
 fn still_usable(stream: &mut Stream) -> bool {
@@ -177,6 +347,39 @@ mod tests {
 
     async fn connect(pool: &UpstreamPool, peer: &HttpPeer) -> Stream {
         pool.transport.new_stream(peer).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn held_writes_are_sent_together_in_order_when_released() {
+        use tokio::io::AsyncWriteExt;
+        let (ours, mut theirs) = tokio::io::duplex(1 << 16);
+        let mut c = Coalesce::new(Box::new(ours));
+        let mut buf = [0u8; 256];
+        c.hold.store(true, Ordering::Relaxed);
+        c.write_all(b"POST / HTTP/1.1\r\ncontent-length: 4\r\n\r\n")
+            .await
+            .unwrap();
+        c.flush().await.unwrap();
+        c.write_all(b"body").await.unwrap();
+        c.flush().await.unwrap();
+        assert!(
+            tokio::task::unconstrained(theirs.read(&mut buf))
+                .now_or_never()
+                .is_none(),
+            "nothing leaves while held"
+        );
+        c.hold.store(false, Ordering::Relaxed);
+        c.flush().await.unwrap();
+        let n = theirs.read(&mut buf).await.unwrap();
+        assert_eq!(
+            &buf[..n],
+            b"POST / HTTP/1.1\r\ncontent-length: 4\r\n\r\nbody"
+        );
+        // Not held: writes pass straight through.
+        c.write_all(b"next").await.unwrap();
+        c.flush().await.unwrap();
+        let n = theirs.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"next");
     }
 
     #[tokio::test]
