@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
+use pingora::listeners::{L4BufferSettings, ListenerConfig, DEFAULT_L4_WRITE_BUFFER_SIZE};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use tokio::sync::{watch, Notify};
@@ -254,7 +255,13 @@ pub fn serve(cfg: Config, config_path: PathBuf) -> anyhow::Result<()> {
     server.bootstrap();
     let mut proxy =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "tollgate");
-    proxy.add_tcp(&cfg.server.listen.to_string());
+    // No user-space read buffer on client connections: pingora's HTTP/1 parser reads into its
+    // own buffers, so the default 64 KiB BufReader per connection only cost memory (every open
+    // stream and every idle kept-alive client held one) and a copy.
+    proxy.add_listener(
+        ListenerConfig::tcp(cfg.server.listen.to_string())
+            .l4_buffer(L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE)),
+    );
     server.add_service(proxy);
 
     let finish_store = store.clone();
