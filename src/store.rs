@@ -682,32 +682,42 @@ impl Store {
                 for r in rows.iter().filter(|r| inserted.contains(&r.request_id)) {
                     deltas.add(r);
                 }
-                for (id, (n, last)) in &deltas.keys {
-                    sqlx::query(
-                        "UPDATE api_keys SET request_count = request_count + $1, \
-                         last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < $2 THEN $2 ELSE last_used_at END \
-                         WHERE id = $3",
-                    )
-                    .bind(n)
-                    .bind(sqlite_time(*last))
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
+                // One UPDATE … FROM (VALUES …) per table and chunk, not one statement per key: a
+                // batch from many keys (one per customer) otherwise cost a statement per row and
+                // the writer fell behind (measured: 57,000 records queued after 20 s at 28k req/s
+                // over 20,000 keys).
+                let keys: Vec<_> = deltas.keys.iter().collect();
+                for chunk in keys.chunks(SQLITE_ROWS_PER_STATEMENT) {
+                    let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                        "UPDATE api_keys SET request_count = request_count + d.column2, \
+                         last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < d.column3 \
+                         THEN d.column3 ELSE last_used_at END FROM (",
+                    );
+                    q.push_values(chunk, |mut b, (id, (n, last))| {
+                        b.push_bind(**id)
+                            .push_bind(*n)
+                            .push_bind(sqlite_time(*last));
+                    });
+                    q.push(") AS d WHERE api_keys.id = d.column1");
+                    q.build().execute(&mut *tx).await?;
                 }
-                for (id, (n, ok, last)) in &deltas.accounts {
-                    sqlx::query(
-                        "UPDATE upstream_accounts SET request_count = request_count + $1, \
-                         success_count = success_count + $2, error_count = error_count + $3, \
-                         last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < $4 THEN $4 ELSE last_used_at END \
-                         WHERE id = $5",
-                    )
-                    .bind(n)
-                    .bind(ok)
-                    .bind(n - ok)
-                    .bind(sqlite_time(*last))
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
+                let accounts: Vec<_> = deltas.accounts.iter().collect();
+                for chunk in accounts.chunks(SQLITE_ROWS_PER_STATEMENT) {
+                    let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                        "UPDATE upstream_accounts SET request_count = request_count + d.column2, \
+                         success_count = success_count + d.column3, \
+                         error_count = error_count + (d.column2 - d.column3), \
+                         last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < d.column4 \
+                         THEN d.column4 ELSE last_used_at END FROM (",
+                    );
+                    q.push_values(chunk, |mut b, (id, (n, ok, last))| {
+                        b.push_bind(**id)
+                            .push_bind(*n)
+                            .push_bind(*ok)
+                            .push_bind(sqlite_time(*last));
+                    });
+                    q.push(") AS d WHERE upstream_accounts.id = d.column1");
+                    q.build().execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
                 Ok(inserted.len() as u64)
