@@ -77,6 +77,13 @@ impl Metrics {
         Ok(Metrics::register(Some(handle)))
     }
 
+    /// Folds the histogram samples recorded since the last upkeep or scrape into their buckets.
+    pub fn run_upkeep(&self) {
+        if let Some(h) = &self.exporter {
+            h.run_upkeep();
+        }
+    }
+
     pub fn noop() -> Metrics {
         Metrics::register(None)
     }

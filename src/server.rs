@@ -11,6 +11,7 @@
 //!   the database (the safety net behind NOTIFY, the only mechanism on SQLite);
 //! - `notify-listener` (PostgreSQL only): LISTEN for key and account changes of other instances;
 //! - `sighup`: reloads the config on SIGHUP;
+//! - `metrics-upkeep`: every 5 s, folds the histogram samples recorded since into their buckets;
 //! - the metrics/health listener and the admin listener (`httpd.rs`).
 
 use std::path::PathBuf;
@@ -207,6 +208,7 @@ pub fn serve(cfg: Config, config_path: PathBuf) -> anyhow::Result<()> {
             ));
         }
         tokio::spawn(reload_on_sighup(reload.clone(), stop_rx.clone()));
+        tokio::spawn(metrics_upkeep(metrics.clone(), stop_rx.clone()));
         let sources = Arc::new(Sources {
             accounts: accounts.clone(),
             keys: keys.clone(),
@@ -477,6 +479,18 @@ async fn refresh_accounts(
             Err(e) => {
                 tracing::warn!(error = %e, "account refresh failed; keeping the current accounts")
             }
+        }
+    }
+}
+
+/// The Prometheus recorder keeps every histogram sample until upkeep (or a scrape) folds it into
+/// the buckets, so without this task a gateway nobody scrapes grows with its traffic (measured:
+/// 27 MiB idle → 109 MiB after 20 s at 34k req/s, unscraped).
+async fn metrics_upkeep(metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => metrics.run_upkeep(),
+            _ = stop.changed() => return,
         }
     }
 }
