@@ -5,6 +5,7 @@
 #   bash benches/load.sh          throughput (interleaved rounds) + latency at half load
 #   bash benches/load.sh sse      500 concurrent SSE streams: memory per stream, TTFB overhead
 #   bash benches/load.sh all      both
+#   bash benches/load.sh keys     memory with KEYS_N (100,000) keys cached, under load
 #
 # Settings (environment):
 #   LOAD_DURATION=10      seconds per measured wrk run          LOAD_ROUNDS=3   interleaved rounds
@@ -19,6 +20,7 @@
 #   TEST_DATABASE_URL     postgres://... : also run tollgate on PostgreSQL (a fresh database
 #                         tollgate_bench_<random>, dropped at the end)
 #   SSE_STREAMS=500  SSE_HOLD_SECS=10  SSE_SEQUENTIAL=50   the SSE scenario
+#   KEYS_N=100000  KEYS_SECS=20                            the keys scenario
 #   LOAD_SKIP_BUILD=1     don't run cargo build (use the binaries already in target/release)
 #   LOAD_OUT=target/load  where the report (Markdown) and the raw results (JSON lines) go
 #   LOAD_KEEP_TMP=1       keep the temporary directory (configs, logs, databases)
@@ -29,8 +31,8 @@
 set -euo pipefail
 
 MODE=${1:-rps}
-case "$MODE" in rps | sse | all) ;; -h | --help) sed -n '2,28p' "$0"; exit 0 ;;
-*) echo "usage: bash benches/load.sh [rps|sse|all]" >&2; exit 2 ;; esac
+case "$MODE" in rps | sse | all | keys) ;; -h | --help) sed -n '2,30p' "$0"; exit 0 ;;
+*) echo "usage: bash benches/load.sh [rps|sse|all|keys]" >&2; exit 2 ;; esac
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HERE=$ROOT/benches/load
@@ -47,6 +49,8 @@ CONFIGS=${LOAD_CONFIGS:-direct nginx bare tollgate-sqlite tollgate-pg}
 SSE_STREAMS=${SSE_STREAMS:-500}
 SSE_HOLD=${SSE_HOLD_SECS:-10}
 SSE_SEQ=${SSE_SEQUENTIAL:-50}
+KEYS_N=${KEYS_N:-100000}
+KEYS_SECS=${KEYS_SECS:-20}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 OUT=${LOAD_OUT:-$TARGET/load}
 PY=${PYTHON:-python3}
@@ -301,7 +305,7 @@ for c in direct nginx bare tollgate-sqlite tollgate-pg; do
     nginx) [ -n "$NGINX" ] || continue ;;
     tollgate-pg)
       if [ -z "$PG_ADMIN_URL" ]; then
-        [ "$MODE" = sse ] || log "TEST_DATABASE_URL is not set: tollgate on PostgreSQL is skipped"
+        [[ $MODE == sse || $MODE == keys ]] || log "TEST_DATABASE_URL is not set: tollgate on PostgreSQL is skipped"
         continue
       fi
       command -v psql >/dev/null || { log "psql is missing: tollgate on PostgreSQL is skipped"; continue; } ;;
@@ -497,6 +501,66 @@ if [ "$MODE" = rps ] || [ "$MODE" = all ]; then
 fi
 
 # --- scenario 2: SSE streams --------------------------------------------------------------------
+# --- scenario 3: memory with many keys cached -----------------------------------------------------
+if [ "$MODE" = keys ]; then
+  start_upstream
+  tg_setup tollgate-keys "sqlite://$T/keys.db" "$UP"
+  log "keys: adding $KEYS_N keys to the database"
+  "$PY" "$HERE/keys.py" "$T/keys.db" bench@example.com "$KEYS_N" "$T/keys.txt" || die "keys.py failed"
+  cat >"$T/keys.lua" <<EOF
+local keys = {}
+for line in io.lines("$T/keys.txt") do keys[#keys + 1] = line end
+local i = 0
+wrk.method = "POST"
+wrk.body = '{"model":"gpt-4o-mini","messages":[]}'
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  i = i + 1
+  wrk.headers["Authorization"] = "Bearer " .. keys[(i % #keys) + 1]
+  return wrk.format()
+end
+EOF
+  start_proxy tollgate-keys
+  pid=$PROXY_PID
+  rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+  idle_kb=$(rss_kb "$pid")
+  log "keys: wrk -t1 -c$CONNS for ${KEYS_SECS}s cycling through $KEYS_N keys (pid $pid)"
+  wrk -t1 -c"$CONNS" -d"${KEYS_SECS}s" -s "$T/keys.lua" "http://127.0.0.1:$PROXY_PORT/v1/chat/completions" >"$T/keys.wrk" 2>&1 ||
+    { cat "$T/keys.wrk" >&2; die "wrk failed (keys)"; }
+  scrape=$(curl -s "http://127.0.0.1:$TG_METRICS/metrics")
+  entries=$(echo "$scrape" | awk '/^tollgate_key_cache_entries / {print $2}')
+  depth=$(echo "$scrape" | awk '/^tollgate_writer_queue_depth / {print $2}')
+  load_kb=$(rss_kb "$pid"); peak_kb=$(hwm_kb "$pid")
+  stop_proxy tollgate-keys || true
+  rps=$(awk '/Requests\/sec/ {print $2}' "$T/keys.wrk")
+  bad=$(awk '/Non-2xx/ {print $NF}' "$T/keys.wrk"); bad=${bad:-0}
+  mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+  met=no; [ "$peak_kb" -le $((64 * 1024)) ] && met=yes
+  STAMP=$(date +%Y%m%d-%H%M%S)
+  {
+    echo "## tollgate with many keys cached, $(date -u '+%Y-%m-%d %H:%M') UTC, $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
+    echo
+    echo "tollgate on SQLite, $THREADS pingora threads, logs $LOGS; wrk -t1 -c$CONNS for ${KEYS_SECS} s, each request with the next of $KEYS_N keys (every key looked up in the database once, then served from the cache)."
+    echo
+    echo "| measure | value |"
+    echo "|---|---:|"
+    echo "| keys in the cache at the end (\`tollgate_key_cache_entries\`) | ${entries:-?} |"
+    echo "| req/s (misses included) | $rps |"
+    echo "| usage records waiting in the writer queue at the end (\`tollgate_writer_queue_depth\`) | ${depth:-?} |"
+    echo "| non-2xx responses | $bad |"
+    echo "| RSS idle before, MiB | $(mib "$idle_kb") |"
+    echo "| RSS at the end of the load, MiB | $(mib "$load_kb") |"
+    echo "| **peak RSS (VmHWM), MiB** | **$(mib "$peak_kb")** |"
+    echo
+    echo "| goal | met? | measured |"
+    echo "|---|---|---|"
+    echo "| RSS under full load ≤ 64 MiB with $KEYS_N keys cached | **$met** | peak $(mib "$peak_kb") MiB |"
+  } | tee "$OUT/keys-$STAMP.md"
+  log "report: $OUT/keys-$STAMP.md"
+  [ "$bad" = 0 ] || die "$bad requests were refused: the generated keys did not authenticate"
+  exit 0
+fi
+
 if [ "$MODE" = sse ] || [ "$MODE" = all ]; then
   SSE_UP=$(port)
   "$PY" "$HERE/upstream.py" --port "$SSE_UP" --mode sse --hold "$SSE_HOLD" >"$T/sse-upstream.log" 2>&1 &

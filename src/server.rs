@@ -485,7 +485,7 @@ async fn refresh_accounts(
 
 /// The Prometheus recorder keeps every histogram sample until upkeep (or a scrape) folds it into
 /// the buckets, so without this task a gateway nobody scrapes grows with its traffic (measured:
-/// 27 MiB idle → 109 MiB after 20 s at 34k req/s, unscraped).
+/// peak RSS 109 MiB without it, 77 MiB with it, after 20 s at ~35k req/s, unscraped).
 async fn metrics_upkeep(metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
