@@ -20,7 +20,7 @@
 #   TEST_DATABASE_URL     postgres://... : also run tollgate on PostgreSQL (a fresh database
 #                         tollgate_bench_<random>, dropped at the end)
 #   SSE_STREAMS=500  SSE_HOLD_SECS=10  SSE_SEQUENTIAL=50   the SSE scenario
-#   KEYS_N=100000  KEYS_SECS=20                            the keys scenario
+#   KEYS_N=100000  KEYS_SECS=20  KEYS_DB=sqlite|pg          the keys scenario (pg: TEST_DATABASE_URL)
 #   LOAD_SKIP_BUILD=1     don't run cargo build (use the binaries already in target/release)
 #   LOAD_OUT=target/load  where the report (Markdown) and the raw results (JSON lines) go
 #   LOAD_KEEP_TMP=1       keep the temporary directory (configs, logs, databases)
@@ -51,6 +51,7 @@ SSE_HOLD=${SSE_HOLD_SECS:-10}
 SSE_SEQ=${SSE_SEQUENTIAL:-50}
 KEYS_N=${KEYS_N:-100000}
 KEYS_SECS=${KEYS_SECS:-20}
+KEYS_DB=${KEYS_DB:-sqlite}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 OUT=${LOAD_OUT:-$TARGET/load}
 PY=${PYTHON:-python3}
@@ -504,9 +505,19 @@ fi
 # --- scenario 3: memory with many keys cached -----------------------------------------------------
 if [ "$MODE" = keys ]; then
   start_upstream
-  tg_setup tollgate-keys "sqlite://$T/keys.db" "$UP"
-  log "keys: adding $KEYS_N keys to the database"
-  "$PY" "$HERE/keys.py" "$T/keys.db" bench@example.com "$KEYS_N" "$T/keys.txt" || die "keys.py failed"
+  if [ "$KEYS_DB" = pg ]; then
+    [ -n "$PG_ADMIN_URL" ] || die "KEYS_DB=pg needs TEST_DATABASE_URL"
+    PG_DB=tollgate_bench_$(od -An -N4 -tx4 /dev/urandom | tr -d ' ')
+    psql "$PG_ADMIN_URL" -qXc "CREATE DATABASE $PG_DB" >/dev/null || die "could not create database $PG_DB"
+    keys_db=$($REPORT pgurl "$PG_ADMIN_URL" "$PG_DB")
+    tg_setup tollgate-keys "$keys_db" "$UP"
+    keys_target=$keys_db
+  else
+    tg_setup tollgate-keys "sqlite://$T/keys.db" "$UP"
+    keys_target=$T/keys.db
+  fi
+  log "keys: adding $KEYS_N keys to the database ($KEYS_DB)"
+  "$PY" "$HERE/keys.py" "$keys_target" bench@example.com "$KEYS_N" "$T/keys.txt" || die "keys.py failed"
   cat >"$T/keys.lua" <<EOF
 local keys = {}
 for line in io.lines("$T/keys.txt") do keys[#keys + 1] = line end
@@ -540,7 +551,7 @@ EOF
   {
     echo "## tollgate with many keys cached, $(date -u '+%Y-%m-%d %H:%M') UTC, $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
     echo
-    echo "tollgate on SQLite, $THREADS pingora threads, logs $LOGS; wrk -t1 -c$CONNS for ${KEYS_SECS} s, each request with the next of $KEYS_N keys (every key looked up in the database once, then served from the cache)."
+    echo "tollgate on $KEYS_DB, $THREADS pingora threads, logs $LOGS; wrk -t1 -c$CONNS for ${KEYS_SECS} s, each request with the next of $KEYS_N keys (every key looked up in the database once, then served from the cache)."
     echo
     echo "| measure | value |"
     echo "|---|---:|"

@@ -3,15 +3,21 @@
 (tg_ + 22 base62 + 6 base62 of the CRC32 of what precedes them; only the SHA-256 hex is stored),
 and writes the plaintext keys, one per line, for wrk to cycle through.
 
-    python3 benches/load/keys.py DB_PATH EMAIL N KEYS_OUT
+    python3 benches/load/keys.py DATABASE EMAIL N KEYS_OUT
+
+DATABASE is a SQLite file path, or a postgres:// URL (loaded with psql's \copy).
 
 Used by `bash benches/load.sh keys` (memory with many keys cached). Generating the keys through
 `tollgate keys create` would take one process per key.
 """
+import csv
 import hashlib
+import os
 import secrets
 import sqlite3
+import subprocess
 import sys
+import tempfile
 import zlib
 
 ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -27,8 +33,34 @@ def make_key() -> str:
     return body + "".join(reversed(check))
 
 
+def postgres(url: str, email: str, keys: list) -> None:
+    def psql(*args: str) -> str:
+        return subprocess.run(["psql", url, "-qXAt", *args], check=True, capture_output=True, text=True).stdout.strip()
+
+    then = "now() - interval '1 hour'"
+    user = psql("-c", f"UPDATE users SET created_at = {then}, updated_at = {then} "
+                      f"WHERE email = '{email}' RETURNING id")
+    if not user:
+        sys.exit(f"keys.py: no user {email}")
+    with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False, newline="") as f:
+        w = csv.writer(f)
+        for i, k in enumerate(keys):
+            w.writerow([user, f"bulk-{i}", hashlib.sha256(k.encode()).hexdigest(), k[:9]])
+    try:
+        psql("-c", f"\\copy api_keys (user_id, name, key_hash, key_prefix) FROM '{f.name}' CSV")
+        psql("-c", f"UPDATE api_keys SET created_at = {then}, updated_at = {then} WHERE user_id = {user}")
+    finally:
+        os.unlink(f.name)
+
+
 def main() -> None:
     db, email, n, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    if db.startswith(("postgres://", "postgresql://")):
+        keys = [make_key() for _ in range(n)]
+        postgres(db, email, keys)
+        with open(out, "w") as f:
+            f.write("\n".join(keys) + "\n")
+        return
     con = sqlite3.connect(db)
     row = con.execute("SELECT id FROM users WHERE email = ?", (email,)).fetchone()
     if row is None:
