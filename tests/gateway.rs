@@ -166,6 +166,66 @@ async fn credential_swap(db: Db) {
     );
 }
 
+both_dbs!(upstream_connections_are_kept_and_reused, connection_reuse);
+async fn connection_reuse(db: Db) {
+    let mock = MockUpstream::json_ok().await;
+    let mut gw = gateway(db, "").await;
+    gw.add_user("alice@example.com");
+    gw.add_account("main", "openai", &mock.url(), "sk-upstream", 1, 1);
+    let key = gw.create_key("alice@example.com", &[]);
+    gw.start().await;
+
+    // One client connection (raw, so no client pool can open a second one), requests one after
+    // another: one pingora thread serves them all, and its pool holds the one upstream
+    // connection they all use.
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let body = common::fixture("chat_completion.json");
+    let stream = tokio::net::TcpStream::connect(
+        gw.url("")
+            .trim_start_matches("http://")
+            .trim_end_matches('/'),
+    )
+    .await
+    .unwrap();
+    let mut conn = tokio::io::BufReader::new(stream);
+    for _ in 0..50 {
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: tollgate\r\nauthorization: Bearer {key}\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        conn.get_mut().write_all(head.as_bytes()).await.unwrap();
+        conn.get_mut().write_all(&body).await.unwrap();
+        let (mut status, mut length) = (String::new(), 0usize);
+        conn.read_line(&mut status).await.unwrap();
+        loop {
+            let mut line = String::new();
+            conn.read_line(&mut line).await.unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap();
+            }
+        }
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        let mut got = vec![0u8; length];
+        conn.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, body);
+    }
+    assert_eq!(mock.count(), 50);
+    assert_eq!(
+        mock.connections.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "every request after the first reuses the pooled upstream connection"
+    );
+    // Header and body arrive intact through the write coalescing.
+    assert!(mock
+        .recorded()
+        .iter()
+        .all(|r| r.body == common::fixture("chat_completion.json")));
+}
+
 both_dbs!(anthropic_accounts_get_x_api_key, anthropic_credential);
 async fn anthropic_credential(db: Db) {
     let mock = MockUpstream::json_ok().await;

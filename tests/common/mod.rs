@@ -50,6 +50,8 @@ type Handler = Arc<dyn Fn(&Recorded) -> Reply + Send + Sync>;
 pub struct MockUpstream {
     pub addr: SocketAddr,
     pub requests: Arc<Mutex<Vec<Recorded>>>,
+    /// TCP connections accepted so far.
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -62,11 +64,14 @@ impl MockUpstream {
         let requests: Arc<Mutex<Vec<Recorded>>> = Arc::default();
         let handler: Handler = Arc::new(handler);
         let recorded = requests.clone();
+        let connections: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let accepted = connections.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let handler = handler.clone();
                 let recorded = recorded.clone();
                 tokio::spawn(async move {
@@ -84,6 +89,7 @@ impl MockUpstream {
         MockUpstream {
             addr,
             requests,
+            connections,
             task,
         }
     }
