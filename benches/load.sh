@@ -20,6 +20,7 @@
 #   TEST_DATABASE_URL     postgres://... : also run tollgate on PostgreSQL (a fresh database
 #                         tollgate_bench_<random>, dropped at the end)
 #   SSE_STREAMS=500  SSE_HOLD_SECS=10  SSE_SEQUENTIAL=50   the SSE scenario
+#   LOAD_WRITER_BATCH     tollgate's [writer] batch_size (default: tollgate's own, 1000)
 #   KEYS_N=100000  KEYS_SECS=20  KEYS_DB=sqlite|pg          the keys scenario (pg: TEST_DATABASE_URL)
 #   LOAD_SKIP_BUILD=1     don't run cargo build (use the binaries already in target/release)
 #   LOAD_OUT=target/load  where the report (Markdown) and the raw results (JSON lines) go
@@ -253,6 +254,7 @@ listen = "127.0.0.1:$(port)"
 
 [writer]
 spool_dir = "$T/spool-$1"
+${LOAD_WRITER_BATCH:+batch_size = $LOAD_WRITER_BATCH}
 
 [prices."gpt-4o-mini"]
 input = "0.15"
