@@ -11,7 +11,7 @@
 //!   the database (the safety net behind NOTIFY, the only mechanism on SQLite);
 //! - `notify-listener` (PostgreSQL only): LISTEN for key and account changes of other instances;
 //! - `sighup`: reloads the config on SIGHUP;
-//! - `metrics-upkeep`: every 5 s, folds the histogram samples recorded since into their buckets;
+//! - `metrics-upkeep`: every second, folds the histogram samples recorded since into their buckets;
 //! - the metrics/health listener and the admin listener (`httpd.rs`).
 
 use std::path::PathBuf;
@@ -485,11 +485,13 @@ async fn refresh_accounts(
 
 /// The Prometheus recorder keeps every histogram sample until upkeep (or a scrape) folds it into
 /// the buckets, so without this task a gateway nobody scrapes grows with its traffic (measured:
-/// peak RSS 109 MiB without it, 77 MiB with it, after 20 s at ~35k req/s, unscraped).
+/// peak RSS 109 MiB without it, 77 MiB with it, after 20 s at ~35k req/s, unscraped). Every
+/// sample is folded once whatever the period, so a short period adds little CPU and holds fewer
+/// samples: at 1 s instead of 5 s, peak RSS under load fell from 51–53 to 47–48 MiB.
 async fn metrics_upkeep(metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(5)) => metrics.run_upkeep(),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => metrics.run_upkeep(),
             _ = stop.changed() => return,
         }
     }
