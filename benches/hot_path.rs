@@ -175,7 +175,6 @@ fn account(id: i64, priority: i32, weight: u32) -> Account {
     let timeouts = PeerTimeouts {
         connect: Duration::from_secs(5),
         read: Duration::from_secs(300),
-        pool_idle: Duration::from_secs(90),
     };
     let addr: SocketAddr = "203.0.113.10:443".parse().expect("addr");
     Account::build(&spec, addr, timeouts, Arc::default()).expect("account")

@@ -407,7 +407,6 @@ impl AccountLoader {
         let timeouts = PeerTimeouts {
             connect: cfg.upstream.connect_timeout(),
             read: cfg.upstream.read_timeout(),
-            pool_idle: Duration::from_secs(cfg.upstream.pool_idle_timeout_secs),
         };
         let mut accounts = Vec::new();
         for row in rows.into_iter().filter(|r| r.is_active) {

@@ -210,7 +210,6 @@ pub struct AccountSpec {
 pub struct PeerTimeouts {
     pub connect: Duration,
     pub read: Duration,
-    pub pool_idle: Duration,
 }
 
 impl Account {
@@ -260,7 +259,6 @@ impl Account {
         peer.options.total_connection_timeout = Some(t.connect * 2);
         peer.options.read_timeout = Some(t.read);
         peer.options.write_timeout = Some(t.read);
-        peer.options.idle_timeout = Some(t.pool_idle);
         Ok(Account {
             id: spec.id,
             name: Arc::from(spec.name.as_str()),
@@ -563,7 +561,6 @@ mod tests {
         let t = PeerTimeouts {
             connect: Duration::from_secs(1),
             read: Duration::from_secs(1),
-            pool_idle: Duration::from_secs(1),
         };
         Account::build(&spec, "127.0.0.1:1".parse().unwrap(), t, Arc::default()).unwrap()
     }

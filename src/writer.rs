@@ -297,9 +297,7 @@ impl Writer {
                 biased;
                 _ = &mut stop => break,
                 Some(ack) = flush.recv() => {
-                    while let Ok(r) = rx.try_recv() {
-                        batch.push(r);
-                    }
+                    take_ready(&mut rx, &mut batch, usize::MAX);
                     self.flush_all(&mut batch).await;
                     deadline = None;
                     let _ = ack.send(());

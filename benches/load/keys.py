@@ -33,6 +33,15 @@ def make_key() -> str:
     return body + "".join(reversed(check))
 
 
+def rows(user, keys: list):
+    """(user_id, name, key_hash, key_prefix) per key: only the SHA-256 hex is stored."""
+    return ((user, f"bulk-{i}", hashlib.sha256(k.encode()).hexdigest(), k[:9]) for i, k in enumerate(keys))
+
+
+# Keys and their user are dated an hour back, like keys that existed before the gateway started:
+# tollgate re-reads (and drops from its cache) keys whose row or user changed in the last ~10 s.
+
+
 def postgres(url: str, email: str, keys: list) -> None:
     def psql(*args: str) -> str:
         return subprocess.run(["psql", url, "-qXAt", *args], check=True, capture_output=True, text=True).stdout.strip()
@@ -43,9 +52,7 @@ def postgres(url: str, email: str, keys: list) -> None:
     if not user:
         sys.exit(f"keys.py: no user {email}")
     with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False, newline="") as f:
-        w = csv.writer(f)
-        for i, k in enumerate(keys):
-            w.writerow([user, f"bulk-{i}", hashlib.sha256(k.encode()).hexdigest(), k[:9]])
+        csv.writer(f).writerows(rows(user, keys))
     try:
         psql("-c", f"\\copy api_keys (user_id, name, key_hash, key_prefix) FROM '{f.name}' CSV")
         psql("-c", f"UPDATE api_keys SET created_at = {then}, updated_at = {then} WHERE user_id = {user}")
@@ -53,29 +60,28 @@ def postgres(url: str, email: str, keys: list) -> None:
         os.unlink(f.name)
 
 
-def main() -> None:
-    db, email, n, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    if db.startswith(("postgres://", "postgresql://")):
-        keys = [make_key() for _ in range(n)]
-        postgres(db, email, keys)
-        with open(out, "w") as f:
-            f.write("\n".join(keys) + "\n")
-        return
-    con = sqlite3.connect(db)
+def sqlite(path: str, email: str, keys: list) -> None:
+    con = sqlite3.connect(path)
     row = con.execute("SELECT id FROM users WHERE email = ?", (email,)).fetchone()
     if row is None:
-        sys.exit(f"keys.py: no user {email} in {db}")
-    keys = [make_key() for _ in range(n)]
-    # Dated an hour back, like keys that existed before the gateway started: tollgate re-reads
-    # (and drops from its cache) keys whose row or user changed in the last ~10 s.
+        sys.exit(f"keys.py: no user {email} in {path}")
     then = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 hour')"
     con.execute(f"UPDATE users SET created_at = {then}, updated_at = {then} WHERE id = ?", (row[0],))
     con.executemany(
         "INSERT INTO api_keys (user_id, name, key_hash, key_prefix, created_at, updated_at) "
         f"VALUES (?, ?, ?, ?, {then}, {then})",
-        ((row[0], f"bulk-{i}", hashlib.sha256(k.encode()).hexdigest(), k[:9]) for i, k in enumerate(keys)),
+        rows(row[0], keys),
     )
     con.commit()
+
+
+def main() -> None:
+    db, email, n, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    keys = [make_key() for _ in range(n)]
+    if db.startswith(("postgres://", "postgresql://")):
+        postgres(db, email, keys)
+    else:
+        sqlite(db, email, keys)
     with open(out, "w") as f:
         f.write("\n".join(keys) + "\n")
 
