@@ -16,10 +16,12 @@ use futures_util::FutureExt;
 use rust_decimal::Decimal;
 
 use tollgate::auth::{self, KeyCache};
-use tollgate::config::WriterConfig;
 use tollgate::cost::{self, Price, PriceTable};
 use tollgate::keys::{self, KeyFormatError};
-use tollgate::meter::{Pricing, UsageRecord};
+use tollgate::metrics::CostCounters;
+use tollgate::pricing::Pricing;
+use tollgate::record::UsageRecord;
+use tollgate::settings::Settings;
 use tollgate::spool::Spool;
 use tollgate::store::Store;
 use tollgate::upstream::{Account, AccountSet, AccountSpec, AccountType, PeerTimeouts};
@@ -291,29 +293,35 @@ fn cost_computation(c: &mut Criterion) {
         output_tokens: 46,
     };
     assert_eq!(cost::cost(&usage, &mini), d("0.00011835"));
-    let pricing = Pricing {
-        models: PriceTable::from_iter([
+    let pricing = Pricing::new(
+        PriceTable::from_iter([
             ("gpt-4o".to_string(), mini.clone()),
             ("gpt-4o-mini".to_string(), mini.clone()),
             ("gpt-4.1".to_string(), mini.clone()),
             ("claude-sonnet-4-5".to_string(), mini.clone()),
             ("o3".to_string(), mini.clone()),
         ]),
-        defaults: Default::default(),
-    };
+        Default::default(),
+        &CostCounters::default(),
+    );
 
     let mut g = c.benchmark_group("cost");
     g.bench_function("cost", |b| {
         b.iter(|| cost::cost(black_box(&usage), black_box(&mini)))
     });
-    // What `meter::record` does: resolve a dated model name by prefix, then cost.
+    // What `meter::record` does: resolve a dated model name by prefix, then cost; then what
+    // the logging phase does with the price's counter.
     g.bench_function("pricing_lookup_dated_model_and_cost", |b| {
         b.iter(|| {
-            pricing.price(
+            let priced = pricing.price(
                 AccountType::Openai,
                 black_box(Some("gpt-4o-mini-2024-07-18")),
                 black_box(&usage),
-            )
+            );
+            if let Some(counter) = priced.counter {
+                counter.add(priced.cost);
+            }
+            priced.cost
         })
     });
     g.finish();
@@ -358,9 +366,9 @@ fn enqueue(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
     let spool = Spool::open(dir.path().join("spool"), 64 << 20).expect("spool");
     // `WriterOptions` has no Default; start from the configured defaults.
-    let mut opts = WriterOptions::from_config(&WriterConfig::default());
+    let mut opts = WriterOptions::new(&Settings::default().writer);
     opts.flush_interval = Duration::from_millis(50);
-    opts.queue_capacity = 1 << 20;
+    opts.queue_capacity = std::num::NonZeroUsize::new(1 << 20).expect("non-zero");
     // Never spool: this measures the queue, not the disk.
     opts.high_water = 1 << 20;
     let (sink, handle) = {

@@ -16,8 +16,8 @@ use criterion::{
 };
 use rust_decimal::Decimal;
 
-use tollgate::config::WriterConfig;
-use tollgate::meter::UsageRecord;
+use tollgate::record::UsageRecord;
+use tollgate::settings::Settings;
 use tollgate::spool::Spool;
 use tollgate::sse::{SseUsage, UsageChunkStripper};
 use tollgate::store::{NewAccount, Store};
@@ -417,9 +417,9 @@ fn enqueue(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
     let spool = Spool::open(dir.path().join("spool"), 64 << 20).expect("spool");
     // `WriterOptions` has no Default; start from the configured defaults.
-    let mut opts = WriterOptions::from_config(&WriterConfig::default());
+    let mut opts = WriterOptions::new(&Settings::default().writer);
     opts.flush_interval = Duration::from_millis(50);
-    opts.queue_capacity = 1 << 20;
+    opts.queue_capacity = std::num::NonZeroUsize::new(1 << 20).expect("non-zero");
     // Never spool: this measures the queue, not the disk.
     opts.high_water = 1 << 20;
     let (sink, handle) = {

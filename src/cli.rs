@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::Config;
+use crate::config;
 use crate::ops;
+use crate::settings::Settings;
 use crate::store::{GroupBy, Store};
 
 #[derive(Parser, Debug)]
@@ -42,7 +43,12 @@ pub enum Command {
     /// Usage totals over a time range: requests, errors, tokens, cost.
     Usage(UsageArgs),
     /// Tell a running gateway to re-read its config (through its admin API).
-    Reload,
+    Reload {
+        /// The admin API's address, when `[admin] listen` does not say it (port 0: the gateway's
+        /// `tollgate ready … admin=ADDR` log line names the port it got).
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -55,13 +61,33 @@ pub struct UsageArgs {
     pub until: Option<String>,
     /// Group totals by key, account, model or day.
     #[arg(long, value_enum, default_value = "key")]
-    pub by: GroupBy,
+    pub by: By,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
     /// Also check the metering invariants (every request id once, counters equal to row counts).
     #[arg(long)]
     pub check: bool,
+}
+
+/// `--by`: the command-line spelling of [`GroupBy`] (storage knows nothing of clap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum By {
+    Key,
+    Account,
+    Model,
+    Day,
+}
+
+impl From<By> for GroupBy {
+    fn from(by: By) -> GroupBy {
+        match by {
+            By::Key => GroupBy::Key,
+            By::Account => GroupBy::Account,
+            By::Model => GroupBy::Model,
+            By::Day => GroupBy::Day,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -145,18 +171,24 @@ pub struct ListArgs {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let (path, explicit) = match &cli.config {
         Some(p) => (p.clone(), true),
-        None => Config::default_path(),
+        None => config::default_path(),
     };
-    let cfg = Config::load(&path, explicit)?;
+    let cfg = Settings::load(&path, explicit)?;
     match cli.command {
         Command::Serve => return crate::server::serve(cfg, path),
-        Command::Reload => return reload(&cfg),
+        Command::Reload { admin } => return reload(admin.unwrap_or(cfg.admin.listen)),
         _ => {}
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        tracing::debug!(database = %crate::store::redact_url(&cfg.database.url), "opening the database");
+        if let Some(file) = cfg.database.sqlite_file().filter(|f| !f.exists()) {
+            // The trap this avoids: a relative path or a mistyped --config silently giving a new,
+            // empty database.
+            tracing::warn!(file = %file.display(), "no database file there yet: creating an empty one");
+        }
         let store = Store::connect(&cfg.database.url, 2)
             .await
             .with_context(|| {
@@ -173,7 +205,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve | Command::Reload => unreachable!("handled by run"),
+        Command::Serve | Command::Reload { .. } => unreachable!("handled by run"),
         Command::Migrate => eprintln!("migrations applied"),
         Command::Users(UsersCmd::Add {
             email,
@@ -310,7 +342,7 @@ async fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
             eprintln!("account {id} deleted");
         }
         Command::Usage(args) => {
-            let report = ops::usage(store, &args.since, args.until.as_deref(), args.by)
+            let report = ops::usage(store, &args.since, args.until.as_deref(), args.by.into())
                 .await
                 .map_err(flag)?;
             let check = if args.check {
@@ -363,11 +395,13 @@ async fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
 }
 
 /// `tollgate reload`: asks the running gateway's admin API to re-read its config file.
-fn reload(cfg: &Config) -> anyhow::Result<()> {
+fn reload(addr: std::net::SocketAddr) -> anyhow::Result<()> {
     use std::io::{Read, Write};
     let token = std::env::var(crate::admin::TOKEN_ENV)
         .map_err(|_| anyhow::anyhow!("{} is not set", crate::admin::TOKEN_ENV))?;
-    let addr = cfg.admin.listen;
+    if addr.port() == 0 {
+        bail!("[admin] listen has port 0, so the port is only known to the running gateway: pass --admin HOST:PORT (its 'tollgate ready' log line names it)");
+    }
     let mut conn = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
         .with_context(|| format!("connecting to the admin API at {addr}"))?;
     conn.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;

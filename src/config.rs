@@ -1,10 +1,12 @@
-//! Typed configuration: `config.toml` parsed once at start, validated, and reported as
-//! `PATH:LINE: what is wrong` when it is not usable.
+//! The config file's format: `config.toml` as serde reads it, with every default stated once (the
+//! `Default` impls, documented on each field), and where in the text a setting is written (for
+//! `PATH:LINE` errors). What the program uses is the validated `Settings` built from it
+//! (`settings.rs`); nothing outside that module reads these raw numbers.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::ops::Range;
+use std::path::PathBuf;
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -12,13 +14,11 @@ use toml::Spanned;
 use crate::cost::{Price, PriceTable};
 use crate::upstream::AccountType;
 
-/// Environment variable that overrides `[database] url`.
-pub const DATABASE_URL_ENV: &str = "TOLLGATE_DATABASE_URL";
 /// Environment variable naming the config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "TOLLGATE_CONFIG";
 
-/// The whole configuration. Every section has defaults, so an empty file is valid.
-#[derive(Debug, Clone, Deserialize)]
+/// The whole file. Every section has defaults, so an empty file is valid.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -56,7 +56,7 @@ impl Default for Config {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Address the proxy listens on.
@@ -86,7 +86,7 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
     /// `sqlite://FILE` (created if missing) or `postgres://…`.
@@ -103,7 +103,7 @@ impl Default for DatabaseConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// How long a found key stays cached.
@@ -124,7 +124,7 @@ impl Default for AuthConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
     /// Accounts tried per request (first try included).
@@ -162,16 +162,7 @@ impl Default for UpstreamConfig {
     }
 }
 
-impl UpstreamConfig {
-    pub fn connect_timeout(&self) -> Duration {
-        Duration::from_millis(self.connect_timeout_ms)
-    }
-    pub fn read_timeout(&self) -> Duration {
-        Duration::from_secs(self.read_timeout_secs)
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MeteringConfig {
     /// Add `stream_options.include_usage` to OpenAI streaming requests that lack it (and strip the
@@ -191,7 +182,7 @@ impl Default for MeteringConfig {
 }
 
 /// The Prometheus and health listener.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// `GET /metrics`, `/healthz`, `/readyz`. Loopback by default.
@@ -208,7 +199,7 @@ impl Default for MetricsConfig {
 
 /// The admin API listener. Every route needs `Authorization: Bearer $TOLLGATE_ADMIN_TOKEN`; without
 /// that variable the admin API is off.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
@@ -227,7 +218,7 @@ impl Default for AdminConfig {
 }
 
 /// The usage writer; see `writer.rs` for the guarantees these bound.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WriterConfig {
     /// Rows per flush (one transaction).
@@ -263,7 +254,7 @@ impl Default for WriterConfig {
 }
 
 /// A path prefix and the account type that serves it. The longest matching prefix wins.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
     pub prefix: String,
@@ -285,7 +276,7 @@ fn default_routes() -> Vec<Route> {
 }
 
 /// An upstream account declared in the file; upserted into `upstream_accounts` by name at start.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccountConfig {
     pub name: Spanned<String>,
@@ -338,109 +329,42 @@ impl std::fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 impl Config {
-    /// Reads and validates the file. A missing file at the default location gives the defaults.
-    pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => String::new(),
-            Err(e) => {
-                return Err(ConfigError {
-                    path: path.display().to_string(),
-                    line: 0,
-                    message: format!("cannot read: {e}"),
-                })
-            }
-        };
-        let mut cfg = Config::parse(&text, &path.display().to_string())?;
-        if let Ok(url) = std::env::var(DATABASE_URL_ENV) {
-            if !url.is_empty() {
-                cfg.database.url = url;
-            }
-        }
-        Ok(cfg)
-    }
-
-    /// Parses and validates TOML text; `origin` names the file in errors.
+    /// Parses TOML text (no validation beyond types and unknown keys: that is `settings.rs`);
+    /// `origin` names the file in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let err = |span: Option<std::ops::Range<usize>>, message: String| ConfigError {
+        toml::from_str(text).map_err(|e| ConfigError {
             path: origin.to_string(),
-            line: span.map_or(0, |s| line_of(text, s.start)),
-            message,
-        };
-        let cfg: Config =
-            toml::from_str(text).map_err(|e| err(e.span(), e.message().to_string()))?;
-        cfg.validate().map_err(|(span, msg)| err(span, msg))?;
-        Ok(cfg)
+            line: e.span().map_or(0, |s| line_of(text, s.start)),
+            message: e.message().to_string(),
+        })
+    }
+}
+
+/// Where settings are written in a file's text, to point errors at their line.
+pub struct Locator<'a> {
+    text: &'a str,
+    doc: Option<toml_edit::ImDocument<&'a str>>,
+}
+
+impl<'a> Locator<'a> {
+    pub fn new(text: &'a str) -> Locator<'a> {
+        Locator {
+            text,
+            doc: toml_edit::ImDocument::parse(text).ok(),
+        }
     }
 
-    fn validate(&self) -> Result<(), (Option<std::ops::Range<usize>>, String)> {
-        let plain = |msg: &str| (None, msg.to_string());
-        if self.server.threads == 0 {
-            return Err(plain("[server] threads must be at least 1"));
-        }
-        if self.server.max_body_bytes == 0 {
-            return Err(plain("[server] max_body_bytes must be at least 1"));
-        }
-        if self.writer.batch_size == 0 || self.writer.flush_interval_ms == 0 {
-            return Err(plain(
-                "[writer] batch_size and flush_interval_ms must be at least 1",
-            ));
-        }
-        if self.writer.high_water == 0 || self.writer.high_water > self.writer.queue_capacity {
-            return Err(plain(
-                "[writer] high_water must be between 1 and queue_capacity",
-            ));
-        }
-        if self.upstream.max_attempts == 0 {
-            return Err(plain("[upstream] max_attempts must be at least 1"));
-        }
-        if !(self.database.url.starts_with("sqlite:") || self.database.url.starts_with("postgres"))
-        {
-            return Err(plain(
-                "[database] url must start with sqlite:// or postgres://",
-            ));
-        }
-        for r in &self.routes {
-            if !r.prefix.starts_with('/') {
-                return Err(plain(&format!(
-                    "route prefix {:?} must start with '/'",
-                    r.prefix
-                )));
-            }
-        }
-        let mut names = HashSet::new();
-        for a in &self.upstream_accounts {
-            let name = a.name.get_ref();
-            if name.trim().is_empty() {
-                return Err((Some(a.name.span()), "account name must not be empty".into()));
-            }
-            if !names.insert(name.clone()) {
-                return Err((
-                    Some(a.name.span()),
-                    format!("account name {name:?} is declared twice"),
-                ));
-            }
-            if let Err(e) = crate::upstream::Endpoint::parse(a.base_url.get_ref()) {
-                return Err((Some(a.base_url.span()), e));
-            }
-            if a.weight == 0 {
-                return Err((
-                    Some(a.name.span()),
-                    format!("account {name:?}: weight must be at least 1"),
-                ));
-            }
-            if let Err(e) = expand_env(a.api_key.get_ref()) {
-                return Err((Some(a.api_key.span()), e));
-            }
-        }
-        Ok(())
+    /// 1-based line of `[section] key`'s value; 0 when it is not written in the file (a default).
+    pub fn line(&self, section: &str, key: &str) -> usize {
+        self.doc
+            .as_ref()
+            .and_then(|d| d.get(section)?.get(key)?.span())
+            .map_or(0, |s| line_of(self.text, s.start))
     }
 
-    pub fn default_path() -> (PathBuf, bool) {
-        match std::env::var(CONFIG_ENV) {
-            Ok(p) if !p.is_empty() => (PathBuf::from(p), true),
-            _ => (PathBuf::from("config.toml"), false),
-        }
+    /// 1-based line of a byte range (from a `Spanned` value).
+    pub fn line_of_span(&self, span: Range<usize>) -> usize {
+        line_of(self.text, span.start)
     }
 }
 
@@ -462,6 +386,15 @@ fn line_of(text: &str, offset: usize) -> usize {
         + 1
 }
 
+/// The config file to read: `$TOLLGATE_CONFIG`, else `./config.toml`; `true` when it was named
+/// explicitly (then it must exist; the default location may be missing, which means defaults).
+pub fn default_path() -> (PathBuf, bool) {
+    match std::env::var(CONFIG_ENV) {
+        Ok(p) if !p.is_empty() => (PathBuf::from(p), true),
+        _ => (PathBuf::from("config.toml"), false),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -473,37 +406,48 @@ mod tests {
 
     #[test]
     fn empty_file_gives_defaults() {
-        let cfg = Config::parse("", "config.toml").unwrap();
-        assert_eq!(cfg.server.listen.port(), 8080);
-        assert_eq!(cfg.routes.len(), 2);
+        assert_eq!(Config::parse("", "config.toml").unwrap(), Config::default());
+    }
+
+    /// The shipped config.toml documents the defaults: parsed, it is exactly `Config::default()`
+    /// apart from the example prices it ships.
+    #[test]
+    fn shipped_config_is_the_defaults() {
+        let mut shipped = Config::parse(include_str!("../config.toml"), "config.toml").unwrap();
+        let models: Vec<&str> = {
+            let mut m: Vec<&str> = shipped.prices.keys().collect();
+            m.sort_unstable();
+            m
+        };
+        assert_eq!(models, ["claude-3-5-sonnet", "gpt-4o", "gpt-4o-mini"]);
+        shipped.prices = PriceTable::default();
+        assert_eq!(shipped, Config::default());
     }
 
     #[test]
-    fn errors_name_the_line() {
+    fn type_errors_name_the_line() {
         check_err(
             "[server]\nlisten = \"nope\"\n",
             "config.toml:2: invalid socket address syntax",
         );
         check_err("[server]\nbogus = 1\n", "config.toml:2: unknown field `bogus`, expected one of `listen`, `threads`, `grace_period_secs`, `idle_timeout_secs`, `max_body_bytes`, `client_timeout_secs`");
         check_err(
-            "[[upstream_accounts]]\nname = \"a\"\ntype = \"openai\"\nbase_url = \"ftp://x\"\napi_key = \"k\"\n",
-            "config.toml:4: base_url must start with http:// or https://",
-        );
-        check_err(
             "[[upstream_accounts]]\nname = \"a\"\ntype = \"nope\"\nbase_url = \"http://x\"\napi_key = \"k\"\n",
             "config.toml:3: unknown variant `nope`, expected one of `openai`, `anthropic`, `generic`",
         );
         check_err(
-            "[[upstream_accounts]]\nname = \"a\"\ntype = \"openai\"\nbase_url = \"http://x\"\napi_key = \"k\"\n[[upstream_accounts]]\nname = \"a\"\ntype = \"openai\"\nbase_url = \"http://x\"\napi_key = \"k\"\n",
-            "config.toml:7: account name \"a\" is declared twice",
+            "[server]\nthreads = -1\n",
+            "config.toml:2: invalid value: integer `-1`, expected usize",
         );
-        check_err(
-            "[[upstream_accounts]]\nname = \"a\"\ntype = \"openai\"\nbase_url = \"http://x\"\napi_key = \"${TOLLGATE_SURELY_UNSET_VAR}\"\n",
-            "config.toml:5: environment variable TOLLGATE_SURELY_UNSET_VAR is not set",
-        );
-        check_err(
-            "[upstream]\nmax_attempts = 0\n",
-            "config.toml: [upstream] max_attempts must be at least 1",
-        );
+    }
+
+    #[test]
+    fn locator_finds_lines() {
+        let text = "# c\n[server]\nthreads = 0\n\n[writer]\nbatch_size = 1\n";
+        let at = Locator::new(text);
+        assert_eq!(at.line("server", "threads"), 3);
+        assert_eq!(at.line("writer", "batch_size"), 6);
+        assert_eq!(at.line("writer", "flush_interval_ms"), 0);
+        assert_eq!(at.line("nope", "x"), 0);
     }
 }

@@ -78,6 +78,11 @@ impl PriceTable {
         Self { prices }
     }
 
+    /// The model names the table prices.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.prices.keys().map(String::as_str)
+    }
+
     pub fn len(&self) -> usize {
         self.prices.len()
     }

@@ -8,7 +8,8 @@ use bytes::Bytes;
 
 use crate::auth::KeyInfo;
 use crate::lifecycle::InFlight;
-use crate::meter::{ResponseTap, Stripper};
+use crate::meter::Finished;
+use crate::tap::{ResponseTap, Stripper};
 use crate::upstream::{Account, AccountType};
 
 pub struct RequestCtx {
@@ -36,7 +37,7 @@ pub struct RequestCtx {
     /// time vs tollgate's own overhead).
     pub upstream_started: Option<Instant>,
     /// Reads usage from the response body; set by `forward` when the response header is sent,
-    /// fed each chunk by `forward`, finished by `logging`.
+    /// fed each chunk by `forward`, taken by `logging` (through [`RequestCtx::finished`]).
     pub tap: Option<ResponseTap>,
     /// Set in `request_filter` when tollgate added `stream_options.include_usage`; `forward` runs
     /// SSE chunks through it to remove the usage-only chunk the client did not ask for.
@@ -68,5 +69,27 @@ impl RequestCtx {
             stripper: None,
             _in_flight: in_flight,
         }
+    }
+
+    /// What `meter` needs to build the usage record, taking the tap; `None` when no key was
+    /// authenticated (there is nobody to bill; such refusals are counted in metrics only).
+    /// Called once, by `logging`.
+    pub fn finished<'a>(&'a mut self, method: &'a str, path: &'a str) -> Option<Finished<'a>> {
+        let key = self.key.as_ref()?;
+        Some(Finished {
+            request_id: &self.request_id,
+            user_id: key.user_id,
+            api_key_id: key.id,
+            account_id: self.account.as_ref().map(|a| a.id),
+            kind: self.kind.unwrap_or(AccountType::Generic),
+            method,
+            path,
+            requested_model: self.model.as_deref(),
+            body: &self.body,
+            status: self.status,
+            error: self.error,
+            elapsed: self.started.elapsed(),
+            tap: self.tap.take(),
+        })
     }
 }

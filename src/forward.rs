@@ -15,8 +15,8 @@ use pingora::proxy::Session;
 
 use crate::ctx::RequestCtx;
 use crate::error::GatewayError;
-use crate::meter::ResponseTap;
 use crate::pool::{hold_writes, UpstreamPool};
+use crate::tap::ResponseTap;
 use crate::upstream::{parse_retry_after, Account, AccountSet, AccountType, ErrorKind};
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the client's
@@ -86,7 +86,7 @@ impl Forwarder {
         pool: UpstreamPool,
         max_attempts: usize,
         read_timeout: Duration,
-        anthropic_version: &str,
+        anthropic_version: HeaderValue,
         json_cap: usize,
     ) -> Forwarder {
         Forwarder {
@@ -94,8 +94,7 @@ impl Forwarder {
             json_cap,
             max_attempts,
             read_timeout,
-            anthropic_version: HeaderValue::from_str(anthropic_version)
-                .unwrap_or(HeaderValue::from_static("2023-06-01")),
+            anthropic_version,
         }
     }
 

@@ -3,6 +3,7 @@
 #![deny(clippy::unwrap_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod accounts;
 pub mod admin;
 pub mod auth;
 pub mod body;
@@ -12,7 +13,9 @@ pub mod cost;
 pub mod ctx;
 pub mod error;
 pub mod forward;
+pub mod health;
 pub mod httpd;
+pub mod invalidation;
 pub mod keys;
 pub mod lifecycle;
 pub mod logging;
@@ -20,11 +23,19 @@ pub mod meter;
 pub mod metrics;
 pub mod ops;
 pub mod pool;
+pub mod pricing;
 pub mod proxy;
+pub mod record;
+pub mod reload;
+pub mod request;
+pub mod route;
 pub mod server;
+pub mod settings;
 pub mod spool;
 pub mod sse;
 pub mod store;
+pub mod tap;
+pub mod tasks;
 pub mod upstream;
 pub mod usage;
 pub mod writer;

@@ -1,171 +1,45 @@
-//! What one request used: the response tap that reads usage while the body streams through
-//! (JSON collector or incremental SSE parser), and the one [`UsageRecord`] each authenticated
-//! request becomes.
+//! What one request used: the one [`UsageRecord`] each authenticated request becomes, built from
+//! what the request path gathered ([`Finished`]) and priced by [`Pricing`]. Pure: no I/O, no
+//! clock other than the `now` it is given.
 
-use std::collections::HashMap;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rust_decimal::Decimal;
-use serde::{Deserialize, Serialize};
 
-use crate::cost::{cost, Price, PriceTable};
-use crate::ctx::RequestCtx;
-use crate::sse::{SseUsage, UsageChunkStripper};
+use crate::pricing::{Priced, Pricing};
+use crate::record::UsageRecord;
+use crate::request;
+use crate::tap::ResponseTap;
 use crate::upstream::AccountType;
-use crate::usage::{Dialect, JsonBodyCollector, JsonOutcome, Usage};
 
-/// One row of `usage_records`. Serialised as JSON in the spool.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct UsageRecord {
-    pub request_id: String,
+/// What the request path knows when a request ends; `ctx.rs` gathers it from the context.
+pub struct Finished<'a> {
+    pub request_id: &'a str,
     pub user_id: i64,
     pub api_key_id: i64,
-    pub upstream_account_id: Option<i64>,
-    pub method: String,
-    pub endpoint: String,
-    pub model: Option<String>,
-    pub status_code: i32,
-    /// Milliseconds from request start to the end of the response.
-    pub response_time: i32,
-    pub prompt_tokens: i64,
-    pub completion_tokens: i64,
-    pub cached_tokens: i64,
-    pub cache_creation_tokens: i64,
-    pub tokens_used: i64,
-    pub cost: Decimal,
-    pub error_message: Option<String>,
-    pub created_at: DateTime<Utc>,
-}
-
-impl UsageRecord {
-    /// Whether this row counts as a success for the key's and account's counters.
-    pub fn is_success(&self) -> bool {
-        (200..400).contains(&self.status_code) && self.error_message.is_none()
-    }
-}
-
-pub fn dialect(kind: AccountType) -> Dialect {
-    match kind {
-        AccountType::Openai => Dialect::OpenAi,
-        AccountType::Anthropic => Dialect::Anthropic,
-        AccountType::Generic => Dialect::Generic,
-    }
-}
-
-/// Reads usage from a response body as it streams by. Never holds more than the JSON cap.
-pub enum ResponseTap {
-    Json(JsonBodyCollector),
-    Sse(Box<SseUsage>),
-    /// Neither JSON nor SSE (or an empty body): nothing to read.
-    Opaque,
-}
-
-/// What the tap found.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Metered {
-    pub usage: Option<Usage>,
-    pub model: Option<String>,
-    /// Why tokens are unknown, when they are: e.g. `response_too_large_for_metering`.
-    pub note: Option<&'static str>,
-}
-
-impl ResponseTap {
-    pub fn for_response(
-        content_type: Option<&[u8]>,
-        kind: AccountType,
-        json_cap: usize,
-    ) -> ResponseTap {
-        let ct = content_type.unwrap_or(b"");
-        let starts = |p: &[u8]| ct.len() >= p.len() && ct[..p.len()].eq_ignore_ascii_case(p);
-        if starts(b"text/event-stream") {
-            ResponseTap::Sse(Box::new(SseUsage::new(dialect(kind))))
-        } else if starts(b"application/json") || memchr::memmem::find(ct, b"+json").is_some() {
-            ResponseTap::Json(JsonBodyCollector::new(json_cap))
-        } else {
-            ResponseTap::Opaque
-        }
-    }
-
-    pub fn feed(&mut self, chunk: &[u8]) {
-        match self {
-            ResponseTap::Json(j) => j.feed(chunk),
-            ResponseTap::Sse(s) => s.feed(chunk),
-            ResponseTap::Opaque => {}
-        }
-    }
-
-    pub fn finish(self, kind: AccountType) -> Metered {
-        match self {
-            ResponseTap::Json(j) => match j.finish(dialect(kind)) {
-                JsonOutcome::Parsed(e) => Metered {
-                    usage: e.usage,
-                    model: e.model,
-                    note: None,
-                },
-                JsonOutcome::TooLarge => Metered {
-                    note: Some("response_too_large_for_metering"),
-                    ..Metered::default()
-                },
-                JsonOutcome::Invalid => Metered::default(),
-            },
-            ResponseTap::Sse(mut s) => {
-                s.finish();
-                Metered {
-                    usage: s.usage(),
-                    model: s.model().map(str::to_string),
-                    note: None,
-                }
-            }
-            ResponseTap::Opaque => Metered::default(),
-        }
-    }
-}
-
-/// Removes the usage-only chunk tollgate asked for on the client's behalf. `None` when the
-/// client asked for usage itself (or the request is not a stream).
-pub type Stripper = Option<UsageChunkStripper>;
-
-/// The price table from the config: per model, with per-account-type defaults.
-#[derive(Debug, Clone, Default)]
-pub struct Pricing {
-    pub models: PriceTable,
-    pub defaults: HashMap<AccountType, Price>,
-}
-
-/// The priced outcome of one request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Priced {
-    pub cost: Decimal,
-    /// Table key the price came from (bounded set: usable as a metric label); None = unpriced.
-    pub price_key: Option<String>,
-}
-
-impl Pricing {
-    /// Cost of `usage` for `model` on an account of `kind`. Unknown model and no default for the
-    /// type: cost 0 and `price_key: None` (counted as unpriced), never a guess.
-    pub fn price(&self, kind: AccountType, model: Option<&str>, usage: &Usage) -> Priced {
-        if let Some((key, p)) = model.and_then(|m| self.models.lookup(m)) {
-            return Priced {
-                cost: cost(usage, p),
-                price_key: Some(key.to_string()),
-            };
-        }
-        match self.defaults.get(&kind) {
-            Some(p) => Priced {
-                cost: cost(usage, p),
-                price_key: Some(format!("default:{}", kind.as_str())),
-            },
-            None => Priced {
-                cost: Decimal::ZERO,
-                price_key: None,
-            },
-        }
-    }
+    /// The account whose response reached the client, if any.
+    pub account_id: Option<i64>,
+    /// The routed account type (generic when routing did not happen).
+    pub kind: AccountType,
+    pub method: &'a str,
+    pub path: &'a str,
+    /// The `model` read from the request when permissions needed it.
+    pub requested_model: Option<&'a str>,
+    /// The request body, for the model when neither the response nor the check gave one.
+    pub body: &'a [u8],
+    /// Status sent to the client (0 = none).
+    pub status: u16,
+    /// Low-cardinality reason the request did not end well.
+    pub error: Option<&'static str>,
+    pub elapsed: Duration,
+    /// The response tap, when a response started.
+    pub tap: Option<ResponseTap>,
 }
 
 /// Longest `endpoint` / `model` stored: client-controlled strings are bounded.
 const MAX_ENDPOINT: usize = 512;
 const MAX_MODEL: usize = 200;
+const MAX_METHOD: usize = 16;
 
 fn bounded(s: &str, max: usize) -> String {
     if s.len() <= max {
@@ -178,155 +52,142 @@ fn bounded(s: &str, max: usize) -> String {
     s[..end].to_string()
 }
 
-/// The usage record for a finished request, or None when no key was authenticated (there is
-/// nobody to bill; such refusals are counted in metrics only). Takes the tap out of `ctx`.
-pub fn record(
-    ctx: &mut RequestCtx,
-    method: &str,
-    path: &str,
-    pricing: &Pricing,
-) -> Option<(UsageRecord, Priced)> {
-    let key = ctx.key.as_ref()?;
-    let kind = ctx.kind.unwrap_or(AccountType::Generic);
-    let metered = ctx.tap.take().map(|t| t.finish(kind)).unwrap_or_default();
+/// The usage record of a finished request, and its price (with the cost counter it feeds).
+pub fn record<'p>(
+    done: Finished<'_>,
+    pricing: &'p Pricing,
+    now: DateTime<Utc>,
+) -> (UsageRecord, Priced<'p>) {
+    let metered = done.tap.map(|t| t.finish(done.kind)).unwrap_or_default();
     let model = metered
         .model
-        .or_else(|| ctx.model.clone())
-        .or_else(|| crate::usage::request_model(&ctx.body));
+        .or_else(|| done.requested_model.map(str::to_string))
+        .or_else(|| request::model(done.body));
     let usage = metered.usage.unwrap_or_default();
     let priced = match metered.usage {
-        Some(u) => pricing.price(kind, model.as_deref(), &u),
+        Some(u) => pricing.price(done.kind, model.as_deref(), &u),
         None => Priced {
-            cost: Decimal::ZERO,
-            price_key: None,
+            cost: rust_decimal::Decimal::ZERO,
+            counter: None,
         },
     };
-    let error_message = ctx.error.or(metered.note).map(str::to_string);
     let record = UsageRecord {
-        request_id: ctx.request_id.clone(),
-        user_id: key.user_id,
-        api_key_id: key.id,
-        upstream_account_id: ctx.account.as_ref().map(|a| a.id),
-        method: bounded(method, 16),
-        endpoint: bounded(path, MAX_ENDPOINT),
+        request_id: done.request_id.to_string(),
+        user_id: done.user_id,
+        api_key_id: done.api_key_id,
+        upstream_account_id: done.account_id,
+        method: bounded(done.method, MAX_METHOD),
+        endpoint: bounded(done.path, MAX_ENDPOINT),
         model: model.map(|m| bounded(&m, MAX_MODEL)),
-        status_code: i32::from(ctx.status),
-        response_time: ctx.started.elapsed().as_millis().min(i32::MAX as u128) as i32,
+        status_code: i32::from(done.status),
+        response_time: done.elapsed.as_millis().min(i32::MAX as u128) as i32,
         prompt_tokens: usage.prompt_tokens() as i64,
         completion_tokens: usage.output_tokens as i64,
         cached_tokens: usage.cached_input_tokens as i64,
         cache_creation_tokens: usage.cache_creation_tokens as i64,
         tokens_used: usage.total_tokens() as i64,
         cost: priced.cost,
-        error_message,
-        created_at: Utc::now(),
+        error_message: done.error.or(metered.note).map(str::to_string),
+        created_at: now,
     };
-    Some((record, priced))
+    (record, priced)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cost::Price;
+    use crate::metrics::CostCounters;
+    use rust_decimal::Decimal;
     use std::str::FromStr;
 
-    fn check_tap(ct: &str, kind: AccountType, chunks: &[&[u8]], expected: Metered) {
-        let mut tap = ResponseTap::for_response(Some(ct.as_bytes()), kind, 1024);
-        for c in chunks {
-            tap.feed(c);
+    fn finished<'a>(body: &'a [u8], tap: Option<ResponseTap>) -> Finished<'a> {
+        Finished {
+            request_id: "r1",
+            user_id: 7,
+            api_key_id: 9,
+            account_id: Some(3),
+            kind: AccountType::Openai,
+            method: "POST",
+            path: "/v1/chat/completions",
+            requested_model: None,
+            body,
+            status: 200,
+            error: None,
+            elapsed: Duration::from_millis(12),
+            tap,
         }
-        assert_eq!(tap.finish(kind), expected, "{ct}");
     }
 
-    #[test]
-    fn taps() {
-        check_tap(
-            "application/json; charset=utf-8",
-            AccountType::Openai,
-            &[
-                br#"{"model":"gpt-4o","usage":{"prompt_tokens":10,"#,
-                br#""completion_tokens":5,"total_tokens":15}}"#,
-            ],
-            Metered {
-                usage: Some(Usage {
-                    input_tokens: 10,
-                    output_tokens: 5,
-                    ..Usage::default()
-                }),
-                model: Some("gpt-4o".into()),
-                note: None,
-            },
-        );
-        check_tap(
-            "text/event-stream",
-            AccountType::Anthropic,
-            &[b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-x\",\"usage\":{\"input_tokens\":7,\"output_tokens\":1}}}\n\n"],
-            Metered {
-                usage: Some(Usage { input_tokens: 7, output_tokens: 1, ..Usage::default() }),
-                model: Some("claude-x".into()),
-                note: None,
-            },
-        );
-        check_tap(
-            "application/json",
-            AccountType::Openai,
-            &[&[b' '; 2000]],
-            Metered {
-                note: Some("response_too_large_for_metering"),
-                ..Metered::default()
-            },
-        );
-        check_tap(
-            "text/plain",
-            AccountType::Openai,
-            &[b"hello"],
-            Metered::default(),
-        );
-    }
-
-    #[test]
-    fn pricing() {
-        let price = |i: &str, o: &str| Price {
-            input: Decimal::from_str(i).unwrap(),
-            output: Decimal::from_str(o).unwrap(),
+    /// (response body or none, request body) → (model, tokens, cost, error_message)
+    fn check(
+        response: Option<&[u8]>,
+        body: &[u8],
+        expected: (Option<&str>, i64, &str, Option<&str>),
+    ) {
+        let counters = CostCounters::default();
+        let price = Price {
+            input: Decimal::from_str("1").unwrap(),
+            output: Decimal::from_str("2").unwrap(),
             cached_input: None,
             cache_write: None,
         };
-        let pricing = Pricing {
-            models: [("gpt-4o-mini".to_string(), price("0.15", "0.60"))]
-                .into_iter()
-                .collect(),
-            defaults: [(AccountType::Generic, price("1", "2"))]
-                .into_iter()
-                .collect(),
-        };
-        let usage = Usage {
-            input_tokens: 100,
-            output_tokens: 10,
-            ..Usage::default()
-        };
-        let check = |kind, model: Option<&str>, cost: &str, key: Option<&str>| {
-            assert_eq!(
-                pricing.price(kind, model, &usage),
-                Priced {
-                    cost: Decimal::from_str(cost).unwrap(),
-                    price_key: key.map(str::to_string)
-                },
-                "{model:?}"
-            );
-        };
-        check(
-            AccountType::Openai,
-            Some("gpt-4o-mini-2024-07-18"),
-            "0.000021",
-            Some("gpt-4o-mini"),
+        let pricing = Pricing::new(
+            [("gpt-4o".to_string(), price)].into_iter().collect(),
+            Default::default(),
+            &counters,
         );
-        check(AccountType::Openai, Some("unknown-model"), "0", None);
-        check(AccountType::Openai, None, "0", None);
+        let tap = response.map(|r| {
+            let mut t =
+                ResponseTap::for_response(Some(b"application/json"), AccountType::Openai, 1024);
+            t.feed(r);
+            t
+        });
+        let now = Utc::now();
+        let (rec, _) = record(finished(body, tap), &pricing, now);
+        assert_eq!(
+            (
+                rec.model.as_deref(),
+                rec.tokens_used,
+                rec.cost,
+                rec.error_message.as_deref()
+            ),
+            (
+                expected.0,
+                expected.1,
+                Decimal::from_str(expected.2).unwrap(),
+                expected.3
+            ),
+            "{response:?}"
+        );
+        assert_eq!(
+            (rec.request_id.as_str(), rec.api_key_id, rec.user_id),
+            ("r1", 9, 7)
+        );
+        assert_eq!(
+            (rec.upstream_account_id, rec.response_time, rec.created_at),
+            (Some(3), 12, now)
+        );
+    }
+
+    #[test]
+    fn records() {
         check(
-            AccountType::Generic,
-            Some("llama"),
-            "0.00012",
-            Some("default:generic"),
+            Some(br#"{"model":"gpt-4o-2024","usage":{"prompt_tokens":1000000,"completion_tokens":1}}"#),
+            b"{}",
+            (Some("gpt-4o-2024"), 1_000_001, "1.000002", None),
+        );
+        // No response read: model from the request body, nothing billed.
+        check(
+            None,
+            br#"{"model":"gpt-4o"}"#,
+            (Some("gpt-4o"), 0, "0", None),
+        );
+        // A JSON response over the cap: the note says why tokens are unknown.
+        check(
+            Some(&[b' '; 2000]),
+            b"",
+            (None, 0, "0", Some("response_too_large_for_metering")),
         );
     }
 }

@@ -1,21 +1,24 @@
-//! Prometheus metrics: the families tollgate exports, their handles (registered once at start),
-//! and `/metrics` rendering. The request path only bumps registered handles and atomics; state
-//! kept in atomics elsewhere (account stats, key cache, writer) is copied into gauges and counters
-//! when Prometheus scrapes. No label carries a key, a user, a raw path or a client-sent string:
-//! labels come from fixed sets, account names (bounded by the accounts) and price-table keys.
+//! Prometheus metrics: the families tollgate exports, their handles (registered once at start,
+//! or when what they count is loaded: a price's cost counter when the price table loads), and
+//! the exporter's text. The request path only bumps registered handles and atomics, takes no lock
+//! and allocates nothing here. What other modules keep in atomics (account stats, key cache,
+//! writer) is copied in at scrape time by `health.rs`. No label carries a key, a user, a raw path
+//! or a client-sent string: labels come from fixed sets, account names (bounded by the accounts)
+//! and price-table keys.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use metrics::{counter, gauge, histogram, Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use rust_decimal::Decimal;
+use tokio::sync::watch;
 
-use crate::auth::KeyCache;
-use crate::meter::UsageRecord;
-use crate::upstream::{AccountSet, AccountType, ErrorKind};
-use crate::writer::{UsageSink, WriterStats};
+use crate::record::UsageRecord;
+use crate::upstream::AccountType;
 
 /// Buckets for latencies: sub-millisecond resolution for tollgate's own overhead, up to the
 /// minutes an LLM stream can take.
@@ -38,8 +41,8 @@ pub const AUTH_REASONS: [&str; 7] = [
 ];
 const TOKEN_KINDS: [&str; 4] = ["prompt", "completion", "cached", "cache_creation"];
 
-/// Cost is exported in units of 1e-10 USD inside, rendered as USD.
-const COST_SCALE: f64 = 1e10;
+/// Cost is counted in units of 1e-10 USD inside (see [`CostCounter`]), rendered as USD.
+const COST_UNITS_PER_USD: u64 = 10_000_000_000;
 
 pub struct Metrics {
     exporter: Option<PrometheusHandle>,
@@ -50,8 +53,8 @@ pub struct Metrics {
     auth_failures: Vec<Counter>,
     tokens: Vec<Counter>,
     unpriced: Vec<Counter>,
-    /// (account type, price key) → cost in 1e-10 USD.
-    cost: Mutex<HashMap<(AccountType, String), Arc<AtomicU64>>>,
+    /// `tollgate_cost_total`: one counter per (account type, price key), made when prices load.
+    pub cost: CostCounters,
     pub writer_batch_rows: Histogram,
     pub writer_flush_seconds: Histogram,
     reloads_ok: Counter,
@@ -114,7 +117,7 @@ impl Metrics {
                 .iter()
                 .map(|t| counter!("tollgate_unpriced_requests_total", "account_type" => t.as_str()))
                 .collect(),
-            cost: Mutex::new(HashMap::new()),
+            cost: CostCounters::default(),
             writer_batch_rows: histogram!("tollgate_writer_batch_rows"),
             writer_flush_seconds: histogram!("tollgate_writer_flush_duration_seconds"),
             reloads_ok: counter!("tollgate_config_reloads_total", "result" => "ok"),
@@ -153,8 +156,9 @@ impl Metrics {
         }
     }
 
-    /// Tokens and cost of one metered request. `price_key` None = unpriced.
-    pub fn usage(&self, kind: AccountType, r: &UsageRecord, price_key: Option<&str>) {
+    /// Tokens and cost of one metered request, served by an account of `kind`. `cost` is the
+    /// counter of the price used; `None` = unpriced.
+    pub fn usage(&self, kind: AccountType, r: &UsageRecord, cost: Option<&CostCounter>) {
         let counts = [
             r.prompt_tokens,
             r.completion_tokens,
@@ -166,35 +170,14 @@ impl Metrics {
                 c.increment(n as u64);
             }
         }
-        let cost = r.cost;
-        match price_key {
+        match cost {
+            Some(counter) => counter.add(r.cost),
             None => {
-                if let Some(c) = AccountType::ALL
-                    .iter()
-                    .position(|x| *x == kind)
-                    .and_then(|i| self.unpriced.get(i))
-                {
+                if let Some(c) = self.unpriced.get(kind.index()) {
                     c.increment(1);
                 }
             }
-            Some(key) => {
-                let units = (cost * rust_decimal::Decimal::from(10_000_000_000u64)).trunc();
-                let units = u64::try_from(units).unwrap_or(0);
-                let slot = self.cost_slot(kind, key);
-                slot.fetch_add(units, Ordering::Relaxed);
-            }
         }
-    }
-
-    fn cost_slot(&self, kind: AccountType, key: &str) -> Arc<AtomicU64> {
-        let Ok(mut map) = self.cost.lock() else {
-            return Arc::default();
-        };
-        // Keys come from the price table (bounded), never from the client.
-        if let Some(slot) = map.get(&(kind, key.to_string())) {
-            return slot.clone();
-        }
-        map.entry((kind, key.to_string())).or_default().clone()
     }
 
     pub fn reload(&self, ok: bool) {
@@ -206,93 +189,94 @@ impl Metrics {
         .increment(1);
     }
 
-    /// The `/metrics` body: state held in atomics is copied in first.
-    pub fn render(&self, sources: &Sources) -> String {
-        sources.sync();
+    /// The exporter's text followed by the cost counters. Callers copy their atomics into the
+    /// registered handles first (`health.rs`).
+    pub fn render(&self) -> String {
         let mut out = self
             .exporter
             .as_ref()
             .map(|h| h.render())
             .unwrap_or_default();
-        out.push_str("# HELP tollgate_cost_total Cost of metered requests in USD, by account type and price-table model.\n");
-        out.push_str("# TYPE tollgate_cost_total counter\n");
-        if let Ok(map) = self.cost.lock() {
-            let mut entries: Vec<_> = map.iter().collect();
-            entries.sort_by(|a, b| a.0.cmp(b.0));
-            for ((kind, model), units) in entries {
-                let usd = units.load(Ordering::Relaxed) as f64 / COST_SCALE;
-                let _ = writeln!(
-                    out,
-                    "tollgate_cost_total{{account_type=\"{}\",model=\"{}\"}} {usd}",
-                    kind.as_str(),
-                    escape(model)
-                );
-            }
-        }
+        self.cost.render(&mut out);
         out
     }
 }
 
-fn escape(label: &str) -> String {
+/// Every `upkeep` (1 s), folds the histogram samples recorded since into their buckets. The
+/// Prometheus recorder keeps every sample until upkeep (or a scrape) folds it, so without this
+/// task a gateway nobody scrapes grows with its traffic (measured: peak RSS 109 MiB without it,
+/// 77 MiB with it, after 20 s at ~35k req/s, unscraped). Every sample is folded once whatever the
+/// period, so a short period adds little CPU and holds fewer samples: at 1 s instead of 5 s, peak
+/// RSS under load fell from 51–53 to 47–48 MiB. Background task `metrics-upkeep`.
+pub async fn upkeep(metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
+    const PERIOD: Duration = Duration::from_secs(1);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(PERIOD) => metrics.run_upkeep(),
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// One `tollgate_cost_total` series: cost in units of 1e-10 USD (exact for costs rounded to 10
+/// places), rendered as USD. Cloning shares the series.
+#[derive(Debug, Clone, Default)]
+pub struct CostCounter(Arc<AtomicU64>);
+
+impl PartialEq for CostCounter {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+impl Eq for CostCounter {}
+
+impl CostCounter {
+    pub fn add(&self, cost: Decimal) {
+        let units = (cost * Decimal::from(COST_UNITS_PER_USD)).trunc();
+        self.0
+            .fetch_add(u64::try_from(units).unwrap_or(0), Ordering::Relaxed);
+    }
+
+    fn usd(&self) -> f64 {
+        self.0.load(Ordering::Relaxed) as f64 / COST_UNITS_PER_USD as f64
+    }
+}
+
+/// The cost counters by (account type, price key). The lock is taken when a price table loads
+/// and at scrape, never per request. Series of prices removed by a reload stay (a counter does
+/// not go back), as Prometheus expects of counters.
+#[derive(Debug, Default)]
+pub struct CostCounters(Mutex<BTreeMap<(AccountType, String), CostCounter>>);
+
+impl CostCounters {
+    /// The counter of one series, made on first use.
+    pub fn get(&self, kind: AccountType, key: &str) -> CostCounter {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry((kind, key.to_string())).or_default().clone()
+    }
+
+    fn render(&self, out: &mut String) {
+        out.push_str("# HELP tollgate_cost_total Cost of metered requests in USD, by account type and price-table model.\n");
+        out.push_str("# TYPE tollgate_cost_total counter\n");
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for ((kind, model), counter) in map.iter() {
+            let _ = writeln!(
+                out,
+                "tollgate_cost_total{{account_type=\"{}\",model=\"{}\"}} {}",
+                kind.as_str(),
+                escape(model),
+                counter.usd()
+            );
+        }
+    }
+}
+
+/// A label value escaped for the Prometheus text format.
+pub fn escape(label: &str) -> String {
     label
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
-}
-
-/// The atomics-backed state copied into metrics at scrape time.
-pub struct Sources {
-    pub accounts: Arc<arc_swap::ArcSwap<AccountSet>>,
-    pub keys: Arc<KeyCache>,
-    pub writer: Arc<WriterStats>,
-    pub usage: UsageSink,
-    pub in_flight: Arc<crate::lifecycle::Drain>,
-}
-
-impl Sources {
-    fn sync(&self) {
-        let set = self.accounts.load();
-        gauge!("tollgate_upstream_accounts").set(set.len() as f64);
-        for a in set.accounts() {
-            let name = a.name.to_string();
-            let s = &a.stats;
-            counter!("tollgate_upstream_attempts_total", "account" => name.clone())
-                .absolute(s.attempts.load(Ordering::Relaxed));
-            counter!("tollgate_upstream_successes_total", "account" => name.clone())
-                .absolute(s.successes.load(Ordering::Relaxed));
-            for kind in ErrorKind::ALL {
-                counter!("tollgate_upstream_errors_total", "account" => name.clone(), "kind" => kind.as_str())
-                    .absolute(s.errors_of(kind));
-            }
-            gauge!("tollgate_upstream_cooldown", "account" => name).set(if set.in_cooldown(a) {
-                1.0
-            } else {
-                0.0
-            });
-        }
-        let (hits, misses, entries) = self.keys.stats();
-        counter!("tollgate_key_cache_hits_total").absolute(hits);
-        counter!("tollgate_key_cache_misses_total").absolute(misses);
-        gauge!("tollgate_key_cache_entries").set(entries as f64);
-        let w = &self.writer;
-        gauge!("tollgate_writer_queue_depth").set(self.usage.depth() as f64);
-        counter!("tollgate_writer_rows_written_total")
-            .absolute(w.rows_written.load(Ordering::Relaxed));
-        counter!("tollgate_writer_rows_spooled_total")
-            .absolute(w.rows_spooled.load(Ordering::Relaxed));
-        counter!("tollgate_writer_rows_replayed_total")
-            .absolute(w.rows_replayed.load(Ordering::Relaxed));
-        counter!("tollgate_writer_rows_lost_total").absolute(w.rows_lost.load(Ordering::Relaxed));
-        counter!("tollgate_writer_rows_duplicate_total")
-            .absolute(w.rows_duplicate.load(Ordering::Relaxed));
-        counter!("tollgate_writer_flush_failures_total")
-            .absolute(w.flush_failures.load(Ordering::Relaxed));
-        counter!("tollgate_writer_torn_segments_total")
-            .absolute(w.torn_segments.load(Ordering::Relaxed));
-        gauge!("tollgate_writer_spool_bytes").set(w.spool_bytes.load(Ordering::Relaxed) as f64);
-        gauge!("tollgate_writer_degraded").set(w.degraded.load(Ordering::Relaxed) as f64);
-        gauge!("tollgate_in_flight_requests").set(self.in_flight.in_flight() as f64);
-    }
 }
 
 fn describe() {
@@ -340,22 +324,6 @@ fn describe() {
     describe_gauge!(
         "tollgate_upstream_accounts",
         "Active upstream accounts loaded."
-    );
-    describe_counter!(
-        "tollgate_upstream_attempts_total",
-        "Attempts sent to each upstream account."
-    );
-    describe_counter!(
-        "tollgate_upstream_successes_total",
-        "Attempts whose response reached the client without an upstream error."
-    );
-    describe_counter!(
-        "tollgate_upstream_errors_total",
-        "Failed attempts per upstream account, by kind."
-    );
-    describe_gauge!(
-        "tollgate_upstream_cooldown",
-        "1 while the account is cooling down after a failure."
     );
     describe_counter!("tollgate_tokens_total", "Tokens metered, by kind.");
     describe_counter!(

@@ -402,19 +402,21 @@ mod tests {
     async fn a_connection_the_upstream_closed_or_wrote_to_is_discarded() {
         let (l, peer) = listener().await;
         let pool = UpstreamPool::new(Duration::from_secs(60), 8);
-        let closed = connect(&pool, &peer).await;
+        let mut closed = connect(&pool, &peer).await;
         let (server_closed, _) = l.accept().await.unwrap();
-        let chatty = connect(&pool, &peer).await;
+        let mut chatty = connect(&pool, &peer).await;
         let (mut server_chatty, _) = l.accept().await.unwrap();
-        pool.put(peer.reuse_hash(), closed);
-        pool.put(peer.reuse_hash(), chatty);
         drop(server_closed);
         server_chatty
             .write_all(b"HTTP/1.1 408\r\n\r\n")
             .await
             .unwrap();
-        // Let the FIN and the bytes arrive.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Wait until each connection has seen its FIN or bytes (a peek puts the byte back).
+        let mut byte = [0u8; 1];
+        assert!(closed.try_peek(&mut byte).await.is_err(), "EOF");
+        assert!(chatty.try_peek(&mut byte).await.unwrap());
+        pool.put(peer.reuse_hash(), closed);
+        pool.put(peer.reuse_hash(), chatty);
         assert!(pool.take(peer.reuse_hash()).is_none(), "both discarded");
     }
 

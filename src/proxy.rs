@@ -4,8 +4,8 @@
 //! | phase            | stage                                                      |
 //! |------------------|------------------------------------------------------------|
 //! | `new_ctx`        | [`RequestCtx::new`]: request id, start time, in-flight guard |
-//! | `request_filter` | [`auth`](crate::auth) → route → [`body`](crate::body) → permissions → [`forward`](crate::forward) |
-//! | `logging`        | [`meter::record`] → [`UsageSink::submit`]; one structured log line |
+//! | `request_filter` | [`auth`](crate::auth) → path permission → [`route`](crate::route) → [`body`](crate::body) → model permission → [`request`](crate::request) (`include_usage`) → [`forward`](crate::forward) |
+//! | `logging`        | [`RequestCtx::finished`] → [`meter::record`] → [`UsageSink::submit`]; metrics; one structured log line |
 //!
 //! `request_filter` always answers the request itself (it returns `true`), so pingora's own
 //! upstream phases never run; see `forward.rs` for why.
@@ -22,12 +22,13 @@ use crate::ctx::RequestCtx;
 use crate::error::GatewayError;
 use crate::forward::Forwarder;
 use crate::lifecycle::Drain;
-use crate::meter::{self, Pricing};
+use crate::meter;
 use crate::metrics::Metrics;
+use crate::pricing::Pricing;
+use crate::request;
+use crate::route::Router;
 use crate::sse::UsageChunkStripper;
-use crate::upstream::AccountType;
-use crate::upstream::{AccountSet, Router};
-use crate::usage;
+use crate::upstream::{AccountSet, AccountType};
 use crate::writer::UsageSink;
 
 /// Everything the request path shares; built once at start.
@@ -87,16 +88,12 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         let req = session.req_header();
-        if let Some((record, priced)) = meter::record(
-            ctx,
-            req.method.as_str(),
-            req.uri.path(),
-            &self.pricing.load(),
-        ) {
+        if let Some(done) = ctx.finished(req.method.as_str(), req.uri.path()) {
+            let kind = done.kind;
+            let pricing = self.pricing.load();
+            let (record, priced) = meter::record(done, &pricing, chrono::Utc::now());
             if record.tokens_used > 0 {
-                let kind = ctx.kind.unwrap_or(AccountType::Generic);
-                self.metrics
-                    .usage(kind, &record, priced.price_key.as_deref());
+                self.metrics.usage(kind, &record, priced.counter);
             }
             self.usage.submit(record);
         }
@@ -153,7 +150,7 @@ impl Gateway {
             .await
             .map_err(|e| (e.error, e.close))?;
         if key.permissions.restricts_models() {
-            ctx.model = usage::request_model(&ctx.body);
+            ctx.model = request::model(&ctx.body);
             if !key.permissions.allows_model(ctx.model.as_deref()) {
                 let what = ctx
                     .model
@@ -166,7 +163,7 @@ impl Gateway {
         }
 
         if self.inject_stream_usage && ctx.kind == Some(AccountType::Openai) {
-            if let Some(body) = usage::inject_include_usage(&ctx.body) {
+            if let Some(body) = request::inject_include_usage(&ctx.body) {
                 ctx.body = body.into();
                 ctx.stripper = Some(UsageChunkStripper::new());
             }

@@ -39,7 +39,8 @@ impl AccountType {
         }
     }
 
-    fn index(self) -> usize {
+    /// Position in [`AccountType::ALL`]: an index into per-type arrays (metric handles).
+    pub fn index(self) -> usize {
         self as usize
     }
 }
@@ -427,27 +428,6 @@ pub fn swrr_pick(
     best
 }
 
-/// Path prefix → account type; the longest matching prefix wins.
-#[derive(Debug, Clone)]
-pub struct Router {
-    routes: Vec<(String, AccountType)>,
-}
-
-impl Router {
-    pub fn new(routes: impl IntoIterator<Item = (String, AccountType)>) -> Router {
-        let mut routes: Vec<_> = routes.into_iter().collect();
-        routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
-        Router { routes }
-    }
-
-    pub fn route(&self, path: &str) -> Option<AccountType> {
-        self.routes
-            .iter()
-            .find(|(p, _)| path.starts_with(p.as_str()))
-            .map(|(_, k)| *k)
-    }
-}
-
 /// Keeps each account's stats (cooldown, counters) across reloads, keyed by account id.
 #[derive(Debug, Default)]
 pub struct StatsRegistry {
@@ -585,24 +565,6 @@ mod tests {
         }
         assert!(set.pick(AccountType::Anthropic, &[]).is_none());
         assert!(set.pick(AccountType::Openai, &[1, 2, 3]).is_none());
-    }
-
-    #[test]
-    fn routes_longest_prefix() {
-        let r = Router::new([
-            ("/v1/".to_string(), AccountType::Openai),
-            ("/v1/messages".to_string(), AccountType::Anthropic),
-            ("/gemini/".to_string(), AccountType::Generic),
-        ]);
-        for (path, expected) in [
-            ("/v1/chat/completions", Some(AccountType::Openai)),
-            ("/v1/messages", Some(AccountType::Anthropic)),
-            ("/v1/messages/count_tokens", Some(AccountType::Anthropic)),
-            ("/gemini/v1beta/models", Some(AccountType::Generic)),
-            ("/healthz", None),
-        ] {
-            assert_eq!(r.route(path), expected, "{path}");
-        }
     }
 
     #[test]

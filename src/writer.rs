@@ -29,9 +29,16 @@
 //!   cross-thread wake-up per batch, not one per request (measured: one per request cost the proxy
 //!   ~12% of its CPU).
 //!
-//! Spool I/O is synchronous on the writer task: it happens only while degraded, and the writer
-//! runs on the background runtime, never on a proxy thread.
+//! - **A loss is never silent**: a record that cannot be encoded for the spool, a spooled record
+//!   that no longer decodes, and a batch the spool cannot take are counted in `rows_lost` and
+//!   logged at error with their request ids. A failed replay loses nothing (the segment stays);
+//!   it is counted in `flush_failures` and logged.
+//!
+//! Spool I/O is synchronous on the writer task, which runs on the background runtime, never on
+//! a proxy thread: appends while degraded or above `high_water`, reads and deletes when
+//! replaying (at start-up, and while a spool is left to drain).
 
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,7 +47,7 @@ use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::{sleep_until, timeout, Instant};
 
-use crate::meter::UsageRecord;
+use crate::record::UsageRecord;
 use crate::spool::Spool;
 use crate::store::Store;
 
@@ -78,25 +85,46 @@ pub struct WriterOptions {
     /// Rows per flush, and flush durations (no-op handles unless metrics are installed).
     pub batch_rows: metrics::Histogram,
     pub flush_seconds: metrics::Histogram,
-    pub batch_size: usize,
+    pub batch_size: NonZeroUsize,
     pub flush_interval: Duration,
-    pub queue_capacity: usize,
+    pub queue_capacity: NonZeroUsize,
     pub high_water: usize,
     pub flush_timeout: Duration,
     pub max_backoff: Duration,
+    /// How a record is written into the spool ([`encode_json`]); tests replace it to make
+    /// encoding fail.
+    pub encode: Encode,
+}
+
+/// Serialises a record for the spool.
+pub type Encode = fn(&UsageRecord) -> Result<Vec<u8>, String>;
+
+/// The spool's record format: the record as JSON.
+pub fn encode_json(r: &UsageRecord) -> Result<Vec<u8>, String> {
+    serde_json::to_vec(r).map_err(|e| e.to_string())
+}
+
+/// The request id of a spooled record that no longer decodes as a whole, for the loss log.
+fn request_id_of(bytes: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Id {
+        request_id: String,
+    }
+    serde_json::from_slice::<Id>(bytes).map_or_else(|_| "unknown".into(), |i| i.request_id)
 }
 
 impl WriterOptions {
-    pub fn from_config(c: &crate::config::WriterConfig) -> WriterOptions {
+    pub fn new(w: &crate::settings::Writer) -> WriterOptions {
         WriterOptions {
             batch_rows: metrics::Histogram::noop(),
             flush_seconds: metrics::Histogram::noop(),
-            batch_size: c.batch_size,
-            flush_interval: Duration::from_millis(c.flush_interval_ms),
-            queue_capacity: c.queue_capacity,
-            high_water: c.high_water,
-            flush_timeout: Duration::from_millis(c.flush_timeout_ms),
-            max_backoff: Duration::from_millis(c.max_backoff_ms),
+            batch_size: w.batch_size,
+            flush_interval: w.flush_interval,
+            queue_capacity: w.queue_capacity,
+            high_water: w.high_water.get(),
+            flush_timeout: w.flush_timeout,
+            max_backoff: w.max_backoff,
+            encode: encode_json,
         }
     }
 }
@@ -186,14 +214,14 @@ pub fn start(
     spool: Spool,
     opts: WriterOptions,
 ) -> (UsageSink, WriterHandle) {
-    let (tx, rx) = mpsc::channel(opts.queue_capacity.max(1));
+    let (tx, rx) = mpsc::channel(opts.queue_capacity.get());
     let (stop_tx, stop_rx) = oneshot::channel();
     let (flush_tx, flush_rx) = mpsc::channel(16);
     let stats = Arc::new(WriterStats::default());
     let batch_full = Arc::new(BatchFull {
         notify: Notify::new(),
         held: AtomicUsize::new(0),
-        batch_size: opts.batch_size.max(1),
+        batch_size: opts.batch_size.get(),
     });
     stats.spool_bytes.store(spool.bytes(), Ordering::Relaxed);
     let writer = Writer {
@@ -289,7 +317,7 @@ impl Writer {
     ) {
         // Whatever a crash or an outage left behind goes first.
         self.replay().await;
-        let mut batch: Vec<UsageRecord> = Vec::with_capacity(self.opts.batch_size);
+        let mut batch: Vec<UsageRecord> = Vec::with_capacity(self.opts.batch_size.get());
         let mut deadline: Option<Instant> = None;
         loop {
             let probe_due = self.probe.degraded || !self.spool.is_empty();
@@ -303,7 +331,7 @@ impl Writer {
                     let _ = ack.send(());
                 }
                 // Idle: the first record of the next batch wakes the writer.
-                n = rx.recv_many(&mut batch, self.opts.batch_size), if deadline.is_none() => {
+                n = rx.recv_many(&mut batch, self.opts.batch_size.get()), if deadline.is_none() => {
                     if n == 0 {
                         break; // every sender is gone
                     }
@@ -311,10 +339,10 @@ impl Writer {
                 }
                 // Mid-batch: the queue is not watched; a submit that sees a full batch wakes us.
                 _ = self.batch_full.notify.notified(), if deadline.is_some() => {
-                    take_ready(&mut rx, &mut batch, self.opts.batch_size);
+                    take_ready(&mut rx, &mut batch, self.opts.batch_size.get());
                 }
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                    take_ready(&mut rx, &mut batch, self.opts.batch_size);
+                    take_ready(&mut rx, &mut batch, self.opts.batch_size.get());
                     self.flush_all(&mut batch).await;
                     deadline = None;
                 }
@@ -322,7 +350,7 @@ impl Writer {
                     self.replay().await;
                 }
             }
-            if batch.len() >= self.opts.batch_size {
+            if batch.len() >= self.opts.batch_size.get() {
                 self.flush_all(&mut batch).await;
                 deadline = None;
             }
@@ -351,10 +379,10 @@ impl Writer {
     /// Writes `batch` (emptying it) in chunks of `batch_size`.
     async fn flush_all(&mut self, batch: &mut Vec<UsageRecord>) {
         let all = std::mem::take(batch);
-        for chunk in all.chunks(self.opts.batch_size) {
+        for chunk in all.chunks(self.opts.batch_size.get()) {
             self.flush(chunk).await;
         }
-        *batch = Vec::with_capacity(self.opts.batch_size);
+        *batch = Vec::with_capacity(self.opts.batch_size.get());
     }
 
     async fn flush(&mut self, batch: &[UsageRecord]) {
@@ -398,17 +426,32 @@ impl Writer {
         self.stats.degraded.store(1, Ordering::Relaxed);
     }
 
+    /// Appends `batch` to the spool. A record that cannot be encoded, or a batch the spool
+    /// cannot take, is a loss: counted in `rows_lost` and logged with its request ids.
     fn spool_batch(&mut self, batch: &[UsageRecord]) {
-        let encoded: Vec<Vec<u8>> = batch
-            .iter()
-            .filter_map(|r| serde_json::to_vec(r).ok())
-            .collect();
+        let mut encoded = Vec::with_capacity(batch.len());
+        let mut ids = Vec::with_capacity(batch.len());
+        for r in batch {
+            match (self.opts.encode)(r) {
+                Ok(bytes) => {
+                    encoded.push(bytes);
+                    ids.push(r.request_id.as_str());
+                }
+                Err(e) => {
+                    self.stats.rows_lost.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(request_id = %r.request_id, error = %e, "usage record LOST: it cannot be encoded for the spool");
+                }
+            }
+        }
+        if encoded.is_empty() {
+            return;
+        }
         let refs: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
         match self.spool.append(&refs) {
             Ok(()) => {
                 self.stats
                     .rows_spooled
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    .fetch_add(refs.len() as u64, Ordering::Relaxed);
                 self.stats
                     .spool_bytes
                     .store(self.spool.bytes(), Ordering::Relaxed);
@@ -416,8 +459,7 @@ impl Writer {
             Err(e) => {
                 self.stats
                     .rows_lost
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                let ids: Vec<&str> = batch.iter().map(|r| r.request_id.as_str()).collect();
+                    .fetch_add(refs.len() as u64, Ordering::Relaxed);
                 tracing::error!(error = %e, request_ids = ?ids, "usage records LOST: the spool cannot be written");
             }
         }
@@ -449,18 +491,19 @@ impl Writer {
                 self.stats.torn_segments.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(path = %path.display(), skipped_bytes = segment.skipped_bytes, "spool segment has a torn tail; replaying the records before it");
             }
-            let records: Vec<UsageRecord> = segment
-                .records
-                .iter()
-                .filter_map(|bytes| match serde_json::from_slice(bytes) {
-                    Ok(r) => Some(r),
+            let mut records: Vec<UsageRecord> = Vec::with_capacity(segment.records.len());
+            for bytes in &segment.records {
+                match serde_json::from_slice(bytes) {
+                    Ok(r) => records.push(r),
                     Err(e) => {
-                        tracing::error!(error = %e, "undecodable spool record skipped");
-                        None
+                        // Its checksum held, so the bytes are what was written: it will never
+                        // decode. Counted and named, then the segment goes on without it.
+                        self.stats.rows_lost.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(request_id = %request_id_of(bytes), path = %path.display(), error = %e, "usage record LOST: a spooled record does not decode");
                     }
-                })
-                .collect();
-            for chunk in records.chunks(self.opts.batch_size) {
+                }
+            }
+            for chunk in records.chunks(self.opts.batch_size.get()) {
                 match timeout(self.opts.flush_timeout, self.sink.write(chunk)).await {
                     Ok(Ok(inserted)) => {
                         self.stats
@@ -470,7 +513,18 @@ impl Writer {
                             .rows_replayed
                             .fetch_add(chunk.len() as u64, Ordering::Relaxed);
                     }
-                    _ => {
+                    failure => {
+                        // Nothing is lost: the segment stays and is replayed after the backoff.
+                        let reason = match failure {
+                            Ok(Err(e)) => e,
+                            _ => format!("no answer within {:?}", self.opts.flush_timeout),
+                        };
+                        self.stats.flush_failures.fetch_add(1, Ordering::Relaxed);
+                        if !self.probe.degraded {
+                            tracing::warn!(error = %reason, path = %path.display(), "spool replay failed; retrying with backoff");
+                        } else {
+                            tracing::debug!(error = %reason, path = %path.display(), "spool replay failed; retrying with backoff");
+                        }
                         self.set_degraded();
                         return;
                     }
@@ -550,12 +604,13 @@ mod tests {
         WriterOptions {
             batch_rows: metrics::Histogram::noop(),
             flush_seconds: metrics::Histogram::noop(),
-            batch_size,
+            batch_size: NonZeroUsize::new(batch_size).unwrap(),
             flush_interval: Duration::from_millis(200),
-            queue_capacity: 10_000,
+            queue_capacity: NonZeroUsize::new(10_000).unwrap(),
             high_water: 5_000,
             flush_timeout: Duration::from_secs(5),
             max_backoff: Duration::from_secs(2),
+            encode: encode_json,
         }
     }
 
@@ -737,7 +792,7 @@ mod tests {
         let spool = Spool::open(dir.path().join("spool"), 1 << 20).unwrap();
         let sink = Arc::new(FakeSink::default());
         let mut o = opts(10);
-        o.queue_capacity = 5;
+        o.queue_capacity = NonZeroUsize::new(5).unwrap();
         o.high_water = 5;
         let (usage, handle) = start(sink.clone(), spool, o);
         // No await between submits: the writer cannot drain, so the 6th onwards are lost.
@@ -747,5 +802,77 @@ mod tests {
         assert_eq!(usage.stats().rows_lost.load(Ordering::Relaxed), 3);
         handle.shutdown().await;
         assert_eq!(sink.committed.lock().unwrap().len(), 5);
+    }
+
+    fn lost(usage: &UsageSink) -> u64 {
+        usage.stats().rows_lost.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_record_that_cannot_be_encoded_is_a_counted_loss() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path().join("spool"), 1 << 20).unwrap();
+        let sink = Arc::new(FakeSink::default());
+        sink.down.store(true, Ordering::SeqCst);
+        let mut o = opts(3);
+        o.encode = |r| match r.request_id.as_str() {
+            "req-00001" => Err("cannot encode".into()),
+            _ => encode_json(r),
+        };
+        let (usage, handle) = start(sink.clone(), spool, o);
+        for i in 0..3 {
+            usage.submit(record(i));
+        }
+        settle().await;
+        assert_eq!(lost(&usage), 1, "the unencodable record is lost, visibly");
+        assert_eq!(usage.stats().rows_spooled.load(Ordering::SeqCst), 2);
+        sink.down.store(false, Ordering::SeqCst);
+        handle.shutdown().await;
+        assert_eq!(*sink.committed.lock().unwrap(), ["req-00000", "req-00002"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_spooled_record_that_does_not_decode_is_a_counted_loss() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path().join("spool"), 1 << 20).unwrap();
+        let good = serde_json::to_vec(&record(1)).unwrap();
+        let bad = br#"{"request_id":"req-broken","user_id":"not a number"}"#.to_vec();
+        spool.append(&[&good, &bad]).unwrap();
+        drop(spool);
+        let spool = Spool::open(dir.path().join("spool"), 1 << 20).unwrap();
+        let sink = Arc::new(FakeSink::default());
+        let (usage, handle) = start(sink.clone(), spool, opts(10));
+        settle().await;
+        assert_eq!(lost(&usage), 1);
+        assert_eq!(*sink.committed.lock().unwrap(), ["req-00001"]);
+        handle.shutdown().await;
+        assert_eq!(request_id_of(&bad), "req-broken");
+        assert_eq!(request_id_of(b"garbage"), "unknown");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_replay_is_counted_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path().join("spool"), 1 << 20).unwrap();
+        let good = serde_json::to_vec(&record(7)).unwrap();
+        spool.append(&[&good]).unwrap();
+        drop(spool);
+        let spool = Spool::open(dir.path().join("spool"), 1 << 20).unwrap();
+        let sink = Arc::new(FakeSink::default());
+        sink.down.store(true, Ordering::SeqCst);
+        let (usage, handle) = start(sink.clone(), spool, opts(10));
+        settle().await;
+        let stats = usage.stats().clone();
+        assert!(
+            stats.flush_failures.load(Ordering::SeqCst) >= 1,
+            "the failed replay is counted"
+        );
+        assert_eq!(lost(&usage), 0);
+        // The database comes back: the next probe replays the record.
+        sink.down.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        settle().await;
+        assert_eq!(*sink.committed.lock().unwrap(), ["req-00007"]);
+        handle.shutdown().await;
     }
 }

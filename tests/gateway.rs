@@ -3,13 +3,11 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Db, Gateway, MockUpstream, Reply};
+use common::{Db, Gate, Gateway, MockUpstream, Reply};
 use futures_util::StreamExt;
-use tokio::sync::Notify;
 
 async fn gateway(db: Db, server_extra: &str) -> Gateway {
     Gateway::new(db, server_extra, "")
@@ -375,7 +373,7 @@ async fn all_fail(db: Db) {
 
 both_dbs!(sse_streams_through_chunk_by_chunk, sse_streaming);
 async fn sse_streaming(db: Db) {
-    let gate = Arc::new(Notify::new());
+    let gate = Gate::new();
     let g = gate.clone();
     let mock = MockUpstream::start(move |_| Reply::Sse {
         first: common::fixture("chat_stream_1.sse"),
@@ -405,7 +403,7 @@ async fn sse_streaming(db: Db) {
         first.unwrap().unwrap(),
         common::fixture("chat_stream_1.sse")
     );
-    gate.notify_one();
+    gate.open();
     let mut rest = Vec::new();
     while let Some(chunk) = stream.next().await {
         rest.extend_from_slice(&chunk.unwrap());
@@ -444,7 +442,7 @@ async fn body_replay(db: Db) {
 
 both_dbs!(sigterm_lets_in_flight_streams_finish, graceful_shutdown);
 async fn graceful_shutdown(db: Db) {
-    let gate = Arc::new(Notify::new());
+    let gate = Gate::new();
     let g = gate.clone();
     let mock = MockUpstream::start(move |_| Reply::Sse {
         first: common::fixture("chat_stream_1.sse"),
@@ -472,13 +470,20 @@ async fn graceful_shutdown(db: Db) {
         .status()
         .unwrap();
     // New connections are refused once the listener closes; the open stream still completes.
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(gw.addr).await.is_err() {
-            break;
+    let closed = 'poll: {
+        for _ in 0..500 {
+            if tokio::net::TcpStream::connect(gw.addr).await.is_err() {
+                break 'poll true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    gate.notify_one();
+        false
+    };
+    assert!(
+        closed,
+        "the proxy listener still accepts connections 5 s after SIGTERM"
+    );
+    gate.open();
     let mut rest = Vec::new();
     while let Some(chunk) = stream.next().await {
         rest.extend_from_slice(&chunk.unwrap());
@@ -517,6 +522,10 @@ async fn a_bad_config_names_file_and_line() {
 #[tokio::test]
 async fn cli_rejects_bad_input_with_one_line() {
     let gw = Gateway::new(Db::Sqlite, "", "").await.unwrap();
+    // The first command on a new SQLite file says it creates it (a line of its own).
+    let created = gw.cli(&["migrate"]);
+    assert!(created.status.success());
+    assert!(String::from_utf8_lossy(&created.stderr).contains("creating an empty one"));
     for (args, expected) in [
         (
             vec![

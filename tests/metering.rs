@@ -282,7 +282,7 @@ async fn replay_is_idempotent(db: Db) {
     let store = tollgate::store::Store::connect(&gw.db.url, 2)
         .await
         .unwrap();
-    let record = |i: u32, status: i32| tollgate::meter::UsageRecord {
+    let record = |i: u32, status: i32| tollgate::record::UsageRecord {
         request_id: format!("00000000-0000-7000-8000-{i:012}"),
         user_id: 1,
         api_key_id: 1,
@@ -350,7 +350,7 @@ both_dbs!(
     shutdown_with_streams
 );
 async fn shutdown_with_streams(db: Db) {
-    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    let gate = common::Gate::new();
     let g = gate.clone();
     let mock = MockUpstream::start(move |_| Reply::Sse {
         first: fixture("chat_stream_1.sse"),
@@ -382,7 +382,7 @@ async fn shutdown_with_streams(db: Db) {
         .status()
         .unwrap();
     // Let every stream finish, then the process exits on its own.
-    gate.notify_waiters();
+    gate.open();
     for s in streams {
         let rest: Vec<_> = s.collect().await;
         assert!(rest.iter().all(|c| c.is_ok()));
@@ -543,7 +543,7 @@ async fn early_end(db: Db) {
     let anthropic_start = Bytes::from_static(
         b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-3-5-sonnet-20241022\",\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n",
     );
-    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    let gate = common::Gate::new();
     let mock = common::RawSseUpstream::start(
         anthropic_start.clone(),
         Bytes::from_static(b"event: ping\ndata: {\"type\":\"ping\"}\n\n"),
@@ -567,7 +567,7 @@ async fn early_end(db: Db) {
     let cut_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
     let mut s = resp.bytes_stream();
     assert_eq!(s.next().await.unwrap().unwrap(), anthropic_start);
-    gate.notify_waiters();
+    gate.open();
     let rest: Vec<_> = s.collect().await;
     assert!(
         rest.iter().any(|c| c.is_err()),
@@ -586,7 +586,7 @@ async fn early_end(db: Db) {
     let mut s = resp.bytes_stream();
     s.next().await.unwrap().unwrap();
     drop(s);
-    gate.notify_waiters();
+    gate.open();
 
     assert!(gw.terminate().success(), "{}", gw.log());
     let rows = gw.db.rows().await;

@@ -1,5 +1,6 @@
-//! Test harness: a recording mock upstream (hyper), a real `tollgate serve` process on a free
-//! port, and a fresh SQLite file or PostgreSQL database per test.
+//! Test harness: a recording mock upstream (hyper), a real `tollgate serve` process that binds
+//! port 0 and says which ports it got once it is ready, and a fresh SQLite file or PostgreSQL
+//! database per test.
 #![allow(dead_code)]
 
 use std::convert::Infallible;
@@ -14,7 +15,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch};
 
 pub fn fixture(name: &str) -> Bytes {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -24,6 +25,33 @@ pub fn fixture(name: &str) -> Bytes {
 }
 
 // ---------------------------------------------------------------- mock upstream
+
+/// What a mock upstream waits on before it sends the rest of a response. Once opened it stays
+/// open: an `open` that comes before a `wait` is not lost (as `Notify::notify_waiters` would lose
+/// it when the mock has not polled yet).
+#[derive(Clone)]
+pub struct Gate(Arc<watch::Sender<bool>>);
+
+impl Default for Gate {
+    fn default() -> Gate {
+        Gate(Arc::new(watch::channel(false).0))
+    }
+}
+
+impl Gate {
+    pub fn new() -> Gate {
+        Gate::default()
+    }
+
+    pub fn open(&self) {
+        self.0.send_replace(true);
+    }
+
+    pub async fn wait(&self) {
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|open| *open).await;
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct Recorded {
@@ -37,11 +65,11 @@ pub enum Reply {
     Json(u16, Bytes),
     /// Status with extra headers and a body.
     Status(u16, Vec<(&'static str, String)>, Bytes),
-    /// `text/event-stream`: the first chunk at once, the rest after `gate` is notified.
+    /// `text/event-stream`: the first chunk at once, the rest after `gate` opens.
     Sse {
         first: Bytes,
         rest: Vec<Bytes>,
-        gate: Arc<Notify>,
+        gate: Gate,
     },
 }
 
@@ -168,7 +196,7 @@ async fn serve_one(
             let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(16);
             tokio::spawn(async move {
                 let _ = tx.send(Ok(Frame::data(first))).await;
-                gate.notified().await;
+                gate.wait().await;
                 for chunk in rest {
                     let _ = tx.send(Ok(Frame::data(chunk))).await;
                 }
@@ -442,22 +470,15 @@ pub struct Gateway {
     child: Option<Child>,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+/// Before `start`: every listener binds port 0; `start` learns the ports tollgate got.
+const UNBOUND: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 
 impl Gateway {
     /// Writes the config (`extra` is appended: more sections or `[[upstream_accounts]]`).
     pub async fn new(kind: Db, server_extra: &str, extra: &str) -> Option<Gateway> {
         let db = TestDb::new(kind).await?;
         let dir = tempfile::tempdir().unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let (addr, metrics_addr, admin_addr) = (UNBOUND, UNBOUND, UNBOUND);
         let config = dir.path().join("config.toml");
         let text = format!(
             "[server]\nlisten = \"{addr}\"\nthreads = 2\ngrace_period_secs = 10\n{server_extra}\n\n[database]\nurl = \"{}\"\n\n[upstream]\nconnect_timeout_ms = 1000\nread_timeout_secs = 10\n\n[writer]\nspool_dir = \"{}\"\nflush_interval_ms = 50\n\n[metrics]\nlisten = \"{metrics_addr}\"\n\n[admin]\nlisten = \"{admin_addr}\"\n\n{extra}\n",
@@ -544,10 +565,13 @@ impl Gateway {
         .unwrap()
     }
 
-    /// Starts `tollgate serve` and waits until it accepts connections.
+    /// Starts `tollgate serve` and waits for its ready line, which names the ports it bound
+    /// (`tollgate ready proxy=… metrics=… admin=…`). Its log goes to `serve.log`.
     pub async fn start(&mut self) {
-        let log = std::fs::File::create(self.dir.path().join("serve.log")).unwrap();
-        let child = Command::new(BIN)
+        use std::io::{BufRead, Write};
+        let log_path = self.dir.path().join("serve.log");
+        let mut log = std::fs::File::create(&log_path).unwrap();
+        let mut child = Command::new(BIN)
             .arg("--config")
             .arg(&self.config)
             .arg("serve")
@@ -558,20 +582,41 @@ impl Gateway {
             )
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        let stderr = child.stderr.take().unwrap();
         self.child = Some(child);
-        for _ in 0..500 {
-            if tokio::net::TcpStream::connect(self.addr).await.is_ok() {
-                return;
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<String>();
+        std::thread::spawn(move || {
+            let mut ready_tx = Some(ready_tx);
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let _ = writeln!(log, "{line}");
+                if let Some(at) = line.find("tollgate ready ") {
+                    if let Some(tx) = ready_tx.take() {
+                        let _ = tx.send(line[at..].to_string());
+                    }
+                }
             }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("tollgate exited with {status}: {}", self.log());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // Dropping an unsent `ready_tx` tells `start` the process ended first.
+        });
+        let line = match tokio::time::timeout(Duration::from_secs(60), ready_rx).await {
+            Ok(Ok(line)) => line,
+            Ok(Err(_)) => panic!("tollgate exited before it was ready: {}", self.log()),
+            Err(_) => panic!("tollgate was not ready within 60 s: {}", self.log()),
+        };
+        let field = |name: &str| -> Option<SocketAddr> {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+                .and_then(|v| v.parse().ok())
+        };
+        self.addr = field("proxy").unwrap_or_else(|| panic!("no proxy address in {line:?}"));
+        self.metrics_addr =
+            field("metrics").unwrap_or_else(|| panic!("no metrics address in {line:?}"));
+        if let Some(admin) = field("admin") {
+            self.admin_addr = admin;
         }
-        panic!("tollgate did not start listening: {}", self.log());
     }
 
     pub fn log(&self) -> String {
@@ -718,7 +763,7 @@ pub fn spooled_ids(dir: &std::path::Path) -> Vec<String> {
         .filter_map(|e| tollgate::spool::Spool::read_segment(&e.path()).ok())
         .flat_map(|s| s.records)
         .map(|r| {
-            serde_json::from_slice::<tollgate::meter::UsageRecord>(&r)
+            serde_json::from_slice::<tollgate::record::UsageRecord>(&r)
                 .unwrap()
                 .request_id
         })
@@ -752,20 +797,24 @@ impl Gateway {
         std::fs::write(&self.config, text).unwrap();
     }
 
+    /// Adds a setting to the config's `[admin]` section (before `start`).
+    pub fn set_admin(&self, line: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        std::fs::write(
+            &self.config,
+            text.replacen("[admin]\n", &format!("[admin]\n{line}\n"), 1),
+        )
+        .unwrap();
+    }
+
     /// A second instance on the same database, with its own ports and spool.
     pub async fn sibling(&self) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
-        let port = |_| -> SocketAddr { format!("127.0.0.1:{}", free_port()).parse().unwrap() };
-        let (addr, metrics_addr, admin_addr) = (port(0), port(1), port(2));
-        let text = std::fs::read_to_string(&self.config)
-            .unwrap()
-            .replace(&self.addr.to_string(), &addr.to_string())
-            .replace(&self.metrics_addr.to_string(), &metrics_addr.to_string())
-            .replace(&self.admin_addr.to_string(), &admin_addr.to_string())
-            .replace(
-                &self.spool_dir().display().to_string(),
-                &dir.path().join("spool").display().to_string(),
-            );
+        let (addr, metrics_addr, admin_addr) = (UNBOUND, UNBOUND, UNBOUND);
+        let text = std::fs::read_to_string(&self.config).unwrap().replace(
+            &self.spool_dir().display().to_string(),
+            &dir.path().join("spool").display().to_string(),
+        );
         let config = dir.path().join("config.toml");
         std::fs::write(&config, text).unwrap();
         Gateway {
@@ -843,7 +892,7 @@ impl Gateway {
 // ---------------------------------------------------------------- streams that end early
 
 /// A raw-TCP SSE upstream for streams that end badly. Each request gets `first` at once; after
-/// `gate` is notified, a request whose body contains `cut` has its connection dropped mid-body,
+/// `gate` opens, a request whose body contains `cut` has its connection dropped mid-body,
 /// any other gets `chunk` every 10 ms until the gateway stops reading.
 pub struct RawSseUpstream {
     pub addr: SocketAddr,
@@ -851,7 +900,7 @@ pub struct RawSseUpstream {
 }
 
 impl RawSseUpstream {
-    pub async fn start(first: Bytes, chunk: Bytes, gate: Arc<Notify>) -> RawSseUpstream {
+    pub async fn start(first: Bytes, chunk: Bytes, gate: Gate) -> RawSseUpstream {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -904,7 +953,7 @@ impl RawSseUpstream {
                     if sock.write_all(&out).await.is_err() {
                         return;
                     }
-                    gate.notified().await;
+                    gate.wait().await;
                     if cut {
                         return; // dropped mid-body: no terminating chunk
                     }

@@ -1,0 +1,352 @@
+//! What tollgate reads from and rewrites in a JSON request body, without I/O: the top-level
+//! `model`, whether it asks for a stream, and injecting `stream_options.include_usage` with a
+//! byte-preserving splice (every other byte of the client's body reaches the upstream as sent).
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+
+use crate::usage::{first_non_ws, lenient_bool, lenient_obj};
+
+/// The top-level `model` string of a JSON request body.
+pub fn model(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Req<'a> {
+        #[serde(default, borrow)]
+        model: Option<Cow<'a, str>>,
+    }
+    if first_non_ws(body) != Some(b'{') {
+        return None;
+    }
+    let req: Req<'_> = serde_json::from_slice(body).ok()?;
+    req.model.map(Cow::into_owned)
+}
+
+/// Whether a JSON request body has a top-level `"stream": true`.
+pub fn wants_stream(body: &[u8]) -> bool {
+    parse_stream_req(body).is_some_and(|r| r.stream == Some(true))
+}
+
+#[derive(Deserialize)]
+struct StreamReq {
+    #[serde(default, deserialize_with = "lenient_bool")]
+    stream: Option<bool>,
+    #[serde(default, deserialize_with = "lenient_obj")]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default, deserialize_with = "lenient_bool")]
+    include_usage: Option<bool>,
+}
+
+fn parse_stream_req(body: &[u8]) -> Option<StreamReq> {
+    // Most requests never mention streaming: skip the full parse for them.
+    if first_non_ws(body) != Some(b'{') || memchr::memmem::find(body, b"\"stream").is_none() {
+        return None;
+    }
+    serde_json::from_slice(body).ok()
+}
+
+/// Given an OpenAI request body with `"stream": true` and no `stream_options.include_usage:
+/// true`, returns the body rewritten to carry `"stream_options":{"include_usage":true}` (merged
+/// into an existing `stream_options` object). Every other byte of the body is kept as is.
+/// `None` when there is nothing to do or the body is not a JSON object.
+pub fn inject_include_usage(body: &[u8]) -> Option<Vec<u8>> {
+    let req = parse_stream_req(body)?;
+    if req.stream != Some(true) {
+        return None;
+    }
+    if req
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage == Some(true))
+    {
+        return None;
+    }
+    let top = scan_object(body, skip_ws(body, 0))?;
+    // serde keeps the last of duplicate keys; do the same.
+    let existing = top
+        .members
+        .iter()
+        .rev()
+        .find(|m| m.key_is(body, "stream_options"));
+    let mut out = Vec::with_capacity(body.len() + 40);
+    match existing {
+        None => {
+            // Append after the last member; the object is non-empty (it has `stream`).
+            let at = top.members.last().map_or(top.close, |m| m.value.1);
+            out.extend_from_slice(&body[..at]);
+            out.extend_from_slice(b",\"stream_options\":{\"include_usage\":true}");
+            out.extend_from_slice(&body[at..]);
+        }
+        Some(m) if body.get(m.value.0) == Some(&b'{') => {
+            let inner = scan_object(body, m.value.0)?;
+            let flag = inner
+                .members
+                .iter()
+                .rev()
+                .find(|m| m.key_is(body, "include_usage"));
+            match flag {
+                Some(f) => {
+                    out.extend_from_slice(&body[..f.value.0]);
+                    out.extend_from_slice(b"true");
+                    out.extend_from_slice(&body[f.value.1..]);
+                }
+                None => {
+                    let open = m.value.0 + 1;
+                    out.extend_from_slice(&body[..open]);
+                    out.extend_from_slice(b"\"include_usage\":true");
+                    if !inner.members.is_empty() {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(&body[open..]);
+                }
+            }
+        }
+        Some(m) => {
+            // `null` or another non-object value: replace it.
+            out.extend_from_slice(&body[..m.value.0]);
+            out.extend_from_slice(b"{\"include_usage\":true}");
+            out.extend_from_slice(&body[m.value.1..]);
+        }
+    }
+    Some(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Minimal JSON object scanner over already-validated JSON (used to splice request bodies).
+
+struct Member {
+    key: (usize, usize),   // span of the key string including quotes
+    value: (usize, usize), // span of the value
+}
+
+impl Member {
+    fn key_is(&self, body: &[u8], name: &str) -> bool {
+        let raw = &body[self.key.0..self.key.1];
+        if raw.len() == name.len() + 2 && &raw[1..raw.len() - 1] == name.as_bytes() {
+            return true;
+        }
+        raw.contains(&b'\\') && serde_json::from_slice::<Cow<'_, str>>(raw).is_ok_and(|k| k == name)
+    }
+}
+
+struct ObjectScan {
+    members: Vec<Member>,
+    close: usize, // index of the closing brace
+}
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while b.get(i).is_some_and(|c| c.is_ascii_whitespace()) {
+        i += 1;
+    }
+    i
+}
+
+/// Scans the object starting at `b[start] == '{'`.
+fn scan_object(b: &[u8], start: usize) -> Option<ObjectScan> {
+    if b.get(start) != Some(&b'{') {
+        return None;
+    }
+    let mut members = Vec::new();
+    let mut i = skip_ws(b, start + 1);
+    if b.get(i) == Some(&b'}') {
+        return Some(ObjectScan { members, close: i });
+    }
+    loop {
+        let key_end = skip_string(b, i)?;
+        let key = (i, key_end);
+        i = skip_ws(b, key_end);
+        if b.get(i) != Some(&b':') {
+            return None;
+        }
+        i = skip_ws(b, i + 1);
+        let value_end = skip_value(b, i)?;
+        members.push(Member {
+            key,
+            value: (i, value_end),
+        });
+        i = skip_ws(b, value_end);
+        match b.get(i) {
+            Some(b',') => i = skip_ws(b, i + 1),
+            Some(b'}') => return Some(ObjectScan { members, close: i }),
+            _ => return None,
+        }
+    }
+}
+
+/// `b[i]` must be `"`; returns the index after the closing quote.
+fn skip_string(b: &[u8], i: usize) -> Option<usize> {
+    if b.get(i) != Some(&b'"') {
+        return None;
+    }
+    let mut j = i + 1;
+    loop {
+        j += memchr::memchr2(b'"', b'\\', b.get(j..)?)?;
+        if b[j] == b'\\' {
+            j += 2;
+        } else {
+            return Some(j + 1);
+        }
+    }
+}
+
+/// Returns the index just after the value starting at `b[i]`.
+fn skip_value(b: &[u8], i: usize) -> Option<usize> {
+    match *b.get(i)? {
+        b'"' => skip_string(b, i),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut j = i;
+            loop {
+                match *b.get(j)? {
+                    b'"' => {
+                        j = skip_string(b, j)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(j + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+        }
+        _ => {
+            let mut j = i;
+            while b
+                .get(j)
+                .is_some_and(|c| !matches!(c, b',' | b'}' | b']') && !c.is_ascii_whitespace())
+            {
+                j += 1;
+            }
+            (j > i).then_some(j)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_fields() {
+        let table: &[(&str, Option<&str>, bool)] = &[
+            (
+                r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+                Some("gpt-4o"),
+                true,
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"say \"stream\": true"}],"model":"gpt-4o-mini"}"#,
+                Some("gpt-4o-mini"),
+                false,
+            ),
+            (
+                r#"{"model":"claude-sonnet-4-5","max_tokens":1024,"stream":false}"#,
+                Some("claude-sonnet-4-5"),
+                false,
+            ),
+            (r#"{"model":"x","stream":"true"}"#, Some("x"), false),
+            (r#"{"model":"x","stream":1}"#, Some("x"), false),
+            (r#"{"model":"x","stream":null}"#, Some("x"), false),
+            (r#"{"model":null,"stream":true}"#, None, true),
+            (r#"{"model":"a\/b\n","stream":true}"#, Some("a/b\n"), true),
+            (
+                r#"{"metadata":{"model":"inner","stream":true}}"#,
+                None,
+                false,
+            ),
+            (r#"["model","stream"]"#, None, false),
+            ("", None, false),
+            ("{", None, false),
+            (r#"{"model":"x","stream":true"#, None, false),
+            (r#"  {"model":"x","stream":true}  "#, Some("x"), true),
+        ];
+        for &(body, expected_model, stream) in table {
+            assert_eq!(model(body.as_bytes()).as_deref(), expected_model, "{body}");
+            assert_eq!(wants_stream(body.as_bytes()), stream, "{body}");
+        }
+    }
+
+    #[test]
+    fn inject() {
+        let table: &[(&str, Option<&str>)] = &[
+            (
+                r#"{"model":"gpt-4o","stream":true,"messages":[]}"#,
+                Some(r#"{"model":"gpt-4o","stream":true,"messages":[],"stream_options":{"include_usage":true}}"#),
+            ),
+            (
+                "{\n  \"model\": \"gpt-4o\",\n  \"stream\": true\n}\n",
+                Some("{\n  \"model\": \"gpt-4o\",\n  \"stream\": true,\"stream_options\":{\"include_usage\":true}\n}\n"),
+            ),
+            (
+                r#"{"stream":true,"stream_options":{}}"#,
+                Some(r#"{"stream":true,"stream_options":{"include_usage":true}}"#),
+            ),
+            (
+                r#"{"stream":true,"stream_options":{ "x" : 1 },"z":[1,{"}":"]"}]}"#,
+                Some(r#"{"stream":true,"stream_options":{"include_usage":true, "x" : 1 },"z":[1,{"}":"]"}]}"#),
+            ),
+            (
+                r#"{"stream_options":{"include_usage":false,"y":2},"stream":true}"#,
+                Some(r#"{"stream_options":{"include_usage":true,"y":2},"stream":true}"#),
+            ),
+            (
+                r#"{"stream_options":{"include_usage": null},"stream":true}"#,
+                Some(r#"{"stream_options":{"include_usage": true},"stream":true}"#),
+            ),
+            (
+                r#"{"stream":true,"stream_options":null,"n":1}"#,
+                Some(r#"{"stream":true,"stream_options":{"include_usage":true},"n":1}"#),
+            ),
+            (
+                r#"{"stream":true,"stream_options":"weird"}"#,
+                Some(r#"{"stream":true,"stream_options":{"include_usage":true}}"#),
+            ),
+            (
+                r#"{"stream":true,"stream\u005foptions":{}}"#,
+                Some(r#"{"stream":true,"stream\u005foptions":{"include_usage":true}}"#),
+            ),
+            // escaped quotes and unicode elsewhere are preserved byte for byte
+            (
+                r#"{"messages":[{"content":"a \"}\" b ✓ \\"}],"stream":true,"temperature":0.70}"#,
+                Some(r#"{"messages":[{"content":"a \"}\" b ✓ \\"}],"stream":true,"temperature":0.70,"stream_options":{"include_usage":true}}"#),
+            ),
+            // nothing to do
+            (r#"{"stream":true,"stream_options":{"include_usage":true}}"#, None),
+            (r#"{"stream":false}"#, None),
+            (r#"{"model":"gpt-4o"}"#, None),
+            (r#"{"stream":"true"}"#, None),
+            // not a JSON object / invalid
+            (r#"[{"stream":true}]"#, None),
+            (r#"{"stream":true"#, None),
+            (r#"{"stream":true,}"#, None),
+            ("", None),
+            // duplicate keys are rejected rather than guessed at
+            (r#"{"stream":true,"stream":true}"#, None),
+        ];
+        for &(body, expected) in table {
+            let got = inject_include_usage(body.as_bytes());
+            let got = got
+                .as_deref()
+                .map(|b| std::str::from_utf8(b).expect("utf8"));
+            assert_eq!(got, expected, "{body}");
+            if let Some(out) = got {
+                // the result is valid JSON and asks for usage
+                let v: serde_json::Value = serde_json::from_str(out).expect("valid json");
+                assert_eq!(
+                    v["stream_options"]["include_usage"],
+                    serde_json::Value::Bool(true)
+                );
+                assert!(inject_include_usage(out.as_bytes()).is_none());
+            }
+        }
+    }
+}

@@ -1,0 +1,399 @@
+//! Users, keys and upstream accounts: the admin CRUD shared by the CLI and the admin API, the
+//! key lookup of the request path (on a cache miss), and change tracking (NOTIFY on PostgreSQL,
+//! `updated_at` polled by `invalidation.rs`).
+
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use sqlx::types::Json;
+use sqlx::Row;
+
+use super::{Store, StoreError};
+use crate::upstream::AccountType;
+
+/// Decodes a [`KeyRow`] from a row of either backend (same columns, different row types).
+macro_rules! key_row {
+    ($r:expr) => {
+        KeyRow {
+            id: $r.try_get("id")?,
+            user_id: $r.try_get("user_id")?,
+            name: $r.try_get("name")?,
+            permissions: $r.try_get::<Json<serde_json::Value>, _>("permissions")?.0,
+            is_active: $r.try_get("is_active")?,
+            user_active: $r.try_get("user_active")?,
+            expires_at: $r.try_get("expires_at")?,
+        }
+    };
+}
+
+/// A key as the proxy needs it: joined with its user's state.
+#[derive(Debug, Clone)]
+pub struct KeyRow {
+    pub id: i64,
+    pub user_id: i64,
+    pub name: String,
+    pub permissions: serde_json::Value,
+    pub is_active: bool,
+    pub user_active: bool,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KeyListing {
+    pub id: i64,
+    pub user_email: String,
+    pub name: String,
+    pub key_prefix: String,
+    pub permissions: serde_json::Value,
+    pub is_active: bool,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub request_count: i64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UserRow {
+    pub id: i64,
+    pub email: String,
+    pub username: String,
+    pub role: String,
+    pub is_active: bool,
+}
+
+/// An upstream account row. `credentials` holds `api_key` and, for generic accounts, `header`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AccountRow {
+    pub id: i64,
+    pub name: String,
+    pub kind: AccountType,
+    pub email: Option<String>,
+    pub base_url: String,
+    #[serde(skip)]
+    pub credentials: serde_json::Value,
+    pub is_active: bool,
+    pub priority: i32,
+    pub weight: i32,
+    pub request_count: i64,
+    pub success_count: i64,
+    pub error_count: i64,
+}
+
+/// NOTIFY channel: payload is a changed key's hash.
+pub const KEYS_CHANNEL: &str = "tollgate_keys";
+/// NOTIFY channel: payload is a changed account's id.
+pub const ACCOUNTS_CHANNEL: &str = "tollgate_accounts";
+
+/// What [`Store::changed_since`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub key_hashes: Vec<String>,
+    /// (id, updated_at) of accounts changed within the window; the same list twice in a row
+    /// means nothing new happened.
+    pub accounts: Vec<(i64, String)>,
+    pub watermark: String,
+}
+
+/// Changes to a key; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct KeyPatch {
+    pub is_active: Option<bool>,
+    /// `Some(None)` removes the expiry.
+    #[serde(default, deserialize_with = "double_option")]
+    pub expires_at: Option<Option<DateTime<Utc>>>,
+    pub permissions: Option<serde_json::Value>,
+}
+
+/// Changes to an account; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct AccountPatch {
+    pub priority: Option<i32>,
+    pub weight: Option<i32>,
+    pub is_active: Option<bool>,
+    pub credentials: Option<serde_json::Value>,
+    pub base_url: Option<String>,
+}
+
+fn double_option<'de, D: serde::Deserializer<'de>, T: serde::Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    serde::Deserialize::deserialize(d).map(Some)
+}
+
+pub struct NewAccount<'a> {
+    pub name: &'a str,
+    pub kind: AccountType,
+    pub email: Option<&'a str>,
+    pub base_url: &'a str,
+    pub credentials: serde_json::Value,
+    pub priority: i32,
+    pub weight: i32,
+    pub is_active: bool,
+}
+
+impl Store {
+    // ---- users ----
+
+    pub async fn create_user(
+        &self,
+        email: &str,
+        username: &str,
+        role: &str,
+    ) -> Result<i64, StoreError> {
+        let sql = "INSERT INTO users (email, username, role) VALUES ($1, $2, $3) RETURNING id";
+        dispatch!(self, p => sqlx::query_scalar(sql).bind(email).bind(username).bind(role).fetch_one(p).await)
+            .map_err(|e| StoreError::from_insert(e, &format!("user {email} or username {username}")))
+    }
+
+    pub async fn list_users(&self) -> Result<Vec<UserRow>, StoreError> {
+        let sql = "SELECT id, email, username, role, is_active FROM users ORDER BY id";
+        let rows = dispatch!(self, p => sqlx::query(sql).fetch_all(p).await.and_then(|rows| rows.iter().map(|r| Ok(UserRow {
+            id: r.try_get("id")?,
+            email: r.try_get("email")?,
+            username: r.try_get("username")?,
+            role: r.try_get("role")?,
+            is_active: r.try_get("is_active")?,
+        })).collect::<Result<Vec<_>, sqlx::Error>>()))?;
+        Ok(rows)
+    }
+
+    pub async fn user_id_by_email(&self, email: &str) -> Result<i64, StoreError> {
+        let sql = "SELECT id FROM users WHERE email = $1";
+        dispatch!(self, p => sqlx::query_scalar(sql).bind(email).fetch_optional(p).await)?
+            .ok_or_else(|| StoreError::NotFound(format!("user {email}")))
+    }
+
+    /// Activates or deactivates a user; returns the hashes of the user's keys (to drop from caches).
+    pub async fn set_user_active(&self, id: i64, active: bool) -> Result<Vec<String>, StoreError> {
+        let sql = format!(
+            "UPDATE users SET is_active = $1, updated_at = {} WHERE id = $2",
+            self.now_sql()
+        );
+        let done = dispatch!(self, p => sqlx::query(sqlx::AssertSqlSafe(sql)).bind(active).bind(id).execute(p).await.map(|r| r.rows_affected()))?;
+        if done == 0 {
+            return Err(StoreError::NotFound(format!("user {id}")));
+        }
+        let hashes: Vec<String> = dispatch!(self, p => sqlx::query_scalar("SELECT key_hash FROM api_keys WHERE user_id = $1").bind(id).fetch_all(p).await)?;
+        for h in &hashes {
+            self.notify(KEYS_CHANNEL, h).await;
+        }
+        Ok(hashes)
+    }
+
+    // ---- keys ----
+
+    pub async fn create_key(
+        &self,
+        user_id: i64,
+        name: &str,
+        key_hash_hex: &str,
+        key_prefix: &str,
+        permissions: &serde_json::Value,
+        expires_at: Option<DateTime<Utc>>,
+    ) -> Result<i64, StoreError> {
+        let sql =
+            "INSERT INTO api_keys (user_id, name, key_hash, key_prefix, permissions, expires_at) \
+                   VALUES ($1, $2, $3, $4, $5, $6) RETURNING id";
+        dispatch!(self, p => sqlx::query_scalar(sql)
+            .bind(user_id).bind(name).bind(key_hash_hex).bind(key_prefix)
+            .bind(Json(permissions)).bind(expires_at)
+            .fetch_one(p).await)
+        .map_err(|e| StoreError::from_insert(e, "a key with this hash"))
+    }
+
+    /// The one query on the request path (on a key-cache miss).
+    pub async fn find_key(&self, key_hash_hex: &str) -> Result<Option<KeyRow>, StoreError> {
+        let sql = "SELECT k.id, k.user_id, k.name, k.permissions, k.is_active, k.expires_at, \
+                          u.is_active AS user_active \
+                   FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.key_hash = $1";
+        let row = dispatch!(self, p => match sqlx::query(sql).bind(key_hash_hex).fetch_optional(p).await? {
+            None => None,
+            Some(r) => Some(key_row!(r)),
+        });
+        Ok(row)
+    }
+
+    pub async fn list_keys(&self) -> Result<Vec<KeyListing>, StoreError> {
+        let sql = "SELECT k.id, u.email, k.name, k.key_prefix, k.permissions, k.is_active, k.expires_at, \
+                          k.last_used_at, k.request_count \
+                   FROM api_keys k JOIN users u ON u.id = k.user_id ORDER BY k.id";
+        let rows = dispatch!(self, p => sqlx::query(sql).fetch_all(p).await.and_then(|rows| rows.iter().map(|r| Ok(KeyListing {
+            id: r.try_get("id")?,
+            user_email: r.try_get("email")?,
+            name: r.try_get("name")?,
+            key_prefix: r.try_get("key_prefix")?,
+            permissions: r.try_get::<Json<serde_json::Value>, _>("permissions")?.0,
+            is_active: r.try_get("is_active")?,
+            expires_at: r.try_get("expires_at")?,
+            last_used_at: r.try_get("last_used_at")?,
+            request_count: r.try_get("request_count")?,
+        })).collect::<Result<Vec<_>, sqlx::Error>>()))?;
+        Ok(rows)
+    }
+
+    /// Revokes a key; returns its hash (to drop from caches).
+    pub async fn revoke_key(&self, id: i64) -> Result<String, StoreError> {
+        self.update_key(
+            id,
+            &KeyPatch {
+                is_active: Some(false),
+                ..KeyPatch::default()
+            },
+        )
+        .await
+    }
+
+    /// Changes a key's state, expiry or permissions; returns its hash and tells other instances.
+    pub async fn update_key(&self, id: i64, patch: &KeyPatch) -> Result<String, StoreError> {
+        let sql = format!(
+            "UPDATE api_keys SET is_active = COALESCE($1, is_active), \
+             expires_at = CASE WHEN $2 THEN $3 ELSE expires_at END, \
+             permissions = COALESCE($4, permissions), updated_at = {} WHERE id = $5 RETURNING key_hash",
+            self.now_sql()
+        );
+        let hash: Option<String> = dispatch!(self, p => sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(patch.is_active)
+            .bind(patch.expires_at.is_some())
+            .bind(patch.expires_at.flatten())
+            .bind(patch.permissions.as_ref().map(Json))
+            .bind(id)
+            .fetch_optional(p).await)?;
+        let hash = hash.ok_or_else(|| StoreError::NotFound(format!("key {id}")))?;
+        self.notify(KEYS_CHANNEL, &hash).await;
+        Ok(hash)
+    }
+
+    // ---- upstream accounts ----
+
+    pub async fn create_account(&self, a: &NewAccount<'_>) -> Result<i64, StoreError> {
+        let sql = "INSERT INTO upstream_accounts (name, type, email, base_url, credentials, priority, weight, is_active) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id";
+        let id: i64 = dispatch!(self, p => sqlx::query_scalar(sql)
+            .bind(a.name).bind(a.kind.as_str()).bind(a.email).bind(a.base_url)
+            .bind(Json(&a.credentials)).bind(a.priority).bind(a.weight).bind(a.is_active)
+            .fetch_one(p).await)
+        .map_err(|e| StoreError::from_insert(e, &format!("account {}", a.name)))?;
+        self.notify(ACCOUNTS_CHANNEL, &id.to_string()).await;
+        Ok(id)
+    }
+
+    /// Inserts or updates (matched by name) an account declared in `config.toml`.
+    pub async fn upsert_account(&self, a: &NewAccount<'_>) -> Result<i64, StoreError> {
+        let sql = "INSERT INTO upstream_accounts (name, type, email, base_url, credentials, priority, weight, is_active) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                   ON CONFLICT (name) DO UPDATE SET type = excluded.type, email = excluded.email, \
+                     base_url = excluded.base_url, credentials = excluded.credentials, \
+                     priority = excluded.priority, weight = excluded.weight, is_active = excluded.is_active, \
+                     updated_at = $9 \
+                   RETURNING id";
+        let id = dispatch!(self, p => sqlx::query_scalar(sql)
+            .bind(a.name).bind(a.kind.as_str()).bind(a.email).bind(a.base_url)
+            .bind(Json(&a.credentials)).bind(a.priority).bind(a.weight).bind(a.is_active).bind(Utc::now())
+            .fetch_one(p).await)?;
+        Ok(id)
+    }
+
+    pub async fn list_accounts(&self) -> Result<Vec<AccountRow>, StoreError> {
+        let sql =
+            "SELECT id, name, type, email, base_url, credentials, is_active, priority, weight, \
+                          request_count, success_count, error_count \
+                   FROM upstream_accounts WHERE deleted_at IS NULL ORDER BY priority, id";
+        let rows = dispatch!(self, p => sqlx::query(sql).fetch_all(p).await.and_then(|rows| rows.iter().map(|r| {
+            let kind: String = r.try_get("type")?;
+            Ok(AccountRow {
+                id: r.try_get("id")?,
+                name: r.try_get("name")?,
+                kind: AccountType::from_str(&kind).map_err(|e| sqlx::Error::Decode(e.into()))?,
+                email: r.try_get("email")?,
+                base_url: r.try_get("base_url")?,
+                credentials: r.try_get::<Json<serde_json::Value>, _>("credentials")?.0,
+                is_active: r.try_get("is_active")?,
+                priority: r.try_get("priority")?,
+                weight: r.try_get("weight")?,
+                request_count: r.try_get("request_count")?,
+                success_count: r.try_get("success_count")?,
+                error_count: r.try_get("error_count")?,
+            })
+        }).collect::<Result<Vec<_>, sqlx::Error>>()))?;
+        Ok(rows)
+    }
+
+    /// Changes an account's priority, weight, state or credentials.
+    pub async fn update_account(&self, id: i64, patch: &AccountPatch) -> Result<(), StoreError> {
+        let sql = format!(
+            "UPDATE upstream_accounts SET priority = COALESCE($1, priority), weight = COALESCE($2, weight), \
+             is_active = COALESCE($3, is_active), credentials = COALESCE($4, credentials), \
+             base_url = COALESCE($5, base_url), updated_at = {} WHERE id = $6 AND deleted_at IS NULL",
+            self.now_sql()
+        );
+        let done = dispatch!(self, p => sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(patch.priority).bind(patch.weight).bind(patch.is_active)
+            .bind(patch.credentials.as_ref().map(Json)).bind(patch.base_url.as_deref()).bind(id)
+            .execute(p).await.map(|r| r.rows_affected()))?;
+        if done == 0 {
+            return Err(StoreError::NotFound(format!("account {id}")));
+        }
+        self.notify(ACCOUNTS_CHANNEL, &id.to_string()).await;
+        Ok(())
+    }
+
+    /// Soft delete: the row stays (usage rows reference it) but the account is gone from listings
+    /// and never serves again.
+    pub async fn delete_account(&self, id: i64) -> Result<(), StoreError> {
+        let sql = format!(
+            "UPDATE upstream_accounts SET is_active = $1, deleted_at = {now}, updated_at = {now} WHERE id = $2 AND deleted_at IS NULL",
+            now = self.now_sql()
+        );
+        let done = dispatch!(self, p => sqlx::query(sqlx::AssertSqlSafe(sql)).bind(false).bind(id).execute(p).await.map(|r| r.rows_affected()))?;
+        if done == 0 {
+            return Err(StoreError::NotFound(format!("account {id}")));
+        }
+        self.notify(ACCOUNTS_CHANNEL, &id.to_string()).await;
+        Ok(())
+    }
+
+    /// What changed after `since` minus a 10 s overlap (so a transaction that committed late is
+    /// not missed): the hashes of keys whose key or user row changed, and the (id, updated_at) of
+    /// changed accounts; with the new watermark.
+    pub async fn changed_since(&self, since: &str) -> Result<Changes, StoreError> {
+        let now = self.clock().await?;
+        let (keys_sql, accounts_sql) = match self {
+            Store::Postgres(_) => (
+                "SELECT key_hash FROM api_keys WHERE updated_at > $1::timestamptz - interval '10 seconds' \
+                 UNION SELECT k.key_hash FROM users u JOIN api_keys k ON k.user_id = u.id \
+                 WHERE u.updated_at > $1::timestamptz - interval '10 seconds'",
+                "SELECT id, updated_at::text FROM upstream_accounts \
+                 WHERE updated_at > $1::timestamptz - interval '10 seconds' ORDER BY id",
+            ),
+            Store::Sqlite(_) => (
+                "SELECT key_hash FROM api_keys WHERE updated_at > strftime('%Y-%m-%dT%H:%M:%fZ', $1, '-10 seconds') \
+                 UNION SELECT k.key_hash FROM users u JOIN api_keys k ON k.user_id = u.id \
+                 WHERE u.updated_at > strftime('%Y-%m-%dT%H:%M:%fZ', $1, '-10 seconds')",
+                "SELECT id, updated_at FROM upstream_accounts \
+                 WHERE updated_at > strftime('%Y-%m-%dT%H:%M:%fZ', $1, '-10 seconds') ORDER BY id",
+            ),
+        };
+        let key_hashes =
+            dispatch!(self, p => sqlx::query_scalar(keys_sql).bind(since).fetch_all(p).await)?;
+        let accounts = dispatch!(self, p => sqlx::query_as::<_, (i64, String)>(accounts_sql)
+            .bind(since).fetch_all(p).await)?;
+        Ok(Changes {
+            key_hashes,
+            accounts,
+            watermark: now,
+        })
+    }
+
+    /// Recently used active keys, to warm the cache at start.
+    pub async fn recent_keys(&self, limit: i64) -> Result<Vec<(String, KeyRow)>, StoreError> {
+        let sql = "SELECT k.key_hash, k.id, k.user_id, k.name, k.permissions, k.is_active, k.expires_at, \
+                          u.is_active AS user_active \
+                   FROM api_keys k JOIN users u ON u.id = k.user_id \
+                   WHERE k.is_active AND u.is_active \
+                   ORDER BY k.last_used_at DESC, k.id DESC LIMIT $1";
+        let rows = dispatch!(self, p => sqlx::query(sql).bind(limit).fetch_all(p).await.and_then(|rows| rows.iter().map(|r| Ok((
+            r.try_get("key_hash")?,
+            key_row!(r),
+        ))).collect::<Result<Vec<_>, sqlx::Error>>()))?;
+        Ok(rows)
+    }
+}

@@ -1,0 +1,193 @@
+//! The database: connecting, migrating, and what every query shares (the [`Store`] handle, the
+//! [`dispatch!`] macro that compiles one query for PostgreSQL and SQLite, errors, clocks). The
+//! queries live by job: `catalog.rs` (users, keys, accounts and their change tracking),
+//! `usage.rs` (the usage write path), `report.rs` (totals and invariant checks). Nothing here runs
+//! on the request path except [`Store::find_key`] on a key-cache miss.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{PgPool, SqlitePool};
+
+#[derive(Clone)]
+pub enum Store {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+/// Runs the same code against whichever pool the store holds.
+macro_rules! dispatch {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match $store {
+            Store::Postgres($pool) => $body,
+            Store::Sqlite($pool) => $body,
+        }
+    };
+}
+
+mod catalog;
+mod report;
+mod usage;
+
+pub use catalog::*;
+pub use report::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    Conflict(String),
+}
+
+impl StoreError {
+    fn from_insert(e: sqlx::Error, what: &str) -> StoreError {
+        match &e {
+            sqlx::Error::Database(d) if d.is_unique_violation() => {
+                StoreError::Conflict(what.into())
+            }
+            _ => StoreError::Db(e),
+        }
+    }
+}
+
+impl Store {
+    /// Connects (creating a SQLite file if missing) and applies pending migrations.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Store, StoreError> {
+        let store = if url.starts_with("sqlite:") {
+            let opts = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(5))
+                .foreign_keys(true);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(max_connections.max(1))
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(opts)
+                .await?;
+            Store::Sqlite(pool)
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let opts = PgConnectOptions::from_str(url)?;
+            let pool = PgPoolOptions::new()
+                .max_connections(max_connections.max(1))
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(opts)
+                .await?;
+            Store::Postgres(pool)
+        } else {
+            return Err(StoreError::Invalid(format!(
+                "unsupported database url (want sqlite:// or postgres://): {}",
+                redact_url(url)
+            )));
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Postgres(p) => sqlx::migrate!("./migrations/postgres").run(p).await?,
+            Store::Sqlite(p) => sqlx::migrate!("./migrations/sqlite").run(p).await?,
+        }
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        dispatch!(self, p => p.close().await)
+    }
+
+    /// The database's "now" in each backend's column format.
+    fn now_sql(&self) -> &'static str {
+        match self {
+            Store::Postgres(_) => "now()",
+            Store::Sqlite(_) => "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+        }
+    }
+
+    /// Tells other instances on PostgreSQL (LISTEN/NOTIFY); a no-op on SQLite, where the periodic
+    /// refresh is the only mechanism. Best effort: the refresh is the safety net.
+    async fn notify(&self, channel: &str, payload: &str) {
+        if let Store::Postgres(p) = self {
+            if let Err(e) = sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(channel)
+                .bind(payload)
+                .execute(p)
+                .await
+            {
+                tracing::warn!(error = %e, channel, "NOTIFY failed; other instances will catch up on their next refresh");
+            }
+        }
+    }
+
+    /// The database clock, as the watermark [`Store::changed_since`] takes.
+    pub async fn clock(&self) -> Result<String, StoreError> {
+        let sql = match self {
+            Store::Postgres(_) => "SELECT now()::text",
+            Store::Sqlite(_) => "SELECT strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+        };
+        Ok(dispatch!(self, p => sqlx::query_scalar(sql).fetch_one(p).await)?)
+    }
+
+    /// A cheap round trip, for readiness.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        dispatch!(self, p => sqlx::query("SELECT 1").execute(p).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    pub fn pg_pool(&self) -> Option<&PgPool> {
+        match self {
+            Store::Postgres(p) => Some(p),
+            Store::Sqlite(_) => None,
+        }
+    }
+}
+
+/// SQLite keeps timestamps of usage rows as fixed-width UTC text so that ranges compare as text.
+fn sqlite_time(t: DateTime<Utc>) -> String {
+    // The same shape as the columns' default, strftime('%Y-%m-%dT%H:%M:%fZ', 'now').
+    t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+/// SQLite keeps costs as exact decimal text; this is the one place they are converted.
+fn sqlite_cost(text: &str) -> Result<Decimal, sqlx::Error> {
+    Decimal::from_str(text).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+/// A database URL with any password replaced, fit for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{}:***{}", &url[..s + 3], user, &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_are_redacted() {
+        for (input, expected) in [
+            ("postgres://u:secret@h/db", "postgres://u:***@h/db"),
+            ("postgres://h/db", "postgres://h/db"),
+            ("sqlite://tollgate.db", "sqlite://tollgate.db"),
+        ] {
+            assert_eq!(redact_url(input), expected);
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! The usage write path: a batch of [`UsageRecord`]s and the key/account counters in ONE
+//! transaction, skipping request ids already written (so a replayed batch changes nothing).
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+
+use super::{sqlite_time, Store, StoreError};
+use crate::record::UsageRecord;
+
+/// Per-id deltas of one flush, from the rows actually inserted.
+#[derive(Debug, Default)]
+struct Deltas {
+    keys: HashMap<i64, (i64, DateTime<Utc>)>,
+    accounts: HashMap<i64, (i64, i64, DateTime<Utc>)>,
+}
+
+impl Deltas {
+    fn add(&mut self, r: &UsageRecord) {
+        let k = self.keys.entry(r.api_key_id).or_insert((0, r.created_at));
+        k.0 += 1;
+        k.1 = k.1.max(r.created_at);
+        if let Some(a) = r.upstream_account_id {
+            let e = self.accounts.entry(a).or_insert((0, 0, r.created_at));
+            e.0 += 1;
+            e.1 += i64::from(r.is_success());
+            e.2 = e.2.max(r.created_at);
+        }
+    }
+}
+
+const PG_INSERT_USAGE: &str = "\
+WITH ins AS (
+  INSERT INTO usage_records (request_id, user_id, api_key_id, upstream_account_id, method, endpoint, model,
+      status_code, response_time, prompt_tokens, completion_tokens, cached_tokens, cache_creation_tokens,
+      tokens_used, cost, error_message, created_at)
+  SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::text[], $6::text[], $7::text[],
+      $8::int4[], $9::int4[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], $15::numeric[],
+      $16::text[], $17::timestamptz[])
+  ON CONFLICT (request_id) DO NOTHING
+  RETURNING api_key_id, upstream_account_id, status_code, error_message, created_at
+), key_counts AS (
+  UPDATE api_keys k SET request_count = k.request_count + a.n,
+         last_used_at = GREATEST(COALESCE(k.last_used_at, a.last), a.last)
+  FROM (SELECT api_key_id, count(*) AS n, max(created_at) AS last FROM ins GROUP BY api_key_id) a
+  WHERE k.id = a.api_key_id
+  RETURNING 1
+), account_counts AS (
+  UPDATE upstream_accounts u SET request_count = u.request_count + a.n,
+         success_count = u.success_count + a.ok, error_count = u.error_count + (a.n - a.ok),
+         last_used_at = GREATEST(COALESCE(u.last_used_at, a.last), a.last)
+  FROM (SELECT upstream_account_id, count(*) AS n,
+               count(*) FILTER (WHERE status_code BETWEEN 200 AND 399 AND error_message IS NULL) AS ok,
+               max(created_at) AS last
+        FROM ins WHERE upstream_account_id IS NOT NULL GROUP BY upstream_account_id) a
+  WHERE u.id = a.upstream_account_id
+  RETURNING 1
+)
+SELECT count(*) FROM ins";
+
+/// Rows per SQLite INSERT statement (17 parameters each, well under SQLite's 32766).
+const SQLITE_ROWS_PER_STATEMENT: usize = 1000;
+
+impl Store {
+    /// Writes a batch of usage records in ONE transaction: the rows (a request id already present
+    /// is skipped) and the key/account counters, aggregated per id from the rows actually
+    /// inserted. Replaying a committed batch therefore changes nothing. Returns rows inserted.
+    pub async fn insert_usage(&self, rows: &[UsageRecord]) -> Result<u64, StoreError> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        match self {
+            Store::Postgres(p) => {
+                let n: i64 = sqlx::query_scalar(PG_INSERT_USAGE)
+                    .bind(
+                        rows.iter()
+                            .map(|r| r.request_id.as_str())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(rows.iter().map(|r| r.user_id).collect::<Vec<_>>())
+                    .bind(rows.iter().map(|r| r.api_key_id).collect::<Vec<_>>())
+                    .bind(
+                        rows.iter()
+                            .map(|r| r.upstream_account_id)
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(rows.iter().map(|r| r.method.as_str()).collect::<Vec<_>>())
+                    .bind(rows.iter().map(|r| r.endpoint.as_str()).collect::<Vec<_>>())
+                    .bind(rows.iter().map(|r| r.model.as_deref()).collect::<Vec<_>>())
+                    .bind(rows.iter().map(|r| r.status_code).collect::<Vec<_>>())
+                    .bind(rows.iter().map(|r| r.response_time).collect::<Vec<_>>())
+                    .bind(rows.iter().map(|r| r.prompt_tokens).collect::<Vec<_>>())
+                    .bind(rows.iter().map(|r| r.completion_tokens).collect::<Vec<_>>())
+                    .bind(rows.iter().map(|r| r.cached_tokens).collect::<Vec<_>>())
+                    .bind(
+                        rows.iter()
+                            .map(|r| r.cache_creation_tokens)
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(rows.iter().map(|r| r.tokens_used).collect::<Vec<_>>())
+                    .bind(rows.iter().map(|r| r.cost).collect::<Vec<_>>())
+                    .bind(
+                        rows.iter()
+                            .map(|r| r.error_message.as_deref())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
+                    .fetch_one(p)
+                    .await?;
+                Ok(n as u64)
+            }
+            Store::Sqlite(p) => {
+                let mut tx = p.begin().await?;
+                let mut inserted: HashSet<String> = HashSet::new();
+                for chunk in rows.chunks(SQLITE_ROWS_PER_STATEMENT) {
+                    let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                        "INSERT INTO usage_records (request_id, user_id, api_key_id, upstream_account_id, method, \
+                         endpoint, model, status_code, response_time, prompt_tokens, completion_tokens, cached_tokens, \
+                         cache_creation_tokens, tokens_used, cost, error_message, created_at) ",
+                    );
+                    q.push_values(chunk, |mut b, r| {
+                        b.push_bind(r.request_id.as_str())
+                            .push_bind(r.user_id)
+                            .push_bind(r.api_key_id)
+                            .push_bind(r.upstream_account_id)
+                            .push_bind(r.method.as_str())
+                            .push_bind(r.endpoint.as_str())
+                            .push_bind(r.model.as_deref())
+                            .push_bind(r.status_code)
+                            .push_bind(r.response_time)
+                            .push_bind(r.prompt_tokens)
+                            .push_bind(r.completion_tokens)
+                            .push_bind(r.cached_tokens)
+                            .push_bind(r.cache_creation_tokens)
+                            .push_bind(r.tokens_used)
+                            .push_bind(r.cost.to_string())
+                            .push_bind(r.error_message.as_deref())
+                            .push_bind(sqlite_time(r.created_at));
+                    });
+                    q.push(" ON CONFLICT (request_id) DO NOTHING RETURNING request_id");
+                    let ids: Vec<String> = q.build_query_scalar().fetch_all(&mut *tx).await?;
+                    inserted.extend(ids);
+                }
+                let mut deltas = Deltas::default();
+                for r in rows.iter().filter(|r| inserted.contains(&r.request_id)) {
+                    deltas.add(r);
+                }
+                // One UPDATE … FROM (VALUES …) per table and chunk, not one statement per key: a
+                // batch from many keys (one per customer) otherwise cost a statement per row and
+                // the writer fell behind (measured: 57,000 records queued after 20 s at 28k req/s
+                // over 20,000 keys).
+                let keys: Vec<_> = deltas.keys.iter().collect();
+                for chunk in keys.chunks(SQLITE_ROWS_PER_STATEMENT) {
+                    let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                        "UPDATE api_keys SET request_count = request_count + d.column2, \
+                         last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < d.column3 \
+                         THEN d.column3 ELSE last_used_at END FROM (",
+                    );
+                    q.push_values(chunk, |mut b, (id, (n, last))| {
+                        b.push_bind(**id)
+                            .push_bind(*n)
+                            .push_bind(sqlite_time(*last));
+                    });
+                    q.push(") AS d WHERE api_keys.id = d.column1");
+                    q.build().execute(&mut *tx).await?;
+                }
+                let accounts: Vec<_> = deltas.accounts.iter().collect();
+                for chunk in accounts.chunks(SQLITE_ROWS_PER_STATEMENT) {
+                    let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                        "UPDATE upstream_accounts SET request_count = request_count + d.column2, \
+                         success_count = success_count + d.column3, \
+                         error_count = error_count + (d.column2 - d.column3), \
+                         last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < d.column4 \
+                         THEN d.column4 ELSE last_used_at END FROM (",
+                    );
+                    q.push_values(chunk, |mut b, (id, (n, ok, last))| {
+                        b.push_bind(**id)
+                            .push_bind(*n)
+                            .push_bind(*ok)
+                            .push_bind(sqlite_time(*last));
+                    });
+                    q.push(") AS d WHERE upstream_accounts.id = d.column1");
+                    q.build().execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                Ok(inserted.len() as u64)
+            }
+        }
+    }
+}
