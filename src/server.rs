@@ -52,7 +52,7 @@ use crate::settings::Settings;
 use crate::spool::Spool;
 use crate::store::{redact_url, Store};
 use crate::tasks::Tasks;
-use crate::writer::{self, WriterOptions};
+use crate::writer::{self, UsageSink, WriterHandle, WriterOptions};
 
 /// Keys loaded into the cache at start (the most recently used).
 const WARM_KEYS: u64 = 10_000;
@@ -87,32 +87,8 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
     let accounts = Arc::new(ArcSwap::from_pointee(initial));
     let accounts_changed = Arc::new(Notify::new());
 
-    let keys = Arc::new(KeyCache::new(
-        store.clone(),
-        db_rt.handle().clone(),
-        cfg.auth.cache_capacity.get(),
-        cfg.auth.cache_ttl,
-        cfg.auth.negative_ttl,
-    ));
-    let warmed = db_rt
-        .block_on(keys.warm(cfg.auth.cache_capacity.get().min(WARM_KEYS)))
-        .context("warming the key cache")?;
-    tracing::info!(keys = warmed, "key cache warmed");
-
-    let spool = Spool::open(&cfg.writer.spool_dir, cfg.writer.spool_segment_bytes.get())
-        .with_context(|| {
-            format!(
-                "opening the spool directory {}",
-                cfg.writer.spool_dir.display()
-            )
-        })?;
-    let mut writer_opts = WriterOptions::new(&cfg.writer);
-    writer_opts.batch_rows = metrics.writer_batch_rows.clone();
-    writer_opts.flush_seconds = metrics.writer_flush_seconds.clone();
-    let (usage_sink, writer) = {
-        let _on_db_runtime = db_rt.enter();
-        writer::start(Arc::new(store.clone()), spool, writer_opts)
-    };
+    let keys = key_cache(&cfg, &store, &db_rt)?;
+    let (usage_sink, writer) = start_writer(&cfg, &store, &metrics, &db_rt)?;
 
     let drain = Arc::new(Drain::default());
     let router = Arc::new(ArcSwap::from_pointee(reload::router_of(&cfg)));
@@ -149,51 +125,29 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
     })
     .into_fn();
 
-    let mut server = Server::new_with_opt_and_conf(
-        None,
-        ServerConf {
-            threads: cfg.server.threads.get(),
-            work_stealing: false,
-            grace_period_seconds: Some(cfg.server.grace_period.as_secs()),
-            graceful_shutdown_timeout_seconds: Some(1),
-            ..ServerConf::default()
-        },
-    );
-    server.bootstrap();
-    let mut proxy =
-        pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "tollgate");
-    proxy.add_listener(listeners.proxy_config());
-    server.add_service(proxy);
+    let server = pingora_server(&cfg, gateway, &listeners);
 
     let ready = Arc::new(AtomicBool::new(false));
     let mut tasks = Tasks::new(db_rt.handle().clone());
-    {
-        let (loader, accounts, changed) = (loader, accounts.clone(), accounts_changed.clone());
-        tasks.spawn("account-refresher", |stop| {
-            accounts::refresh(loader, accounts, changed, stop)
-        });
-    }
-    {
-        let (store, keys, changed) = (store.clone(), keys.clone(), accounts_changed.clone());
-        let period = cfg.admin.key_refresh;
-        tasks.spawn("key-refresher", |stop| {
-            invalidation::poll_changes(store, keys, changed, period, stop)
-        });
-    }
+    let (a, changed) = (accounts.clone(), accounts_changed.clone());
+    tasks.spawn("account-refresher", |stop| {
+        accounts::refresh(loader, a, changed, stop)
+    });
+    let (st, k, changed) = (store.clone(), keys.clone(), accounts_changed.clone());
+    let period = cfg.admin.key_refresh;
+    tasks.spawn("key-refresher", |stop| {
+        invalidation::poll_changes(st, k, changed, period, stop)
+    });
     if store.pg_pool().is_some() {
-        let (store, keys, changed) = (store.clone(), keys.clone(), accounts_changed.clone());
+        let (st, k, changed) = (store.clone(), keys.clone(), accounts_changed.clone());
         tasks.spawn("notify-listener", |stop| {
-            invalidation::listen(store, keys, changed, stop)
+            invalidation::listen(st, k, changed, stop)
         });
     }
-    {
-        let reload = reload.clone();
-        tasks.spawn("sighup", |stop| reload::on_sighup(reload, stop));
-    }
-    {
-        let metrics = metrics.clone();
-        tasks.spawn("metrics-upkeep", |stop| metrics::upkeep(metrics, stop));
-    }
+    let r = reload.clone();
+    tasks.spawn("sighup", |stop| reload::on_sighup(r, stop));
+    let m = metrics.clone();
+    tasks.spawn("metrics-upkeep", |stop| metrics::upkeep(m, stop));
     let health = Arc::new(Health::new(
         metrics.clone(),
         accounts,
@@ -211,13 +165,10 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
         metrics: metrics_listener,
         admin: admin_listener,
     } = listeners;
-    {
-        let phases = server.watch_execution_phase();
-        let ready = ready.clone();
-        tasks.spawn("readiness", move |stop| {
-            health::readiness(phases, proxy, reservation, ready, announce, stop)
-        });
-    }
+    let (phases, r) = (server.watch_execution_phase(), ready.clone());
+    tasks.spawn("readiness", move |stop| {
+        health::readiness(phases, proxy, reservation, r, announce, stop)
+    });
     {
         let _on_db_runtime = db_rt.enter();
         let listener = tokio::net::TcpListener::from_std(metrics_listener)?;
@@ -259,6 +210,63 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
     });
     drain.finish();
     Ok(())
+}
+
+/// The key cache, warmed with the most recently used keys.
+fn key_cache(
+    cfg: &Settings,
+    store: &Store,
+    db_rt: &tokio::runtime::Runtime,
+) -> anyhow::Result<Arc<KeyCache>> {
+    let keys = Arc::new(KeyCache::new(
+        store.clone(),
+        db_rt.handle().clone(),
+        cfg.auth.cache_capacity.get(),
+        cfg.auth.cache_ttl,
+        cfg.auth.negative_ttl,
+    ));
+    let warmed = db_rt
+        .block_on(keys.warm(cfg.auth.cache_capacity.get().min(WARM_KEYS)))
+        .context("warming the key cache")?;
+    tracing::info!(keys = warmed, "key cache warmed");
+    Ok(keys)
+}
+
+/// The usage writer (task `usage-writer`, owned by the returned handle) over the spool.
+fn start_writer(
+    cfg: &Settings,
+    store: &Store,
+    metrics: &Metrics,
+    db_rt: &tokio::runtime::Runtime,
+) -> anyhow::Result<(UsageSink, WriterHandle)> {
+    let w = &cfg.writer;
+    let spool = Spool::open(&w.spool_dir, w.spool_segment_bytes.get())
+        .with_context(|| format!("opening the spool directory {}", w.spool_dir.display()))?;
+    let mut opts = WriterOptions::new(w);
+    opts.batch_rows = metrics.writer_batch_rows.clone();
+    opts.flush_seconds = metrics.writer_flush_seconds.clone();
+    let _on_db_runtime = db_rt.enter();
+    Ok(writer::start(Arc::new(store.clone()), spool, opts))
+}
+
+/// pingora's server with the proxy service on the proxy listener.
+fn pingora_server(cfg: &Settings, gateway: Gateway, listeners: &Listeners) -> Server {
+    let mut server = Server::new_with_opt_and_conf(
+        None,
+        ServerConf {
+            threads: cfg.server.threads.get(),
+            work_stealing: false,
+            grace_period_seconds: Some(cfg.server.grace_period.as_secs()),
+            graceful_shutdown_timeout_seconds: Some(1),
+            ..ServerConf::default()
+        },
+    );
+    server.bootstrap();
+    let mut proxy =
+        pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "tollgate");
+    proxy.add_listener(listeners.proxy_config());
+    server.add_service(proxy);
+    server
 }
 
 /// Every listener of `serve`, bound before anything starts.
