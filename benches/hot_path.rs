@@ -358,6 +358,9 @@ fn sample_record() -> UsageRecord {
         cost: d("0.00011835"),
         error_message: None,
         created_at: chrono::Utc::now(),
+        requested_model: None,
+        usage_source: None,
+        upstream_error: None,
     }
 }
 

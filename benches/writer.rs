@@ -120,6 +120,9 @@ fn batch(f: &Fixture, n: usize) -> Vec<UsageRecord> {
                 cost,
                 error_message: failed.then(|| "upstream_aborted".to_string()),
                 created_at: now,
+                requested_model: None,
+                usage_source: None,
+                upstream_error: None,
             }
         })
         .collect()

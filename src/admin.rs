@@ -141,8 +141,11 @@ impl Admin {
                         "key" => GroupBy::Key,
                         "account" => GroupBy::Account,
                         "model" => GroupBy::Model,
+                        "served_model" => GroupBy::ServedModel,
                         "day" => GroupBy::Day,
-                        _ => return Err(bad("by", "want key, account, model or day")),
+                        _ => {
+                            return Err(bad("by", "want key, account, model, served_model or day"))
+                        }
                     };
                     let since = query_param(q, "since").unwrap_or_else(|| "30d".into());
                     let until = query_param(q, "until");

@@ -59,7 +59,7 @@ pub struct UsageArgs {
     /// End of the range (exclusive), same forms as --since; default now.
     #[arg(long)]
     pub until: Option<String>,
-    /// Group totals by key, account, model or day.
+    /// Group totals by key, account, model (as requested), served-model or day.
     #[arg(long, value_enum, default_value = "key")]
     pub by: By,
     /// Print JSON instead of a table.
@@ -75,7 +75,10 @@ pub struct UsageArgs {
 pub enum By {
     Key,
     Account,
+    /// The model the client asked for.
     Model,
+    /// The model the upstream says served the request.
+    ServedModel,
     Day,
 }
 
@@ -85,6 +88,7 @@ impl From<By> for GroupBy {
             By::Key => GroupBy::Key,
             By::Account => GroupBy::Account,
             By::Model => GroupBy::Model,
+            By::ServedModel => GroupBy::ServedModel,
             By::Day => GroupBy::Day,
         }
     }

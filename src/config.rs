@@ -170,6 +170,11 @@ pub struct MeteringConfig {
     pub inject_stream_usage: bool,
     /// Largest non-streaming JSON response read for usage; larger ones pass through with 0 tokens.
     pub max_json_body_bytes: usize,
+    /// After a client leaves mid-response, how long tollgate keeps reading the upstream (which
+    /// bills what it generates anyway) to see its usage report.
+    pub abort_drain_secs: u64,
+    /// ... and how many bytes it reads at most while doing so.
+    pub abort_drain_bytes: u64,
 }
 
 impl Default for MeteringConfig {
@@ -177,6 +182,8 @@ impl Default for MeteringConfig {
         MeteringConfig {
             inject_stream_usage: true,
             max_json_body_bytes: 4 * 1024 * 1024,
+            abort_drain_secs: 60,
+            abort_drain_bytes: 4 * 1024 * 1024,
         }
     }
 }

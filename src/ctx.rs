@@ -76,6 +76,7 @@ impl RequestCtx {
     /// Called once, by `logging`.
     pub fn finished<'a>(&'a mut self, method: &'a str, path: &'a str) -> Option<Finished<'a>> {
         let key = self.key.as_ref()?;
+        let tap = self.tap.take();
         Some(Finished {
             request_id: &self.request_id,
             user_id: key.user_id,
@@ -89,7 +90,8 @@ impl RequestCtx {
             status: self.status,
             error: self.error,
             elapsed: self.started.elapsed(),
-            tap: self.tap.take(),
+            served: tap.is_some(),
+            tap,
         })
     }
 }

@@ -1,11 +1,55 @@
 //! The client-facing error boundary: every way tollgate itself refuses or fails a request, each
-//! mapped in one place to a status, an OpenAI-style JSON body and a low-cardinality label.
+//! mapped in one place to a status, its error type in each provider's vocabulary and a
+//! low-cardinality label. The body takes the shape of the route family the request was for, so
+//! the official SDKs raise their own exception with tollgate's message: OpenAI's
+//! `{"error":{"type","code","message"}}`, Anthropic's `{"type":"error","error":{"type","message"}}`.
 
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 
 use crate::auth::AuthError;
+use crate::upstream::AccountType;
+
+/// The error body format a client of a route family expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorShape {
+    OpenAi,
+    Anthropic,
+}
+
+impl ErrorShape {
+    /// The shape for a route family; OpenAI's when the path routes nowhere (or to a generic
+    /// account), as most gateways' clients expect.
+    pub fn of(kind: Option<AccountType>) -> ErrorShape {
+        match kind {
+            Some(AccountType::Anthropic) => ErrorShape::Anthropic,
+            _ => ErrorShape::OpenAi,
+        }
+    }
+}
+
+/// How one error is told: status, OpenAI `type`, Anthropic `type`, metric label (= OpenAI `code`).
+struct Parts {
+    status: u16,
+    openai: &'static str,
+    anthropic: &'static str,
+    label: &'static str,
+}
+
+const fn parts(
+    status: u16,
+    openai: &'static str,
+    anthropic: &'static str,
+    label: &'static str,
+) -> Parts {
+    Parts {
+        status,
+        openai,
+        anthropic,
+        label,
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -24,36 +68,67 @@ pub enum GatewayError {
 }
 
 impl GatewayError {
-    /// Status, OpenAI-style error `type`, and the metric label.
-    pub fn parts(&self) -> (u16, &'static str, &'static str) {
+    fn parts(&self) -> Parts {
         match self {
-            GatewayError::Auth(AuthError::Forbidden(_)) => (403, "permission_error", "forbidden"),
-            GatewayError::Auth(AuthError::StoreUnavailable) => {
-                (503, "service_unavailable", "store_unavailable")
+            GatewayError::Auth(AuthError::Forbidden(_)) => {
+                parts(403, "permission_error", "permission_error", "forbidden")
             }
-            GatewayError::Auth(e) => (401, "authentication_error", e.label()),
-            GatewayError::BodyTooLarge { .. } => (413, "invalid_request_error", "body_too_large"),
-            GatewayError::BadRequest(_) => (400, "invalid_request_error", "bad_request"),
-            GatewayError::NoRoute => (404, "invalid_request_error", "no_route"),
-            GatewayError::NoAccount => (503, "service_unavailable", "no_account"),
-            GatewayError::UpstreamFailed { .. } => (503, "service_unavailable", "upstream_failed"),
+            GatewayError::Auth(AuthError::StoreUnavailable) => {
+                parts(503, "service_unavailable", "api_error", "store_unavailable")
+            }
+            GatewayError::Auth(e) => parts(
+                401,
+                "authentication_error",
+                "authentication_error",
+                e.label(),
+            ),
+            GatewayError::BodyTooLarge { .. } => parts(
+                413,
+                "invalid_request_error",
+                "request_too_large",
+                "body_too_large",
+            ),
+            GatewayError::BadRequest(_) => parts(
+                400,
+                "invalid_request_error",
+                "invalid_request_error",
+                "bad_request",
+            ),
+            GatewayError::NoRoute => {
+                parts(404, "invalid_request_error", "not_found_error", "no_route")
+            }
+            GatewayError::NoAccount => {
+                parts(503, "service_unavailable", "overloaded_error", "no_account")
+            }
+            GatewayError::UpstreamFailed { .. } => parts(
+                503,
+                "service_unavailable",
+                "overloaded_error",
+                "upstream_failed",
+            ),
         }
     }
 
     pub fn status(&self) -> u16 {
-        self.parts().0
+        self.parts().status
     }
 
     pub fn label(&self) -> &'static str {
-        self.parts().2
+        self.parts().label
     }
 
-    /// `{"error":{"type":…,"code":…,"message":…}}`
-    pub fn body(&self) -> Bytes {
-        let (_, kind, code) = self.parts();
-        let body = serde_json::json!({
-            "error": { "type": kind, "code": code, "message": self.to_string() }
-        });
+    /// The JSON body in the route family's shape.
+    pub fn body(&self, shape: ErrorShape) -> Bytes {
+        let p = self.parts();
+        let body = match shape {
+            ErrorShape::OpenAi => serde_json::json!({
+                "error": { "type": p.openai, "code": p.label, "message": self.to_string() }
+            }),
+            ErrorShape::Anthropic => serde_json::json!({
+                "type": "error",
+                "error": { "type": p.anthropic, "message": self.to_string() }
+            }),
+        };
         Bytes::from(body.to_string())
     }
 
@@ -64,8 +139,9 @@ impl GatewayError {
         session: &mut Session,
         request_id: &str,
         close: bool,
+        shape: ErrorShape,
     ) -> pingora::Result<()> {
-        let body = self.body();
+        let body = self.body(shape);
         let mut resp = ResponseHeader::build(self.status(), Some(4))?;
         resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
         resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
@@ -86,7 +162,11 @@ mod tests {
     fn check(e: GatewayError, status: u16, label: &str, body: &str) {
         assert_eq!(e.status(), status);
         assert_eq!(e.label(), label);
-        assert_eq!(e.body(), body);
+        assert_eq!(e.body(ErrorShape::OpenAi), body);
+    }
+
+    fn check_anthropic(e: GatewayError, body: &str) {
+        assert_eq!(e.body(ErrorShape::Anthropic), body);
     }
 
     #[test]
@@ -110,5 +190,26 @@ mod tests {
             r#"{"error":{"code":"body_too_large","message":"request body is larger than the limit of 10 bytes","type":"invalid_request_error"}}"#,
         );
         assert_eq!(GatewayError::NoAccount.status(), 503);
+        check_anthropic(
+            GatewayError::Auth(AuthError::Unknown),
+            r#"{"error":{"message":"unknown API key","type":"authentication_error"},"type":"error"}"#,
+        );
+        check_anthropic(
+            GatewayError::BodyTooLarge { limit: 10 },
+            r#"{"error":{"message":"request body is larger than the limit of 10 bytes","type":"request_too_large"},"type":"error"}"#,
+        );
+        check_anthropic(
+            GatewayError::NoAccount,
+            r#"{"error":{"message":"no upstream account is available for this request","type":"overloaded_error"},"type":"error"}"#,
+        );
+        assert_eq!(
+            ErrorShape::of(Some(AccountType::Anthropic)),
+            ErrorShape::Anthropic
+        );
+        assert_eq!(
+            ErrorShape::of(Some(AccountType::Generic)),
+            ErrorShape::OpenAi
+        );
+        assert_eq!(ErrorShape::of(None), ErrorShape::OpenAi);
     }
 }

@@ -58,10 +58,18 @@ pub fn headers_to_drop(headers: &http::HeaderMap, request: bool) -> Vec<HeaderNa
 /// Largest request body sent in the same write as its header (larger ones are not copied).
 const COALESCE_MAX_BODY: usize = 64 * 1024;
 
+/// How long, and how far, the upstream is still read after the client left mid-response.
+#[derive(Debug, Clone, Copy)]
+pub struct AbortDrain {
+    pub time: Duration,
+    pub bytes: u64,
+}
+
 pub struct Forwarder {
     pool: UpstreamPool,
     /// Cap on a JSON response body held for usage extraction.
     json_cap: usize,
+    abort_drain: AbortDrain,
     max_attempts: usize,
     read_timeout: Duration,
     anthropic_version: HeaderValue,
@@ -88,10 +96,12 @@ impl Forwarder {
         read_timeout: Duration,
         anthropic_version: HeaderValue,
         json_cap: usize,
+        abort_drain: AbortDrain,
     ) -> Forwarder {
         Forwarder {
             pool,
             json_cap,
+            abort_drain,
             max_attempts,
             read_timeout,
             anthropic_version,
@@ -240,6 +250,7 @@ impl Forwarder {
             .await
             .is_err()
         {
+            self.drain_after_abort(&mut client, &mut tap).await;
             ctx.tap = Some(tap);
             client.shutdown().await;
             return Err(AttemptFailure::Committed("client_aborted"));
@@ -259,6 +270,7 @@ impl Forwarder {
                     if !out.is_empty()
                         && session.write_response_body(Some(out), false).await.is_err()
                     {
+                        self.drain_after_abort(&mut client, &mut tap).await;
                         break Err("client_aborted");
                     }
                 }
@@ -296,6 +308,31 @@ impl Forwarder {
             self.pool.release(client, &account.peer).await;
         }
         Ok(!failed)
+    }
+
+    /// The client left mid-response, but the upstream goes on generating (and billing) what was
+    /// asked: keep reading it into the tap, without sending anything, so its usage report is
+    /// seen; within `[metering] abort_drain_secs` and `abort_drain_bytes`. What the tap holds
+    /// when the upstream ends or a bound is hit is what gets recorded (`meter.rs` marks it).
+    async fn drain_after_abort(
+        &self,
+        client: &mut pingora::protocols::http::client::HttpSession,
+        tap: &mut ResponseTap,
+    ) {
+        if matches!(tap, ResponseTap::Opaque) {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + self.abort_drain.time;
+        let mut read = 0u64;
+        while read < self.abort_drain.bytes {
+            match tokio::time::timeout_at(deadline, client.read_response_body()).await {
+                Ok(Ok(Some(chunk))) => {
+                    read += chunk.len() as u64;
+                    tap.feed(&chunk);
+                }
+                _ => break,
+            }
+        }
     }
 
     /// The request as the upstream sees it: the client's, minus hop-by-hop headers and the client's

@@ -12,6 +12,7 @@ pub mod config;
 pub mod cost;
 pub mod ctx;
 pub mod error;
+pub mod estimate;
 pub mod forward;
 pub mod health;
 pub mod httpd;

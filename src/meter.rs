@@ -1,16 +1,23 @@
 //! What one request used: the one [`UsageRecord`] each authenticated request becomes, built from
 //! what the request path gathered ([`Finished`]) and priced by [`Pricing`]. Pure: no I/O, no
 //! clock other than the `now` it is given.
+//!
+//! Where the tokens come from is recorded (`usage_source`): the upstream's report
+//! (`provider`); what a stream reported before it ended early (`partial`); or, when a served 2xx
+//! response reported nothing, the prompt counted from the request (`estimated`), so that no
+//! served request is billed 0 in silence.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use crate::estimate;
 use crate::pricing::{Priced, Pricing};
-use crate::record::UsageRecord;
+use crate::record::{UsageRecord, UsageSource};
 use crate::request;
-use crate::tap::ResponseTap;
+use crate::tap::{Metered, ResponseTap};
 use crate::upstream::AccountType;
+use crate::usage::Usage;
 
 /// What the request path knows when a request ends; `ctx.rs` gathers it from the context.
 pub struct Finished<'a> {
@@ -34,6 +41,8 @@ pub struct Finished<'a> {
     pub elapsed: Duration,
     /// The response tap, when a response started.
     pub tap: Option<ResponseTap>,
+    /// An upstream's response header reached the client.
+    pub served: bool,
 }
 
 /// Longest `endpoint` / `model` stored: client-controlled strings are bounded.
@@ -52,25 +61,57 @@ fn bounded(s: &str, max: usize) -> String {
     s[..end].to_string()
 }
 
+/// The token counts and where they come from. A request that reached no upstream, or an upstream
+/// error, uses nothing.
+fn usage_of(done: &Finished<'_>, metered: &Metered, model: Option<&str>) -> (Usage, UsageSource) {
+    match metered.usage {
+        Some(u) if metered.complete => (u, UsageSource::Provider),
+        Some(u) => (u, UsageSource::Partial),
+        None if done.served && (200..300).contains(&done.status) => {
+            match estimate::prompt_tokens(done.body, model) {
+                0 => (Usage::default(), UsageSource::None),
+                prompt => (
+                    Usage {
+                        input_tokens: prompt,
+                        ..Usage::default()
+                    },
+                    UsageSource::Estimated,
+                ),
+            }
+        }
+        None => (Usage::default(), UsageSource::None),
+    }
+}
+
 /// The usage record of a finished request, and its price (with the cost counter it feeds).
 pub fn record<'p>(
-    done: Finished<'_>,
+    mut done: Finished<'_>,
     pricing: &'p Pricing,
     now: DateTime<Utc>,
 ) -> (UsageRecord, Priced<'p>) {
-    let metered = done.tap.map(|t| t.finish(done.kind)).unwrap_or_default();
-    let model = metered
-        .model
-        .or_else(|| done.requested_model.map(str::to_string))
+    let metered = done
+        .tap
+        .take()
+        .map(|t| t.finish(done.kind))
+        .unwrap_or_default();
+    let requested = done
+        .requested_model
+        .map(str::to_string)
         .or_else(|| request::model(done.body));
-    let usage = metered.usage.unwrap_or_default();
-    let priced = match metered.usage {
-        Some(u) => pricing.price(done.kind, model.as_deref(), &u),
-        None => Priced {
+    let model = metered.model.clone().or_else(|| requested.clone());
+    let (usage, source) = usage_of(&done, &metered, model.as_deref());
+    let priced = match source {
+        UsageSource::None => Priced {
             cost: rust_decimal::Decimal::ZERO,
             counter: None,
         },
+        _ => pricing.price(done.kind, model.as_deref(), &usage),
     };
+    let upstream_failed = done.served && done.status >= 400;
+    let error_message = done
+        .error
+        .or(upstream_failed.then_some("upstream_status"))
+        .or(metered.note);
     let record = UsageRecord {
         request_id: done.request_id.to_string(),
         user_id: done.user_id,
@@ -87,8 +128,11 @@ pub fn record<'p>(
         cache_creation_tokens: usage.cache_creation_tokens as i64,
         tokens_used: usage.total_tokens() as i64,
         cost: priced.cost,
-        error_message: done.error.or(metered.note).map(str::to_string),
+        error_message: error_message.map(str::to_string),
         created_at: now,
+        requested_model: requested.map(|m| bounded(&m, MAX_MODEL)),
+        usage_source: Some(source),
+        upstream_error: metered.error.filter(|_| upstream_failed),
     };
     (record, priced)
 }
@@ -115,7 +159,57 @@ mod tests {
             status: 200,
             error: None,
             elapsed: Duration::from_millis(12),
+            served: tap.is_some(),
             tap,
+        }
+    }
+
+    fn pricing(counters: &CostCounters) -> Pricing {
+        let price = Price {
+            input: Decimal::from_str("1").unwrap(),
+            output: Decimal::from_str("2").unwrap(),
+            cached_input: None,
+            cache_write: None,
+        };
+        Pricing::new(
+            [("gpt-4o".to_string(), price)].into_iter().collect(),
+            Default::default(),
+            counters,
+        )
+    }
+
+    fn tap(content_type: &str, body: &[u8]) -> ResponseTap {
+        let mut t =
+            ResponseTap::for_response(Some(content_type.as_bytes()), AccountType::Openai, 1024);
+        t.feed(body);
+        t
+    }
+
+    #[test]
+    fn where_the_tokens_come_from() {
+        let counters = CostCounters::default();
+        let pricing = pricing(&counters);
+        let body = br#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"Hello world"}]}"#;
+        // (response content type, response body, status) → (source, prompt tokens, error, upstream error)
+        for (ct, resp, status, expected) in [
+            // A stream that ended before its usage chunk: the prompt is estimated (2 + 3 + 3).
+            ("text/event-stream", &b"data: {\"choices\":[]}\n\n"[..], 200, (UsageSource::Estimated, 8, None, None)),
+            // Anthropic's message_start, then the stream was cut: what it reported, marked.
+            ("text/event-stream", b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":7}}}\n\n", 200, (UsageSource::Partial, 7, None, None)),
+            ("application/json", br#"{"usage":{"prompt_tokens":5,"completion_tokens":1}}"#, 200, (UsageSource::Provider, 5, None, None)),
+            // An upstream error passed through: nothing billed, its label and the provider's type.
+            ("application/json", br#"{"error":{"type":"server_error","code":"boom"}}"#, 500, (UsageSource::None, 0, Some("upstream_status"), Some("server_error/boom"))),
+        ] {
+            let mut done = finished(body, Some(tap(ct, resp)));
+            done.status = status;
+            let (rec, priced) = record(done, &pricing, Utc::now());
+            assert_eq!(
+                (rec.usage_source.unwrap(), rec.prompt_tokens, rec.error_message.as_deref(), rec.upstream_error.as_deref()),
+                expected,
+                "{}", String::from_utf8_lossy(resp)
+            );
+            assert_eq!(rec.requested_model.as_deref(), Some("gpt-4o"));
+            assert_eq!(priced.cost.is_zero(), expected.1 == 0);
         }
     }
 

@@ -19,7 +19,7 @@ use pingora::prelude::*;
 use crate::auth::{AuthError, KeyCache};
 use crate::body;
 use crate::ctx::RequestCtx;
-use crate::error::GatewayError;
+use crate::error::{ErrorShape, GatewayError};
 use crate::forward::Forwarder;
 use crate::lifecycle::Drain;
 use crate::meter;
@@ -48,7 +48,8 @@ pub struct Gateway {
     /// Swapped whole by a config reload, as is `router`.
     pub pricing: Arc<ArcSwap<Pricing>>,
     pub metrics: Arc<Metrics>,
-    /// Add `stream_options.include_usage` to OpenAI streams that lack it.
+    /// Add `stream_options.include_usage` to OpenAI streams that lack it, on the endpoints that
+    /// define it (`request::defines_include_usage`).
     pub inject_stream_usage: bool,
 }
 
@@ -69,7 +70,14 @@ impl ProxyHttp for Gateway {
             let close = close || !body::drain(session, self.max_body_bytes).await;
             ctx.status = error.status();
             ctx.error = Some(error.label());
-            error.respond(session, &ctx.request_id, close).await?;
+            // Refusals before routing still answer in the shape of the path's route family.
+            let family = ctx
+                .kind
+                .or_else(|| self.router.load().route(session.req_header().uri.path()));
+            let shape = ErrorShape::of(family);
+            error
+                .respond(session, &ctx.request_id, close, shape)
+                .await?;
         }
         Ok(true)
     }
@@ -162,7 +170,10 @@ impl Gateway {
             }
         }
 
-        if self.inject_stream_usage && ctx.kind == Some(AccountType::Openai) {
+        if self.inject_stream_usage
+            && ctx.kind == Some(AccountType::Openai)
+            && request::defines_include_usage(session.req_header().uri.path())
+        {
             if let Some(body) = request::inject_include_usage(&ctx.body) {
                 ctx.body = body.into();
                 ctx.stripper = Some(UsageChunkStripper::new());

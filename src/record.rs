@@ -28,6 +28,40 @@ pub struct UsageRecord {
     pub cost: Decimal,
     pub error_message: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// The `model` the client asked for (`model` above is what the upstream says served it).
+    #[serde(default)]
+    pub requested_model: Option<String>,
+    /// Where the token counts come from. `None` only on records spooled by older versions.
+    #[serde(default)]
+    pub usage_source: Option<UsageSource>,
+    /// The provider's error `type`/`code` when a passed-through upstream error sent one.
+    #[serde(default)]
+    pub upstream_error: Option<String>,
+}
+
+/// Where a row's token counts come from (`usage_records.usage_source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UsageSource {
+    /// Reported by the upstream.
+    Provider,
+    /// The response ended before the upstream reported usage: what tollgate counted.
+    Partial,
+    /// Nothing was reported: the prompt counted by tollgate from the request.
+    Estimated,
+    /// Nothing was served (a refusal, or no upstream answered).
+    None,
+}
+
+impl UsageSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageSource::Provider => "provider",
+            UsageSource::Partial => "partial",
+            UsageSource::Estimated => "estimated",
+            UsageSource::None => "none",
+        }
+    }
 }
 
 impl UsageRecord {

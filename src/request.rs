@@ -8,18 +8,19 @@ use serde::Deserialize;
 
 use crate::usage::{first_non_ws, lenient_bool, lenient_obj};
 
-/// The top-level `model` string of a JSON request body.
+/// The top-level `model` string of a JSON request body. Found by scanning the top-level members
+/// (values are skipped, not parsed), since it runs for every request.
 pub fn model(body: &[u8]) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Req<'a> {
-        #[serde(default, borrow)]
-        model: Option<Cow<'a, str>>,
+    let top = scan_object(body, skip_ws(body, 0))?;
+    if body.get(skip_ws(body, top.close + 1)).is_some() {
+        return None; // trailing bytes: not one JSON object
     }
-    if first_non_ws(body) != Some(b'{') {
-        return None;
+    let m = top.members.iter().rev().find(|m| m.key_is(body, "model"))?;
+    let raw = &body[m.value.0..m.value.1];
+    match raw.first() {
+        Some(b'"') => serde_json::from_slice::<String>(raw).ok(),
+        _ => None,
     }
-    let req: Req<'_> = serde_json::from_slice(body).ok()?;
-    req.model.map(Cow::into_owned)
 }
 
 /// Whether a JSON request body has a top-level `"stream": true`.
@@ -47,6 +48,14 @@ fn parse_stream_req(body: &[u8]) -> Option<StreamReq> {
         return None;
     }
     serde_json::from_slice(body).ok()
+}
+
+/// Whether the OpenAI endpoint at `path` defines `stream_options.include_usage`: Chat
+/// Completions and (legacy) Completions do; the Responses API has no such option (its stream
+/// always ends with `response.completed` carrying usage), and others do not stream.
+pub fn defines_include_usage(path: &str) -> bool {
+    let path = path.trim_end_matches('/');
+    path.ends_with("/chat/completions") || path.ends_with("/completions")
 }
 
 /// Given an OpenAI request body with `"stream": true` and no `stream_options.include_usage:
@@ -272,6 +281,22 @@ mod tests {
         for &(body, expected_model, stream) in table {
             assert_eq!(model(body.as_bytes()).as_deref(), expected_model, "{body}");
             assert_eq!(wants_stream(body.as_bytes()), stream, "{body}");
+        }
+    }
+
+    #[test]
+    fn endpoints_that_define_include_usage() {
+        for (path, expected) in [
+            ("/v1/chat/completions", true),
+            ("/v1/chat/completions/", true),
+            ("/v1/completions", true),
+            ("/openai/v1/chat/completions", true),
+            ("/v1/responses", false),
+            ("/v1/embeddings", false),
+            ("/v1/chat/completionsX", false),
+            ("/v1/xcompletions", false),
+        ] {
+            assert_eq!(defines_include_usage(path), expected, "{path}");
         }
     }
 

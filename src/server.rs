@@ -39,7 +39,7 @@ use tokio::sync::Notify;
 use crate::accounts::{self, AccountLoader};
 use crate::admin::{self, Admin};
 use crate::auth::KeyCache;
-use crate::forward::Forwarder;
+use crate::forward::{AbortDrain, Forwarder};
 use crate::health::{self, Health};
 use crate::httpd;
 use crate::invalidation;
@@ -89,6 +89,10 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
 
     let keys = key_cache(&cfg, &store, &db_rt)?;
     let (usage_sink, writer) = start_writer(&cfg, &store, &metrics, &db_rt)?;
+    // The tokenizer behind usage estimates loads off the request path.
+    let _ = std::thread::Builder::new()
+        .name("tollgate-tokenizer".into())
+        .spawn(crate::estimate::warm);
 
     let drain = Arc::new(Drain::default());
     let router = Arc::new(ArcSwap::from_pointee(reload::router_of(&cfg)));
@@ -103,6 +107,10 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
             cfg.upstream.read_timeout,
             cfg.upstream.anthropic_version.clone(),
             cfg.metering.max_json_body_bytes.get(),
+            AbortDrain {
+                time: cfg.metering.abort_drain,
+                bytes: cfg.metering.abort_drain_bytes.get(),
+            },
         ),
         max_body_bytes: cfg.server.max_body_bytes.get(),
         idle_timeout_secs: cfg.server.idle_timeout.as_secs(),

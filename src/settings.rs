@@ -92,6 +92,10 @@ pub struct Upstream {
 pub struct Metering {
     pub inject_stream_usage: bool,
     pub max_json_body_bytes: NonZeroUsize,
+    /// After a client leaves mid-response: how long, and how many bytes, the upstream is still read
+    /// for its usage report.
+    pub abort_drain: Duration,
+    pub abort_drain_bytes: NonZeroU64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -361,6 +365,15 @@ impl Settings {
                 m.max_json_body_bytes,
                 GIB,
             )?,
+            abort_drain: secs("metering", "abort_drain_secs", m.abort_drain_secs, HOUR)?,
+            abort_drain_bytes: NonZeroU64::new(within(
+                "metering",
+                "abort_drain_bytes",
+                m.abort_drain_bytes,
+                1,
+                GIB,
+            )?)
+            .ok_or_else(|| invalid(Place::Key("metering", "abort_drain_bytes"), "must not be 0"))?,
         };
 
         let w = &file.writer;

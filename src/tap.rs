@@ -29,6 +29,12 @@ pub struct Metered {
     pub model: Option<String>,
     /// Why tokens are unknown, when they are: e.g. `response_too_large_for_metering`.
     pub note: Option<&'static str>,
+    /// The provider's error `type`/`code` from a JSON error body.
+    pub error: Option<String>,
+    /// The usage is final: a whole JSON body, or an SSE stream that reached its terminal event.
+    /// `false` with usage = what a stream reported before it ended early (Anthropic's
+    /// `message_start`).
+    pub complete: bool,
 }
 
 impl ResponseTap {
@@ -63,6 +69,8 @@ impl ResponseTap {
                     usage: e.usage,
                     model: e.model,
                     note: None,
+                    error: e.error,
+                    complete: true,
                 },
                 JsonOutcome::TooLarge => Metered {
                     note: Some("response_too_large_for_metering"),
@@ -76,6 +84,8 @@ impl ResponseTap {
                     usage: s.usage(),
                     model: s.model().map(str::to_string),
                     note: None,
+                    error: None,
+                    complete: s.saw_done(),
                 }
             }
             ResponseTap::Opaque => Metered::default(),
@@ -115,7 +125,8 @@ mod tests {
                     ..Usage::default()
                 }),
                 model: Some("gpt-4o".into()),
-                note: None,
+                complete: true,
+                ..Metered::default()
             },
         );
         check_tap(
@@ -125,7 +136,9 @@ mod tests {
             Metered {
                 usage: Some(Usage { input_tokens: 7, output_tokens: 1, ..Usage::default() }),
                 model: Some("claude-x".into()),
-                note: None,
+                // message_start only: the stream did not reach message_stop.
+                complete: false,
+                ..Metered::default()
             },
         );
         check_tap(

@@ -45,11 +45,13 @@ pub enum Dialect {
     Generic,
 }
 
-/// Usage and model found in a body.
+/// Usage, model and provider error found in a body.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Extracted {
     pub usage: Option<Usage>,
     pub model: Option<String>,
+    /// An error object's `type`/`code`/`status` joined with `/` (OpenAI, Anthropic, Gemini).
+    pub error: Option<String>,
 }
 
 /// Extracts usage and model from a whole JSON response body (an object, or a JSON array of
@@ -67,6 +69,7 @@ fn parse_body(body: &[u8], dialect: Dialect) -> Option<Extracted> {
             Some(Extracted {
                 usage: env.usage(dialect),
                 model: env.model().map(str::to_owned),
+                error: env.error.as_ref().and_then(provider_error),
             })
         }
         Some(b'[') => {
@@ -79,6 +82,9 @@ fn parse_body(body: &[u8], dialect: Dialect) -> Option<Extracted> {
                 if out.model.is_none() {
                     out.model = env.model().map(str::to_owned);
                 }
+                if out.error.is_none() {
+                    out.error = env.error.as_ref().and_then(provider_error);
+                }
             }
             Some(out)
         }
@@ -86,6 +92,37 @@ fn parse_body(body: &[u8], dialect: Dialect) -> Option<Extracted> {
     }
 }
 
+/// Longest provider error label kept (it comes from the upstream, so it is bounded).
+const MAX_PROVIDER_ERROR: usize = 100;
+
+/// `type`/`code`/`status` of a provider's error object, joined with `/`: OpenAI's
+/// `{"type":"invalid_request_error","code":"invalid_api_key"}`, Anthropic's
+/// `{"type":"overloaded_error"}`, Gemini's `{"code":429,"status":"RESOURCE_EXHAUSTED"}`.
+fn provider_error(error: &serde_json::Value) -> Option<String> {
+    let field = |name: &str| match error.get(name)? {
+        serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    };
+    let parts: Vec<String> = ["type", "code", "status"]
+        .iter()
+        .filter_map(|f| field(f))
+        .collect();
+    if parts.is_empty() {
+        return None;
+    }
+    let mut joined = parts.join("/");
+    if joined.len() > MAX_PROVIDER_ERROR {
+        let mut end = MAX_PROVIDER_ERROR;
+        while !joined.is_char_boundary(end) {
+            end -= 1;
+        }
+        joined.truncate(end);
+    }
+    Some(joined)
+}
+
+/// The first byte that is not JSON whitespace.
 pub(crate) fn first_non_ws(body: &[u8]) -> Option<u8> {
     body.iter().copied().find(|b| !b.is_ascii_whitespace())
 }
@@ -166,6 +203,9 @@ pub(crate) struct Envelope<'a> {
     /// OpenAI responses API stream events (`response.completed` etc.).
     #[serde(borrow, deserialize_with = "lenient_obj")]
     pub response: Option<Inner<'a>>,
+    /// An error object (error responses; only read when present).
+    #[serde(deserialize_with = "lenient_obj")]
+    pub error: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -532,12 +572,13 @@ mod tests {
     }
 
     fn check(body: &str, dialect: Dialect, expected: (Option<U>, Option<&str>)) {
+        // Usage and model; errors have their own test (`provider_errors`).
         let got = from_json(body.as_bytes(), dialect);
-        let want = Extracted {
-            usage: expected.0.map(u),
-            model: expected.1.map(str::to_owned),
-        };
-        assert_eq!(got, want, "dialect {dialect:?}, body {body}");
+        assert_eq!(
+            (got.usage, got.model.as_deref()),
+            (expected.0.map(u), expected.1),
+            "dialect {dialect:?}, body {body}"
+        );
     }
 
     const OPENAI_CHAT: &str = r#"{"id":"chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG","object":"chat.completion","created":1741570283,"model":"gpt-4o-2024-08-06","choices":[{"index":0,"message":{"role":"assistant","content":"The image shows a wooden boardwalk.","refusal":null,"annotations":[]},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":1117,"completion_tokens":46,"total_tokens":1163,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}},"service_tier":"default","system_fingerprint":"fp_fc9f1d7035"}"#;
@@ -763,6 +804,42 @@ mod tests {
     }
 
     #[test]
+    fn provider_errors() {
+        for (body, expected) in [
+            (
+                r#"{"error":{"message":"Incorrect API key","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#,
+                Some("invalid_request_error/invalid_api_key"),
+            ),
+            (
+                r#"{"error":{"message":"boom","type":"server_error","code":null}}"#,
+                Some("server_error"),
+            ),
+            (
+                r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+                Some("overloaded_error"),
+            ),
+            (
+                r#"{"error":{"code":429,"message":"quota","status":"RESOURCE_EXHAUSTED"}}"#,
+                Some("429/RESOURCE_EXHAUSTED"),
+            ),
+            (r#"{"error":"a string"}"#, None),
+            (r#"{"error":{}}"#, None),
+            (r#"{"error":null,"model":"m"}"#, None),
+        ] {
+            assert_eq!(
+                from_json(body.as_bytes(), Dialect::Generic)
+                    .error
+                    .as_deref(),
+                expected,
+                "{body}"
+            );
+        }
+        let long = format!(r#"{{"error":{{"type":"{}"}}}}"#, "é".repeat(80));
+        let got = from_json(long.as_bytes(), Dialect::Generic).error.unwrap();
+        assert!(got.len() <= MAX_PROVIDER_ERROR && got.starts_with('é'));
+    }
+
+    #[test]
     fn usage_sums() {
         let x = u((1, 2, 3, 4));
         assert_eq!((x.prompt_tokens(), x.total_tokens()), (6, 10));
@@ -795,6 +872,7 @@ mod tests {
             JsonOutcome::Parsed(Extracted {
                 usage: usage.map(u),
                 model: model.map(str::to_owned),
+                error: None,
             })
         };
         check(13, &["{\"model\":", "\"m\"}"], parsed(None, Some("m")));

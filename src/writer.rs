@@ -597,6 +597,9 @@ mod tests {
             cost: rust_decimal::Decimal::ZERO,
             error_message: None,
             created_at: chrono::Utc::now(),
+            requested_model: None,
+            usage_source: None,
+            upstream_error: None,
         }
     }
 

@@ -65,6 +65,9 @@ async fn format_upstream() -> MockUpstream {
                 sse(fixture("anthropic_stream.sse"))
             }
             "/v1/messages" => Reply::Json(200, fixture("anthropic_message.json")),
+            "/v1/responses" if body.contains("\"stream\":true") => {
+                sse(fixture("responses_stream.sse"))
+            }
             "/v1/responses" => Reply::Json(200, fixture("responses.json")),
             p if p.starts_with("/v1beta/") => Reply::Json(200, fixture("gemini.json")),
             _ if body.contains("\"stream\":true") => {
@@ -122,6 +125,13 @@ async fn formats(db: Db) {
         Case {
             path: "/v1/responses",
             body: r#"{"model":"gpt-4o-mini","input":"hi"}"#,
+            expected: ("gpt-4o-mini-2024-07-18", 50, 20, 10, 0, 70, "0.00001875"),
+        },
+        // A Responses API stream: usage from `response.completed`; nothing is injected (the
+        // Responses API has no `stream_options`), so the body reaches the upstream as sent.
+        Case {
+            path: "/v1/responses",
+            body: r#"{"model":"gpt-4o-mini","input":"hi","stream":true}"#,
             expected: ("gpt-4o-mini-2024-07-18", 50, 20, 10, 0, 70, "0.00001875"),
         },
         // Anthropic messages with cache reads and writes: (100×3 + 1000×0.30 + 200×3.75 + 50×15) / 1e6
@@ -184,6 +194,17 @@ async fn formats(db: Db) {
             .contains(r#""stream_options":{"include_usage":true}"#),
         "{:?}",
         streamed.body
+    );
+
+    let responses_stream = mock
+        .recorded()
+        .into_iter()
+        .find(|r| r.path == "/v1/responses" && String::from_utf8_lossy(&r.body).contains("stream"))
+        .unwrap();
+    assert_eq!(
+        responses_stream.body,
+        r#"{"model":"gpt-4o-mini","input":"hi","stream":true}"#.as_bytes(),
+        "a Responses stream request reaches the upstream byte-identical"
     );
 
     assert!(gw.terminate().success());
@@ -300,6 +321,9 @@ async fn replay_is_idempotent(db: Db) {
         cost: Decimal::from_str("0.0000045").unwrap(),
         error_message: None,
         created_at: chrono::Utc::now(),
+        requested_model: None,
+        usage_source: None,
+        upstream_error: None,
     };
     let batch: Vec<_> = (0..100)
         .map(|i| record(i, if i % 10 == 0 { 502 } else { 200 }))
@@ -550,7 +574,9 @@ async fn early_end(db: Db) {
         gate.clone(),
     )
     .await;
-    let mut gw = Gateway::new(db, "", PRICES).await.unwrap();
+    // The upstream pings forever after the client leaves: the drain stops at its time bound.
+    let extra = format!("{PRICES}\n[metering]\nabort_drain_secs = 1\n");
+    let mut gw = Gateway::new(db, "", &extra).await.unwrap();
     gw.add_user("alice@example.com");
     gw.add_account("a", "anthropic", &mock.url(), "sk", 1, 1);
     let key = gw.create_key("alice@example.com", &[]);
@@ -600,6 +626,166 @@ async fn early_end(db: Db) {
             (25, 1),
             "usage seen so far"
         );
+        assert_eq!(
+            row.usage_source.as_deref(),
+            Some("partial"),
+            "marked as such"
+        );
         assert_eq!(row.cost, Decimal::from_str("0.00009").unwrap());
     }
+}
+
+/// An OpenAI stream whose usage comes in its last chunk: the first chunk at once; once the gate
+/// opens, 32 content chunks of 4 KiB (more than one write, so a client that left is noticed for
+/// sure), then the usage chunk and `[DONE]`.
+async fn openai_stream_upstream(gate: common::Gate) -> MockUpstream {
+    let filler = format!(
+        "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{}\"}}}}]}}\n\n",
+        "x".repeat(4096)
+    );
+    let mut rest: Vec<Bytes> = (0..32).map(|_| Bytes::from(filler.clone())).collect();
+    rest.push(fixture("chat_stream_2.sse"));
+    MockUpstream::start(move |_| Reply::Sse {
+        first: fixture("chat_stream_1.sse"),
+        rest: rest.clone(),
+        gate: gate.clone(),
+    })
+    .await
+}
+
+both_dbs!(
+    a_client_that_aborts_an_openai_stream_is_billed_what_the_upstream_reports,
+    aborted_openai_stream
+);
+async fn aborted_openai_stream(db: Db) {
+    let gate = common::Gate::new();
+    let mock = openai_stream_upstream(gate.clone()).await;
+    let mut gw = Gateway::new(db, "", PRICES).await.unwrap();
+    gw.add_user("alice@example.com");
+    gw.add_account("a", "openai", &mock.url(), "sk", 1, 1);
+    let key = gw.create_key("alice@example.com", &[]);
+    gw.start().await;
+    // A raw connection, so that leaving is certain: closed with unread bytes, it resets, and
+    // the gateway's next write fails.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body =
+        r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: tollgate\r\nauthorization: Bearer {key}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("chat.completion.chunk") {
+        let n = conn.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the stream ended early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let id = String::from_utf8_lossy(&seen)
+        .to_ascii_lowercase()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("x-request-id:")
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap();
+    drop(conn); // the client leaves after the first chunk, before the usage chunk
+    gate.open(); // the upstream goes on and reports usage at the end
+    assert!(gw.terminate().success(), "{}", gw.log());
+    let rows = gw.db.rows().await;
+    let row = rows.iter().find(|r| r.request_id == id).unwrap();
+    assert_eq!(row.error_message.as_deref(), Some("client_aborted"));
+    // (9×0.15 + 1×0.60) / 1e6: what the upstream reported in its last chunk.
+    assert_eq!(
+        (
+            row.prompt_tokens,
+            row.completion_tokens,
+            row.usage_source.as_deref()
+        ),
+        (9, 1, Some("provider"))
+    );
+    assert_eq!(row.cost, Decimal::from_str("0.00000195").unwrap());
+    assert_eq!(row.requested_model.as_deref(), Some("gpt-4o-mini"));
+}
+
+both_dbs!(
+    a_stream_cut_before_its_usage_is_billed_an_estimated_prompt,
+    cut_before_usage
+);
+async fn cut_before_usage(db: Db) {
+    let gate = common::Gate::new();
+    let mock = common::RawSseUpstream::start(
+        fixture("chat_stream_1.sse"),
+        Bytes::from_static(b"data: {\"choices\":[]}\n\n"),
+        gate.clone(),
+    )
+    .await;
+    let mut gw = Gateway::new(db, "", PRICES).await.unwrap();
+    gw.add_user("alice@example.com");
+    gw.add_account("a", "openai", &mock.url(), "sk", 1, 1);
+    let key = gw.create_key("alice@example.com", &[]);
+    gw.start().await;
+    let resp = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .body(r#"{"model":"gpt-4o-mini","stream":true,"x":"cut","messages":[{"role":"user","content":"Tell me a long story about a cat"}]}"#)
+        .send()
+        .await
+        .unwrap();
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let mut s = resp.bytes_stream();
+    s.next().await.unwrap().unwrap();
+    gate.open(); // the upstream drops the connection mid-stream, before any usage
+    let rest: Vec<_> = s.collect().await;
+    assert!(rest.iter().any(|c| c.is_err()), "the client sees the cut");
+    assert!(gw.terminate().success(), "{}", gw.log());
+    let rows = gw.db.rows().await;
+    let row = rows.iter().find(|r| r.request_id == id).unwrap();
+    assert_eq!(row.error_message.as_deref(), Some("upstream_aborted"));
+    assert_eq!(row.usage_source.as_deref(), Some("estimated"));
+    assert!(
+        row.prompt_tokens > 0 && row.completion_tokens == 0,
+        "{row:?}"
+    );
+    assert!(row.cost > Decimal::ZERO, "never billed 0 in silence");
+}
+
+both_dbs!(
+    an_upstream_error_keeps_its_status_label_and_the_providers_type,
+    upstream_error_recorded
+);
+async fn upstream_error_recorded(db: Db) {
+    let mock = MockUpstream::start(|_| {
+        Reply::Json(
+            500,
+            Bytes::from_static(
+                br#"{"error":{"message":"boom","type":"server_error","code":"internal"}}"#,
+            ),
+        )
+    })
+    .await;
+    let mut gw = Gateway::new(db, "", PRICES).await.unwrap();
+    gw.add_user("alice@example.com");
+    gw.add_account("a", "openai", &mock.url(), "sk", 1, 1);
+    let key = gw.create_key("alice@example.com", &[]);
+    gw.start().await;
+    let resp = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .body(r#"{"model":"gpt-4o-mini"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 500, "passed through: no other account");
+    assert!(gw.terminate().success(), "{}", gw.log());
+    let rows = gw.db.rows().await;
+    assert_eq!(rows.len(), 1);
+    let row = &rows[0];
+    assert_eq!(row.error_message.as_deref(), Some("upstream_status"));
+    assert_eq!(row.upstream_error.as_deref(), Some("server_error/internal"));
+    assert_eq!((row.tokens_used, row.cost), (0, Decimal::ZERO));
+    assert_eq!(row.usage_source.as_deref(), Some("none"));
 }

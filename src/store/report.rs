@@ -11,11 +11,14 @@ use super::{sqlite_cost, sqlite_time, Store, StoreError};
 
 /// How `tollgate usage` groups its totals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum GroupBy {
     Key,
     Account,
+    /// The model the client asked for.
     Model,
+    /// The model the upstream says served the request (e.g. a dated snapshot).
+    ServedModel,
     Day,
 }
 
@@ -42,7 +45,8 @@ impl Store {
         let group = match (self, by) {
             (_, GroupBy::Key) => "CAST(r.api_key_id AS TEXT) || ' ' || k.name",
             (_, GroupBy::Account) => "COALESCE(a.name, '-')",
-            (_, GroupBy::Model) => "COALESCE(r.model, '-')",
+            (_, GroupBy::Model) => "COALESCE(r.requested_model, r.model, '-')",
+            (_, GroupBy::ServedModel) => "COALESCE(r.model, '-')",
             (Store::Postgres(_), GroupBy::Day) => {
                 "to_char(r.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
             }

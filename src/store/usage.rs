@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 
 use super::{sqlite_time, Store, StoreError};
-use crate::record::UsageRecord;
+use crate::record::{UsageRecord, UsageSource};
 
 /// Per-id deltas of one flush, from the rows actually inserted.
 #[derive(Debug, Default)]
@@ -33,10 +33,10 @@ const PG_INSERT_USAGE: &str = "\
 WITH ins AS (
   INSERT INTO usage_records (request_id, user_id, api_key_id, upstream_account_id, method, endpoint, model,
       status_code, response_time, prompt_tokens, completion_tokens, cached_tokens, cache_creation_tokens,
-      tokens_used, cost, error_message, created_at)
+      tokens_used, cost, error_message, created_at, requested_model, usage_source, upstream_error)
   SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::text[], $6::text[], $7::text[],
       $8::int4[], $9::int4[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], $15::numeric[],
-      $16::text[], $17::timestamptz[])
+      $16::text[], $17::timestamptz[], $18::text[], $19::text[], $20::text[])
   ON CONFLICT (request_id) DO NOTHING
   RETURNING api_key_id, upstream_account_id, status_code, error_message, created_at
 ), key_counts AS (
@@ -58,7 +58,7 @@ WITH ins AS (
 )
 SELECT count(*) FROM ins";
 
-/// Rows per SQLite INSERT statement (17 parameters each, well under SQLite's 32766).
+/// Rows per SQLite INSERT statement (20 parameters each, well under SQLite's 32766).
 const SQLITE_ROWS_PER_STATEMENT: usize = 1000;
 
 impl Store {
@@ -105,6 +105,21 @@ impl Store {
                             .collect::<Vec<_>>(),
                     )
                     .bind(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
+                    .bind(
+                        rows.iter()
+                            .map(|r| r.requested_model.as_deref())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        rows.iter()
+                            .map(|r| r.usage_source.map(UsageSource::as_str))
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        rows.iter()
+                            .map(|r| r.upstream_error.as_deref())
+                            .collect::<Vec<_>>(),
+                    )
                     .fetch_one(p)
                     .await?;
                 Ok(n as u64)
@@ -116,7 +131,8 @@ impl Store {
                     let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
                         "INSERT INTO usage_records (request_id, user_id, api_key_id, upstream_account_id, method, \
                          endpoint, model, status_code, response_time, prompt_tokens, completion_tokens, cached_tokens, \
-                         cache_creation_tokens, tokens_used, cost, error_message, created_at) ",
+                         cache_creation_tokens, tokens_used, cost, error_message, created_at, requested_model, \
+                         usage_source, upstream_error) ",
                     );
                     q.push_values(chunk, |mut b, r| {
                         b.push_bind(r.request_id.as_str())
@@ -135,7 +151,10 @@ impl Store {
                             .push_bind(r.tokens_used)
                             .push_bind(r.cost.to_string())
                             .push_bind(r.error_message.as_deref())
-                            .push_bind(sqlite_time(r.created_at));
+                            .push_bind(sqlite_time(r.created_at))
+                            .push_bind(r.requested_model.as_deref())
+                            .push_bind(r.usage_source.map(UsageSource::as_str))
+                            .push_bind(r.upstream_error.as_deref());
                     });
                     q.push(" ON CONFLICT (request_id) DO NOTHING RETURNING request_id");
                     let ids: Vec<String> = q.build_query_scalar().fetch_all(&mut *tx).await?;

@@ -334,13 +334,17 @@ pub struct Row {
     pub tokens_used: i64,
     pub cost: rust_decimal::Decimal,
     pub error_message: Option<String>,
+    pub requested_model: Option<String>,
+    pub usage_source: Option<String>,
+    pub upstream_error: Option<String>,
 }
 
 impl TestDb {
     pub async fn rows(&self) -> Vec<Row> {
         use sqlx::Row as _;
         let sql = "SELECT request_id, api_key_id, upstream_account_id, model, status_code, prompt_tokens, completion_tokens, \
-                   cached_tokens, cache_creation_tokens, tokens_used, CAST(cost AS TEXT) AS cost, error_message FROM usage_records ORDER BY id";
+                   cached_tokens, cache_creation_tokens, tokens_used, CAST(cost AS TEXT) AS cost, error_message, \
+                   requested_model, usage_source, upstream_error FROM usage_records ORDER BY id";
         macro_rules! read {
             ($conn:expr) => {
                 sqlx::query(sql)
@@ -361,6 +365,9 @@ impl TestDb {
                         tokens_used: r.get("tokens_used"),
                         cost: r.get::<String, _>("cost").parse().unwrap(),
                         error_message: r.get("error_message"),
+                        requested_model: r.get("requested_model"),
+                        usage_source: r.get("usage_source"),
+                        upstream_error: r.get("upstream_error"),
                     })
                     .collect()
             };
