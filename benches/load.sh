@@ -635,18 +635,28 @@ if [ "$MODE" = callgrind ]; then
     url="http://127.0.0.1:$PROXY_PORT/v1/chat/completions"
     wrk -t1 -c"$CG_CONNS" -d3s -s "$T/$c.lua" "$url" >/dev/null 2>&1 || true
     sleep 0.5
-    callgrind_control -z "$pid" >>"$T/cg.log" 2>&1 || die "callgrind_control -z $pid failed: $(tail -3 "$T/cg.log")"
+    cgc() { callgrind_control "$@" >>"$T/cg.log" 2>&1 || die "callgrind_control $* failed: $(tail -3 "$T/cg.log")"; }
+    # First what the process does with nothing to serve (timers, housekeeping threads), per
+    # second: a slow process under valgrind serves few requests a second, so that cost is
+    # subtracted from the loaded window below (the table shows both).
+    cgc -z "$pid"; i0=$(date +%s.%N)
+    sleep "$CG_SECS"
+    cgc -d "$pid"; i1=$(date +%s.%N) # part .1: idle (a dump also zeroes the counters)
     read -r -a s0 <<<"$(up_stats)"
+    cgc -z "$pid"; w0=$(date +%s.%N)
     log "callgrind: $c, wrk -t1 -c$CG_CONNS for ${CG_SECS}s"
     wrk -t1 -c"$CG_CONNS" -d"${CG_SECS}s" --latency -s "$T/$c.lua" "$url" >"$T/cg-$c.wrk" 2>&1 ||
       { cat "$T/cg-$c.wrk" >&2; die "wrk failed ($c)"; }
     sleep 0.5
     read -r -a s1 <<<"$(up_stats)"
-    callgrind_control -d "$pid" >>"$T/cg.log" 2>&1 || die "callgrind_control -d $pid failed: $(tail -3 "$T/cg.log")"
+    cgc -d "$pid"; w1=$(date +%s.%N) # part .2: loaded
     stop_proxy "$c" || true
-    $REPORT cgrecord "$RESULTS" config="$c" file="$T/cg-$c.out.1" \
+    $REPORT cgrecord "$RESULTS" config="$c" file="$T/cg-$c.out.2" idle_file="$T/cg-$c.out.1" \
+      idle_secs="$(echo "$i1 - $i0" | bc -l 2>/dev/null || echo "$CG_SECS")" \
+      window_secs="$(echo "$w1 - $w0" | bc -l 2>/dev/null || echo "$CG_SECS")" \
       requests=$((s1[0] - s0[0] - STATS_SELF)) wrk="$T/cg-$c.wrk" >&2
-    if [ "${LOAD_KEEP_TMP:-0}" = 1 ]; then cp "$T/cg-$c.out.1" "$OUT/callgrind-$c.out" 2>/dev/null || true; fi
+    # The loaded dump, for callgrind_annotate.
+    cp "$T/cg-$c.out.2" "$OUT/callgrind-$c.out" 2>/dev/null || true
   done
   STAMP=$(date +%Y%m%d-%H%M%S)
   {
@@ -655,6 +665,8 @@ if [ "$MODE" = callgrind ]; then
     echo "valgrind $(valgrind --version | sed 's/valgrind-//') --tool=callgrind; wrk -t1 -c$CG_CONNS for ${CG_SECS} s after 3 s of warm-up, counters zeroed in between; $THREADS threads, logs $LOGS. Ir = instructions executed in the process (user space, every thread), not the kernel's."
     echo
     $REPORT callgrind "$RESULTS"
+    echo
+    echo "Where the instructions go: \`callgrind_annotate $OUT/callgrind-CONFIG.out | head -40\` (the loaded window of the last run)."
   } | tee "$OUT/callgrind-$STAMP.md"
   cp "$RESULTS" "$OUT/callgrind-$STAMP.jsonl"
   log "report: $OUT/callgrind-$STAMP.md"

@@ -628,19 +628,32 @@ def syscalls(results):
     print("\n".join(out))
 
 
+def cg_totals(path):
+    """The instructions (Ir) in a callgrind dump: its `totals:` line (else `summary:`)."""
+    ir = None
+    with open(path, errors="replace") as f:
+        for line in f:
+            if line.startswith("totals:") or (ir is None and line.startswith("summary:")):
+                ir = int(line.split()[1])
+    return ir
+
+
 def cgrecord(results, args):
     r = kv(args)
     r["phase"] = "callgrind"
     r["wrk"] = wrkjson(r.pop("wrk"))
-    ir = None
-    with open(r["file"], errors="replace") as f:
-        for line in f:
-            if line.startswith("totals:") or (ir is None and line.startswith("summary:")):
-                ir = int(line.split()[1])
-    r["ir"] = ir
-    r["ir_per_req"] = ir / r["requests"] if ir and r["requests"] > 0 else None
-    print("  %-16s %7d requests, %s Ir: %s Ir/req" % (
-        r["config"], r["requests"], ir, fmt(r["ir_per_req"], "%.0f")))
+    r["ir"] = cg_totals(r["file"])
+    r["idle_ir"] = cg_totals(r["idle_file"]) if r.get("idle_file") else None
+    n = r["requests"]
+    r["ir_per_req"] = r["ir"] / n if r["ir"] and n > 0 else None
+    r["idle_ir_per_s"] = (r["idle_ir"] / r["idle_secs"]
+                          if r["idle_ir"] is not None and r.get("idle_secs") else None)
+    r["ir_per_req_net"] = None
+    if r["ir_per_req"] is not None and r["idle_ir_per_s"] is not None:
+        r["ir_per_req_net"] = (r["ir"] - r["idle_ir_per_s"] * r["window_secs"]) / n
+    print("  %-16s %7d requests, %s Ir: %s Ir/req (%s without the idle %s Ir/s)" % (
+        r["config"], n, r["ir"], fmt(r["ir_per_req"], "%.0f"), fmt(r["ir_per_req_net"], "%.0f"),
+        fmt(r["idle_ir_per_s"], "%.0f")))
     with open(results, "a") as f:
         f.write(json.dumps(r) + "\n")
 
@@ -650,19 +663,21 @@ def callgrind(results):
     out = []
     p = out.append
     configs = ordered(runs)
-    ref = {c: runs[c]["ir_per_req"] for c in configs}
-    p("| configuration | requests | Ir (total) | **Ir per request** | vs nginx | vs bare pingora "
-      "| req/s under callgrind |")
-    p("|---|---:|---:|---:|---:|---:|---:|")
+    key = "ir_per_req_net"
+    ref = {c: runs[c].get(key) for c in configs}
+    p("| configuration | requests | req/s under callgrind | Ir (loaded window) | idle Ir/s "
+      "| Ir/req (raw) | **Ir/req, idle subtracted** | vs nginx | vs bare pingora |")
+    p("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in configs:
         r = runs[c]
 
         def vs(b):
-            return fmt(r["ir_per_req"] / ref[b], "%.2f×") if ref.get(b) and r["ir_per_req"] else "–"
+            return fmt(r[key] / ref[b], "%.2f×") if ref.get(b) and r.get(key) else "–"
 
-        p("| %s | %d | %s | **%s** | %s | %s | %.0f |" % (
-            label(c), r["requests"], r["ir"], fmt(r["ir_per_req"], "%.0f"), vs("nginx"),
-            vs("bare"), r["wrk"]["requests"] / (r["wrk"]["duration_us"] / 1e6)))
+        p("| %s | %d | %.0f | %s | %s | %s | **%s** | %s | %s |" % (
+            label(c), r["requests"], r["wrk"]["requests"] / (r["wrk"]["duration_us"] / 1e6),
+            r["ir"], fmt(r.get("idle_ir_per_s"), "%.0f"), fmt(r["ir_per_req"], "%.0f"),
+            fmt(r.get(key), "%.0f"), vs("nginx"), vs("bare")))
     print("\n".join(out))
 
 
