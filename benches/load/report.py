@@ -482,6 +482,9 @@ def stage_table(p, agg, meta):
             fmt(ns, "%.0f", "– (run `cargo bench`)") if bench != "-" else "–", " | ".join(cells)))
     if requested:
         p("\nLOAD_FEATURES ran: %s." % ", ".join("`%s`" % f for f in requested))
+    if unknown and stages:
+        p("\nLOAD_FEATURES named stages that are not defined (ignored): %s." % ", ".join(
+            "`%s`" % u for u in unknown))
     p("")
 
 
