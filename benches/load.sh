@@ -616,8 +616,9 @@ fi
 # (`callgrind_control -z`), CG_SECS of wrk -cCG_CONNECTIONS, then `callgrind_control -d`: the dump's
 # total instructions (Ir, every thread) divided by the requests the upstream served in between.
 if [ "$MODE" = callgrind ]; then
-  command -v valgrind >/dev/null && command -v callgrind_control >/dev/null ||
+  if ! command -v valgrind >/dev/null || ! command -v callgrind_control >/dev/null; then
     die "valgrind is required (apt-get install valgrind)"
+  fi
   CG_SECS=${CG_SECS:-5}
   CG_CONNS=${CG_CONNECTIONS:-8}
   start_upstream
