@@ -197,6 +197,14 @@ ticks() { # PID -> utime+stime in clock ticks (0 if gone)
   set -- $s
   echo $((${12} + ${13}))
 }
+utime_stime() { # PID -> "utime stime" in clock ticks ("0 0" if gone)
+  local s
+  s=$(cat "/proc/$1/stat" 2>/dev/null) || { echo "0 0"; return; }
+  s=${s##*) }
+  # shellcheck disable=SC2086
+  set -- $s
+  echo "${12} ${13}"
+}
 hwm_kb() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
 wait_tcp() { # PORT SECONDS
@@ -482,13 +490,17 @@ run_one() { # PHASE CONFIG ROUND CONNS SCRIPT [extra k=v ...]
     wrk -t"$threads" -c"$conns" -d"${WARMUP}s" --latency -s "$script" "$url" >"$warm" 2>&1 || true
   fi
   p0=$(ticks "$pid"); u0=$(ticks "$UP_PID")
+  local us0 us1
+  read -r -a us0 <<<"$(utime_stime "$pid")"
   [ "${config%%+*}" = tollgate-pg ] && g0=$(pg_ticks)
   wrk -t"$threads" -c"$conns" -d"${DURATION}s" --latency -s "$script" "$url" >"$T/run$RUN.wrk" 2>&1 ||
     { cat "$T/run$RUN.wrk" >&2; die "wrk failed ($config)"; }
   p1=$(ticks "$pid"); u1=$(ticks "$UP_PID")
+  read -r -a us1 <<<"$(utime_stime "$pid")"
   [ "${config%%+*}" = tollgate-pg ] && { g1=$(pg_ticks); extra+=("db_ticks=$(pg_delta "$g0" "$g1")"); }
   hwm=$(hwm_kb "$pid")
-  [ "$config" = direct ] || extra+=("proxy_ticks=$((p1 - p0))" "hwm_kb=$hwm")
+  [ "$config" = direct ] || extra+=("proxy_ticks=$((p1 - p0))" "hwm_kb=$hwm"
+    "proxy_user_ticks=$((us1[0] - us0[0]))" "proxy_sys_ticks=$((us1[1] - us0[1]))")
   stop_proxy "$config" || clean=0
   # Between the two queries: what the run sent, plus the first query (stub_status counts the
   # query that asks) and the second query's connection.
@@ -559,7 +571,9 @@ if [ "$MODE" = syscalls ]; then
   SYS_CONNS=${SYS_CONNECTIONS:-$CONNS}
   start_upstream
   setup_tollgates
-  SYS_EVENTS=raw_syscalls:sys_enter
+  # Software events too: a context switch is a thread going to sleep or being preempted, a page
+  # fault is memory touched for the first time (or after mimalloc gave it back).
+  SYS_EVENTS=raw_syscalls:sys_enter,context-switches,cpu-migrations,page-faults
   for n in read readv recvfrom recvmsg write writev sendto sendmsg epoll_wait epoll_pwait epoll_ctl \
     futex accept4 close connect getrandom sched_yield setsockopt getsockopt getsockname getpeername \
     mmap munmap madvise mprotect openat pread64 pwrite64 fsync fdatasync ioctl; do

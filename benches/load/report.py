@@ -108,7 +108,7 @@ def record(results, args):
     r["ok_2xx"] = w["requests"] - w["status"]
     tick_us = 1e6 / r.get("hz", 100)
     n = max(1, w["requests"])
-    for what in ("proxy", "upstream", "db"):
+    for what in ("proxy", "upstream", "db", "proxy_user", "proxy_sys"):
         if "%s_ticks" % what in r:
             r["%s_cpu_us" % what] = r["%s_ticks" % what] * tick_us / n
     line = "  %-16s round %s: %9.0f req/s  p50 %7.3f ms  p99 %7.3f ms" % (
@@ -212,6 +212,8 @@ def summary(results, meta_path):
             "p50": med([r["wrk"]["p50_us"] / 1e3 for r in rs]),
             "p99": med([r["wrk"]["p99_us"] / 1e3 for r in rs]),
             "cpu": med([r.get("proxy_cpu_us") for r in rs]),
+            "ucpu": med([r.get("proxy_user_cpu_us") for r in rs]),
+            "scpu": med([r.get("proxy_sys_cpu_us") for r in rs]),
             "up_cpu": med([r.get("upstream_cpu_us") for r in rs]),
             "db_cpu": med([r.get("db_cpu_us") for r in rs]),
             "hwm": max([r.get("hwm_kb") or 0 for r in rs]) / 1024 or None,
@@ -226,11 +228,13 @@ def summary(results, meta_path):
           "one fresh proxy process per run.\n" % (meta["rounds"], meta["duration"], meta["warmup"],
                                                   meta["wrk_threads"], meta["connections"]))
         p("| configuration | req/s (median) | min–max | p50 ms | p99 ms | proxy CPU µs/req "
-          "| upstream CPU µs/req | upstream connections opened | peak RSS MiB | usage rows |")
+          "(user / kernel) | upstream CPU µs/req | upstream connections opened | peak RSS MiB | usage rows |")
         p("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for c in configs:
             a = agg[c]
             cpu = fmt(a["cpu"])
+            if a["ucpu"] is not None and a["scpu"] is not None:
+                cpu += " (%s / %s)" % (fmt(a["ucpu"]), fmt(a["scpu"]))
             if a["db_cpu"] is not None:
                 cpu += " (+%s in PostgreSQL)" % fmt(a["db_cpu"])
             check = "–"
@@ -566,6 +570,8 @@ def sysrecord(results, args):
                 ev = f_[2]
                 name = "(all)" if ev == "raw_syscalls:sys_enter" else ev.replace(
                     "syscalls:sys_enter_", "")
+                if ":" not in ev and not ev.startswith("syscalls"):
+                    name = "[%s]" % ev  # a software event, not a syscall
                 calls[name] = int(f_[0])
     r["calls"], r["errors"] = calls, errors
     n = max(1, r["requests"])
@@ -613,13 +619,18 @@ def syscalls(results):
         def total(c):
             if "(all)" in per[c]:
                 return per[c]["(all)"]
-            return sum(per[c].values())
+            return sum(v for k, v in per[c].items() if not k.startswith("["))
 
         p("| **all syscalls** | %s |" % " | ".join("**%.2f**" % total(c) for c in configs))
         p("| **socket writes** (%s) | %s |" % ("+".join(WRITES), " | ".join(
             "**%.2f**" % sum(per[c].get(k, 0) for k in WRITES) for c in configs)))
         p("| **socket reads** (%s) | %s |" % ("+".join(READS), " | ".join(
             "**%.2f**" % sum(per[c].get(k, 0) for k in READS) for c in configs)))
+        soft = sorted({k for c in configs for k in per[c] if k.startswith("[")})
+        for k in soft:
+            p("| %s (not a syscall) | %s |" % (k.strip("[]"), " | ".join(
+                "%.2f" % per[c].get(k, 0) for c in configs)))
+        names = [k for k in names if not k.startswith("[")]
         for k in names:
             cells = []
             for c in configs:
