@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Load benchmark of tollgate against a static upstream, with nginx and a bare pingora proxy as
-# baselines. One command: `bash benches/load.sh` (see benches/README.md, "Load benchmark").
+# Load benchmark of tollgate against a static upstream, with nginx, a bare pingora proxy and a
+# bare hyper proxy as baselines. One command: `bash benches/load.sh` (see benches/README.md,
+# "Load benchmark").
 #
 #   bash benches/load.sh          throughput (interleaved rounds) + latency at half load
 #   bash benches/load.sh sse      500 concurrent SSE streams: memory per stream, TTFB overhead
 #   bash benches/load.sh all      both
 #   bash benches/load.sh keys     memory with KEYS_N (100,000) keys cached, under load
+#   bash benches/load.sh syscalls system calls per request (strace -c -f, and perf stat on the
+#                                 syscall tracepoints) of nginx, bare pingora, bare hyper, tollgate
+#   bash benches/load.sh callgrind  instructions per request (valgrind --tool=callgrind) of the same
 #
 # Settings (environment):
 #   LOAD_DURATION=10      seconds per measured wrk run          LOAD_ROUNDS=3   interleaved rounds
@@ -16,7 +20,9 @@
 #   LOAD_LAT_DELAY_MS=4   pause per connection between requests in that phase
 #   LOAD_LOGS=on          on: tollgate logs at its default level (info, a line per request) and
 #                         nginx writes its access log, as both ship; off: RUST_LOG=warn, no log
-#   LOAD_CONFIGS="direct nginx bare tollgate-sqlite tollgate-pg"   which configurations to run
+#   LOAD_CONFIGS="direct nginx bare hyper tollgate-sqlite tollgate-pg"   which configurations run
+#   LOAD_FEATURES="a b"   tollgate stages to measure on vs off (each alone, next to "all off");
+#                         "all" = every stage defined (see `stage` below; none defined yet)
 #   TEST_DATABASE_URL     postgres://... : also run tollgate on PostgreSQL (a fresh database
 #                         tollgate_bench_<random>, dropped at the end)
 #   SSE_STREAMS=500  SSE_HOLD_SECS=10  SSE_SEQUENTIAL=50   the SSE scenario
@@ -26,14 +32,17 @@
 #   LOAD_OUT=target/load  where the report (Markdown) and the raw results (JSON lines) go
 #   LOAD_KEEP_TMP=1       keep the temporary directory (configs, logs, databases)
 #   LOAD_NO_NGINX=1       behave as if nginx were missing (Python upstream, no nginx baseline)
+#   SYS_SECS=5  SYS_CONNECTIONS=64       the syscalls scenario (logs off unless LOAD_LOGS is set)
+#   CG_SECS=5   CG_CONNECTIONS=8         the callgrind scenario (logs off unless LOAD_LOGS is set)
+#   HYPER_RUNTIME=current|multi  HYPER_READ_BUF=N   passed to examples/bare_hyper.rs
 #
 # Everything listens on 127.0.0.1 only, every run is bounded in time, and every process this
 # script starts is stopped when it exits (trap EXIT).
 set -euo pipefail
 
 MODE=${1:-rps}
-case "$MODE" in rps | sse | all | keys) ;; -h | --help) sed -n '2,30p' "$0"; exit 0 ;;
-*) echo "usage: bash benches/load.sh [rps|sse|all|keys]" >&2; exit 2 ;; esac
+case "$MODE" in rps | sse | all | keys | syscalls | callgrind) ;; -h | --help) sed -n '2,40p' "$0"; exit 0 ;;
+*) echo "usage: bash benches/load.sh [rps|sse|all|keys|syscalls|callgrind]" >&2; exit 2 ;; esac
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HERE=$ROOT/benches/load
@@ -45,8 +54,9 @@ WARMUP=${LOAD_WARMUP:-2}
 THREADS=${LOAD_THREADS:-2}
 LATENCY=${LOAD_LATENCY:-1}
 LAT_DELAY_MS=${LOAD_LAT_DELAY_MS:-4}
-LOGS=${LOAD_LOGS:-on}
-CONFIGS=${LOAD_CONFIGS:-direct nginx bare tollgate-sqlite tollgate-pg}
+# The syscall and instruction counts compare the engines: no per-request log unless asked for.
+if [[ $MODE == syscalls || $MODE == callgrind ]]; then LOGS=${LOAD_LOGS:-off}; else LOGS=${LOAD_LOGS:-on}; fi
+CONFIGS=${LOAD_CONFIGS:-direct nginx bare hyper tollgate-sqlite tollgate-pg}
 SSE_STREAMS=${SSE_STREAMS:-500}
 SSE_HOLD=${SSE_HOLD_SECS:-10}
 SSE_SEQ=${SSE_SEQUENTIAL:-50}
@@ -86,16 +96,52 @@ NGINX=$(find_nginx)
 
 # --- build --------------------------------------------------------------------------------------
 if [ "${LOAD_SKIP_BUILD:-0}" != 1 ]; then
-  log "cargo build --release --bin tollgate --example bare_proxy (fat LTO: minutes on a cold tree)"
-  (cd "$ROOT" && cargo build --release --bin tollgate --example bare_proxy)
+  log "cargo build --release --bin tollgate --example bare_proxy --example bare_hyper (fat LTO: minutes on a cold tree)"
+  (cd "$ROOT" && cargo build --release --bin tollgate --example bare_proxy --example bare_hyper)
 fi
 TG=$TARGET/release/tollgate
 BARE=$TARGET/release/examples/bare_proxy
+HYPER=$TARGET/release/examples/bare_hyper
 if [[ $MODE != rps || " $CONFIGS " == *" tollgate-"* ]]; then
   [ -x "$TG" ] || die "$TG is missing (build it, or unset LOAD_SKIP_BUILD)"
 fi
 if [[ $MODE != rps || " $CONFIGS " == *" bare "* ]]; then
   [ -x "$BARE" ] || die "$BARE is missing (build it, or unset LOAD_SKIP_BUILD)"
+fi
+if [[ $MODE != rps || " $CONFIGS " == *" hyper "* ]]; then
+  [ -x "$HYPER" ] || die "$HYPER is missing (build it, or unset LOAD_SKIP_BUILD)"
+fi
+
+# --- stages: what LOAD_FEATURES turns on ----------------------------------------------------------
+# A stage is a piece of tollgate's request path that a config setting switches on (rate limits,
+# spend admission, path normalisation, header limits, ...). Each is ONE line here:
+#
+#   stage NAME CRITERION_ID 'TOML'
+#
+# NAME is what LOAD_FEATURES names; CRITERION_ID is the stage's criterion bench
+# (`group/function`, read from $CARGO_TARGET_DIR/criterion/.../new/estimates.json; "-" if none);
+# TOML is merged into the generated tollgate config (a table that already exists there, such as
+# [server], gets the keys; a new table is appended). With LOAD_FEATURES set, every tollgate
+# configuration also runs once per named stage with that stage alone on ("tollgate-pg+NAME"), in
+# the same interleaved rounds, and the report's per-stage budget table gives its ns (criterion)
+# and its µs of CPU per request (on − off).
+declare -A STAGE_TOML=() STAGE_BENCH=()
+STAGES=()
+stage() { STAGES+=("$1"); STAGE_BENCH[$1]=$2; STAGE_TOML[$1]=$3; }
+# No stage exists yet. A later one adds its line here, e.g.:
+# stage rate_limits limits/check_hit $'[limits]\nrequests_per_minute = 100000000'
+
+FEATURES=()
+UNKNOWN_FEATURES=()
+for f in ${LOAD_FEATURES:-}; do
+  if [ "$f" = all ]; then FEATURES+=("${STAGES[@]+"${STAGES[@]}"}"); continue; fi
+  if [ -n "${STAGE_BENCH[$f]+x}" ]; then FEATURES+=("$f"); else UNKNOWN_FEATURES+=("$f"); fi
+done
+if [ ${#UNKNOWN_FEATURES[@]} -gt 0 ]; then
+  log "LOAD_FEATURES: not a defined stage, ignored: ${UNKNOWN_FEATURES[*]} (defined: ${STAGES[*]:-none yet})"
+fi
+if [ -n "${LOAD_FEATURES:-}" ] && [ ${#FEATURES[@]} = 0 ]; then
+  log "LOAD_FEATURES: no stages are defined yet; tollgate runs with every stage off (the baseline)"
 fi
 
 # --- process bookkeeping and cleanup ------------------------------------------------------------
@@ -150,6 +196,14 @@ ticks() { # PID -> utime+stime in clock ticks (0 if gone)
   # shellcheck disable=SC2086
   set -- $s
   echo $((${12} + ${13}))
+}
+utime_stime() { # PID -> "utime stime" in clock ticks ("0 0" if gone)
+  local s
+  s=$(cat "/proc/$1/stat" 2>/dev/null) || { echo "0 0"; return; }
+  s=${s##*) }
+  # shellcheck disable=SC2086
+  set -- $s
+  echo "${12} ${13}"
 }
 hwm_kb() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
@@ -261,6 +315,10 @@ input = "0.15"
 output = "0.60"
 cached_input = "0.075"
 EOF
+  # NAME+STAGE: that stage on (see `stage` above).
+  if [[ $1 == *+* ]]; then
+    $REPORT tomlmerge "$T/$1.toml" "${STAGE_TOML[${1#*+}]}" >"$T/$1.toml.new" && mv "$T/$1.toml.new" "$T/$1.toml"
+  fi
 }
 tg_setup() { # NAME URL UPSTREAM_PORT: a user, a key (-> KEY[NAME]) and an account at the upstream
   local cfg=$T/$1.toml
@@ -275,7 +333,7 @@ tg_setup() { # NAME URL UPSTREAM_PORT: a user, a key (-> KEY[NAME]) and an accou
     die "tollgate accounts add failed: $(tail -3 "$T/cli.log")"
 }
 count_rows() { # NAME -> "rows rows_with_tokens"
-  local url=${DB_URL[$1]}
+  local url=${DB_URL[${1%%+*}]}
   if [[ $url == sqlite:* ]]; then
     "$PY" - "${url#sqlite://}" <<'EOF'
 import sqlite3, sys
@@ -302,10 +360,11 @@ print(sum(int(v) - int(b.get(p, 0)) for p, v in a.items()))' "$1" "$2"
 
 want() { [[ " $CONFIGS " == *" $1 "* ]]; }
 ACTIVE=()
-for c in direct nginx bare tollgate-sqlite tollgate-pg; do
+for c in direct nginx bare hyper tollgate-sqlite tollgate-pg; do
   want "$c" || continue
   case $c in
     nginx) [ -n "$NGINX" ] || continue ;;
+    hyper) [ -x "$HYPER" ] || continue ;;
     tollgate-pg)
       if [ -z "$PG_ADMIN_URL" ]; then
         [[ $MODE == sse || $MODE == keys ]] || log "TEST_DATABASE_URL is not set: tollgate on PostgreSQL is skipped"
@@ -314,9 +373,15 @@ for c in direct nginx bare tollgate-sqlite tollgate-pg; do
       command -v psql >/dev/null || { log "psql is missing: tollgate on PostgreSQL is skipped"; continue; } ;;
   esac
   ACTIVE+=("$c")
+  if [[ $c == tollgate-* ]]; then
+    for f in "${FEATURES[@]+"${FEATURES[@]}"}"; do ACTIVE+=("$c+$f"); done
+  fi
 done
 
 # --- proxies ------------------------------------------------------------------------------------
+WRAP=()         # a command the proxy runs under (callgrind)
+READY_SECS=30   # how long a proxy may take to start
+NGX_EXTRA=""    # more nginx proxy settings (the SSE scenario: proxy_buffering off)
 start_proxy() { # CONFIG -> PROXY_PID PROXY_PORT
   case $1 in
     direct) PROXY_PID=$UP_PID; PROXY_PORT=$UP ;;
@@ -346,30 +411,39 @@ http {
       proxy_pass http://up;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
+      $NGX_EXTRA
     }
   }
 }
 EOF
-      "$NGINX" -p "$T/ngx" -e "$T/nginx-proxy.err" -c "$T/nginx-proxy.conf" >>"$T/nginx-proxy.out" 2>&1 &
+      "${WRAP[@]+"${WRAP[@]}"}" "$NGINX" -p "$T/ngx" -e "$T/nginx-proxy.err" -c "$T/nginx-proxy.conf" >>"$T/nginx-proxy.out" 2>&1 &
       PROXY_PID=$!
       PIDS+=("$PROXY_PID")
-      wait_tcp "$PROXY_PORT" 10 || die "nginx (proxy) did not start: $(tail -5 "$T/nginx-proxy.err")"
+      wait_tcp "$PROXY_PORT" "$READY_SECS" || die "nginx (proxy) did not start: $(tail -5 "$T/nginx-proxy.err")"
       ;;
     bare)
       PROXY_PORT=$(port)
       BARE_LISTEN=127.0.0.1:$PROXY_PORT BARE_UPSTREAM=127.0.0.1:$UP BARE_THREADS=$THREADS \
-        RUST_LOG=$RUST_LOG_LEVEL "$BARE" >>"$T/bare.log" 2>&1 &
+        RUST_LOG=$RUST_LOG_LEVEL "${WRAP[@]+"${WRAP[@]}"}" "$BARE" >>"$T/bare.log" 2>&1 &
       PROXY_PID=$!
       PIDS+=("$PROXY_PID")
-      wait_tcp "$PROXY_PORT" 10 || die "bare_proxy did not start: $(tail -5 "$T/bare.log")"
+      wait_tcp "$PROXY_PORT" "$READY_SECS" || die "bare_proxy did not start: $(tail -5 "$T/bare.log")"
+      ;;
+    hyper)
+      PROXY_PORT=$(port)
+      BARE_LISTEN=127.0.0.1:$PROXY_PORT BARE_UPSTREAM=127.0.0.1:$UP BARE_THREADS=$THREADS \
+        "${WRAP[@]+"${WRAP[@]}"}" "$HYPER" >>"$T/hyper.log" 2>&1 &
+      PROXY_PID=$!
+      PIDS+=("$PROXY_PID")
+      wait_tcp "$PROXY_PORT" "$READY_SECS" || die "bare_hyper did not start: $(tail -5 "$T/hyper.log")"
       ;;
     tollgate-*)
-      tg_config "$1" "${DB_URL[$1]}" "$UP"
+      tg_config "$1" "${DB_URL[${1%%+*}]}" "$UP"
       PROXY_PORT=$TG_PORT
-      RUST_LOG=$RUST_LOG_LEVEL "$TG" --config "$T/$1.toml" serve >"$T/$1.log" 2>&1 &
+      RUST_LOG=$RUST_LOG_LEVEL "${WRAP[@]+"${WRAP[@]}"}" "$TG" --config "$T/$1.toml" serve >"$T/$1.log" 2>&1 &
       PROXY_PID=$!
       PIDS+=("$PROXY_PID")
-      wait_http "http://127.0.0.1:$TG_METRICS/readyz" 30 "$PROXY_PID" ||
+      wait_http "http://127.0.0.1:$TG_METRICS/readyz" "$READY_SECS" "$PROXY_PID" ||
         die "tollgate ($1) did not become ready: $(tail -5 "$T/$1.log")"
       ;;
   esac
@@ -378,7 +452,7 @@ stop_proxy() { # CONFIG -> 0 if it stopped by itself
   case $1 in
     direct) return 0 ;;
     nginx) stop "$PROXY_PID" QUIT 10 ;;
-    bare) stop "$PROXY_PID" TERM 10 ;;
+    bare | hyper) stop "$PROXY_PID" TERM 10 ;;
     tollgate-*) stop "$PROXY_PID" TERM 40 ;; # SIGTERM: the writer flushes before exit
   esac
 }
@@ -416,13 +490,17 @@ run_one() { # PHASE CONFIG ROUND CONNS SCRIPT [extra k=v ...]
     wrk -t"$threads" -c"$conns" -d"${WARMUP}s" --latency -s "$script" "$url" >"$warm" 2>&1 || true
   fi
   p0=$(ticks "$pid"); u0=$(ticks "$UP_PID")
-  [ "$config" = tollgate-pg ] && g0=$(pg_ticks)
+  local us0 us1
+  read -r -a us0 <<<"$(utime_stime "$pid")"
+  [ "${config%%+*}" = tollgate-pg ] && g0=$(pg_ticks)
   wrk -t"$threads" -c"$conns" -d"${DURATION}s" --latency -s "$script" "$url" >"$T/run$RUN.wrk" 2>&1 ||
     { cat "$T/run$RUN.wrk" >&2; die "wrk failed ($config)"; }
   p1=$(ticks "$pid"); u1=$(ticks "$UP_PID")
-  [ "$config" = tollgate-pg ] && { g1=$(pg_ticks); extra+=("db_ticks=$(pg_delta "$g0" "$g1")"); }
+  read -r -a us1 <<<"$(utime_stime "$pid")"
+  [ "${config%%+*}" = tollgate-pg ] && { g1=$(pg_ticks); extra+=("db_ticks=$(pg_delta "$g0" "$g1")"); }
   hwm=$(hwm_kb "$pid")
-  [ "$config" = direct ] || extra+=("proxy_ticks=$((p1 - p0))" "hwm_kb=$hwm")
+  [ "$config" = direct ] || extra+=("proxy_ticks=$((p1 - p0))" "hwm_kb=$hwm"
+    "proxy_user_ticks=$((us1[0] - us0[0]))" "proxy_sys_ticks=$((us1[1] - us0[1]))")
   stop_proxy "$config" || clean=0
   # Between the two queries: what the run sent, plus the first query (stub_status counts the
   # query that asks) and the second query's connection.
@@ -462,9 +540,8 @@ EOF
 START=$(date +%s)
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 
-# --- scenario 1: throughput and latency ---------------------------------------------------------
-if [ "$MODE" = rps ] || [ "$MODE" = all ]; then
-  start_upstream
+setup_tollgates() { # a database, user, key and account for each tollgate configuration in ACTIVE
+  local c
   for c in "${ACTIVE[@]}"; do
     case $c in
       tollgate-sqlite) tg_setup "$c" "sqlite://$T/bench.db" "$UP" ;;
@@ -476,8 +553,147 @@ if [ "$MODE" = rps ] || [ "$MODE" = all ]; then
         ;;
     esac
   done
+}
+
+engine_configs() { # the proxies of ACTIVE, without direct and the stage variants
+  local c
+  for c in "${ACTIVE[@]}"; do [[ $c == direct || $c == *+* ]] || echo "$c"; done
+}
+
+# --- scenario 4: system calls per request ---------------------------------------------------------
+# For each proxy: a fresh process, 2 s of warm-up, then SYS_SECS of wrk while (1) `strace -c -f`
+# is attached to every thread, and in a second fresh process (2) `perf stat` counts the syscall
+# tracepoints (far less overhead than strace, so the batching is closer to a normal run). The
+# requests are the ones the upstream served in between; logs are off unless LOAD_LOGS is set.
+if [ "$MODE" = syscalls ]; then
+  command -v strace >/dev/null || die "strace is required (apt-get install strace)"
+  SYS_SECS=${SYS_SECS:-5}
+  SYS_CONNS=${SYS_CONNECTIONS:-$CONNS}
+  start_upstream
+  setup_tollgates
+  # Software events too: a context switch is a thread going to sleep or being preempted, a page
+  # fault is memory touched for the first time (or after mimalloc gave it back).
+  SYS_EVENTS=raw_syscalls:sys_enter,context-switches,cpu-migrations,page-faults
+  for n in read readv recvfrom recvmsg write writev sendto sendmsg epoll_wait epoll_pwait epoll_ctl \
+    futex accept4 close connect getrandom sched_yield setsockopt getsockopt getsockname getpeername \
+    mmap munmap madvise mprotect openat pread64 pwrite64 fsync fdatasync ioctl; do
+    SYS_EVENTS+=",syscalls:sys_enter_$n"
+  done
+  HAVE_PERF=0
+  perf stat -e "$SYS_EVENTS" -o /dev/null -- true 2>/dev/null && HAVE_PERF=1
+  [ $HAVE_PERF = 1 ] || log "perf cannot count the syscall tracepoints here: strace only"
   ANY_KEY=${KEY[tollgate-sqlite]:-${KEY[tollgate-pg]:-tg_nokey_000000000000000000000000000000}}
-  for c in "${ACTIVE[@]}"; do lua_script "$T/$c.lua" "${KEY[$c]:-$ANY_KEY}"; done
+  for c in $(engine_configs); do
+    lua_script "$T/$c.lua" "${KEY[$c]:-$ANY_KEY}"
+    for tool in strace perf; do
+      [ $tool = strace ] || [ $HAVE_PERF = 1 ] || continue
+      start_proxy "$c"
+      pid=$PROXY_PID
+      url="http://127.0.0.1:$PROXY_PORT/v1/chat/completions"
+      wrk -t1 -c"$SYS_CONNS" -d2s -s "$T/$c.lua" "$url" >/dev/null 2>&1 || true
+      sleep 0.5
+      read -r -a s0 <<<"$(up_stats)"
+      if [ $tool = strace ]; then
+        strace -c -f -qq -p "$pid" -o "$T/sys-$c.strace" 2>>"$T/strace.err" &
+      else
+        perf stat -x, -e "$SYS_EVENTS" -p "$pid" -o "$T/sys-$c.perf" 2>>"$T/perf.err" &
+      fi
+      tp=$!
+      sleep 1 # attached to every thread before the first request
+      log "syscalls: $c under $tool, wrk -t1 -c$SYS_CONNS for ${SYS_SECS}s"
+      wrk -t1 -c"$SYS_CONNS" -d"${SYS_SECS}s" --latency -s "$T/$c.lua" "$url" >"$T/sys-$c-$tool.wrk" 2>&1 ||
+        { cat "$T/sys-$c-$tool.wrk" >&2; die "wrk failed ($c)"; }
+      sleep 0.5
+      kill -INT "$tp" 2>/dev/null || true
+      wait "$tp" 2>/dev/null || true
+      read -r -a s1 <<<"$(up_stats)"
+      stop_proxy "$c" || true
+      $REPORT sysrecord "$RESULTS" config="$c" tool="$tool" file="$T/sys-$c.$tool" \
+        requests=$((s1[0] - s0[0] - STATS_SELF)) wrk="$T/sys-$c-$tool.wrk" >&2
+    done
+  done
+  STAMP=$(date +%Y%m%d-%H%M%S)
+  {
+    echo "## System calls per request, $(date -u '+%Y-%m-%d %H:%M UTC'), $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    echo
+    echo "wrk -t1 -c$SYS_CONNS for ${SYS_SECS} s per proxy and tool (after 2 s of warm-up), $THREADS threads (pingora, hyper), logs $LOGS; requests = what the upstream served while the tracer was attached."
+    echo
+    $REPORT syscalls "$RESULTS"
+  } | tee "$OUT/syscalls-$STAMP.md"
+  cp "$RESULTS" "$OUT/syscalls-$STAMP.jsonl"
+  log "report: $OUT/syscalls-$STAMP.md"
+  exit 0
+fi
+
+# --- scenario 5: instructions per request (callgrind) ---------------------------------------------
+# For each proxy: started under `valgrind --tool=callgrind`, warmed up for 3 s, counters zeroed
+# (`callgrind_control -z`), CG_SECS of wrk -cCG_CONNECTIONS, then `callgrind_control -d`: the dump's
+# total instructions (Ir, every thread) divided by the requests the upstream served in between.
+if [ "$MODE" = callgrind ]; then
+  if ! command -v valgrind >/dev/null || ! command -v callgrind_control >/dev/null; then
+    die "valgrind is required (apt-get install valgrind)"
+  fi
+  CG_SECS=${CG_SECS:-5}
+  CG_CONNS=${CG_CONNECTIONS:-8}
+  start_upstream
+  setup_tollgates
+  ANY_KEY=${KEY[tollgate-sqlite]:-${KEY[tollgate-pg]:-tg_nokey_000000000000000000000000000000}}
+  READY_SECS=180
+  for c in $(engine_configs); do
+    lua_script "$T/$c.lua" "${KEY[$c]:-$ANY_KEY}"
+    rm -f "$T/cg-$c.out"*
+    WRAP=(valgrind --tool=callgrind --callgrind-out-file="$T/cg-$c.out" --dump-instr=no --compress-strings=no)
+    log "callgrind: starting $c under valgrind"
+    start_proxy "$c"
+    WRAP=()
+    pid=$PROXY_PID
+    url="http://127.0.0.1:$PROXY_PORT/v1/chat/completions"
+    wrk -t1 -c"$CG_CONNS" -d3s -s "$T/$c.lua" "$url" >/dev/null 2>&1 || true
+    sleep 0.5
+    cgc() { callgrind_control "$@" >>"$T/cg.log" 2>&1 || die "callgrind_control $* failed: $(tail -3 "$T/cg.log")"; }
+    # First what the process does with nothing to serve (timers, housekeeping threads), per
+    # second: a slow process under valgrind serves few requests a second, so that cost is
+    # subtracted from the loaded window below (the table shows both).
+    cgc -z "$pid"; i0=$(date +%s.%N)
+    sleep "$CG_SECS"
+    cgc -d "$pid"; i1=$(date +%s.%N) # part .1: idle (a dump also zeroes the counters)
+    read -r -a s0 <<<"$(up_stats)"
+    cgc -z "$pid"; w0=$(date +%s.%N)
+    log "callgrind: $c, wrk -t1 -c$CG_CONNS for ${CG_SECS}s"
+    wrk -t1 -c"$CG_CONNS" -d"${CG_SECS}s" --latency -s "$T/$c.lua" "$url" >"$T/cg-$c.wrk" 2>&1 ||
+      { cat "$T/cg-$c.wrk" >&2; die "wrk failed ($c)"; }
+    sleep 0.5
+    read -r -a s1 <<<"$(up_stats)"
+    cgc -d "$pid"; w1=$(date +%s.%N) # part .2: loaded
+    stop_proxy "$c" || true
+    $REPORT cgrecord "$RESULTS" config="$c" file="$T/cg-$c.out.2" idle_file="$T/cg-$c.out.1" \
+      idle_secs="$(echo "$i1 - $i0" | bc -l 2>/dev/null || echo "$CG_SECS")" \
+      window_secs="$(echo "$w1 - $w0" | bc -l 2>/dev/null || echo "$CG_SECS")" \
+      requests=$((s1[0] - s0[0] - STATS_SELF)) wrk="$T/cg-$c.wrk" >&2
+    # The loaded dump, for callgrind_annotate.
+    cp "$T/cg-$c.out.2" "$OUT/callgrind-$c.out" 2>/dev/null || true
+  done
+  STAMP=$(date +%Y%m%d-%H%M%S)
+  {
+    echo "## Instructions per request (callgrind), $(date -u '+%Y-%m-%d %H:%M UTC'), $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    echo
+    echo "valgrind $(valgrind --version | sed 's/valgrind-//') --tool=callgrind; wrk -t1 -c$CG_CONNS for ${CG_SECS} s after 3 s of warm-up, counters zeroed in between; $THREADS threads, logs $LOGS. Ir = instructions executed in the process (user space, every thread), not the kernel's."
+    echo
+    $REPORT callgrind "$RESULTS"
+    echo
+    echo "Where the instructions go: \`callgrind_annotate $OUT/callgrind-CONFIG.out | head -40\` (the loaded window of the last run)."
+  } | tee "$OUT/callgrind-$STAMP.md"
+  cp "$RESULTS" "$OUT/callgrind-$STAMP.jsonl"
+  log "report: $OUT/callgrind-$STAMP.md"
+  exit 0
+fi
+
+# --- scenario 1: throughput and latency ---------------------------------------------------------
+if [ "$MODE" = rps ] || [ "$MODE" = all ]; then
+  start_upstream
+  setup_tollgates
+  ANY_KEY=${KEY[tollgate-sqlite]:-${KEY[tollgate-pg]:-tg_nokey_000000000000000000000000000000}}
+  for c in "${ACTIVE[@]}"; do lua_script "$T/$c.lua" "${KEY[${c%%+*}]:-$ANY_KEY}"; done
 
   log "throughput: ${ACTIVE[*]}; $ROUNDS rounds x ${DURATION}s (+${WARMUP}s warm-up), wrk -t$WRK_THREADS -c$CONNS"
   n=${#ACTIVE[@]}
@@ -491,13 +707,14 @@ if [ "$MODE" = rps ] || [ "$MODE" = all ]; then
 
   if [ "$LATENCY" = 1 ]; then
     read -r RATE LAT_CONNS <<<"$($REPORT rate "$RESULTS" "$LAT_DELAY_MS")"
-    for c in "${ACTIVE[@]}"; do lua_script "$T/$c.lat.lua" "${KEY[$c]:-$ANY_KEY}" "$LAT_DELAY_MS"; done
+    for c in "${ACTIVE[@]}"; do lua_script "$T/$c.lat.lua" "${KEY[${c%%+*}]:-$ANY_KEY}" "$LAT_DELAY_MS"; done
     # wrk's pause timer is coarse: measure what LAT_CONNS paced connections offer to the upstream
     # directly, and scale the connection count to the target once, for every configuration.
     wrk -t"$((WRK_THREADS < LAT_CONNS ? WRK_THREADS : LAT_CONNS))" -c"$LAT_CONNS" -d3s -s "$T/${ACTIVE[0]}.lat.lua" "http://127.0.0.1:$UP/v1/chat/completions" >"$T/calibrate.wrk" 2>&1 || true
     LAT_CONNS=$($REPORT calibrate "$T/calibrate.wrk" "$RATE" "$LAT_CONNS")
     log "latency at half load: about $RATE req/s offered (wrk -c$LAT_CONNS, ${LAT_DELAY_MS} ms pause per connection)"
     for c in "${ACTIVE[@]}"; do
+      [[ $c != *+* ]] || continue # the stages are compared at full load only
       run_one lat "$c" 1 "$LAT_CONNS" "$T/$c.lat.lua" target="$RATE" delay_ms="$LAT_DELAY_MS"
     done
   fi
@@ -594,23 +811,31 @@ if [ "$MODE" = sse ] || [ "$MODE" = all ]; then
   log "SSE: $SSE_STREAMS concurrent streams held ${SSE_HOLD}s, direct"
   timeout $((SSE_HOLD + 120)) "$PY" "$HERE/sse_client.py" --url "$direct" --key "$k" --streams "$SSE_STREAMS" --hold "$SSE_HOLD" >"$T/sse-direct.json"
   sleep 1
-  bare_sse=()
-  if [ -x "$BARE" ]; then
-    # The same through the bare pingora proxy: what the engine alone costs per stream.
-    bp=$(port)
-    BARE_LISTEN=127.0.0.1:$bp BARE_UPSTREAM=127.0.0.1:$SSE_UP BARE_THREADS=$THREADS "$BARE" >>"$T/bare-sse.log" 2>&1 &
-    BP=$!
-    PIDS+=("$BP")
-    wait_tcp "$bp" 10 || die "bare_proxy did not start: $(tail -5 "$T/bare-sse.log")"
-    bu="http://127.0.0.1:$bp/v1/chat/completions"
-    log "SSE: $SSE_STREAMS concurrent streams held ${SSE_HOLD}s, through bare pingora (pid $BP)"
-    "$PY" "$HERE/sse_client.py" --url "$bu" --key "$k" --streams 1 --hold 0 >/dev/null
-    "$PY" "$HERE/sse_client.py" --url "$bu" --key "$k" --streams "$SSE_SEQ" --hold 0 --sequential >"$T/sse-bare-seq.json"
-    timeout $((SSE_HOLD + 120)) "$PY" "$HERE/sse_client.py" --url "$bu" --key "$k" --streams "$SSE_STREAMS" --hold "$SSE_HOLD" --pid "$BP" >"$T/sse-bare.json"
-    stop "$BP" TERM 10 || true
-    bare_sse=(bare="$T/sse-bare.json" bare_seq="$T/sse-bare-seq.json")
+  # The same through each baseline engine: what the engine alone costs per stream. nginx gets
+  # `proxy_buffering off` (as an SSE deployment would have), so each event is passed on at once.
+  engine_sse=()
+  saved_up=$UP
+  UP=$SSE_UP
+  for e in ${SSE_ENGINES:-nginx bare hyper}; do
+    case $e in
+      nginx) [ -n "$NGINX" ] || continue; NGX_EXTRA="proxy_buffering off;" ;;
+      bare) [ -x "$BARE" ] || continue ;;
+      hyper) [ -x "$HYPER" ] || continue ;;
+      *) log "SSE_ENGINES: unknown engine $e (nginx, bare, hyper)"; continue ;;
+    esac
+    start_proxy "$e"
+    ep=$PROXY_PID
+    eu="http://127.0.0.1:$PROXY_PORT/v1/chat/completions"
+    log "SSE: $SSE_STREAMS concurrent streams held ${SSE_HOLD}s, through $e (pid $ep)"
+    "$PY" "$HERE/sse_client.py" --url "$eu" --key "$k" --streams 1 --hold 0 >/dev/null
+    "$PY" "$HERE/sse_client.py" --url "$eu" --key "$k" --streams "$SSE_SEQ" --hold 0 --sequential >"$T/sse-$e-seq.json"
+    timeout $((SSE_HOLD + 120)) "$PY" "$HERE/sse_client.py" --url "$eu" --key "$k" --streams "$SSE_STREAMS" --hold "$SSE_HOLD" --pid "$ep" >"$T/sse-$e.json"
+    stop_proxy "$e" || true
+    NGX_EXTRA=""
+    engine_sse+=("$e=$T/sse-$e.json" "${e}_seq=$T/sse-$e-seq.json")
     sleep 1
-  fi
+  done
+  UP=$saved_up
   log "SSE: $SSE_STREAMS concurrent streams held ${SSE_HOLD}s, through tollgate (pid $TGP)"
   timeout $((SSE_HOLD + 120)) "$PY" "$HERE/sse_client.py" --url "$gw" --key "$k" --streams "$SSE_STREAMS" --hold "$SSE_HOLD" --pid "$TGP" >"$T/sse-gw.json"
   clean=1
@@ -619,18 +844,20 @@ if [ "$MODE" = sse ] || [ "$MODE" = all ]; then
   $REPORT sse "$RESULTS" direct="$T/sse-direct.json" gateway="$T/sse-gw.json" \
     direct_seq="$T/sse-direct-seq.json" gateway_seq="$T/sse-gw-seq.json" \
     rows="${rows[0]}" metered="${rows[1]}" expected_rows=$((1 + SSE_SEQ + SSE_STREAMS)) stopped_cleanly=$clean \
-    "${bare_sse[@]+"${bare_sse[@]}"}" >&2
+    "${engine_sse[@]+"${engine_sse[@]}"}" >&2
 fi
 
 # --- report -------------------------------------------------------------------------------------
 STAMP=$(date +%Y%m%d-%H%M%S)
 meta mode="$MODE" rounds="$ROUNDS" duration="$DURATION" warmup="$WARMUP" connections="$CONNS" \
   wrk_threads="$WRK_THREADS" threads="$THREADS" logs="$LOGS" upstream="$UP_KIND" \
-  load_before="$LOAD_BEFORE" >"$T/meta.json"
+  load_before="$LOAD_BEFORE" criterion="$TARGET/criterion" \
+  stages="$(for n in "${STAGES[@]+"${STAGES[@]}"}"; do printf '%s:%s ' "$n" "${STAGE_BENCH[$n]}"; done)" \
+  features="${FEATURES[*]+"${FEATURES[*]}"}" unknown_features="${UNKNOWN_FEATURES[*]+"${UNKNOWN_FEATURES[*]}"}" >"$T/meta.json"
 {
   echo "## tollgate load benchmark, $(date -u '+%Y-%m-%d %H:%M UTC'), $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')"
   echo
-  "$PY" -c 'import json,sys; m=json.load(open(sys.argv[1])); print("Machine: %s CPUs (%s), %s GiB; load average before %s, at the end %s. Upstream: %s. Proxies: %s pingora threads, logs %s. wrk, the upstream and the proxy share these CPUs." % (m["nproc"], m["cpu"], m["mem_gib"], m["load_before"], " ".join(m["load"]), m["upstream"], m["threads"], m["logs"]))' "$T/meta.json"
+  "$PY" -c 'import json,sys; m=json.load(open(sys.argv[1])); print("Machine: %s CPUs (%s), %s GiB; load average before %s, at the end %s. Upstream: %s. Proxies: %s threads (pingora, hyper), logs %s. wrk, the upstream and the proxy share these CPUs." % (m["nproc"], m["cpu"], m["mem_gib"], m["load_before"], " ".join(m["load"]), m["upstream"], m["threads"], m["logs"]))' "$T/meta.json"
   echo
   $REPORT summary "$RESULTS" "$T/meta.json"
   echo
