@@ -397,11 +397,38 @@ fn enqueue(c: &mut Criterion) {
     );
 }
 
+// ---------------------------------------------------------------------------------------------
+// Path normalisation (every request)
+
+fn path_normalisation(c: &mut Criterion) {
+    use tollgate::path;
+    assert!(matches!(
+        path::normalize("/v1/chat/completions"),
+        Ok(std::borrow::Cow::Borrowed(_))
+    ));
+    assert_eq!(
+        path::normalize("/v1/chat/%2e%2e/embeddings").unwrap(),
+        "/v1/embeddings"
+    );
+    let mut g = c.benchmark_group("path");
+    // The common case: already normal, checked without allocating.
+    g.bench_function("normalize_normal", |b| {
+        b.iter(|| path::normalize(black_box("/v1/chat/completions")).is_ok())
+    });
+    g.bench_function("normalize_dotted", |b| {
+        b.iter(|| path::normalize(black_box("/v1/chat/%2e%2e/embeddings")).is_ok())
+    });
+    g.bench_function("has_prefix", |b| {
+        b.iter(|| path::has_prefix(black_box("/v1/chat/completions"), black_box("/v1/chat")))
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = key_check, upstream_selection, json_usage, cost_computation, enqueue
+    targets = key_check, upstream_selection, json_usage, cost_computation, enqueue, path_normalisation
 }
 criterion_main!(benches);

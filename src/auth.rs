@@ -92,8 +92,9 @@ impl Permissions {
         !self.models.is_empty()
     }
 
+    /// `path` (normalised, `path.rs`) is under one of the allowed prefixes, on a segment boundary.
     pub fn allows_path(&self, path: &str) -> bool {
-        self.paths.is_empty() || self.paths.iter().any(|p| path.starts_with(p.as_str()))
+        self.paths.is_empty() || self.paths.iter().any(|p| crate::path::has_prefix(path, p))
     }
 
     pub fn allows_model(&self, model: Option<&str>) -> bool {

@@ -17,6 +17,10 @@ pub struct RequestCtx {
     pub request_id: String,
     /// Set in `new_ctx`; read by `logging` for the latency.
     pub started: Instant,
+    /// The normalised request path (`path.rs`) when it differs from what the client sent; set
+    /// first in `request_filter`; read by the permission check, routing, `forward` (the path sent
+    /// upstream) and `logging`. `None` = the client's path was already normal.
+    pub path: Option<String>,
     /// Set by the auth stage in `request_filter`; read by `forward` and `logging`.
     pub key: Option<Arc<KeyInfo>>,
     /// Account type chosen by route in `request_filter`; read by `forward`.
@@ -47,6 +51,11 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
+    /// The path every stage checks and the upstream gets: normalised, else the client's.
+    pub fn path<'a>(&'a self, client: &'a str) -> &'a str {
+        self.path.as_deref().unwrap_or(client)
+    }
+
     pub fn new(in_flight: InFlight) -> RequestCtx {
         let mut buf = uuid::Uuid::encode_buffer();
         let request_id = uuid::Uuid::now_v7()
@@ -56,6 +65,7 @@ impl RequestCtx {
         RequestCtx {
             request_id,
             started: Instant::now(),
+            path: None,
             key: None,
             kind: None,
             body: Bytes::new(),
@@ -74,6 +84,7 @@ impl RequestCtx {
     /// What `meter` needs to build the usage record, taking the tap; `None` when no key was
     /// authenticated (there is nobody to bill; such refusals are counted in metrics only).
     /// Called once, by `logging`.
+    /// `path` is the client's; the normalised one is used when there is one.
     pub fn finished<'a>(&'a mut self, method: &'a str, path: &'a str) -> Option<Finished<'a>> {
         let key = self.key.as_ref()?;
         let tap = self.tap.take();
@@ -84,7 +95,7 @@ impl RequestCtx {
             account_id: self.account.as_ref().map(|a| a.id),
             kind: self.kind.unwrap_or(AccountType::Generic),
             method,
-            path,
+            path: self.path.as_deref().unwrap_or(path),
             requested_model: self.model.as_deref(),
             body: &self.body,
             status: self.status,

@@ -61,6 +61,8 @@ pub enum GatewayError {
     BadRequest(String),
     #[error("no route for this path")]
     NoRoute,
+    #[error("{0}")]
+    BadPath(#[from] crate::path::PathError),
     #[error("no upstream account is available for this request")]
     NoAccount,
     #[error("all {attempts} upstream attempts failed; last: {last}")]
@@ -93,6 +95,12 @@ impl GatewayError {
                 "invalid_request_error",
                 "invalid_request_error",
                 "bad_request",
+            ),
+            GatewayError::BadPath(_) => parts(
+                400,
+                "invalid_request_error",
+                "invalid_request_error",
+                "bad_path",
             ),
             GatewayError::NoRoute => {
                 parts(404, "invalid_request_error", "not_found_error", "no_route")

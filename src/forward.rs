@@ -347,8 +347,16 @@ impl Forwarder {
         for name in headers_to_drop(&req.headers, true) {
             req.remove_header(&name);
         }
-        if !account.endpoint.base_path.is_empty() {
-            let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        // What was checked is what the upstream gets: the normalised path, the client's query.
+        let normalised = ctx.path.as_deref().map(|p| match req.uri.query() {
+            Some(q) => format!("{p}?{q}"),
+            None => p.to_string(),
+        });
+        if normalised.is_some() || !account.endpoint.base_path.is_empty() {
+            let pq = match &normalised {
+                Some(pq) => pq.as_str(),
+                None => req.uri.path_and_query().map_or("/", |p| p.as_str()),
+            };
             let joined = format!("{}{}", account.endpoint.base_path, pq);
             req.set_uri(http::Uri::try_from(joined).map_err(|e| {
                 pingora::Error::because(

@@ -23,6 +23,7 @@ pub mod logging;
 pub mod meter;
 pub mod metrics;
 pub mod ops;
+pub mod path;
 pub mod pool;
 pub mod pricing;
 pub mod proxy;

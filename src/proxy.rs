@@ -4,12 +4,13 @@
 //! | phase            | stage                                                      |
 //! |------------------|------------------------------------------------------------|
 //! | `new_ctx`        | [`RequestCtx::new`]: request id, start time, in-flight guard |
-//! | `request_filter` | [`auth`](crate::auth) → path permission → [`route`](crate::route) → [`body`](crate::body) → model permission → [`request`](crate::request) (`include_usage`) → [`forward`](crate::forward) |
+//! | `request_filter` | [`path`](crate::path) (normalise) → [`auth`](crate::auth) → path permission → [`route`](crate::route) → [`body`](crate::body) → model permission → [`request`](crate::request) (`include_usage`) → [`forward`](crate::forward) |
 //! | `logging`        | [`RequestCtx::finished`] → [`meter::record`] → [`UsageSink::submit`]; metrics; one structured log line |
 //!
 //! `request_filter` always answers the request itself (it returns `true`), so pingora's own
 //! upstream phases never run; see `forward.rs` for why.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -24,6 +25,7 @@ use crate::forward::Forwarder;
 use crate::lifecycle::Drain;
 use crate::meter;
 use crate::metrics::Metrics;
+use crate::path;
 use crate::pricing::Pricing;
 use crate::request;
 use crate::route::Router;
@@ -136,6 +138,11 @@ impl Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> std::result::Result<(), (GatewayError, bool)> {
+        if let Cow::Owned(normal) =
+            path::normalize(session.req_header().uri.path()).map_err(|e| (e.into(), false))?
+        {
+            ctx.path = Some(normal);
+        }
         let key = self
             .keys
             .authenticate(&session.req_header().headers)
@@ -143,7 +150,7 @@ impl Gateway {
             .map_err(|e| (e.into(), false))?;
         ctx.key = Some(key.clone());
 
-        let path = session.req_header().uri.path();
+        let path = ctx.path(session.req_header().uri.path());
         if !key.permissions.allows_path(path) {
             return Err((AuthError::Forbidden(format!("path {path}")).into(), false));
         }
@@ -172,7 +179,7 @@ impl Gateway {
 
         if self.inject_stream_usage
             && ctx.kind == Some(AccountType::Openai)
-            && request::defines_include_usage(session.req_header().uri.path())
+            && request::defines_include_usage(ctx.path(session.req_header().uri.path()))
         {
             if let Some(body) = request::inject_include_usage(&ctx.body) {
                 ctx.body = body.into();

@@ -3,7 +3,7 @@
 
 use crate::upstream::AccountType;
 
-/// Path prefix → account type; the longest matching prefix wins.
+/// Path prefix → account type; the longest prefix matching on a segment boundary wins.
 #[derive(Debug, Clone)]
 pub struct Router {
     routes: Vec<(String, AccountType)>,
@@ -19,7 +19,7 @@ impl Router {
     pub fn route(&self, path: &str) -> Option<AccountType> {
         self.routes
             .iter()
-            .find(|(p, _)| path.starts_with(p.as_str()))
+            .find(|(p, _)| crate::path::has_prefix(path, p))
             .map(|(_, k)| *k)
     }
 }

@@ -607,3 +607,49 @@ async fn cli_rejects_bad_input_with_one_line() {
     let listing = gw.cli_ok(&["keys", "list", "--json"]);
     assert!(!listing.contains(&key));
 }
+
+/// One request over a raw connection (clients normalise dot segments themselves, so the bypass
+/// corpus must be sent as is); returns the status line's code.
+async fn raw_status(gw: &Gateway, path: &str, key: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nhost: tollgate\r\nauthorization: Bearer {key}\r\n\
+         content-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+    );
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    conn.read_to_end(&mut response).await.unwrap();
+    let text = String::from_utf8_lossy(&response);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text:?}"))
+}
+
+both_dbs!(path_permissions_cannot_be_walked_around, path_permissions);
+async fn path_permissions(db: Db) {
+    let mock = MockUpstream::json_ok().await;
+    let mut gw = gateway(db, "").await;
+    gw.add_user("alice@example.com");
+    gw.add_account("main", "openai", &mock.url(), "sk", 1, 1);
+    let key = gw.create_key("alice@example.com", &["--permissions", r#"["/v1/chat"]"#]);
+    gw.start().await;
+    for (path, status) in [
+        ("/v1/chat/../embeddings", 403),
+        ("/v1/chat/%2e%2e/embeddings", 403),
+        ("/v1/chat/.%2E/embeddings", 403),
+        ("/v1/chatXYZ", 403),
+        ("/v1/chat%2f..%2fembeddings", 400),
+        ("/v1/chat\\..\\embeddings", 400),
+        ("/v1/chat/%zz", 400),
+        ("/v1/../../etc/passwd", 400),
+        ("/v1//chat/./completions", 200),
+        ("/v1/%63hat/completions?x=1", 200),
+    ] {
+        assert_eq!(raw_status(&gw, path, &key).await, status, "{path}");
+    }
+    // Only the two allowed requests reached the upstream, with the path that was checked.
+    let paths: Vec<String> = mock.recorded().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(paths, ["/v1/chat/completions", "/v1/chat/completions?x=1"]);
+}
