@@ -24,11 +24,28 @@ pub const WAKE_AT: usize = 256 * 1024;
 /// Bytes waiting at which the logging thread writes them out itself (backpressure, not loss).
 pub const WRITE_INLINE_AT: usize = 8 * 1024 * 1024;
 
+/// pingora's modules that log whole request or response headers, or a malformed request's raw
+/// bytes, at `debug`/`trace`: the client's key and the upstream credential would be written. They
+/// are capped at `info` whatever `RUST_LOG` says, so no secret is logged at any level.
+pub const SECRET_BEARING_TARGETS: [&str; 2] = ["pingora_proxy", "pingora_core::protocols::http"];
+
+/// The log filter: `RUST_LOG` (default `info`) with [`SECRET_BEARING_TARGETS`] capped at `info`.
+pub fn filter(rust_log: Option<&str>) -> tracing_subscriber::EnvFilter {
+    let mut filter = rust_log
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    for target in SECRET_BEARING_TARGETS {
+        if let Ok(directive) = format!("{target}=info").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
+    filter
+}
+
 /// Installs the `tracing` subscriber (and the `log` bridge, so pingora's own logs appear).
-/// `RUST_LOG` overrides the default `info`.
+/// `RUST_LOG` overrides the default `info` (see [`filter`]).
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = filter(std::env::var("RUST_LOG").ok().as_deref());
     let buffer = Arc::new(LogBuffer::new(std::io::stderr()));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     if tracing_subscriber::fmt()

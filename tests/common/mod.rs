@@ -473,6 +473,8 @@ pub struct Gateway {
     /// The admin API (on when `admin_token` is set).
     pub admin_addr: SocketAddr,
     pub admin_token: Option<String>,
+    /// `RUST_LOG` of `tollgate serve` (default `info`).
+    pub rust_log: String,
     pub db: TestDb,
     child: Option<Child>,
 }
@@ -500,6 +502,7 @@ impl Gateway {
             metrics_addr,
             admin_addr,
             admin_token: None,
+            rust_log: "info".into(),
             db,
             child: None,
         })
@@ -587,7 +590,7 @@ impl Gateway {
                 "TOLLGATE_ADMIN_TOKEN",
                 self.admin_token.as_deref().unwrap_or(""),
             )
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", &self.rust_log)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -831,6 +834,7 @@ impl Gateway {
             metrics_addr,
             admin_addr,
             admin_token: self.admin_token.clone(),
+            rust_log: self.rust_log.clone(),
             db: self.db.share(),
             child: None,
         }
