@@ -21,7 +21,8 @@ pub const COST_DP: u32 = 10;
 pub struct Price {
     #[serde(deserialize_with = "decimal_str")]
     pub input: Decimal,
-    #[serde(deserialize_with = "decimal_str")]
+    /// Output (completion) tokens; optional, 0 when absent (embedding models have no output).
+    #[serde(default, deserialize_with = "decimal_str")]
     pub output: Decimal,
     /// Cache reads; defaults to `input`.
     #[serde(default, deserialize_with = "opt_decimal_str")]
@@ -291,7 +292,9 @@ mod tests {
                 r#"{"input":"-1","output":"1"}"#,
                 Err("invalid price \"-1\": negative"),
             ),
-            (r#"{"input":"1"}"#, Err("missing field `output`")),
+            // embedding models: no output price, output tokens cost 0
+            (r#"{"input":"0.02"}"#, Ok(price("0.02", "0", None, None))),
+            (r#"{"output":"1"}"#, Err("missing field `input`")),
             (
                 r#"{"input":"1","output":"1","cache_read":"0.1"}"#,
                 Err("unknown field `cache_read`"),
