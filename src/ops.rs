@@ -142,6 +142,12 @@ pub async fn deactivate_user(store: &Store, id: i64) -> Result<Vec<String>, OpsE
     Ok(store.set_user_active(id, false).await?)
 }
 
+/// Undoes [`deactivate_user`]: the user's keys work again (unless revoked or expired).
+/// Returns the hashes of the user's keys, to drop from caches.
+pub async fn activate_user(store: &Store, id: i64) -> Result<Vec<String>, OpsError> {
+    Ok(store.set_user_active(id, true).await?)
+}
+
 // ---------------------------------------------------------------- keys
 
 #[derive(Debug, Clone, Deserialize)]
