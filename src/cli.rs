@@ -349,12 +349,12 @@ async fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
             } else {
                 let by = format!("{:?}", args.by).to_lowercase();
                 println!(
-                    "{by:<40} {:>10} {:>8} {:>14} {:>14} {:>14} {:>18}",
+                    "{by:<40} {:>10} {:>8} {:>14} {:>14} {:>14} {:>20}",
                     "requests", "errors", "prompt_tok", "completion_tok", "tokens", "cost_usd"
                 );
                 for t in &report.groups {
                     println!(
-                        "{:<40} {:>10} {:>8} {:>14} {:>14} {:>14} {:>18}",
+                        "{:<40} {:>10} {:>8} {:>14} {:>14} {:>14} {:>20}",
                         t.group,
                         t.requests,
                         t.errors,
@@ -362,6 +362,14 @@ async fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
                         t.completion_tokens,
                         t.tokens,
                         t.cost
+                    );
+                }
+                if report.groups.is_empty() {
+                    let secs = chrono::SecondsFormat::Secs;
+                    eprintln!(
+                        "no usage from {} to {}",
+                        report.since.to_rfc3339_opts(secs, true),
+                        report.until.to_rfc3339_opts(secs, true)
                     );
                 }
             }

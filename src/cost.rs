@@ -67,6 +67,15 @@ pub fn cost(usage: &Usage, price: &Price) -> Decimal {
         .normalize()
 }
 
+/// `cost` with exactly [`COST_DP`] decimal places (`0.5` → `0.5000000000`), rounded half-even
+/// first if it has more: how reports print costs, so that a column of them lines up and every
+/// row has the same precision. Values too large for that many places keep as many as fit.
+pub fn fixed_dp(cost: Decimal) -> Decimal {
+    let mut c = cost.round_dp_with_strategy(COST_DP, RoundingStrategy::MidpointNearestEven);
+    c.rescale(COST_DP);
+    c
+}
+
 /// Model name -> price, with dated/suffixed model names resolved by prefix.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(transparent)]
@@ -238,6 +247,26 @@ mod tests {
         ];
         for &(usage, price, expected) in table {
             check(usage, price, expected);
+        }
+    }
+
+    #[test]
+    fn fixed_decimal_places() {
+        fn check(input: &str, expected: &str) {
+            assert_eq!(fixed_dp(d(input)).to_string(), expected, "{input}");
+        }
+        for (input, expected) in [
+            ("0", "0.0000000000"),
+            ("0.5", "0.5000000000"),
+            ("0.00019515", "0.0001951500"),
+            ("12", "12.0000000000"),
+            ("0.0000000002", "0.0000000002"),
+            // more places than COST_DP (sums read back from a database): half-even
+            ("0.00000000005", "0.0000000000"),
+            ("0.00000000015", "0.0000000002"),
+            ("406750706825295.61311075", "406750706825295.6131107500"),
+        ] {
+            check(input, expected);
         }
     }
 

@@ -363,7 +363,10 @@ pub async fn usage(
     if until <= since {
         return Err(invalid("until", "must be after since"));
     }
-    let groups = store.usage_totals(since, until, by).await?;
+    let mut groups = store.usage_totals(since, until, by).await?;
+    for g in &mut groups {
+        g.cost = crate::cost::fixed_dp(g.cost);
+    }
     Ok(UsageReport {
         since,
         until,
