@@ -311,8 +311,15 @@ pub async fn create_key(store: &Store, k: &NewKey) -> Result<CreatedKey, OpsErro
     })
 }
 
+/// Every key. Expiries stored before lifetimes were bounded (a year past 9999, which RFC 3339
+/// cannot write) are shown as the end of 9999.
 pub async fn list_keys(store: &Store) -> Result<Vec<KeyListing>, OpsError> {
-    Ok(store.list_keys().await?)
+    let mut keys = store.list_keys().await?;
+    for k in &mut keys {
+        k.expires_at = k.expires_at.map(clamp_to_rfc3339);
+        k.last_used_at = k.last_used_at.map(clamp_to_rfc3339);
+    }
+    Ok(keys)
 }
 
 /// Returns the key's hash, to drop from caches.

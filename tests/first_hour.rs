@@ -216,6 +216,36 @@ async fn lifetimes_stay_within_rfc3339() {
     }
 }
 
+// A key stored with an expiry past 9999 before lifetimes were bounded is listed with a valid
+// RFC 3339 time (PostgreSQL: SQLite could not read such a value back either way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_expiries_past_9999_are_listed_as_the_end_of_9999() {
+    if common::postgres_base_url().is_none() {
+        eprintln!("skipped: TEST_DATABASE_URL is not set");
+        return;
+    }
+    let Some((gw, _mock, _key)) = started(Db::Postgres).await else {
+        return;
+    };
+    gw.db
+        .exec("UPDATE api_keys SET expires_at = '14817-10-23T22:21:51Z' WHERE id = 1")
+        .await;
+    let keys: serde_json::Value = gw
+        .admin(Method::GET, "/admin/keys")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(keys[0]["expires_at"], "9999-12-31T23:59:59Z", "{keys}");
+    let listing = gw.cli_ok(&["keys", "list"]);
+    assert!(
+        listing.contains("expires=9999-12-31T23:59:59+00:00"),
+        "{listing}"
+    );
+}
+
 // The requests schemathesis found refused although openapi.json allows them, or accepted
 // although it does not: now the server and the document agree (see .ci/schemathesis.sh).
 both_dbs!(admin_api_agrees_with_its_spec, admin_spec_agreement);
