@@ -100,6 +100,12 @@ impl Admin {
                     }
                     Response::json(200, &serde_json::json!({ "deactivated": true }))
                 }
+                (&M::POST, ["admin", "users", uid, "activate"]) => {
+                    for hash in ops::activate_user(&self.store, id(uid)?).await? {
+                        self.keys.invalidate_hex(&hash);
+                    }
+                    Response::json(200, &serde_json::json!({ "activated": true }))
+                }
                 (&M::GET, ["admin", "keys"]) => {
                     Response::json(200, &ops::list_keys(&self.store).await?)
                 }
@@ -201,6 +207,7 @@ mod tests {
         for p in [
             "/admin/users",
             "/admin/users/{id}/deactivate",
+            "/admin/users/{id}/activate",
             "/admin/keys",
             "/admin/keys/{id}",
             "/admin/keys/{id}/revoke",

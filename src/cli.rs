@@ -109,6 +109,8 @@ pub enum UsersCmd {
     List(ListArgs),
     /// Deactivate a user: every key of theirs is refused.
     Deactivate { id: i64 },
+    /// Activate a deactivated user again: their keys work again (unless revoked or expired).
+    Activate { id: i64 },
 }
 
 #[derive(Subcommand, Debug)]
@@ -161,6 +163,8 @@ pub enum AccountsCmd {
     List(ListArgs),
     /// Stop sending traffic to an account.
     Disable { id: i64 },
+    /// Send traffic to a disabled account again.
+    Enable { id: i64 },
     /// Delete an account (softly: its usage rows keep referring to it).
     Delete { id: i64 },
 }
@@ -231,7 +235,7 @@ async fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
         }
         Command::Users(UsersCmd::List(args)) => {
             let users = ops::list_users(store).await?;
-            print_list(&args, &users, |u| {
+            print_list(&args, &users, "no users", |u| {
                 format!(
                     "{:>6}  {:<30} {:<20} {:<8} {}",
                     u.id,
@@ -245,6 +249,10 @@ async fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
         Command::Users(UsersCmd::Deactivate { id }) => {
             ops::deactivate_user(store, id).await?;
             eprintln!("user {id} deactivated; running gateways refuse their keys within a second");
+        }
+        Command::Users(UsersCmd::Activate { id }) => {
+            ops::activate_user(store, id).await?;
+            eprintln!("user {id} activated; running gateways accept their keys within a second");
         }
         Command::Keys(KeysCmd::Create {
             user,
@@ -270,16 +278,17 @@ async fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
         }
         Command::Keys(KeysCmd::List(args)) => {
             let keys = ops::list_keys(store).await?;
-            print_list(&args, &keys, |k| {
+            print_list(&args, &keys, "no keys", |k| {
                 format!(
-                    "{:>6}  {:<10} {:<24} {:<30} {:<8} requests={} expires={}",
+                    "{:>6}  {:<10} {:<24} {:<30} {:<8} requests={} expires={} permissions={}",
                     k.id,
                     k.key_prefix,
                     k.name,
                     k.user_email,
                     active(k.is_active),
                     k.request_count,
-                    k.expires_at.map_or("never".to_string(), |e| e.to_rfc3339())
+                    k.expires_at.map_or("never".to_string(), |e| e.to_rfc3339()),
+                    permissions(&k.permissions)
                 )
             })?;
         }
@@ -313,7 +322,7 @@ async fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
         }
         Command::Accounts(AccountsCmd::List(args)) => {
             let accounts = ops::list_accounts(store).await?;
-            print_list(&args, &accounts, |a| {
+            print_list(&args, &accounts, "no accounts", |a| {
                 format!(
                     "{:>6}  {:<20} {:<9} {:<8} priority={} weight={} {} requests={} ok={} errors={}",
                     a.id,
@@ -341,6 +350,18 @@ async fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
             .await?;
             eprintln!("account {id} disabled");
         }
+        Command::Accounts(AccountsCmd::Enable { id }) => {
+            ops::update_account(
+                store,
+                id,
+                &ops::AccountUpdate {
+                    is_active: Some(true),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            eprintln!("account {id} enabled");
+        }
         Command::Accounts(AccountsCmd::Delete { id }) => {
             ops::delete_account(store, id).await?;
             eprintln!("account {id} deleted");
@@ -364,12 +385,12 @@ async fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
             } else {
                 let by = format!("{:?}", args.by).to_lowercase();
                 println!(
-                    "{by:<40} {:>10} {:>8} {:>14} {:>14} {:>14} {:>18}",
+                    "{by:<40} {:>10} {:>8} {:>14} {:>14} {:>14} {:>20}",
                     "requests", "errors", "prompt_tok", "completion_tok", "tokens", "cost_usd"
                 );
                 for t in &report.groups {
                     println!(
-                        "{:<40} {:>10} {:>8} {:>14} {:>14} {:>14} {:>18}",
+                        "{:<40} {:>10} {:>8} {:>14} {:>14} {:>14} {:>20}",
                         t.group,
                         t.requests,
                         t.errors,
@@ -377,6 +398,14 @@ async fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
                         t.completion_tokens,
                         t.tokens,
                         t.cost
+                    );
+                }
+                if report.groups.is_empty() {
+                    let secs = chrono::SecondsFormat::Secs;
+                    eprintln!(
+                        "no usage from {} to {}",
+                        report.since.to_rfc3339_opts(secs, true),
+                        report.until.to_rfc3339_opts(secs, true)
                     );
                 }
             }
@@ -446,13 +475,26 @@ fn active(a: bool) -> &'static str {
     }
 }
 
+/// A key's permissions in a listing: `all` for `[]`, else the JSON array.
+fn permissions(p: &serde_json::Value) -> String {
+    match p.as_array() {
+        Some(a) if a.is_empty() => "all".to_string(),
+        _ => p.to_string(),
+    }
+}
+
+/// One line per item on stdout (or a JSON array with `--json`). An empty table prints `empty`
+/// on stderr, so that stdout stays empty for scripts.
 fn print_list<T: serde::Serialize>(
     args: &ListArgs,
     items: &[T],
+    empty: &str,
     line: impl Fn(&T) -> String,
 ) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(items)?);
+    } else if items.is_empty() {
+        eprintln!("{empty}");
     } else {
         for item in items {
             println!("{}", line(item));

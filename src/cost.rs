@@ -21,7 +21,8 @@ pub const COST_DP: u32 = 10;
 pub struct Price {
     #[serde(deserialize_with = "decimal_str")]
     pub input: Decimal,
-    #[serde(deserialize_with = "decimal_str")]
+    /// Output (completion) tokens; optional, 0 when absent (embedding models have no output).
+    #[serde(default, deserialize_with = "decimal_str")]
     pub output: Decimal,
     /// Cache reads; defaults to `input`.
     #[serde(default, deserialize_with = "opt_decimal_str")]
@@ -64,6 +65,15 @@ pub fn cost(usage: &Usage, price: &Price) -> Decimal {
     total
         .round_dp_with_strategy(COST_DP, RoundingStrategy::MidpointNearestEven)
         .normalize()
+}
+
+/// `cost` with exactly [`COST_DP`] decimal places (`0.5` → `0.5000000000`), rounded half-even
+/// first if it has more: how reports print costs, so that a column of them lines up and every
+/// row has the same precision. Values too large for that many places keep as many as fit.
+pub fn fixed_dp(cost: Decimal) -> Decimal {
+    let mut c = cost.round_dp_with_strategy(COST_DP, RoundingStrategy::MidpointNearestEven);
+    c.rescale(COST_DP);
+    c
 }
 
 /// Model name -> price, with dated/suffixed model names resolved by prefix.
@@ -246,6 +256,26 @@ mod tests {
     }
 
     #[test]
+    fn fixed_decimal_places() {
+        fn check(input: &str, expected: &str) {
+            assert_eq!(fixed_dp(d(input)).to_string(), expected, "{input}");
+        }
+        for (input, expected) in [
+            ("0", "0.0000000000"),
+            ("0.5", "0.5000000000"),
+            ("0.00019515", "0.0001951500"),
+            ("12", "12.0000000000"),
+            ("0.0000000002", "0.0000000002"),
+            // more places than COST_DP (sums read back from a database): half-even
+            ("0.00000000005", "0.0000000000"),
+            ("0.00000000015", "0.0000000002"),
+            ("406750706825295.61311075", "406750706825295.6131107500"),
+        ] {
+            check(input, expected);
+        }
+    }
+
+    #[test]
     fn absurd_prices_saturate() {
         let p = price("79228162514264337593543950335", "0", None, None);
         let u = Usage {
@@ -296,7 +326,9 @@ mod tests {
                 r#"{"input":"-1","output":"1"}"#,
                 Err("invalid price \"-1\": negative"),
             ),
-            (r#"{"input":"1"}"#, Err("missing field `output`")),
+            // embedding models: no output price, output tokens cost 0
+            (r#"{"input":"0.02"}"#, Ok(price("0.02", "0", None, None))),
+            (r#"{"output":"1"}"#, Err("missing field `input`")),
             (
                 r#"{"input":"1","output":"1","cache_read":"0.1"}"#,
                 Err("unknown field `cache_read`"),

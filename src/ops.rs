@@ -61,41 +61,121 @@ fn invalid(field: &'static str, message: impl Into<String>) -> OpsError {
     }
 }
 
-/// Parses `30d`, `12h`, `90m`, `3600s`.
+/// Largest count per unit of a duration: 99999 days, about 273 years (openapi.json's duration
+/// pattern says the same with digit counts). Keeps every lifetime and age far inside RFC 3339's
+/// years 0000-9999 and never overflows.
+const MAX_DURATION: [(&str, u64, u64); 5] = [
+    ("d", 86_400, 99_999),
+    ("h", 3_600, 999_999),
+    ("m", 60, 99_999_999),
+    ("s", 1, 9_999_999_999),
+    ("", 1, 9_999_999_999),
+];
+
+/// Parses `30d`, `12h`, `90m`, `3600s` (bare digits are seconds): positive, at most 99999d,
+/// 999999h, 99999999m or 9999999999s.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("bad duration {s:?}: want e.g. 30d, 12h, 90m, 3600s"))?;
-    let secs = match unit {
-        "d" => n.checked_mul(86_400),
-        "h" => n.checked_mul(3_600),
-        "m" => n.checked_mul(60),
-        "s" | "" => Some(n),
-        _ => None,
+    let want = || format!("bad duration {s:?}: want e.g. 30d, 12h, 90m, 3600s");
+    let &(_, unit_secs, max) = MAX_DURATION
+        .iter()
+        .find(|(u, _, _)| *u == unit)
+        .ok_or_else(want)?;
+    if num.is_empty() {
+        return Err(want());
     }
-    .ok_or_else(|| format!("bad duration {s:?}: want e.g. 30d, 12h, 90m, 3600s"))?;
-    if secs == 0 {
+    let n = match num.parse::<u64>() {
+        Ok(n) if n <= max => n,
+        _ => {
+            return Err(format!(
+                "bad duration {s:?}: too long (at most 99999d, 999999h, 99999999m or 9999999999s)"
+            ))
+        }
+    };
+    if n == 0 {
         return Err(format!("bad duration {s:?}: must be positive"));
     }
-    Ok(std::time::Duration::from_secs(secs))
+    Ok(std::time::Duration::from_secs(n * unit_secs))
+}
+
+/// The earliest and latest instants RFC 3339 can write in UTC (years 0000-9999), to the second
+/// (PostgreSQL keeps microseconds: a later fraction would round into year 10000).
+pub fn rfc3339_bounds() -> (DateTime<Utc>, DateTime<Utc>) {
+    let first = chrono::NaiveDate::from_ymd_opt(0, 1, 1).unwrap_or(chrono::NaiveDate::MIN);
+    let last = chrono::NaiveDate::from_ymd_opt(9999, 12, 31).unwrap_or(chrono::NaiveDate::MAX);
+    (
+        first.and_time(chrono::NaiveTime::MIN).and_utc(),
+        last.and_hms_opt(23, 59, 59)
+            .unwrap_or(chrono::NaiveDateTime::MAX)
+            .and_utc(),
+    )
+}
+
+/// An RFC 3339 time that falls outside years 0000-9999 once converted to UTC (only possible at
+/// the very ends, through its offset: `9999-12-31T23:00:00-05:00`) becomes the nearest end.
+pub fn clamp_to_rfc3339(t: DateTime<Utc>) -> DateTime<Utc> {
+    let (first, last) = rfc3339_bounds();
+    t.clamp(first, last)
+}
+
+/// `now + d`, refused when it leaves years 0000-9999 (RFC 3339 cannot write it).
+fn later_by(now: DateTime<Utc>, d: std::time::Duration) -> Result<DateTime<Utc>, String> {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .filter(|t| *t <= rfc3339_bounds().1)
+        .ok_or_else(|| "too long: the time would be after 9999-12-31T23:59:59Z".to_string())
 }
 
 /// Parses a time: RFC 3339, a UTC date (YYYY-MM-DD), or an age before `now` like `7d`.
+/// The result is always within years 0000-9999 (see [`clamp_to_rfc3339`]).
 pub fn parse_time(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return Ok(t.with_timezone(&Utc));
+        return Ok(clamp_to_rfc3339(t.with_timezone(&Utc)));
     }
-    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
-        return Ok(d.and_time(chrono::NaiveTime::MIN).and_utc());
+    // Exactly YYYY-MM-DD: chrono alone would also take `+12345-01-01` or `2026-1-5`.
+    let date_shaped = s.len() == 10
+        && s.bytes().enumerate().all(|(i, b)| {
+            if i == 4 || i == 7 {
+                b == b'-'
+            } else {
+                b.is_ascii_digit()
+            }
+        });
+    if date_shaped {
+        return chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+            .map(|d| d.and_time(chrono::NaiveTime::MIN).and_utc())
+            .map_err(|_| format!("bad time {s:?}: no such date"));
     }
-    let age = parse_duration(s)
-        .map_err(|_| format!("bad time {s:?}: want RFC 3339, YYYY-MM-DD, or an age like 7d"))?;
+    let age = parse_duration(s).map_err(|e| {
+        if s.bytes().next().is_some_and(|b| b.is_ascii_digit()) && e.contains("too long") {
+            format!("bad time {s:?}: too far back (at most 99999d)")
+        } else {
+            format!("bad time {s:?}: want RFC 3339, YYYY-MM-DD, or an age like 7d")
+        }
+    })?;
     chrono::Duration::from_std(age)
-        .map(|a| now - a)
-        .map_err(|_| format!("bad time {s:?}: too far back"))
+        .ok()
+        .and_then(|a| now.checked_sub_signed(a))
+        .map(clamp_to_rfc3339)
+        .ok_or_else(|| format!("bad time {s:?}: too far back"))
+}
+
+/// A name-like field: trimmed, not empty, no control characters. (Control characters have no
+/// place in a name, and PostgreSQL refuses NUL in text.)
+fn label<'a>(field: &'static str, s: &'a str) -> Result<&'a str, OpsError> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Err(invalid(field, "must not be empty or only spaces"));
+    }
+    if let Some(c) = t.chars().find(|c| c.is_control()) {
+        return Err(invalid(
+            field,
+            format!("must not contain control characters (found {c:?})"),
+        ));
+    }
+    Ok(t)
 }
 
 // ---------------------------------------------------------------- users
@@ -120,15 +200,20 @@ pub async fn add_user(store: &Store, u: &NewUser) -> Result<UserRow, OpsError> {
             format!("{email:?} is not an email address"),
         ));
     }
-    if u.username.trim().is_empty() {
-        return Err(invalid("username", "must not be empty"));
+    if let Some(c) = email.chars().find(|c| c.is_control()) {
+        return Err(invalid(
+            "email",
+            format!("must not contain control characters (found {c:?})"),
+        ));
     }
-    let id = store.create_user(email, u.username.trim(), &u.role).await?;
+    let username = label("username", &u.username)?;
+    let role = label("role", &u.role)?;
+    let id = store.create_user(email, username, role).await?;
     Ok(UserRow {
         id,
         email: email.into(),
-        username: u.username.trim().into(),
-        role: u.role.clone(),
+        username: username.into(),
+        role: role.into(),
         is_active: true,
     })
 }
@@ -140,6 +225,12 @@ pub async fn list_users(store: &Store) -> Result<Vec<UserRow>, OpsError> {
 /// Returns the hashes of the user's keys, to drop from caches.
 pub async fn deactivate_user(store: &Store, id: i64) -> Result<Vec<String>, OpsError> {
     Ok(store.set_user_active(id, false).await?)
+}
+
+/// Undoes [`deactivate_user`]: the user's keys work again (unless revoked or expired).
+/// Returns the hashes of the user's keys, to drop from caches.
+pub async fn activate_user(store: &Store, id: i64) -> Result<Vec<String>, OpsError> {
+    Ok(store.set_user_active(id, true).await?)
 }
 
 // ---------------------------------------------------------------- keys
@@ -170,25 +261,31 @@ pub struct CreatedKey {
 }
 
 pub fn check_permissions(v: &serde_json::Value) -> Result<(), OpsError> {
-    Permissions::parse(v)
-        .map(|_| ())
-        .map_err(|e| invalid("permissions", e))
+    Permissions::parse(v).map_err(|e| invalid("permissions", e))?;
+    let entries = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.as_str());
+    if let Some(e) = entries
+        .into_iter()
+        .find(|e| e.chars().any(char::is_control))
+    {
+        return Err(invalid(
+            "permissions",
+            format!("{e:?} contains control characters"),
+        ));
+    }
+    Ok(())
 }
 
 pub async fn create_key(store: &Store, k: &NewKey) -> Result<CreatedKey, OpsError> {
     check_permissions(&k.permissions)?;
-    if k.name.trim().is_empty() {
-        return Err(invalid("name", "must not be empty"));
-    }
+    let name = label("name", &k.name)?;
     let expires_at = match &k.expires_in {
         Some(d) => {
             let d = parse_duration(d).map_err(|e| invalid("expires_in", e))?;
-            let d = chrono::Duration::from_std(d).map_err(|_| invalid("expires_in", "too long"))?;
-            Some(
-                Utc::now()
-                    .checked_add_signed(d)
-                    .ok_or_else(|| invalid("expires_in", "too long"))?,
-            )
+            Some(later_by(Utc::now(), d).map_err(|e| invalid("expires_in", e))?)
         }
         None => None,
     };
@@ -199,7 +296,7 @@ pub async fn create_key(store: &Store, k: &NewKey) -> Result<CreatedKey, OpsErro
     let id = store
         .create_key(
             user_id,
-            k.name.trim(),
+            name,
             &keys::hash_hex(&key),
             &key_prefix,
             &k.permissions,
@@ -214,8 +311,15 @@ pub async fn create_key(store: &Store, k: &NewKey) -> Result<CreatedKey, OpsErro
     })
 }
 
+/// Every key. Expiries stored before lifetimes were bounded (a year past 9999, which RFC 3339
+/// cannot write) are shown as the end of 9999.
 pub async fn list_keys(store: &Store) -> Result<Vec<KeyListing>, OpsError> {
-    Ok(store.list_keys().await?)
+    let mut keys = store.list_keys().await?;
+    for k in &mut keys {
+        k.expires_at = k.expires_at.map(clamp_to_rfc3339);
+        k.last_used_at = k.last_used_at.map(clamp_to_rfc3339);
+    }
+    Ok(keys)
 }
 
 /// Returns the key's hash, to drop from caches.
@@ -228,7 +332,11 @@ pub async fn update_key(store: &Store, id: i64, patch: &KeyPatch) -> Result<Stri
     if let Some(p) = &patch.permissions {
         check_permissions(p)?;
     }
-    Ok(store.update_key(id, patch).await?)
+    let mut patch = patch.clone();
+    if let Some(Some(t)) = patch.expires_at.as_mut() {
+        *t = clamp_to_rfc3339(*t);
+    }
+    Ok(store.update_key(id, &patch).await?)
 }
 
 // ---------------------------------------------------------------- accounts
@@ -240,9 +348,9 @@ pub struct NewAccountInput {
     pub kind: String,
     pub base_url: String,
     pub api_key: String,
-    #[serde(default = "one")]
+    #[serde(default = "one", deserialize_with = "int32")]
     pub priority: i32,
-    #[serde(default = "one")]
+    #[serde(default = "one", deserialize_with = "int32")]
     pub weight: i32,
     #[serde(default)]
     pub header: Option<String>,
@@ -254,12 +362,61 @@ fn one() -> i32 {
     1
 }
 
+/// A JSON Schema `integer` within i32: `3` and `3.0` alike (openapi.json says `"type": "integer"`,
+/// and JSON Schema counts a number with a zero fraction as an integer).
+fn as_i32(n: &serde_json::Number) -> Option<i32> {
+    match n.as_i64() {
+        Some(i) => i32::try_from(i).ok(),
+        None => n
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= f64::from(i32::MIN) && *f <= f64::from(i32::MAX))
+            .map(|f| f as i32),
+    }
+}
+
+fn int32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+    let n = serde_json::Number::deserialize(d)?;
+    as_i32(&n).ok_or_else(|| {
+        serde::de::Error::custom(format!("invalid value {n}, expected a 32-bit integer"))
+    })
+}
+
+fn opt_int32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i32>, D::Error> {
+    match Option::<serde_json::Number>::deserialize(d)? {
+        None => Ok(None),
+        Some(n) => as_i32(&n).map(Some).ok_or_else(|| {
+            serde::de::Error::custom(format!("invalid value {n}, expected a 32-bit integer"))
+        }),
+    }
+}
+
+/// Characters of a header name (RFC 9110 `token`).
+fn is_tchar(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)
+}
+
 fn credentials(api_key: &str, header: Option<&str>) -> Result<serde_json::Value, OpsError> {
     if api_key.is_empty() {
         return Err(invalid("api_key", "must not be empty"));
     }
+    // It is sent as a header value: no control characters but tab.
+    if api_key
+        .chars()
+        .any(|c| c != '\t' && (c < ' ' || c == '\x7f'))
+    {
+        return Err(invalid(
+            "api_key",
+            "must not contain control characters (it is sent in a header)",
+        ));
+    }
     let mut c = serde_json::json!({ "api_key": api_key });
     if let Some(h) = header {
+        if h.is_empty() || !h.chars().all(is_tchar) {
+            return Err(invalid(
+                "header",
+                format!("{h:?} is not a header name (letters, digits and !#$%&'*+-.^_`|~)"),
+            ));
+        }
         http::HeaderName::from_bytes(h.as_bytes())
             .map_err(|_| invalid("header", format!("{h:?} is not a header name")))?;
         c["header"] = serde_json::Value::String(h.to_string());
@@ -267,21 +424,83 @@ fn credentials(api_key: &str, header: Option<&str>) -> Result<serde_json::Value,
     Ok(c)
 }
 
+/// An upstream URL: `http(s)://host[:port][/path[?query]]` in ASCII (RFC 3986 characters,
+/// `%XX` escapes; an IPv6 literal needs a port: `http://[::1]:8000`). The same grammar as the
+/// `pattern` of `base_url` in openapi.json. `https://Ï` is refused: write `https://xn--4ca`.
+pub fn check_base_url(url: &str) -> Result<(), OpsError> {
+    let bad = |m: String| invalid("base_url", m);
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| bad("must start with http:// or https://".into()))?;
+    const SUB_DELIMS: &str = "-._~!$&'()*+,;=";
+    if let Some(c) = rest
+        .chars()
+        .find(|&c| !(c.is_ascii_alphanumeric() || SUB_DELIMS.contains(c) || ":@/?[]%".contains(c)))
+    {
+        return Err(bad(format!(
+            "{c:?} is not allowed in a URL (ASCII only: percent-encode, or punycode a host)"
+        )));
+    }
+    let b = rest.as_bytes();
+    let hex = |i: usize| b.get(i).is_some_and(u8::is_ascii_hexdigit);
+    if rest
+        .match_indices('%')
+        .any(|(i, _)| !(hex(i + 1) && hex(i + 2)))
+    {
+        return Err(bad("a % must start a %XX escape".into()));
+    }
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    if path.contains(['[', ']']) {
+        return Err(bad("[ and ] are only allowed around an IPv6 host".into()));
+    }
+    let port_ok = |p: &str| {
+        (1..=5).contains(&p.len())
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && p.parse::<u16>().is_ok()
+    };
+    let authority_ok = match authority.strip_prefix('[') {
+        Some(v6) => v6
+            .split_once("]:")
+            .is_some_and(|(h, p)| h.parse::<std::net::Ipv6Addr>().is_ok() && port_ok(p)),
+        None => {
+            let (host, port) = match authority.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            };
+            !host.is_empty()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || SUB_DELIMS.contains(c) || c == '%')
+                && port.is_none_or(port_ok)
+        }
+    };
+    if !authority_ok {
+        return Err(bad(format!(
+            "{authority:?} is not host[:port] (no user info; an IPv6 host as [addr]:port)"
+        )));
+    }
+    Endpoint::parse(url).map_err(|e| invalid("base_url", e))?;
+    Ok(())
+}
+
 pub async fn add_account(store: &Store, a: &NewAccountInput) -> Result<i64, OpsError> {
     let kind: AccountType = a.kind.parse().map_err(|e: String| invalid("type", e))?;
-    Endpoint::parse(&a.base_url).map_err(|e| invalid("base_url", e))?;
+    check_base_url(&a.base_url)?;
     if a.weight < 1 {
         return Err(invalid("weight", "must be at least 1"));
     }
-    if a.name.trim().is_empty() {
-        return Err(invalid("name", "must not be empty"));
-    }
+    let name = label("name", &a.name)?;
+    let email = a.email.as_deref().map(|e| label("email", e)).transpose()?;
     let creds = credentials(&a.api_key, a.header.as_deref())?;
     Ok(store
         .create_account(&NewAccount {
-            name: a.name.trim(),
+            name,
             kind,
-            email: a.email.as_deref(),
+            email,
             base_url: &a.base_url,
             credentials: creds,
             priority: a.priority,
@@ -298,7 +517,9 @@ pub async fn list_accounts(store: &Store) -> Result<Vec<AccountRow>, OpsError> {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccountUpdate {
+    #[serde(default, deserialize_with = "opt_int32")]
     pub priority: Option<i32>,
+    #[serde(default, deserialize_with = "opt_int32")]
     pub weight: Option<i32>,
     pub is_active: Option<bool>,
     pub base_url: Option<String>,
@@ -311,7 +532,7 @@ pub async fn update_account(store: &Store, id: i64, u: &AccountUpdate) -> Result
         return Err(invalid("weight", "must be at least 1"));
     }
     if let Some(url) = &u.base_url {
-        Endpoint::parse(url).map_err(|e| invalid("base_url", e))?;
+        check_base_url(url)?;
     }
     let creds = match &u.api_key {
         Some(k) => Some(credentials(k, u.header.as_deref())?),
@@ -352,12 +573,15 @@ pub async fn usage(
     let since = parse_time(since, now).map_err(|e| invalid("since", e))?;
     let until = match until {
         Some(u) => parse_time(u, now).map_err(|e| invalid("until", e))?,
-        None => now + chrono::Duration::seconds(1),
+        None => clamp_to_rfc3339(now + chrono::Duration::seconds(1)),
     };
     if until <= since {
         return Err(invalid("until", "must be after since"));
     }
-    let groups = store.usage_totals(since, until, by).await?;
+    let mut groups = store.usage_totals(since, until, by).await?;
+    for g in &mut groups {
+        g.cost = crate::cost::fixed_dp(g.cost);
+    }
     Ok(UsageReport {
         since,
         until,
@@ -370,53 +594,308 @@ pub async fn usage(
 mod tests {
     use super::*;
 
+    const WANT: &str = "want e.g. 30d, 12h, 90m, 3600s";
+    const TOO_LONG: &str = "too long (at most 99999d, 999999h, 99999999m or 9999999999s)";
+
     #[test]
     fn durations() {
-        for (input, expected) in [
-            ("30d", Ok(30 * 86_400)),
-            ("12h", Ok(43_200)),
-            ("90m", Ok(5_400)),
-            ("3600s", Ok(3_600)),
-            ("45", Ok(45)),
-            (
-                "0d",
-                Err("bad duration \"0d\": must be positive".to_string()),
-            ),
-            (
-                "3w",
-                Err("bad duration \"3w\": want e.g. 30d, 12h, 90m, 3600s".to_string()),
-            ),
-            (
-                "d",
-                Err("bad duration \"d\": want e.g. 30d, 12h, 90m, 3600s".to_string()),
-            ),
-        ] {
+        fn check(input: &str, expected: Result<u64, String>) {
             assert_eq!(
                 parse_duration(input).map(|d| d.as_secs()),
                 expected,
                 "{input}"
             );
         }
+        for (input, expected) in [
+            ("30d", Ok(30 * 86_400)),
+            ("12h", Ok(43_200)),
+            ("90m", Ok(5_400)),
+            ("3600s", Ok(3_600)),
+            ("45", Ok(45)),
+            ("007d", Ok(7 * 86_400)),
+            ("99999d", Ok(99_999 * 86_400)),
+            ("999999h", Ok(999_999 * 3_600)),
+            ("99999999m", Ok(99_999_999 * 60)),
+            ("9999999999s", Ok(9_999_999_999)),
+            ("9999999999", Ok(9_999_999_999)),
+            (
+                "0d",
+                Err("bad duration \"0d\": must be positive".to_string()),
+            ),
+            ("0", Err("bad duration \"0\": must be positive".to_string())),
+            (
+                "100000d",
+                Err(format!("bad duration \"100000d\": {TOO_LONG}")),
+            ),
+            (
+                "10000000000",
+                Err(format!("bad duration \"10000000000\": {TOO_LONG}")),
+            ),
+            // the one from the issue: a year past 9999
+            (
+                "4611686018427387d",
+                Err(format!("bad duration \"4611686018427387d\": {TOO_LONG}")),
+            ),
+            (
+                "99999999999999999999999d",
+                Err(format!(
+                    "bad duration \"99999999999999999999999d\": {TOO_LONG}"
+                )),
+            ),
+            ("3w", Err(format!("bad duration \"3w\": {WANT}"))),
+            ("d", Err(format!("bad duration \"d\": {WANT}"))),
+            ("", Err(format!("bad duration \"\": {WANT}"))),
+            (" 30d", Err(format!("bad duration \" 30d\": {WANT}"))),
+            ("-5d", Err(format!("bad duration \"-5d\": {WANT}"))),
+            ("5dd", Err(format!("bad duration \"5dd\": {WANT}"))),
+        ] {
+            check(input, expected);
+        }
+    }
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
     }
 
     #[test]
     fn times() {
-        let now = DateTime::parse_from_rfc3339("2026-11-27T12:00:00Z")
-            .unwrap()
-            .with_timezone(&Utc);
+        let now = at("2026-11-27T12:00:00Z");
+        fn check(now: DateTime<Utc>, input: &str, expected: Result<&str, &str>) {
+            assert_eq!(
+                parse_time(input, now).map(|t| t.to_rfc3339()),
+                expected.map(str::to_string).map_err(str::to_string),
+                "{input}"
+            );
+        }
         for (input, expected) in [
             ("2026-11-01", Ok("2026-11-01T00:00:00+00:00")),
             ("2026-11-01T10:00:00+02:00", Ok("2026-11-01T08:00:00+00:00")),
             ("7d", Ok("2026-11-20T12:00:00+00:00")),
-            ("yesterday", Err(())),
+            ("99999d", Ok("1753-02-12T12:00:00+00:00")),
+            ("0001-01-01", Ok("0001-01-01T00:00:00+00:00")),
+            // past the ends in UTC only through the offset: the nearest end
+            ("9999-12-31T23:00:00-05:00", Ok("9999-12-31T23:59:59+00:00")),
+            ("0000-01-01T00:00:00+01:00", Ok("0000-01-01T00:00:00+00:00")),
+            ("0001-01-01T00:00:00+23:59", Ok("0000-12-31T00:01:00+00:00")),
+            (
+                "yesterday",
+                Err("bad time \"yesterday\": want RFC 3339, YYYY-MM-DD, or an age like 7d"),
+            ),
+            (
+                "0",
+                Err("bad time \"0\": want RFC 3339, YYYY-MM-DD, or an age like 7d"),
+            ),
+            ("2026-13-01", Err("bad time \"2026-13-01\": no such date")),
+            (
+                "2026-1-05",
+                Err("bad time \"2026-1-05\": want RFC 3339, YYYY-MM-DD, or an age like 7d"),
+            ),
+            (
+                "+12345-01-01",
+                Err("bad time \"+12345-01-01\": want RFC 3339, YYYY-MM-DD, or an age like 7d"),
+            ),
+            (
+                "100000d",
+                Err("bad time \"100000d\": too far back (at most 99999d)"),
+            ),
         ] {
+            check(now, input, expected);
+        }
+    }
+
+    #[test]
+    fn lifetimes_stay_within_rfc3339() {
+        let now = at("2026-11-27T12:00:00Z");
+        let days = |n: u64| std::time::Duration::from_secs(n * 86_400);
+        assert_eq!(
+            later_by(now, days(30)).map(|t| t.to_rfc3339()),
+            Ok("2026-12-27T12:00:00+00:00".to_string())
+        );
+        let near_the_end = at("9999-12-01T00:00:00Z");
+        assert_eq!(
+            later_by(near_the_end, days(31)).map(|t| t.to_rfc3339()),
+            Err("too long: the time would be after 9999-12-31T23:59:59Z".to_string())
+        );
+        assert!(later_by(now, std::time::Duration::MAX).is_err());
+    }
+
+    #[test]
+    fn permission_entries() {
+        fn check(input: serde_json::Value, expected: Result<(), &str>) {
             assert_eq!(
-                parse_time(input, now)
-                    .map(|t| t.to_rfc3339())
-                    .map_err(|_| ()),
-                expected.map(str::to_string),
+                check_permissions(&input).map_err(|e| e.to_string()),
+                expected.map_err(str::to_string),
                 "{input}"
             );
+        }
+        for (input, expected) in [
+            (serde_json::json!([]), Ok(())),
+            (
+                serde_json::json!(["/v1/chat", "path:/v1", "model:gpt-4o*"]),
+                Ok(()),
+            ),
+            (
+                serde_json::json!(["/v1\u{0}"]),
+                Err("permissions: \"/v1\\0\" contains control characters"),
+            ),
+            (
+                serde_json::json!(["model:a\nb"]),
+                Err("permissions: \"model:a\\nb\" contains control characters"),
+            ),
+            (
+                serde_json::json!(["v1"]),
+                Err("permissions: permission \"v1\": want a path starting with '/' or model:NAME"),
+            ),
+        ] {
+            check(input, expected);
+        }
+    }
+
+    #[test]
+    fn integers_as_json_schema_counts_them() {
+        fn check(json: &str, expected: Result<(i32, i32), &str>) {
+            let got = serde_json::from_str::<NewAccountInput>(&format!(
+                r#"{{"name":"a","type":"openai","base_url":"http://a","api_key":"k",{json}}}"#
+            ))
+            .map(|a| (a.priority, a.weight))
+            .map_err(|e| e.to_string());
+            match (&got, expected) {
+                (Ok(g), Ok(e)) => assert_eq!(*g, e, "{json}"),
+                (Err(g), Err(e)) => assert!(g.starts_with(e), "{json}: {g}"),
+                _ => panic!("{json}: {got:?}"),
+            }
+        }
+        for (json, expected) in [
+            (r#""priority":2"#, Ok((2, 1))),
+            (r#""priority":-168.0,"weight":3.0"#, Ok((-168, 3))),
+            (r#""priority":2147483647"#, Ok((i32::MAX, 1))),
+            (
+                r#""priority":2147483648"#,
+                Err("invalid value 2147483648, expected a 32-bit integer"),
+            ),
+            (
+                r#""priority":1.5"#,
+                Err("invalid value 1.5, expected a 32-bit integer"),
+            ),
+            (
+                r#""priority":1e300"#,
+                Err("invalid value 1e+300, expected a 32-bit integer"),
+            ),
+            (r#""priority":"1""#, Err("invalid type: string")),
+        ] {
+            check(json, expected);
+        }
+        let u: AccountUpdate = serde_json::from_str(r#"{"weight":2.0,"priority":null}"#).unwrap();
+        assert_eq!((u.priority, u.weight), (None, Some(2)));
+    }
+
+    #[test]
+    fn labels() {
+        fn check(input: &str, expected: Result<&str, &str>) {
+            assert_eq!(
+                label("username", input).map_err(|e| e.to_string()),
+                expected.map_err(str::to_string),
+                "{input:?}"
+            );
+        }
+        for (input, expected) in [
+            ("ada", Ok("ada")),
+            ("  ada lovelace ", Ok("ada lovelace")),
+            ("Ïñtërnâtiônàl", Ok("Ïñtërnâtiônàl")),
+            ("", Err("username: must not be empty or only spaces")),
+            (" \t\n", Err("username: must not be empty or only spaces")),
+            (
+                "\u{3000}\u{a0}",
+                Err("username: must not be empty or only spaces"),
+            ),
+            (
+                "a\0b",
+                Err("username: must not contain control characters (found '\\0')"),
+            ),
+            (
+                "a\u{1c}",
+                Err("username: must not contain control characters (found '\\u{1c}')"),
+            ),
+        ] {
+            check(input, expected);
+        }
+    }
+
+    #[test]
+    fn base_urls() {
+        fn check(input: &str, ok: bool) {
+            assert_eq!(check_base_url(input).is_ok(), ok, "{input}");
+        }
+        for (input, ok) in [
+            ("https://api.openai.com", true),
+            ("http://127.0.0.1:8080/v1", true),
+            ("https://[::1]:443/x?y=1", true),
+            ("https://sub.example.com:8443/openai/v1", true),
+            ("https://xn--4ca", true),
+            ("https://\u{cf}", false),
+            ("https://a b", false),
+            ("https://a\n", false),
+            ("ftp://a", false),
+            ("https://", false),
+            ("https://user@host", false),
+            ("https://host:99999", false),
+            ("https://host:65535", true),
+            ("https://host:", false),
+            ("https://a:80:90", false),
+            ("https://a?b", false),
+            ("https://a/b?c=%20d", true),
+            ("https://a/%zz", false),
+            ("https://a/#frag", false),
+            ("https://a/[x]", false),
+            ("http://[::1]:8000/v1", true),
+            ("http://[::1]", false),
+            ("http://[0]:0", false),
+            ("http://[::ffff:1.2.3.4]:80", true),
+        ] {
+            check(input, ok);
+        }
+        assert_eq!(
+            check_base_url("https://\u{cf}").map_err(|e| e.to_string()),
+            Err("base_url: '\u{cf}' is not allowed in a URL (ASCII only: percent-encode, or punycode a host)".to_string())
+        );
+    }
+
+    #[test]
+    fn credential_headers() {
+        fn check(api_key: &str, header: Option<&str>, expected: Result<(), String>) {
+            assert_eq!(
+                credentials(api_key, header)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                expected,
+                "{api_key:?} {header:?}"
+            );
+        }
+        let not_a_name = |h: &str| {
+            format!("header: {h:?} is not a header name (letters, digits and !#$%&'*+-.^_`|~)")
+        };
+        for (api_key, header, expected) in [
+            ("sk-1", None, Ok(())),
+            ("sk-1", Some("x-api-key"), Ok(())),
+            ("sk-1", Some("X-Goog-Api-Key"), Ok(())),
+            ("sk-1", Some("!#$%&'*+-.^_`|~09azAZ"), Ok(())),
+            ("sk 1\tÏ", None, Ok(())),
+            ("", None, Err("api_key: must not be empty".to_string())),
+            (
+                "sk\n1",
+                None,
+                Err(
+                    "api_key: must not contain control characters (it is sent in a header)"
+                        .to_string(),
+                ),
+            ),
+            ("sk-1", Some(""), Err(not_a_name(""))),
+            ("sk-1", Some("x api"), Err(not_a_name("x api"))),
+            ("sk-1", Some("x:api"), Err(not_a_name("x:api"))),
+            ("sk-1", Some("Ï"), Err(not_a_name("Ï"))),
+            ("sk-1", Some("(x)"), Err(not_a_name("(x)"))),
+        ] {
+            check(api_key, header, expected);
         }
     }
 }
