@@ -2,8 +2,9 @@
 //! database (so every instance sees the same ids), the [`AccountSet`] built from the database
 //! (host names resolved), and the `account-refresher` task that swaps in a new set.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
@@ -124,13 +125,71 @@ async fn resolve(spec: &AccountSpec) -> anyhow::Result<std::net::SocketAddr> {
     addrs.next().context("no address")
 }
 
+/// A request that finds no account of its type at all (say, one added with the CLI a moment ago,
+/// before the change poll saw it) asks the refresher for a reload at once and waits for it. At
+/// most one such reload a second: requests for a type nobody serves cost one reload a second,
+/// not one each.
+pub struct OnDemand {
+    wake: Arc<Notify>,
+    /// Bumped by the refresher each time it swaps in a set.
+    loaded: watch::Sender<u64>,
+    /// When the last on-demand reload was asked for (ms since `epoch`; 0 = never).
+    last_ms: AtomicU64,
+    /// tokio's clock, so tests run on paused time.
+    epoch: tokio::time::Instant,
+}
+
+/// Least time between two on-demand reloads.
+const ON_DEMAND_EVERY: Duration = Duration::from_secs(1);
+
+impl OnDemand {
+    pub fn new(wake: Arc<Notify>) -> OnDemand {
+        OnDemand {
+            wake,
+            loaded: watch::channel(0).0,
+            last_ms: AtomicU64::new(0),
+            epoch: tokio::time::Instant::now(),
+        }
+    }
+
+    fn published(&self) {
+        self.loaded.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// Asks for a reload and waits up to `wait` for a new set; `false` when one was asked for
+    /// less than a second ago (the caller goes on with the set it has) or none came in time.
+    pub async fn reload(&self, wait: Duration) -> bool {
+        let now = (self.epoch.elapsed().as_millis() as u64).max(1);
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < ON_DEMAND_EVERY.as_millis() as u64 {
+            return false;
+        }
+        if self
+            .last_ms
+            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        let mut loaded = self.loaded.subscribe();
+        loaded.borrow_and_update();
+        self.wake.notify_one();
+        matches!(
+            tokio::time::timeout(wait, loaded.changed()).await,
+            Ok(Ok(()))
+        )
+    }
+}
+
 /// Task `account-refresher`: reloads the accounts every `[upstream] refresh_secs` (re-resolving
 /// DNS), or at once when `changed` is notified (admin API, PostgreSQL NOTIFY, the change poll,
-/// a config reload). A failed load keeps the current set.
+/// a config reload, a request that found no account: [`OnDemand`]). A failed load keeps the
+/// current set.
 pub async fn refresh(
     loader: Arc<AccountLoader>,
     accounts: Arc<ArcSwap<AccountSet>>,
     changed: Arc<Notify>,
+    on_demand: Arc<OnDemand>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -141,10 +200,51 @@ pub async fn refresh(
             _ = stop.changed() => return,
         }
         match loader.load().await {
-            Ok(set) => accounts.store(Arc::new(set)),
+            Ok(set) => {
+                accounts.store(Arc::new(set));
+                on_demand.published();
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "account refresh failed; keeping the current accounts")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn on_demand_reloads_at_most_once_a_second() {
+        let wake = Arc::new(Notify::new());
+        let od = Arc::new(OnDemand::new(wake.clone()));
+        // A refresher that answers each wake-up with a new set.
+        let refresher = {
+            let od = od.clone();
+            tokio::spawn(async move {
+                loop {
+                    wake.notified().await;
+                    od.published();
+                }
+            })
+        };
+        assert!(
+            od.reload(Duration::from_secs(2)).await,
+            "the first one waits for its set"
+        );
+        assert!(
+            !od.reload(Duration::from_secs(2)).await,
+            "a second within the second does not"
+        );
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        assert!(
+            od.reload(Duration::from_secs(2)).await,
+            "a second later it may again"
+        );
+        refresher.abort();
+        // Nobody answers: the wait ends at its bound.
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        assert!(!od.reload(Duration::from_millis(50)).await);
     }
 }

@@ -426,7 +426,15 @@ mod tests {
             m.sort_unstable();
             m
         };
-        assert_eq!(models, ["claude-3-5-sonnet", "gpt-4o", "gpt-4o-mini"]);
+        assert_eq!(
+            models,
+            [
+                "claude-3-5-sonnet",
+                "gpt-4o",
+                "gpt-4o-mini",
+                "text-embedding-3-small"
+            ]
+        );
         shipped.prices = PriceTable::default();
         assert_eq!(shipped, Config::default());
     }

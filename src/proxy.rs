@@ -17,6 +17,7 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::prelude::*;
 
+use crate::accounts::OnDemand;
 use crate::auth::{AuthError, KeyCache};
 use crate::body;
 use crate::ctx::RequestCtx;
@@ -32,6 +33,9 @@ use crate::route::Router;
 use crate::sse::UsageChunkStripper;
 use crate::upstream::{AccountSet, AccountType};
 use crate::writer::UsageSink;
+
+/// Longest a request waits for an on-demand account reload.
+const ON_DEMAND_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Everything the request path shares; built once at start.
 pub struct Gateway {
@@ -50,6 +54,8 @@ pub struct Gateway {
     /// Swapped whole by a config reload, as is `router`.
     pub pricing: Arc<ArcSwap<Pricing>>,
     pub metrics: Arc<Metrics>,
+    /// Reloads accounts at once when a request finds none of its type (see `accounts::OnDemand`).
+    pub accounts_on_demand: Arc<OnDemand>,
     /// Add `stream_options.include_usage` to OpenAI streams that lack it, on the endpoints that
     /// define it (`request::defines_include_usage`).
     pub inject_stream_usage: bool,
@@ -187,7 +193,13 @@ impl Gateway {
             }
         }
 
-        let accounts = self.accounts.load_full();
+        let mut accounts = self.accounts.load_full();
+        // No account of this type at all: maybe one was added a moment ago.
+        if ctx.kind.is_some_and(|k| !accounts.serves(k))
+            && self.accounts_on_demand.reload(ON_DEMAND_WAIT).await
+        {
+            accounts = self.accounts.load_full();
+        }
         self.forwarder
             .forward(session, ctx, &accounts)
             .await

@@ -36,7 +36,7 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use tokio::sync::Notify;
 
-use crate::accounts::{self, AccountLoader};
+use crate::accounts::{self, AccountLoader, OnDemand};
 use crate::admin::{self, Admin};
 use crate::auth::KeyCache;
 use crate::forward::{AbortDrain, Forwarder};
@@ -86,6 +86,7 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
     }
     let accounts = Arc::new(ArcSwap::from_pointee(initial));
     let accounts_changed = Arc::new(Notify::new());
+    let on_demand = Arc::new(OnDemand::new(accounts_changed.clone()));
 
     let keys = key_cache(&cfg, &store, &db_rt)?;
     let (usage_sink, writer) = start_writer(&cfg, &store, &metrics, &db_rt)?;
@@ -119,6 +120,7 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
         usage: usage_sink.clone(),
         pricing: pricing.clone(),
         metrics: metrics.clone(),
+        accounts_on_demand: on_demand.clone(),
         inject_stream_usage: cfg.metering.inject_stream_usage,
     };
     let reload = Arc::new(Reloader {
@@ -139,7 +141,7 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
     let mut tasks = Tasks::new(db_rt.handle().clone());
     let (a, changed) = (accounts.clone(), accounts_changed.clone());
     tasks.spawn("account-refresher", |stop| {
-        accounts::refresh(loader, a, changed, stop)
+        accounts::refresh(loader, a, changed, on_demand, stop)
     });
     let (st, k, changed) = (store.clone(), keys.clone(), accounts_changed.clone());
     let period = cfg.admin.key_refresh;

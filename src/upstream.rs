@@ -343,6 +343,11 @@ impl AccountSet {
         self.len() == 0
     }
 
+    /// Whether any account of `kind` is loaded (in cooldown or not).
+    pub fn serves(&self, kind: AccountType) -> bool {
+        !self.by_type[kind.index()].is_empty()
+    }
+
     pub fn accounts(&self) -> impl Iterator<Item = &Arc<Account>> {
         self.by_type
             .iter()
