@@ -90,10 +90,6 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
 
     let keys = key_cache(&cfg, &store, &db_rt)?;
     let (usage_sink, writer) = start_writer(&cfg, &store, &metrics, &db_rt)?;
-    // The tokenizer behind usage estimates loads off the request path.
-    let _ = std::thread::Builder::new()
-        .name("tollgate-tokenizer".into())
-        .spawn(crate::estimate::warm);
 
     let drain = Arc::new(Drain::default());
     let router = Arc::new(ArcSwap::from_pointee(reload::router_of(&cfg)));
