@@ -67,13 +67,14 @@ fn key_check(c: &mut Criterion) {
             .expect("key");
         store
     });
-    let cache = KeyCache::new(
+    let cache = std::sync::Arc::new(KeyCache::new(
         store.clone(),
         rt.handle().clone(),
         10_000,
         Duration::from_secs(3600),
+        Duration::from_secs(86_400),
         Duration::from_secs(60),
-    );
+    ));
     // Warm the cache: the one database lookup happens here.
     let info = rt
         .block_on(cache.lookup(hash))

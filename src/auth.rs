@@ -1,10 +1,17 @@
 //! Who is calling: reads the key from the request, checks its format offline, finds it through the
 //! key cache (database on a miss, concurrent misses coalesced) and checks its permissions.
+//!
+//! Keys survive database outages: a found key is fresh for `[auth] cache_ttl_secs`; after that it
+//! is still served at once while one background lookup refreshes it, and when the database cannot
+//! answer it keeps being served (stale-if-error) for up to `[auth] max_stale_secs`. A revocation
+//! still evicts it at once when it reaches this instance (admin API, NOTIFY, the change poll). A
+//! key never seen needs the database: while lookups fail, a circuit breaker refuses such misses
+//! at once (503) instead of letting each wait on the pool.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use http::HeaderMap;
@@ -179,9 +186,70 @@ pub fn credential(headers: &HeaderMap) -> Result<&str, AuthError> {
 
 type Lookup = Arc<OnceCell<Option<Arc<KeyInfo>>>>;
 
-/// Keys by SHA-256: found keys for `ttl`, unknown hashes for `negative_ttl`, the database on a miss.
+/// Longest a key lookup may take before it counts as failed (and opens the breaker).
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the breaker stays open after a failed lookup before one is let through again.
+const BREAKER_OPEN: Duration = Duration::from_secs(2);
+
+/// A found key in the cache.
+#[derive(Debug)]
+struct Cached {
+    info: Arc<KeyInfo>,
+    /// Served without a refresh until then; served while a refresh runs (or fails) after.
+    fresh_until: Instant,
+    /// A background refresh of this entry is running.
+    refreshing: AtomicBool,
+}
+
+/// Fails key lookups fast while the database does not answer: open for [`BREAKER_OPEN`] after
+/// a failed lookup, then one lookup is let through (and reopens it if it fails too).
+#[derive(Debug)]
+struct Breaker {
+    /// Milliseconds since `epoch` until which lookups are refused; 0 = closed.
+    open_until_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl Breaker {
+    fn new() -> Breaker {
+        Breaker {
+            open_until_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Whether a lookup may go to the database now.
+    fn allows(&self) -> bool {
+        self.open_until_ms.load(Ordering::Relaxed) <= self.now_ms()
+    }
+
+    fn failed(&self) {
+        let until = self.now_ms() + BREAKER_OPEN.as_millis() as u64;
+        if self.open_until_ms.swap(until, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                "key lookups fail: refusing keys not in the cache for now, serving cached ones"
+            );
+        }
+    }
+
+    fn succeeded(&self) {
+        if self.open_until_ms.swap(0, Ordering::Relaxed) != 0 {
+            tracing::info!("key lookups answer again");
+        }
+    }
+}
+
+/// Keys by SHA-256: found keys fresh for `ttl` and kept up to `max_stale` (see the module doc),
+/// unknown hashes for `negative_ttl`, the database on a miss.
 pub struct KeyCache {
-    found: Cache<KeyHash, Arc<KeyInfo>>,
+    found: Cache<KeyHash, Arc<Cached>>,
+    /// How long a found key is served without a refresh.
+    fresh: Duration,
+    breaker: Breaker,
     unknown: Cache<KeyHash, ()>,
     inflight: Mutex<HashMap<KeyHash, Lookup>>,
     /// Bumped by every invalidation. A lookup that started before an invalidation does not put
@@ -200,13 +268,16 @@ impl KeyCache {
         db: tokio::runtime::Handle,
         capacity: u64,
         ttl: Duration,
+        max_stale: Duration,
         negative_ttl: Duration,
     ) -> KeyCache {
         KeyCache {
             found: Cache::builder()
                 .max_capacity(capacity)
-                .time_to_live(ttl)
+                .time_to_live(max_stale.max(ttl))
                 .build(),
+            fresh: ttl,
+            breaker: Breaker::new(),
             unknown: Cache::builder()
                 .max_capacity(capacity)
                 .time_to_live(negative_ttl)
@@ -220,8 +291,19 @@ impl KeyCache {
         }
     }
 
+    fn cached(&self, info: Arc<KeyInfo>) -> Arc<Cached> {
+        Arc::new(Cached {
+            info,
+            fresh_until: Instant::now() + self.fresh,
+            refreshing: AtomicBool::new(false),
+        })
+    }
+
     /// Authenticates a request's headers: format, lookup, state. Permissions are checked by the caller.
-    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<KeyInfo>, AuthError> {
+    pub async fn authenticate(
+        self: &Arc<Self>,
+        headers: &HeaderMap,
+    ) -> Result<Arc<KeyInfo>, AuthError> {
         let key = credential(headers)?;
         keys::validate(key).map_err(AuthError::Malformed)?;
         let info = self
@@ -232,17 +314,31 @@ impl KeyCache {
         Ok(info)
     }
 
-    /// Cache first; on a miss one database query per hash however many requests wait for it.
-    pub async fn lookup(&self, hash: KeyHash) -> Result<Option<Arc<KeyInfo>>, AuthError> {
-        if let Some(info) = self.found.get(&hash) {
+    /// Cache first (a stale entry is served and refreshed in the background); on a miss one
+    /// database query per hash however many requests wait for it, refused at once while the
+    /// breaker is open.
+    pub async fn lookup(
+        self: &Arc<Self>,
+        hash: KeyHash,
+    ) -> Result<Option<Arc<KeyInfo>>, AuthError> {
+        if let Some(cached) = self.found.get(&hash) {
             self.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(Some(info));
+            if Instant::now() >= cached.fresh_until
+                && self.breaker.allows()
+                && !cached.refreshing.swap(true, Ordering::AcqRel)
+            {
+                self.refresh(hash, cached.clone());
+            }
+            return Ok(Some(cached.info.clone()));
         }
         if self.unknown.contains_key(&hash) {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
+        if !self.breaker.allows() {
+            return Err(AuthError::StoreUnavailable);
+        }
         let generation = self.generation.load(Ordering::Acquire);
         let cell = match self.inflight.lock() {
             Ok(mut m) => m.entry(hash).or_default().clone(),
@@ -250,21 +346,11 @@ impl KeyCache {
         };
         let result = cell
             .get_or_try_init(|| async {
-                let store = self.store.clone();
-                let hex = hex::encode(hash);
-                let row = self
-                    .db
-                    .spawn(async move { store.find_key(&hex).await })
-                    .await
-                    .map_err(|_| AuthError::StoreUnavailable)?
-                    .map_err(|e| {
-                        tracing::warn!(error = %e, "key lookup failed");
-                        AuthError::StoreUnavailable
-                    })?;
+                let row = self.find(hash).await?;
                 let info = row.map(|r| Arc::new(KeyInfo::from_row(r)));
                 if self.generation.load(Ordering::Acquire) == generation {
                     match &info {
-                        Some(i) => self.found.insert(hash, i.clone()),
+                        Some(i) => self.found.insert(hash, self.cached(i.clone())),
                         None => self.unknown.insert(hash, ()),
                     }
                 }
@@ -278,6 +364,54 @@ impl KeyCache {
             }
         }
         result
+    }
+
+    /// One lookup on the database runtime, within [`LOOKUP_TIMEOUT`]; feeds the breaker.
+    async fn find(&self, hash: KeyHash) -> Result<Option<KeyRow>, AuthError> {
+        let store = self.store.clone();
+        let hex = hex::encode(hash);
+        let found = self
+            .db
+            .spawn(async move { tokio::time::timeout(LOOKUP_TIMEOUT, store.find_key(&hex)).await })
+            .await;
+        match found {
+            Ok(Ok(Ok(row))) => {
+                self.breaker.succeeded();
+                Ok(row)
+            }
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(error = %e, "key lookup failed");
+                self.breaker.failed();
+                Err(AuthError::StoreUnavailable)
+            }
+            Ok(Err(_)) | Err(_) => {
+                self.breaker.failed();
+                Err(AuthError::StoreUnavailable)
+            }
+        }
+    }
+
+    /// Refreshes a stale entry off the request path. The answer replaces it (or removes it: the
+    /// key is gone); a failure keeps serving it, up to `max_stale` after it was loaded.
+    fn refresh(self: &Arc<Self>, hash: KeyHash, cached: Arc<Cached>) {
+        let me = self.clone();
+        let generation = self.generation.load(Ordering::Acquire);
+        self.db.spawn(async move {
+            match me.find(hash).await {
+                Ok(row) if me.generation.load(Ordering::Acquire) == generation => match row {
+                    Some(r) => me
+                        .found
+                        .insert(hash, me.cached(Arc::new(KeyInfo::from_row(r)))),
+                    None => {
+                        me.found.invalidate(&hash);
+                        me.unknown.insert(hash, ());
+                    }
+                },
+                // Invalidated meanwhile: the entry is gone already; write nothing back.
+                Ok(_) => {}
+                Err(_) => cached.refreshing.store(false, Ordering::Release),
+            }
+        });
     }
 
     /// Drops every cached entry for `hash`, found or unknown (a revocation or an edit).
@@ -305,7 +439,8 @@ impl KeyCache {
         for (hex_hash, row) in rows {
             let mut hash = [0u8; 32];
             if hex::decode_to_slice(&hex_hash, &mut hash).is_ok() {
-                self.found.insert(hash, Arc::new(KeyInfo::from_row(row)));
+                self.found
+                    .insert(hash, self.cached(Arc::new(KeyInfo::from_row(row))));
             }
         }
         Ok(n)

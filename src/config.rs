@@ -106,8 +106,11 @@ impl Default for DatabaseConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
-    /// How long a found key stays cached.
+    /// How long a found key is served without asking the database again.
     pub cache_ttl_secs: u64,
+    /// How long past its load a found key is still served while the database cannot be reached
+    /// (stale-if-error); revocations still evict it at once.
+    pub max_stale_secs: u64,
     /// How long an unknown key hash stays cached as unknown.
     pub negative_ttl_secs: u64,
     /// Most keys kept in the cache.
@@ -118,6 +121,7 @@ impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {
             cache_ttl_secs: 60,
+            max_stale_secs: 86_400,
             negative_ttl_secs: 5,
             cache_capacity: 100_000,
         }

@@ -229,6 +229,7 @@ fn key_cache(
         db_rt.handle().clone(),
         cfg.auth.cache_capacity.get(),
         cfg.auth.cache_ttl,
+        cfg.auth.max_stale,
         cfg.auth.negative_ttl,
     ));
     let warmed = db_rt

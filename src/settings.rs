@@ -70,6 +70,8 @@ impl Database {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Auth {
     pub cache_ttl: Duration,
+    /// At least `cache_ttl`.
+    pub max_stale: Duration,
     pub negative_ttl: Duration,
     pub cache_capacity: NonZeroU64,
 }
@@ -286,8 +288,20 @@ impl Settings {
         };
 
         let a = &file.auth;
+        let cache_ttl = secs("auth", "cache_ttl_secs", a.cache_ttl_secs, DAY)?;
+        let max_stale = secs("auth", "max_stale_secs", a.max_stale_secs, 30 * DAY)?;
+        if max_stale < cache_ttl {
+            return Err(invalid(
+                Place::Key("auth", "max_stale_secs"),
+                format!(
+                    "[auth] max_stale_secs = {} must be at least cache_ttl_secs = {}",
+                    a.max_stale_secs, a.cache_ttl_secs
+                ),
+            ));
+        }
         let auth = Auth {
-            cache_ttl: secs("auth", "cache_ttl_secs", a.cache_ttl_secs, DAY)?,
+            cache_ttl,
+            max_stale,
             negative_ttl: secs("auth", "negative_ttl_secs", a.negative_ttl_secs, HOUR)?,
             cache_capacity: NonZeroU64::new(within(
                 "auth",
@@ -606,6 +620,7 @@ mod tests {
             ("\n[server]\nclient_timeout_secs = 0\n", "config.toml:3: [server] client_timeout_secs = 0 is out of range: it must be between 1 and 3600"),
             ("[database]\nmax_connections = 0\n", "config.toml:2: [database] max_connections = 0 is out of range: it must be between 1 and 1000"),
             ("[auth]\ncache_ttl_secs = 0\n", "config.toml:2: [auth] cache_ttl_secs = 0 is out of range: it must be between 1 and 86400"),
+            ("[auth]\ncache_ttl_secs = 60\nmax_stale_secs = 30\n", "config.toml:3: [auth] max_stale_secs = 30 must be at least cache_ttl_secs = 60"),
             ("[writer]\nflush_timeout_ms = 0\n", "config.toml:2: [writer] flush_timeout_ms = 0 is out of range: it must be between 1 and 600000"),
             ("[writer]\nspool_segment_bytes = 0\n", "config.toml:2: [writer] spool_segment_bytes = 0 is out of range: it must be between 4096 and 1073741824"),
             ("[writer]\nbatch_size = 0\n", "config.toml:2: [writer] batch_size = 0 is out of range: it must be between 1 and 100000"),
