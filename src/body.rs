@@ -12,6 +12,39 @@ pub struct BodyError {
     pub close: bool,
 }
 
+/// How the request says its body is framed, when that is ambiguous (RFC 9112 §6.1, §6.3): both
+/// `Content-Length` and `Transfer-Encoding`, a transfer coding other than `chunked` alone, or
+/// several `Content-Length`s that disagree. Proxies that read such framing differently are how
+/// requests are smuggled, so it is refused (400) and the connection closed. Pure. (pingora
+/// itself drops the `Content-Length` of a request that has both and turns keep-alive off, so
+/// such a request is served and its connection closed: `proxy.rs` keeps keep-alive off.)
+pub fn check_framing(headers: &http::HeaderMap) -> Result<(), &'static str> {
+    let te: Vec<&http::HeaderValue> = headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .collect();
+    let cl: Vec<&http::HeaderValue> = headers
+        .get_all(http::header::CONTENT_LENGTH)
+        .iter()
+        .collect();
+    if !te.is_empty() && !cl.is_empty() {
+        return Err("both Content-Length and Transfer-Encoding");
+    }
+    if !te.is_empty() {
+        let chunked_alone = te.len() == 1
+            && te[0]
+                .to_str()
+                .is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
+        if !chunked_alone {
+            return Err("a Transfer-Encoding other than chunked");
+        }
+    }
+    if cl.len() > 1 && cl.iter().any(|v| *v != cl[0]) {
+        return Err("conflicting Content-Length values");
+    }
+    Ok(())
+}
+
 /// Reads the whole body, refusing a declared or actual size above `limit` with 413.
 pub async fn read(session: &mut Session, limit: usize) -> Result<Bytes, BodyError> {
     let declared = session
@@ -68,4 +101,52 @@ pub async fn drain(session: &mut Session, limit: usize) -> bool {
     }
     session.set_total_drain_timeout(Some(std::time::Duration::from_secs(10)));
     session.drain_request_body().await.is_ok()
+}
+
+#[cfg(test)]
+mod framing_tests {
+    use super::check_framing;
+
+    fn check(headers: &[(&str, &str)], expected: Result<(), &str>) {
+        let mut map = http::HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        assert_eq!(check_framing(&map), expected, "{headers:?}");
+    }
+
+    #[test]
+    fn framing() {
+        check(&[], Ok(()));
+        check(&[("content-length", "5")], Ok(()));
+        check(&[("transfer-encoding", "chunked")], Ok(()));
+        check(&[("transfer-encoding", " Chunked ")], Ok(()));
+        check(
+            &[("content-length", "5"), ("transfer-encoding", "chunked")],
+            Err("both Content-Length and Transfer-Encoding"),
+        );
+        check(
+            &[("transfer-encoding", "identity, chunked")],
+            Err("a Transfer-Encoding other than chunked"),
+        );
+        check(
+            &[
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "chunked"),
+            ],
+            Err("a Transfer-Encoding other than chunked"),
+        );
+        check(
+            &[("transfer-encoding", "gzip")],
+            Err("a Transfer-Encoding other than chunked"),
+        );
+        check(&[("content-length", "5"), ("content-length", "5")], Ok(()));
+        check(
+            &[("content-length", "5"), ("content-length", "6")],
+            Err("conflicting Content-Length values"),
+        );
+    }
 }

@@ -425,7 +425,7 @@ fn credentials(api_key: &str, header: Option<&str>) -> Result<serde_json::Value,
 }
 
 /// An upstream URL: `http(s)://host[:port][/path[?query]]` in ASCII (RFC 3986 characters,
-/// `%XX` escapes; an IPv6 literal needs a port: `http://[::1]:8000`). The same grammar as the
+/// `%XX` escapes; an IPv6 literal in brackets, with or without a port: `http://[::1]:8000`). The same grammar as the
 /// `pattern` of `base_url` in openapi.json. `https://Ï` is refused: write `https://xn--4ca`.
 pub fn check_base_url(url: &str) -> Result<(), OpsError> {
     let bad = |m: String| invalid("base_url", m);
@@ -463,9 +463,10 @@ pub fn check_base_url(url: &str) -> Result<(), OpsError> {
             && p.parse::<u16>().is_ok()
     };
     let authority_ok = match authority.strip_prefix('[') {
-        Some(v6) => v6
-            .split_once("]:")
-            .is_some_and(|(h, p)| h.parse::<std::net::Ipv6Addr>().is_ok() && port_ok(p)),
+        Some(v6) => v6.split_once(']').is_some_and(|(h, after)| {
+            h.parse::<std::net::Ipv6Addr>().is_ok()
+                && (after.is_empty() || after.strip_prefix(':').is_some_and(port_ok))
+        }),
         None => {
             let (host, port) = match authority.split_once(':') {
                 Some((h, p)) => (h, Some(p)),
@@ -480,7 +481,7 @@ pub fn check_base_url(url: &str) -> Result<(), OpsError> {
     };
     if !authority_ok {
         return Err(bad(format!(
-            "{authority:?} is not host[:port] (no user info; an IPv6 host as [addr]:port)"
+            "{authority:?} is not host[:port] (no user info; an IPv6 host as [addr] or [addr]:port)"
         )));
     }
     Endpoint::parse(url).map_err(|e| invalid("base_url", e))?;
@@ -848,7 +849,8 @@ mod tests {
             ("https://a/#frag", false),
             ("https://a/[x]", false),
             ("http://[::1]:8000/v1", true),
-            ("http://[::1]", false),
+            ("http://[::1]", true),
+            ("http://[::1]x", false),
             ("http://[0]:0", false),
             ("http://[::ffff:1.2.3.4]:80", true),
         ] {

@@ -4,7 +4,7 @@
 //! | phase            | stage                                                      |
 //! |------------------|------------------------------------------------------------|
 //! | `new_ctx`        | [`RequestCtx::new`]: request id, start time, in-flight guard |
-//! | `request_filter` | [`path`](crate::path) (normalise) → [`auth`](crate::auth) → path permission → [`route`](crate::route) → [`body`](crate::body) → model permission → [`request`](crate::request) (`include_usage`) → [`forward`](crate::forward) |
+//! | `request_filter` | framing check → [`path`](crate::path) (normalise) → [`auth`](crate::auth) → path permission → [`route`](crate::route) → [`body`](crate::body) → model permission → [`request`](crate::request) (`include_usage`) → [`forward`](crate::forward) |
 //! | `logging`        | [`RequestCtx::finished`] → [`meter::record`] → [`UsageSink::submit`]; metrics; one structured log line |
 //!
 //! `request_filter` always answers the request itself (it returns `true`), so pingora's own
@@ -70,7 +70,12 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        session.set_keepalive(Some(self.idle_timeout_secs));
+        // pingora turns keep-alive off where the client asked (`Connection: close`) or framing is
+        // not to be trusted (RFC 9112 §6.1: both Content-Length and Transfer-Encoding; it drops the
+        // Content-Length): it stays off, so such a connection closes after its response.
+        if session.as_downstream().get_keepalive().is_some() {
+            session.set_keepalive(Some(self.idle_timeout_secs));
+        }
         // A client that stalls mid-request or stops reading is cut off rather than held forever.
         session.set_read_timeout(Some(self.client_timeout));
         session.set_write_timeout(Some(self.client_timeout));
@@ -144,6 +149,10 @@ impl Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> std::result::Result<(), (GatewayError, bool)> {
+        body::check_framing(&session.req_header().headers).map_err(|why| {
+            let error = GatewayError::BadRequest(format!("ambiguous body framing: {why}"));
+            (error, true)
+        })?;
         if let Cow::Owned(normal) =
             path::normalize(session.req_header().uri.path()).map_err(|e| (e.into(), false))?
         {

@@ -85,36 +85,56 @@ impl Endpoint {
         if authority.is_empty() || authority.contains('@') {
             return Err("base_url needs a host (and no user info)".into());
         }
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-                let port = p
-                    .parse::<u16>()
-                    .map_err(|_| format!("base_url has a bad port {p:?}"))?;
-                (h, port)
+        let default_port = if tls { 443 } else { 80 };
+        let port_of = |p: &str| {
+            p.parse::<u16>()
+                .map_err(|_| format!("base_url has a bad port {p:?}"))
+        };
+        let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+            // An IPv6 literal: `[addr]` or `[addr]:port`.
+            let (addr, after) = bracketed
+                .split_once(']')
+                .ok_or("base_url has an unclosed '[' in its host")?;
+            let port = match after {
+                "" => default_port,
+                p => port_of(
+                    p.strip_prefix(':')
+                        .ok_or_else(|| format!("base_url has a bad port {p:?}"))?,
+                )?,
+            };
+            if addr.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(format!("base_url has a bad IPv6 address {addr:?}"));
             }
-            _ => (authority, if tls { 443 } else { 80 }),
+            (addr, port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h, port_of(p)?),
+                None => (authority, default_port),
+            }
         };
         if host.is_empty() {
             return Err("base_url needs a host".into());
         }
         Ok(Endpoint {
             tls,
-            host: host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string(),
+            host: host.to_string(),
             port,
             base_path: path.trim_end_matches('/').to_string(),
         })
     }
 
-    /// The `Host` header value.
+    /// The `Host` header value (an IPv6 literal in brackets).
     pub fn authority(&self) -> String {
         let default = if self.tls { 443 } else { 80 };
-        if self.port == default {
-            self.host.clone()
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
         } else {
-            format!("{}:{}", self.host, self.port)
+            self.host.clone()
+        };
+        if self.port == default {
+            host
+        } else {
+            format!("{host}:{}", self.port)
         }
     }
 }
@@ -521,6 +541,17 @@ mod tests {
             Ok((true, "gw.example", 443, "/openai/v1")),
         );
         check_endpoint("http://[::1]:8080", Ok((false, "::1", 8080, "")));
+        check_endpoint("http://[fd00::1]", Ok((false, "fd00::1", 80, "")));
+        check_endpoint("https://[fd00::1]/v1/", Ok((true, "fd00::1", 443, "/v1")));
+        check_endpoint(
+            "http://[fd00::1",
+            Err("base_url has an unclosed '[' in its host"),
+        );
+        check_endpoint(
+            "http://[nope]:80",
+            Err("base_url has a bad IPv6 address \"nope\""),
+        );
+        check_endpoint("http://[::1]x", Err("base_url has a bad port \"x\""));
         check_endpoint(
             "ftp://x",
             Err("base_url must start with http:// or https://"),

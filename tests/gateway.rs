@@ -691,3 +691,46 @@ async fn secrets_at_trace(db: Db) {
         "part of the client's key is in the log"
     );
 }
+
+both_dbs!(
+    ambiguous_body_framing_is_refused_and_closed,
+    ambiguous_framing
+);
+async fn ambiguous_framing(db: Db) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mock = MockUpstream::json_ok().await;
+    let mut gw = gateway(db, "").await;
+    gw.add_user("alice@example.com");
+    gw.add_account("main", "openai", &mock.url(), "sk", 1, 1);
+    let key = gw.create_key("alice@example.com", &[]);
+    gw.start().await;
+    // Both lengths: pingora drops Content-Length (RFC 9112 §6.3), so it is served, and then the
+    // connection closes (§6.1). The others are refused.
+    for (framing, status) in [
+        ("content-length: 5\r\ntransfer-encoding: chunked\r\n", "200"),
+        ("transfer-encoding: identity, chunked\r\n", "400"),
+        ("content-length: 5\r\ncontent-length: 6\r\n", "400"),
+    ] {
+        let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        // A smuggled second request follows; it must never be served.
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {key}\r\n{framing}\r\n\
+             0\r\n\r\nGET /v1/models HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {key}\r\n\r\n"
+        );
+        conn.write_all(req.as_bytes()).await.unwrap();
+        // read_to_end returns only when tollgate closes the connection.
+        let mut response = Vec::new();
+        conn.read_to_end(&mut response).await.unwrap();
+        let text = String::from_utf8_lossy(&response);
+        assert!(
+            text.starts_with(&format!("HTTP/1.1 {status}")),
+            "{framing:?}: {text}"
+        );
+        assert_eq!(
+            text.matches("HTTP/1.1").count(),
+            1,
+            "one answer, then close: {text}"
+        );
+    }
+    assert_eq!(mock.count(), 1, "only the request served; no smuggled one");
+}
