@@ -197,7 +197,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             // empty database.
             tracing::warn!(file = %file.display(), "no database file there yet: creating an empty one");
         }
-        let store = Store::connect(&cfg.database.url, 2)
+        let store = Store::connect_within(&cfg.database.url, 2, cfg.database.connect_timeout)
             .await
             .with_context(|| {
                 format!(

@@ -92,6 +92,8 @@ pub struct DatabaseConfig {
     /// `sqlite://FILE` (created if missing) or `postgres://…`.
     pub url: String,
     pub max_connections: u32,
+    /// Longest wait to reach the database (at start, for a CLI command, for a pooled connection).
+    pub connect_timeout_secs: u64,
 }
 
 impl Default for DatabaseConfig {
@@ -99,6 +101,7 @@ impl Default for DatabaseConfig {
         DatabaseConfig {
             url: "sqlite://tollgate.db".into(),
             max_connections: 8,
+            connect_timeout_secs: 10,
         }
     }
 }

@@ -68,9 +68,10 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
         Metrics::install().map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))?,
     );
     let store = db_rt
-        .block_on(Store::connect(
+        .block_on(Store::connect_within(
             &cfg.database.url,
             cfg.database.max_connections.get(),
+            cfg.database.connect_timeout,
         ))
         .with_context(|| format!("opening the database {}", redact_url(&cfg.database.url)))?;
     tracing::info!(database = %redact_url(&cfg.database.url), "database opened");

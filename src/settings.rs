@@ -53,6 +53,7 @@ pub struct Database {
     /// `postgres://…`.
     pub url: String,
     pub max_connections: NonZeroU32,
+    pub connect_timeout: Duration,
 }
 
 impl Database {
@@ -285,6 +286,12 @@ impl Settings {
                 1000,
             )? as u32)
             .ok_or_else(|| invalid(Place::Key("database", "max_connections"), "must not be 0"))?,
+            connect_timeout: secs(
+                "database",
+                "connect_timeout_secs",
+                file.database.connect_timeout_secs,
+                10 * MINUTE,
+            )?,
         };
 
         let a = &file.auth;
@@ -694,6 +701,7 @@ mod tests {
         let db = |url: &str| Database {
             url: url.into(),
             max_connections: NonZeroU32::MIN,
+            connect_timeout: Duration::from_secs(1),
         };
         assert_eq!(
             db("sqlite:///a/b.db?mode=rwc").sqlite_file(),

@@ -460,3 +460,46 @@ async fn usage_costs(db: Db) {
     assert_eq!(stdout(&empty).lines().count(), 1, "only the header");
     assert!(stderr(&empty).starts_with("no usage from 2000-01-01"));
 }
+
+/// A database that accepts connections and never answers: every CLI command gives up after
+/// `[database] connect_timeout_secs` with a one-line error instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_database_is_an_error_not_a_hang() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            open.push(conn); // held open, never answered
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!("[database]\nurl = \"postgres://u@{addr}/db\"\nconnect_timeout_secs = 1\n"),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(common::BIN)
+            .arg("--config")
+            .arg(&config)
+            .args(["users", "list"])
+            .env_remove("TOLLGATE_DATABASE_URL")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    held.abort();
+    assert!(!out.status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    let err = stderr(&out);
+    assert!(err.contains("no answer within 1s"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}

@@ -48,6 +48,8 @@ pub enum StoreError {
     NotFound(String),
     #[error("{0} already exists")]
     Conflict(String),
+    #[error("no answer within {0:?}")]
+    Unreachable(Duration),
 }
 
 impl StoreError {
@@ -61,9 +63,32 @@ impl StoreError {
     }
 }
 
+/// How long [`Store::connect`] waits for the database (and a pooled connection) by default.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Store {
-    /// Connects (creating a SQLite file if missing) and applies pending migrations.
+    /// Connects (creating a SQLite file if missing) and applies pending migrations, within
+    /// [`CONNECT_TIMEOUT`].
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store, StoreError> {
+        Store::connect_within(url, max_connections, CONNECT_TIMEOUT).await
+    }
+
+    /// [`Store::connect`] within `timeout`, which also bounds every later wait for a pooled
+    /// connection: an unreachable database is an error after `timeout`, never a hang.
+    pub async fn connect_within(
+        url: &str,
+        max_connections: u32,
+        timeout: Duration,
+    ) -> Result<Store, StoreError> {
+        match tokio::time::timeout(timeout, Store::open(url, max_connections, timeout)).await {
+            Ok(Err(StoreError::Db(sqlx::Error::PoolTimedOut))) | Err(_) => {
+                Err(StoreError::Unreachable(timeout))
+            }
+            Ok(opened) => opened,
+        }
+    }
+
+    async fn open(url: &str, max_connections: u32, timeout: Duration) -> Result<Store, StoreError> {
         let store = if url.starts_with("sqlite:") {
             let opts = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
@@ -73,7 +98,7 @@ impl Store {
                 .foreign_keys(true);
             let pool = SqlitePoolOptions::new()
                 .max_connections(max_connections.max(1))
-                .acquire_timeout(Duration::from_secs(10))
+                .acquire_timeout(timeout)
                 .connect_with(opts)
                 .await?;
             Store::Sqlite(pool)
@@ -81,7 +106,7 @@ impl Store {
             let opts = PgConnectOptions::from_str(url)?;
             let pool = PgPoolOptions::new()
                 .max_connections(max_connections.max(1))
-                .acquire_timeout(Duration::from_secs(10))
+                .acquire_timeout(timeout)
                 .connect_with(opts)
                 .await?;
             Store::Postgres(pool)
