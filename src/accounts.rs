@@ -13,7 +13,10 @@ use tokio::sync::{watch, Notify};
 use crate::config::{expand_env, AccountConfig};
 use crate::settings;
 use crate::store::{NewAccount, Store};
-use crate::upstream::{Account, AccountSet, AccountSpec, Endpoint, PeerTimeouts, StatsRegistry};
+use crate::upstream::{
+    forbidden_destination, is_own_listener, Account, AccountSet, AccountSpec, Endpoint,
+    PeerTimeouts, StatsRegistry,
+};
 
 /// `[[upstream_accounts]]` from the file go into the database, matched by name.
 pub async fn upsert_from_config(store: &Store, accounts: &[AccountConfig]) -> anyhow::Result<()> {
@@ -42,6 +45,8 @@ pub async fn upsert_from_config(store: &Store, accounts: &[AccountConfig]) -> an
 /// Builds [`AccountSet`]s from the database, keeping per-account stats across loads.
 pub struct AccountLoader {
     store: Store,
+    /// tollgate's own listeners: no account may point at them.
+    own: Vec<std::net::SocketAddr>,
     /// Timeouts, cooldowns and the refresh period; swapped by a config reload.
     pub settings: ArcSwap<settings::Upstream>,
     stats: StatsRegistry,
@@ -49,9 +54,14 @@ pub struct AccountLoader {
 }
 
 impl AccountLoader {
-    pub fn new(store: Store, settings: settings::Upstream) -> AccountLoader {
+    pub fn new(
+        store: Store,
+        settings: settings::Upstream,
+        own: Vec<std::net::SocketAddr>,
+    ) -> AccountLoader {
         AccountLoader {
             store,
+            own,
             settings: ArcSwap::from_pointee(settings),
             stats: StatsRegistry::default(),
             epoch: Instant::now(),
@@ -100,13 +110,16 @@ impl AccountLoader {
                     .and_then(|v| v.as_str())
                     .map(str::to_string),
             };
-            match resolve(&spec).await {
+            match resolve(&spec)
+                .await
+                .and_then(|addr| self.check_destination(&spec, addr))
+            {
                 Ok(addr) => match Account::build(&spec, addr, timeouts, self.stats.get(spec.id)) {
                     Ok(a) => accounts.push(a),
                     Err(e) => tracing::error!(account = %row.name, error = %e, "account skipped"),
                 },
                 Err(e) => {
-                    tracing::error!(account = %row.name, error = %e, "account skipped: cannot resolve its host")
+                    tracing::error!(account = %row.name, error = %e, "account skipped")
                 }
             }
         }
@@ -119,10 +132,44 @@ impl AccountLoader {
     }
 }
 
+impl AccountLoader {
+    /// Refuses a destination an account may not have (checked after DNS resolution, so a name
+    /// that resolves there is caught too), unless `[upstream] allow_hosts` names its host.
+    fn check_destination(
+        &self,
+        spec: &AccountSpec,
+        addr: std::net::SocketAddr,
+    ) -> anyhow::Result<std::net::SocketAddr> {
+        let ep = Endpoint::parse(&spec.base_url).map_err(anyhow::Error::msg)?;
+        let settings = self.settings.load();
+        let allowed = |h: &str| {
+            settings
+                .allow_hosts
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(h))
+        };
+        if allowed(&ep.host) || allowed(&addr.ip().to_string()) {
+            return Ok(addr);
+        }
+        if let Some(why) = forbidden_destination(&ep.host, addr.ip()) {
+            anyhow::bail!(
+                "{} ({addr}) is {why}; name it in [upstream] allow_hosts to allow it",
+                ep.host
+            );
+        }
+        if is_own_listener(addr, &self.own) {
+            anyhow::bail!("{addr} is one of tollgate's own listeners");
+        }
+        Ok(addr)
+    }
+}
+
 async fn resolve(spec: &AccountSpec) -> anyhow::Result<std::net::SocketAddr> {
     let ep = Endpoint::parse(&spec.base_url).map_err(anyhow::Error::msg)?;
-    let mut addrs = tokio::net::lookup_host((ep.host.as_str(), ep.port)).await?;
-    addrs.next().context("no address")
+    let mut addrs = tokio::net::lookup_host((ep.host.as_str(), ep.port))
+        .await
+        .context("cannot resolve its host")?;
+    addrs.next().context("its host has no address")
 }
 
 /// A request that finds no account of its type at all (say, one added with the CLI a moment ago,

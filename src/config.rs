@@ -151,6 +151,9 @@ pub struct UpstreamConfig {
     pub refresh_secs: u64,
     /// `anthropic-version` sent to Anthropic when the client sends none.
     pub anthropic_version: String,
+    /// Hosts (names or addresses) an account may point at although they are link-local or
+    /// cloud-metadata addresses, refused otherwise. Loopback and private networks need no entry.
+    pub allow_hosts: Vec<String>,
 }
 
 impl Default for UpstreamConfig {
@@ -165,6 +168,7 @@ impl Default for UpstreamConfig {
             pool_max_idle: 128,
             refresh_secs: 10,
             anthropic_version: "2023-06-01".into(),
+            allow_hosts: Vec::new(),
         }
     }
 }

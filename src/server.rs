@@ -80,7 +80,11 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
     // Every listener is bound before anything starts: a taken port fails the start at once.
     let listeners = Listeners::bind(&cfg)?;
 
-    let loader = Arc::new(AccountLoader::new(store.clone(), cfg.upstream.clone()));
+    let loader = Arc::new(AccountLoader::new(
+        store.clone(),
+        cfg.upstream.clone(),
+        listeners.addresses(),
+    ));
     let initial = db_rt.block_on(loader.load())?;
     if initial.is_empty() {
         tracing::warn!("no active upstream accounts yet: requests will get 503 until one is added");
@@ -330,6 +334,14 @@ impl Listeners {
         } else {
             config
         }
+    }
+
+    /// Where every listener is bound.
+    fn addresses(&self) -> Vec<SocketAddr> {
+        let mut all = vec![self.proxy];
+        all.extend(self.metrics.local_addr().ok());
+        all.extend(self.admin.as_ref().and_then(|(l, _)| l.local_addr().ok()));
+        all
     }
 
     /// The line that says where each listener is, logged once the gateway is ready.

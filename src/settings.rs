@@ -89,6 +89,8 @@ pub struct Upstream {
     pub pool_max_idle: usize,
     pub refresh: Duration,
     pub anthropic_version: HeaderValue,
+    /// Hosts allowed although link-local or cloud metadata (see `upstream::forbidden_host`).
+    pub allow_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -375,6 +377,11 @@ impl Settings {
                         ),
                     )
                 })?,
+            allow_hosts: u
+                .allow_hosts
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
         };
 
         let m = &file.metering;

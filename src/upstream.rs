@@ -139,6 +139,47 @@ impl Endpoint {
     }
 }
 
+/// Why an account may not point at `host` resolved to `addr` unless `[upstream] allow_hosts`
+/// names it: link-local addresses (where cloud metadata services answer: 169.254.169.254,
+/// fe80::/10), AWS's IPv6 metadata address, and the metadata hosts by name. Loopback and private
+/// networks (self-hosted models) stay allowed. Pure.
+pub fn forbidden_destination(host: &str, addr: std::net::IpAddr) -> Option<&'static str> {
+    use std::net::IpAddr;
+    const AWS_METADATA_V6: std::net::Ipv6Addr =
+        std::net::Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0254);
+    let host = host.trim_end_matches('.');
+    if host.eq_ignore_ascii_case("metadata.google.internal")
+        || host.eq_ignore_ascii_case("metadata")
+    {
+        return Some("a cloud metadata host");
+    }
+    let v4 = match addr {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(a) => a.to_ipv4_mapped(),
+    };
+    if v4.is_some_and(|a| a.is_link_local()) {
+        return Some("a link-local address (cloud metadata services answer there)");
+    }
+    if let IpAddr::V6(a) = addr {
+        if a == AWS_METADATA_V6 {
+            return Some("the AWS metadata address");
+        }
+        if a.segments()[0] & 0xffc0 == 0xfe80 {
+            return Some("a link-local address");
+        }
+    }
+    None
+}
+
+/// Whether `addr` is one of tollgate's own listeners (an account pointing there would loop, or
+/// reach the admin API with the account's credential).
+pub fn is_own_listener(addr: std::net::SocketAddr, own: &[std::net::SocketAddr]) -> bool {
+    own.iter().any(|o| {
+        o.port() == addr.port()
+            && (o.ip() == addr.ip() || (o.ip().is_unspecified() && addr.ip().is_loopback()))
+    })
+}
+
 /// Why an attempt on an account failed (the `kind` label of `tollgate_upstream_errors_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -601,6 +642,51 @@ mod tests {
         }
         assert!(set.pick(AccountType::Anthropic, &[]).is_none());
         assert!(set.pick(AccountType::Openai, &[1, 2, 3]).is_none());
+    }
+
+    #[test]
+    fn forbidden_destinations() {
+        for (host, addr, expected) in [
+            ("169.254.169.254", "169.254.169.254", true),
+            ("example", "169.254.1.1", true),
+            ("metadata.google.internal", "10.0.0.1", true),
+            ("METADATA.google.internal.", "10.0.0.1", true),
+            ("x", "fd00:ec2::254", true),
+            ("x", "fe80::1", true),
+            ("x", "::ffff:169.254.169.254", true),
+            ("localhost", "127.0.0.1", false),
+            ("llm.lan", "192.168.1.20", false),
+            ("llm", "10.1.2.3", false),
+            ("x", "fd00::1", false),
+            ("api.openai.com", "162.159.140.245", false),
+        ] {
+            let ip: std::net::IpAddr = addr.parse().unwrap();
+            assert_eq!(
+                forbidden_destination(host, ip).is_some(),
+                expected,
+                "{host} {addr}"
+            );
+        }
+    }
+
+    #[test]
+    fn own_listeners() {
+        let own: Vec<std::net::SocketAddr> = vec![
+            "127.0.0.1:9090".parse().unwrap(),
+            "0.0.0.0:9091".parse().unwrap(),
+        ];
+        for (addr, expected) in [
+            ("127.0.0.1:9090", true),
+            ("127.0.0.1:9091", true),
+            ("127.0.0.2:9090", false),
+            ("127.0.0.1:8000", false),
+        ] {
+            assert_eq!(
+                is_own_listener(addr.parse().unwrap(), &own),
+                expected,
+                "{addr}"
+            );
+        }
     }
 
     #[test]

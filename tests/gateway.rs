@@ -734,3 +734,22 @@ async fn ambiguous_framing(db: Db) {
     }
     assert_eq!(mock.count(), 1, "only the request served; no smuggled one");
 }
+
+both_dbs!(
+    accounts_cannot_point_at_cloud_metadata,
+    metadata_destinations
+);
+async fn metadata_destinations(db: Db) {
+    let mut gw = gateway(db, "").await;
+    gw.add_user("alice@example.com");
+    gw.add_account("imds", "openai", "http://169.254.169.254", "sk", 1, 1);
+    let key = gw.create_key("alice@example.com", &[]);
+    gw.start().await;
+    let (status, code) = error_code(post(&gw, Some(&key), "{}").await).await;
+    assert_eq!((status, code.as_str()), (503, "no_account"));
+    assert!(
+        gw.log().contains("is a link-local address"),
+        "the skip is logged with its reason: {}",
+        gw.log()
+    );
+}
