@@ -45,6 +45,31 @@ pub fn check_framing(headers: &http::HeaderMap) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// The header section within `[server] max_header_bytes` and `max_headers` (pingora's own limits
+/// are 1 MiB and 256 fields); `Err` says which was exceeded. Pure.
+pub fn check_header_size(
+    headers: &http::HeaderMap,
+    max_bytes: usize,
+    max_fields: usize,
+) -> Result<(), GatewayError> {
+    if headers.len() > max_fields {
+        return Err(GatewayError::HeadersTooLarge(format!(
+            "{} header fields (at most {max_fields})",
+            headers.len()
+        )));
+    }
+    let bytes: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if bytes > max_bytes {
+        return Err(GatewayError::HeadersTooLarge(format!(
+            "{bytes} bytes of headers (at most {max_bytes})"
+        )));
+    }
+    Ok(())
+}
+
 /// Reads the whole body, refusing a declared or actual size above `limit` with 413.
 pub async fn read(session: &mut Session, limit: usize) -> Result<Bytes, BodyError> {
     let declared = session
@@ -105,7 +130,23 @@ pub async fn drain(session: &mut Session, limit: usize) -> bool {
 
 #[cfg(test)]
 mod framing_tests {
-    use super::check_framing;
+    use super::{check_framing, check_header_size};
+
+    #[test]
+    fn header_limits() {
+        let mut map = http::HeaderMap::new();
+        map.insert("a", "x".repeat(10).parse().unwrap()); // 1 + 10 + 4 = 15 bytes
+        map.insert("b", "y".parse().unwrap()); // 1 + 1 + 4 = 6 bytes
+        assert!(check_header_size(&map, 21, 2).is_ok());
+        assert_eq!(
+            check_header_size(&map, 20, 2).unwrap_err().to_string(),
+            "request header too large: 21 bytes of headers (at most 20)"
+        );
+        assert_eq!(
+            check_header_size(&map, 100, 1).unwrap_err().to_string(),
+            "request header too large: 2 header fields (at most 1)"
+        );
+    }
 
     fn check(headers: &[(&str, &str)], expected: Result<(), &str>) {
         let mut map = http::HeaderMap::new();

@@ -69,6 +69,10 @@ pub struct ServerConfig {
     pub idle_timeout_secs: u64,
     /// Largest request body accepted (and buffered for replay); larger gets 413.
     pub max_body_bytes: usize,
+    /// Largest request header section (names + values) and most header fields accepted; above
+    /// either, 431 and the connection closed, before any upstream sees the request. Envoy's limits.
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
     /// Longest wait on one read from or write to a client (slow or stalled clients are cut off).
     pub client_timeout_secs: u64,
 }
@@ -81,6 +85,8 @@ impl Default for ServerConfig {
             grace_period_secs: 30,
             idle_timeout_secs: 75,
             max_body_bytes: 32 * 1024 * 1024,
+            max_header_bytes: 60 * 1024,
+            max_headers: 100,
             client_timeout_secs: 60,
         }
     }
@@ -456,7 +462,7 @@ mod tests {
             "[server]\nlisten = \"nope\"\n",
             "config.toml:2: invalid socket address syntax",
         );
-        check_err("[server]\nbogus = 1\n", "config.toml:2: unknown field `bogus`, expected one of `listen`, `threads`, `grace_period_secs`, `idle_timeout_secs`, `max_body_bytes`, `client_timeout_secs`");
+        check_err("[server]\nbogus = 1\n", "config.toml:2: unknown field `bogus`, expected one of `listen`, `threads`, `grace_period_secs`, `idle_timeout_secs`, `max_body_bytes`, `max_header_bytes`, `max_headers`, `client_timeout_secs`");
         check_err(
             "[[upstream_accounts]]\nname = \"a\"\ntype = \"nope\"\nbase_url = \"http://x\"\napi_key = \"k\"\n",
             "config.toml:3: unknown variant `nope`, expected one of `openai`, `anthropic`, `generic`",

@@ -61,6 +61,8 @@ pub enum GatewayError {
     BadRequest(String),
     #[error("no route for this path")]
     NoRoute,
+    #[error("request header too large: {0}")]
+    HeadersTooLarge(String),
     #[error("{0}")]
     BadPath(#[from] crate::path::PathError),
     #[error("no upstream account is available for this request")]
@@ -95,6 +97,12 @@ impl GatewayError {
                 "invalid_request_error",
                 "invalid_request_error",
                 "bad_request",
+            ),
+            GatewayError::HeadersTooLarge(_) => parts(
+                431,
+                "invalid_request_error",
+                "invalid_request_error",
+                "headers_too_large",
             ),
             GatewayError::BadPath(_) => parts(
                 400,

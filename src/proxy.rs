@@ -4,7 +4,7 @@
 //! | phase            | stage                                                      |
 //! |------------------|------------------------------------------------------------|
 //! | `new_ctx`        | [`RequestCtx::new`]: request id, start time, in-flight guard |
-//! | `request_filter` | framing check → [`path`](crate::path) (normalise) → [`auth`](crate::auth) → path permission → [`route`](crate::route) → [`body`](crate::body) → model permission → [`request`](crate::request) (`include_usage`) → [`forward`](crate::forward) |
+//! | `request_filter` | header limits → framing check → [`path`](crate::path) (normalise) → [`auth`](crate::auth) → path permission → [`route`](crate::route) → [`body`](crate::body) → model permission → [`request`](crate::request) (`include_usage`) → [`forward`](crate::forward) |
 //! | `logging`        | [`RequestCtx::finished`] → [`meter::record`] → [`UsageSink::submit`]; metrics; one structured log line |
 //!
 //! `request_filter` always answers the request itself (it returns `true`), so pingora's own
@@ -45,6 +45,9 @@ pub struct Gateway {
     pub router: Arc<ArcSwap<Router>>,
     pub forwarder: Forwarder,
     pub max_body_bytes: usize,
+    /// `[server] max_header_bytes` / `max_headers`: above either, 431 and close.
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
     pub idle_timeout_secs: u64,
     /// Longest wait on one read from or write to the client.
     pub client_timeout: std::time::Duration,
@@ -149,6 +152,9 @@ impl Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> std::result::Result<(), (GatewayError, bool)> {
+        let headers = &session.req_header().headers;
+        body::check_header_size(headers, self.max_header_bytes, self.max_headers)
+            .map_err(|e| (e, true))?;
         body::check_framing(&session.req_header().headers).map_err(|why| {
             let error = GatewayError::BadRequest(format!("ambiguous body framing: {why}"));
             (error, true)

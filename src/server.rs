@@ -115,6 +115,8 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
             },
         ),
         max_body_bytes: cfg.server.max_body_bytes.get(),
+        max_header_bytes: cfg.server.max_header_bytes.get(),
+        max_headers: cfg.server.max_headers.get(),
         idle_timeout_secs: cfg.server.idle_timeout.as_secs(),
         client_timeout: cfg.server.client_timeout,
         drain: drain.clone(),

@@ -44,6 +44,8 @@ pub struct Server {
     pub grace_period: Duration,
     pub idle_timeout: Duration,
     pub max_body_bytes: NonZeroUsize,
+    pub max_header_bytes: NonZeroUsize,
+    pub max_headers: NonZeroUsize,
     pub client_timeout: Duration,
 }
 
@@ -269,6 +271,9 @@ impl Settings {
             grace_period: secs("server", "grace_period_secs", s.grace_period_secs, HOUR)?,
             idle_timeout: secs("server", "idle_timeout_secs", s.idle_timeout_secs, HOUR)?,
             max_body_bytes: nonzero_usize("server", "max_body_bytes", s.max_body_bytes, GIB)?,
+            // pingora itself refuses more than 1 MiB or 256 fields: tighter limits only.
+            max_header_bytes: nonzero_usize("server", "max_header_bytes", s.max_header_bytes, MIB)?,
+            max_headers: nonzero_usize("server", "max_headers", s.max_headers, 256)?,
             client_timeout: secs("server", "client_timeout_secs", s.client_timeout_secs, HOUR)?,
         };
 

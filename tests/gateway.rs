@@ -753,3 +753,36 @@ async fn metadata_destinations(db: Db) {
         gw.log()
     );
 }
+
+both_dbs!(
+    oversized_headers_get_431_and_never_reach_the_upstream,
+    header_limits
+);
+async fn header_limits(db: Db) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mock = MockUpstream::json_ok().await;
+    let mut gw = gateway(db, "").await;
+    gw.add_user("alice@example.com");
+    gw.add_account("main", "openai", &mock.url(), "sk", 1, 1);
+    let key = gw.create_key("alice@example.com", &[]);
+    gw.start().await;
+    let big = format!("x-big: {}\r\n", "a".repeat(70 * 1024));
+    let many: String = (0..150).map(|i| format!("x-h{i}: v\r\n")).collect();
+    for (extra, status) in [(big.as_str(), "431"), (many.as_str(), "431"), ("", "200")] {
+        let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {key}\r\n{extra}\
+             content-length: 2\r\nconnection: close\r\n\r\n{{}}"
+        );
+        conn.write_all(req.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        conn.read_to_end(&mut response).await.unwrap();
+        let text = String::from_utf8_lossy(&response);
+        assert!(
+            text.starts_with(&format!("HTTP/1.1 {status}")),
+            "{}: {text}",
+            extra.len()
+        );
+    }
+    assert_eq!(mock.count(), 1, "only the request within the limits was forwarded");
+}
