@@ -784,5 +784,9 @@ async fn header_limits(db: Db) {
             extra.len()
         );
     }
-    assert_eq!(mock.count(), 1, "only the request within the limits was forwarded");
+    assert_eq!(
+        mock.count(),
+        1,
+        "only the request within the limits was forwarded"
+    );
 }
