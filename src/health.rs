@@ -17,7 +17,7 @@ use crate::httpd::{Handler, Response};
 use crate::lifecycle::Drain;
 use crate::metrics::{escape, Metrics};
 use crate::store::Store;
-use crate::upstream::{AccountSet, ErrorKind};
+use crate::upstream::{Account, AccountSet, ErrorKind};
 use crate::writer::UsageSink;
 
 /// What the metrics listener reads.
@@ -165,68 +165,50 @@ impl Health {
 
 /// The per-account families, from the accounts loaded now (label: the account name).
 fn render_accounts(set: &AccountSet, out: &mut String) {
-    let family = |out: &mut String, name: &str, kind: &str, help: &str| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
+    type Value = fn(&AccountSet, &Account) -> u64;
+    const FAMILIES: [(&str, &str, &str, Value); 3] = [
+        (
+            "tollgate_upstream_attempts_total",
+            "counter",
+            "Attempts sent to each upstream account.",
+            |_, a| a.stats.attempts.load(Ordering::Relaxed),
+        ),
+        (
+            "tollgate_upstream_successes_total",
+            "counter",
+            "Attempts whose response reached the client without an upstream error.",
+            |_, a| a.stats.successes.load(Ordering::Relaxed),
+        ),
+        (
+            "tollgate_upstream_cooldown",
+            "gauge",
+            "1 while the account is cooling down after a failure.",
+            |set, a| u64::from(set.in_cooldown(a)),
+        ),
+    ];
     let accounts: Vec<_> = set.accounts().collect();
-    family(
-        out,
-        "tollgate_upstream_attempts_total",
-        "counter",
-        "Attempts sent to each upstream account.",
-    );
-    for a in &accounts {
-        let v = a.stats.attempts.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "tollgate_upstream_attempts_total{{account=\"{}\"}} {v}",
-            escape(&a.name)
-        );
+    for (name, kind, help, value) in FAMILIES {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for a in &accounts {
+            let v = value(set, a);
+            let _ = writeln!(out, "{name}{{account=\"{}\"}} {v}", escape(&a.name));
+        }
     }
-    family(
+    let name = "tollgate_upstream_errors_total";
+    let _ = writeln!(
         out,
-        "tollgate_upstream_successes_total",
-        "counter",
-        "Attempts whose response reached the client without an upstream error.",
-    );
-    for a in &accounts {
-        let v = a.stats.successes.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "tollgate_upstream_successes_total{{account=\"{}\"}} {v}",
-            escape(&a.name)
-        );
-    }
-    family(
-        out,
-        "tollgate_upstream_errors_total",
-        "counter",
-        "Failed attempts per upstream account, by kind.",
+        "# HELP {name} Failed attempts per upstream account, by kind.\n# TYPE {name} counter"
     );
     for a in &accounts {
         for kind in ErrorKind::ALL {
             let v = a.stats.errors_of(kind);
             let _ = writeln!(
                 out,
-                "tollgate_upstream_errors_total{{account=\"{}\",kind=\"{}\"}} {v}",
+                "{name}{{account=\"{}\",kind=\"{}\"}} {v}",
                 escape(&a.name),
                 kind.as_str()
             );
         }
-    }
-    family(
-        out,
-        "tollgate_upstream_cooldown",
-        "gauge",
-        "1 while the account is cooling down after a failure.",
-    );
-    for a in &accounts {
-        let v = u8::from(set.in_cooldown(a));
-        let _ = writeln!(
-            out,
-            "tollgate_upstream_cooldown{{account=\"{}\"}} {v}",
-            escape(&a.name)
-        );
     }
 }
 

@@ -611,16 +611,12 @@ async fn cli_rejects_bad_input_with_one_line() {
 /// One request over a raw connection (clients normalise dot segments themselves, so the bypass
 /// corpus must be sent as is); returns the status line's code.
 async fn raw_status(gw: &Gateway, path: &str, key: &str) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nhost: tollgate\r\nauthorization: Bearer {key}\r\n\
-         content-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
-    );
-    conn.write_all(req.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    conn.read_to_end(&mut response).await.unwrap();
-    let text = String::from_utf8_lossy(&response);
+    let text = gw
+        .raw_exchange(&format!(
+            "POST {path} HTTP/1.1\r\nhost: tollgate\r\nauthorization: Bearer {key}\r\n\
+             content-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+        ))
+        .await;
     text.split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
@@ -656,7 +652,6 @@ async fn path_permissions(db: Db) {
 
 both_dbs!(no_secret_is_logged_even_at_trace_level, secrets_at_trace);
 async fn secrets_at_trace(db: Db) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mock = MockUpstream::json_ok().await;
     let mut gw = gateway(db, "").await;
     gw.rust_log = "trace".into();
@@ -667,14 +662,12 @@ async fn secrets_at_trace(db: Db) {
     gw.start().await;
     assert_eq!(post(&gw, Some(&key), "{}").await.status(), 200);
     // A malformed request carrying the key: pingora refuses it, and at debug would log it raw.
-    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let bad = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nauthorization: Bearer {key}\r\nthis is not a header\r\n\r\n"
-    );
-    conn.write_all(bad.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    let _ = conn.read_to_end(&mut response).await;
-    assert!(String::from_utf8_lossy(&response).starts_with("HTTP/1.1 400"));
+    let response = gw
+        .raw_exchange(&format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nauthorization: Bearer {key}\r\nthis is not a header\r\n\r\n"
+        ))
+        .await;
+    assert!(response.starts_with("HTTP/1.1 400"));
     assert!(gw.terminate().success());
     let log = gw.log();
     assert!(
@@ -697,7 +690,6 @@ both_dbs!(
     ambiguous_framing
 );
 async fn ambiguous_framing(db: Db) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mock = MockUpstream::json_ok().await;
     let mut gw = gateway(db, "").await;
     gw.add_user("alice@example.com");
@@ -711,17 +703,14 @@ async fn ambiguous_framing(db: Db) {
         ("transfer-encoding: identity, chunked\r\n", "400"),
         ("content-length: 5\r\ncontent-length: 6\r\n", "400"),
     ] {
-        let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-        // A smuggled second request follows; it must never be served.
-        let req = format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {key}\r\n{framing}\r\n\
-             0\r\n\r\nGET /v1/models HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {key}\r\n\r\n"
-        );
-        conn.write_all(req.as_bytes()).await.unwrap();
-        // read_to_end returns only when tollgate closes the connection.
-        let mut response = Vec::new();
-        conn.read_to_end(&mut response).await.unwrap();
-        let text = String::from_utf8_lossy(&response);
+        // A smuggled second request follows; it must never be served. The exchange ends only
+        // when tollgate closes the connection.
+        let text = gw
+            .raw_exchange(&format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {key}\r\n{framing}\r\n\
+                 0\r\n\r\nGET /v1/models HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {key}\r\n\r\n"
+            ))
+            .await;
         assert!(
             text.starts_with(&format!("HTTP/1.1 {status}")),
             "{framing:?}: {text}"
@@ -759,7 +748,6 @@ both_dbs!(
     header_limits
 );
 async fn header_limits(db: Db) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mock = MockUpstream::json_ok().await;
     let mut gw = gateway(db, "").await;
     gw.add_user("alice@example.com");
@@ -769,15 +757,12 @@ async fn header_limits(db: Db) {
     let big = format!("x-big: {}\r\n", "a".repeat(70 * 1024));
     let many: String = (0..150).map(|i| format!("x-h{i}: v\r\n")).collect();
     for (extra, status) in [(big.as_str(), "431"), (many.as_str(), "431"), ("", "200")] {
-        let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-        let req = format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {key}\r\n{extra}\
-             content-length: 2\r\nconnection: close\r\n\r\n{{}}"
-        );
-        conn.write_all(req.as_bytes()).await.unwrap();
-        let mut response = Vec::new();
-        conn.read_to_end(&mut response).await.unwrap();
-        let text = String::from_utf8_lossy(&response);
+        let text = gw
+            .raw_exchange(&format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {key}\r\n{extra}\
+                 content-length: 2\r\nconnection: close\r\n\r\n{{}}"
+            ))
+            .await;
         assert!(
             text.starts_with(&format!("HTTP/1.1 {status}")),
             "{}: {text}",

@@ -435,16 +435,7 @@ async fn postgres_outage_loses_and_duplicates_nothing() {
     let keys: Vec<String> = (0..5)
         .map(|_| gw.create_key("alice@example.com", &[]))
         .collect();
-    let cutter = common::TcpCutter::start(common::pg_socket(&gw.db.url)).await;
-    let via_cutter = gw
-        .db
-        .url
-        .replace(
-            &common::pg_socket(&gw.db.url).to_string(),
-            &cutter.addr.to_string(),
-        )
-        .replace("localhost:5432", &cutter.addr.to_string());
-    gw.set_database_url(&via_cutter);
+    let cutter = gw.through_cutter().await;
     gw.start().await;
 
     let send = |n: usize| {

@@ -42,16 +42,7 @@ async fn cached_keys_outlive_their_freshness_while_the_database_is_down() {
     gw.add_account("a", "openai", &mock.url(), "sk", 1, 1);
     let key = gw.create_key("alice@example.com", &[]);
     let never_seen = tollgate::keys::generate().unwrap();
-    let cutter = common::TcpCutter::start(common::pg_socket(&gw.db.url)).await;
-    let via_cutter = gw
-        .db
-        .url
-        .replace(
-            &common::pg_socket(&gw.db.url).to_string(),
-            &cutter.addr.to_string(),
-        )
-        .replace("localhost:5432", &cutter.addr.to_string());
-    gw.set_database_url(&via_cutter);
+    let cutter = gw.through_cutter().await;
     gw.start().await;
     let c = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))

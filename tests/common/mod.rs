@@ -807,6 +807,33 @@ impl Gateway {
         std::fs::write(&self.config, text).unwrap();
     }
 
+    /// Puts a [`TcpCutter`] between the gateway and its PostgreSQL database (before `start`): the
+    /// test can then cut the database off and restore it.
+    pub async fn through_cutter(&self) -> TcpCutter {
+        let cutter = TcpCutter::start(pg_socket(&self.db.url)).await;
+        let via_cutter = self
+            .db
+            .url
+            .replace(
+                &pg_socket(&self.db.url).to_string(),
+                &cutter.addr.to_string(),
+            )
+            .replace("localhost:5432", &cutter.addr.to_string());
+        self.set_database_url(&via_cutter);
+        cutter
+    }
+
+    /// Sends `request` (bytes as given: clients would normalise what some tests must send as is)
+    /// on a new connection and returns everything read until the gateway closes it.
+    pub async fn raw_exchange(&self, request: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut conn = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        let _ = conn.read_to_end(&mut response).await;
+        String::from_utf8_lossy(&response).into_owned()
+    }
+
     /// Adds a setting to the config's `[admin]` section (before `start`).
     pub fn set_admin(&self, line: &str) {
         let text = std::fs::read_to_string(&self.config).unwrap();
