@@ -425,11 +425,34 @@ fn path_normalisation(c: &mut Criterion) {
     g.finish();
 }
 
+// ---------------------------------------------------------------------------------------------
+// Rate-limit arithmetic (the rate-limit stage's local check; budget: ≤ 150 ns)
+
+fn rate_limit_check(c: &mut Criterion) {
+    use tollgate::gcra::{Gcra, Rate};
+    let rate = Rate::new(
+        std::num::NonZeroU64::new(u64::MAX / 4).expect("non-zero"),
+        Duration::from_secs(60),
+    );
+    let g = Gcra::new();
+    let start = std::time::Instant::now();
+    assert!(g.acquire(rate, 1, 1).allowed);
+    let mut g2 = c.benchmark_group("rate_limit");
+    g2.bench_function("gcra_acquire", |b| {
+        b.iter(|| {
+            let now = start.elapsed().as_nanos() as u64;
+            g.acquire(black_box(rate), black_box(now), black_box(1))
+                .allowed
+        })
+    });
+    g2.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = key_check, upstream_selection, json_usage, cost_computation, enqueue, path_normalisation
+    targets = key_check, upstream_selection, json_usage, cost_computation, enqueue, path_normalisation, rate_limit_check
 }
 criterion_main!(benches);

@@ -14,6 +14,7 @@ pub mod ctx;
 pub mod error;
 pub mod estimate;
 pub mod forward;
+pub mod gcra;
 pub mod health;
 pub mod httpd;
 pub mod invalidation;

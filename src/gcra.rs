@@ -1,0 +1,228 @@
+//! The rate-limit arithmetic: GCRA (the generic cell rate algorithm, a token bucket kept as one
+//! number), so a limit is smooth — no clumping at window edges — and costs one atomic
+//! compare-and-swap per check, no lock and no allocation. Pure: time comes in as an argument
+//! (nanoseconds on any monotonic clock the caller chooses), so it is tested on an injected clock.
+//!
+//! A limit of `limit` units per `period` (requests, or tokens) lets a full bucket of `limit` units
+//! through at once and refills at `limit / period`. The state is the *theoretical arrival time*
+//! (TAT): the time at which the bucket would be full again. A cost of `n` units is admitted when,
+//! after adding `n` emission intervals to the TAT, it lies no more than one `period` ahead of now.
+//!
+//! This is the groundwork of the rate-limit stage (requests, tokens and concurrency per key, user
+//! and account, shared across instances through Redis); the stage itself is not wired yet.
+
+use std::num::NonZeroU64;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// `limit` units per `period`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub limit: NonZeroU64,
+    pub period: Duration,
+}
+
+impl Rate {
+    pub fn new(limit: NonZeroU64, period: Duration) -> Rate {
+        Rate { limit, period }
+    }
+
+    /// The period in nanoseconds, at least 1.
+    fn period_ns(&self) -> u64 {
+        u64::try_from(self.period.as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// Nanoseconds one unit adds to the TAT (rounded up, so the limit is never exceeded).
+    fn interval_ns(&self) -> u64 {
+        self.period_ns().div_ceil(self.limit.get())
+    }
+}
+
+/// What a check answered, with what the OpenAI `x-ratelimit-*` headers report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// Units that could still be taken at once after this check.
+    pub remaining: u64,
+    /// When refused: how long until the same cost would be admitted (`Retry-After`).
+    pub retry_after: Duration,
+    /// How long until the bucket is full again (`x-ratelimit-reset-*`).
+    pub reset_after: Duration,
+}
+
+/// One limit's state: the TAT in nanoseconds. Shared by every request of its key/user/account.
+#[derive(Debug, Default)]
+pub struct Gcra {
+    tat_ns: AtomicU64,
+}
+
+impl Gcra {
+    pub fn new() -> Gcra {
+        Gcra::default()
+    }
+
+    /// Takes `cost` units at `now_ns` if they fit; otherwise changes nothing.
+    pub fn acquire(&self, rate: Rate, now_ns: u64, cost: u64) -> Decision {
+        let interval = rate.interval_ns();
+        let period = rate.period_ns();
+        let mut tat = self.tat_ns.load(Ordering::Acquire);
+        loop {
+            let base = tat.max(now_ns);
+            let new_tat = base.saturating_add(interval.saturating_mul(cost));
+            // Admitted while the bucket, after this cost, is no more than one period "full".
+            let ahead = new_tat - now_ns;
+            if ahead > period {
+                let retry = ahead - period;
+                return Decision {
+                    allowed: false,
+                    remaining: remaining(period, base - now_ns, interval),
+                    retry_after: Duration::from_nanos(retry),
+                    reset_after: Duration::from_nanos(base - now_ns),
+                };
+            }
+            match self.tat_ns.compare_exchange_weak(
+                tat,
+                new_tat,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    return Decision {
+                        allowed: true,
+                        remaining: remaining(period, ahead, interval),
+                        retry_after: Duration::ZERO,
+                        reset_after: Duration::from_nanos(ahead),
+                    }
+                }
+                Err(current) => tat = current,
+            }
+        }
+    }
+
+    /// Settles a cost taken on an estimate: `actual` units were used where `estimated` were
+    /// taken (a token limit admits on the request's estimate and settles on the usage record).
+    /// A refund moves the TAT back, never before `now_ns`.
+    pub fn settle(&self, rate: Rate, now_ns: u64, estimated: u64, actual: u64) {
+        let interval = rate.interval_ns();
+        let _ = self
+            .tat_ns
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+                Some(if actual >= estimated {
+                    tat.max(now_ns)
+                        .saturating_add(interval.saturating_mul(actual - estimated))
+                } else {
+                    tat.saturating_sub(interval.saturating_mul(estimated - actual))
+                        .max(now_ns)
+                })
+            });
+    }
+}
+
+/// Whole units that still fit when the bucket is `ahead_ns` from full.
+fn remaining(period_ns: u64, ahead_ns: u64, interval_ns: u64) -> u64 {
+    period_ns.saturating_sub(ahead_ns) / interval_ns
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn rate(limit: u64, secs: u64) -> Rate {
+        Rate::new(NonZeroU64::new(limit).unwrap(), Duration::from_secs(secs))
+    }
+
+    /// Runs (time in ms, cost) → allowed? on one limit.
+    fn check(r: Rate, steps: &[(u64, u64, bool)]) {
+        let g = Gcra::new();
+        for &(ms, cost, expected) in steps {
+            let d = g.acquire(r, 1_000 * S + ms * 1_000_000, cost);
+            assert_eq!(d.allowed, expected, "at {ms} ms cost {cost}: {d:?}");
+        }
+    }
+
+    #[test]
+    fn a_burst_of_the_limit_then_the_refill_rate() {
+        // 60 per minute: 60 at once, the 61st refused, one more each second after.
+        let mut steps: Vec<(u64, u64, bool)> = (0..60).map(|_| (0, 1, true)).collect();
+        steps.push((0, 1, false));
+        steps.push((999, 1, false));
+        steps.push((1_000, 1, true));
+        steps.push((1_000, 1, false));
+        steps.push((2_000, 1, true));
+        check(rate(60, 60), &steps);
+    }
+
+    #[test]
+    fn no_clumping_at_window_edges() {
+        // A fixed window would let 2×limit through around its edge; GCRA does not.
+        let g = Gcra::new();
+        let r = rate(10, 10);
+        let t0 = 5 * S;
+        let admitted_before = (0..20)
+            .filter(|_| g.acquire(r, t0 + 9 * S, 1).allowed)
+            .count();
+        let admitted_after = (0..20)
+            .filter(|_| g.acquire(r, t0 + 10 * S, 1).allowed)
+            .count();
+        assert_eq!((admitted_before, admitted_after), (10, 1));
+    }
+
+    #[test]
+    fn costs_and_settlement() {
+        // 1000 tokens a minute: an estimate of 800 fits, another 800 does not.
+        let g = Gcra::new();
+        let r = rate(1000, 60);
+        let now = 100 * S;
+        assert!(g.acquire(r, now, 800).allowed);
+        let refused = g.acquire(r, now, 800);
+        assert!(!refused.allowed);
+        assert_eq!(refused.remaining, 200);
+        // The request used 100 tokens: 700 come back, and 800 fit again.
+        g.settle(r, now, 800, 100);
+        assert!(g.acquire(r, now, 800).allowed);
+        // Using more than estimated pushes the next request back.
+        g.settle(r, now, 0, 500);
+        assert!(!g.acquire(r, now, 200).allowed);
+    }
+
+    #[test]
+    fn headers_say_what_is_left_and_when() {
+        let g = Gcra::new();
+        let r = rate(3, 3); // one per second, burst 3
+        let now = 10 * S;
+        let first = g.acquire(r, now, 1);
+        assert_eq!(
+            (first.remaining, first.reset_after),
+            (2, Duration::from_secs(1))
+        );
+        g.acquire(r, now, 1);
+        let third = g.acquire(r, now, 1);
+        assert_eq!(
+            (third.remaining, third.reset_after),
+            (0, Duration::from_secs(3))
+        );
+        let refused = g.acquire(r, now, 1);
+        assert!(!refused.allowed);
+        assert_eq!(refused.retry_after, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn concurrent_acquires_never_exceed_the_limit() {
+        let g = std::sync::Arc::new(Gcra::new());
+        let r = rate(1000, 60);
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let g = g.clone();
+                std::thread::spawn(move || {
+                    (0..500).filter(|_| g.acquire(r, 50 * S, 1).allowed).count()
+                })
+            })
+            .collect();
+        let admitted: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+        assert_eq!(admitted, 1000);
+    }
+}
