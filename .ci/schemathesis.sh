@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The admin API against its own spec: starts a gateway (the given binary) on free ports with a
+# The admin API against its own spec: starts a gateway (the given binary) on port 0 with a
 # fresh database, then runs schemathesis with every check against the openapi.json it serves.
 # Fails on any 5xx, any response that does not match the spec, any request valid by the spec
 # that is refused, and any invalid one that is accepted.
@@ -7,6 +7,7 @@
 #   bash .ci/schemathesis.sh target/debug/tollgate            # SQLite
 #   DATABASE_URL=postgres://postgres@127.0.0.1:5432/test bash .ci/schemathesis.sh BIN   # PostgreSQL
 #
+# The gateway binds port 0 for every listener and says which ports it got in its ready line.
 # Bounded: SCHEMATHESIS_MAX_EXAMPLES test cases per operation (default 100) and the whole run
 # under SCHEMATHESIS_TIMEOUT seconds (default 600). schemathesis is installed from PyPI into a
 # virtualenv (pinned version) unless that virtualenv already has it.
@@ -30,6 +31,7 @@ fi
 work="$(mktemp -d)"
 pid=""
 cleanup() {
+  cd /
   if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
     kill -TERM "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
@@ -38,8 +40,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-proxy=$(free_port); metrics=$(free_port); admin=$(free_port)
 db_url="${DATABASE_URL:-sqlite://$work/tollgate.db}"
 if [[ "$db_url" == postgres* ]]; then
   # A database of its own, dropped at the end.
@@ -51,7 +51,7 @@ if [[ "$db_url" == postgres* ]]; then
 fi
 cat >"$work/config.toml" <<EOF
 [server]
-listen = "127.0.0.1:$proxy"
+listen = "127.0.0.1:0"
 threads = 1
 
 [database]
@@ -61,26 +61,32 @@ url = "$db_url"
 spool_dir = "$work/spool"
 
 [metrics]
-listen = "127.0.0.1:$metrics"
+listen = "127.0.0.1:0"
 
 [admin]
-listen = "127.0.0.1:$admin"
+listen = "127.0.0.1:0"
 EOF
 
 token="schemathesis-$(date +%s%N)"
-TOLLGATE_ADMIN_TOKEN="$token" TOLLGATE_DATABASE_URL="" RUST_LOG=warn \
+# Every listener on port 0: the gateway's ready line says which ports it got.
+TOLLGATE_ADMIN_TOKEN="$token" TOLLGATE_DATABASE_URL="" RUST_LOG="warn,tollgate::health=info" \
   "$bin" --config "$work/config.toml" serve >"$work/serve.log" 2>&1 &
 pid=$!
-for _ in $(seq 1 100); do
-  curl -fsS "http://127.0.0.1:$metrics/healthz" >/dev/null 2>&1 && break
+ready=""
+for _ in $(seq 1 300); do
+  ready=$(grep -o 'tollgate ready .*' "$work/serve.log" || true)
+  [ -n "$ready" ] && break
   kill -0 "$pid" 2>/dev/null || { cat "$work/serve.log"; echo "schemathesis.sh: the gateway exited" >&2; exit 1; }
   sleep 0.2
 done
-curl -fsS "http://127.0.0.1:$metrics/healthz" >/dev/null
+[ -n "$ready" ] || { cat "$work/serve.log"; echo "schemathesis.sh: the gateway was not ready within 60 s" >&2; exit 1; }
+metrics=$(sed -n 's/.* metrics=\([^ ]*\).*/\1/p' <<<"$ready")
+admin=$(sed -n 's/.* admin=\([^ ]*\).*/\1/p' <<<"$ready")
+curl -fsS "http://$metrics/healthz" >/dev/null
 
 # Some rows to work on: a user, a key and an account (ids 1), so that the id routes find them.
 H="Authorization: Bearer $token"
-A="http://127.0.0.1:$admin"
+A="http://$admin"
 curl -fsS -H "$H" -d '{"email":"seed@example.com","username":"seed"}' "$A/admin/users" >/dev/null
 curl -fsS -H "$H" -d '{"user":"seed@example.com","name":"seed"}' "$A/admin/keys" >/dev/null
 curl -fsS -H "$H" -d '{"name":"seed","type":"openai","base_url":"http://127.0.0.1:9","api_key":"sk-seed"}' "$A/admin/accounts" >/dev/null
