@@ -79,6 +79,11 @@ impl ProxyHttp for Gateway {
         if session.as_downstream().get_keepalive().is_some() {
             session.set_keepalive(Some(self.idle_timeout_secs));
         }
+        // Pipelined requests (RFC 9112 §9.3.2) are served one after the other, in order; without
+        // this pingora closes the connection after the first and drops the rest unanswered.
+        if let pingora::protocols::http::ServerSession::H1(h1) = session.as_downstream_mut() {
+            h1.set_pipelining_enabled(true);
+        }
         // A client that stalls mid-request or stops reading is cut off rather than held forever.
         session.set_read_timeout(Some(self.client_timeout));
         session.set_write_timeout(Some(self.client_timeout));

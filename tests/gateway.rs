@@ -775,3 +775,27 @@ async fn header_limits(db: Db) {
         "only the request within the limits was forwarded"
     );
 }
+
+both_dbs!(pipelined_requests_are_each_answered, pipelined);
+async fn pipelined(db: Db) {
+    let mock = MockUpstream::json_ok().await;
+    let mut gw = gateway(db, "").await;
+    gw.add_user("alice@example.com");
+    gw.add_account("main", "openai", &mock.url(), "sk", 1, 1);
+    let key = gw.create_key("alice@example.com", &[]);
+    gw.start().await;
+    // Two requests in one write; the second asks to close, so the exchange ends after it.
+    let one = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {key}\r\ncontent-length: 2\r\n\r\n{{}}"
+    );
+    let two = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {key}\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+    );
+    let text = gw.raw_exchange(&format!("{one}{two}")).await;
+    assert_eq!(
+        text.matches("HTTP/1.1 200").count(),
+        2,
+        "both pipelined requests answered: {text}"
+    );
+    assert_eq!(mock.count(), 2);
+}
