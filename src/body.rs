@@ -128,6 +128,25 @@ pub async fn drain(session: &mut Session, limit: usize) -> bool {
     session.drain_request_body().await.is_ok()
 }
 
+/// Longest and most a refused oversized body is read (and discarded) before its connection closes.
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+const LINGER_BYTES: usize = 8 * 1024 * 1024;
+
+/// After a 413 that closes the connection, reads and discards what the client is still sending,
+/// for at most [`LINGER_TIME`] and [`LINGER_BYTES`], before the close: closing a socket with
+/// unread bytes makes the kernel reset the connection, and a client still writing its body then
+/// gets the reset instead of the answer (nginx's lingering close). Nothing is kept.
+pub async fn linger(session: &mut Session) {
+    let deadline = tokio::time::Instant::now() + LINGER_TIME;
+    let mut read = 0;
+    while read < LINGER_BYTES {
+        match tokio::time::timeout_at(deadline, session.read_request_body()).await {
+            Ok(Ok(Some(chunk))) => read += chunk.len(),
+            _ => break,
+        }
+    }
+}
+
 #[cfg(test)]
 mod framing_tests {
     use super::{check_framing, check_header_size};

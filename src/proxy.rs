@@ -99,6 +99,9 @@ impl ProxyHttp for Gateway {
             error
                 .respond(session, &ctx.request_id, close, shape)
                 .await?;
+            if close && matches!(error, GatewayError::BodyTooLarge { .. }) {
+                body::linger(session).await;
+            }
         }
         Ok(true)
     }
