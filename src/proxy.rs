@@ -163,7 +163,7 @@ impl Gateway {
         let headers = &session.req_header().headers;
         body::check_header_size(headers, self.max_header_bytes, self.max_headers)
             .map_err(|e| (e, true))?;
-        body::check_framing(&session.req_header().headers).map_err(|why| {
+        body::check_framing(headers).map_err(|why| {
             let error = GatewayError::BadRequest(format!("ambiguous body framing: {why}"));
             (error, true)
         })?;

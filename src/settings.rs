@@ -198,6 +198,18 @@ fn millis(
     within(section, key, value, min, max).map(Duration::from_millis)
 }
 
+/// `value` within `min..=max` (`min` ≥ 1), as a non-zero count.
+fn nonzero_u64(
+    section: &'static str,
+    key: &'static str,
+    value: u64,
+    min: u64,
+    max: u64,
+) -> Result<NonZeroU64, Invalid> {
+    let v = within(section, key, value, min.max(1), max)?;
+    NonZeroU64::new(v).ok_or_else(|| invalid(Place::Key(section, key), "must not be 0"))
+}
+
 fn nonzero_usize(
     section: &'static str,
     key: &'static str,
@@ -317,14 +329,13 @@ impl Settings {
             cache_ttl,
             max_stale,
             negative_ttl: secs("auth", "negative_ttl_secs", a.negative_ttl_secs, HOUR)?,
-            cache_capacity: NonZeroU64::new(within(
+            cache_capacity: nonzero_u64(
                 "auth",
                 "cache_capacity",
                 a.cache_capacity,
                 1,
                 100_000_000,
-            )?)
-            .ok_or_else(|| invalid(Place::Key("auth", "cache_capacity"), "must not be 0"))?,
+            )?,
         };
 
         let u = &file.upstream;
@@ -399,14 +410,13 @@ impl Settings {
                 GIB,
             )?,
             abort_drain: secs("metering", "abort_drain_secs", m.abort_drain_secs, HOUR)?,
-            abort_drain_bytes: NonZeroU64::new(within(
+            abort_drain_bytes: nonzero_u64(
                 "metering",
                 "abort_drain_bytes",
                 m.abort_drain_bytes,
                 1,
                 GIB,
-            )?)
-            .ok_or_else(|| invalid(Place::Key("metering", "abort_drain_bytes"), "must not be 0"))?,
+            )?,
         };
 
         let w = &file.writer;
@@ -436,14 +446,13 @@ impl Settings {
             } else {
                 base.join(&w.spool_dir)
             },
-            spool_segment_bytes: NonZeroU64::new(within(
+            spool_segment_bytes: nonzero_u64(
                 "writer",
                 "spool_segment_bytes",
                 w.spool_segment_bytes,
                 4 * KIB,
                 GIB,
-            )?)
-            .ok_or_else(|| invalid(Place::Key("writer", "spool_segment_bytes"), "must not be 0"))?,
+            )?,
             flush_timeout: millis(
                 "writer",
                 "flush_timeout_ms",
