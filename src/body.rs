@@ -1,7 +1,10 @@
 //! Reading the client's request body: whole, up to the configured limit, before any upstream is
 //! chosen — so permissions can see the model and every retry can replay it.
 
-use bytes::{Bytes, BytesMut};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
 use pingora::proxy::Session;
 
 use crate::error::GatewayError;
@@ -12,98 +15,166 @@ pub struct BodyError {
     pub close: bool,
 }
 
-/// How the request says its body is framed, when that is ambiguous (RFC 9112 §6.1, §6.3): both
-/// `Content-Length` and `Transfer-Encoding`, a transfer coding other than `chunked` alone, or
-/// several `Content-Length`s that disagree. Proxies that read such framing differently are how
-/// requests are smuggled, so it is refused (400) and the connection closed. Pure. (pingora
-/// itself drops the `Content-Length` of a request that has both and turns keep-alive off, so
-/// such a request is served and its connection closed: `proxy.rs` keeps keep-alive off.)
-pub fn check_framing(headers: &http::HeaderMap) -> Result<(), &'static str> {
-    let te: Vec<&http::HeaderValue> = headers
-        .get_all(http::header::TRANSFER_ENCODING)
-        .iter()
-        .collect();
-    let cl: Vec<&http::HeaderValue> = headers
-        .get_all(http::header::CONTENT_LENGTH)
-        .iter()
-        .collect();
-    if !te.is_empty() && !cl.is_empty() {
-        return Err("both Content-Length and Transfer-Encoding");
+/// The gateway-wide budget of request-body bytes held in memory (`[server]
+/// max_buffered_body_bytes`): every buffered body's capacity is taken from it as the buffer grows
+/// and given back when the request ends ([`Held`] is dropped with the request's context).
+#[derive(Debug)]
+pub struct Budget {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl Budget {
+    pub fn new(limit: usize) -> Arc<Budget> {
+        Arc::new(Budget {
+            used: AtomicUsize::new(0),
+            limit,
+        })
     }
-    if !te.is_empty() {
-        let chunked_alone = te.len() == 1
-            && te[0]
-                .to_str()
-                .is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
-        if !chunked_alone {
-            return Err("a Transfer-Encoding other than chunked");
+
+    /// Bytes held now, for `/metrics`.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+/// One request's share of the [`Budget`]; returned when dropped.
+#[derive(Debug, Default)]
+pub struct Held {
+    budget: Option<Arc<Budget>>,
+    bytes: usize,
+}
+
+impl Held {
+    /// Takes `n` more bytes, unless the budget would pass its limit.
+    fn grow(&mut self, budget: &Arc<Budget>, n: usize) -> bool {
+        let taken = budget
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                used.checked_add(n).filter(|&total| total <= budget.limit)
+            })
+            .is_ok();
+        if taken {
+            self.budget.get_or_insert_with(|| budget.clone());
+            self.bytes += n;
+        }
+        taken
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(budget) = &self.budget {
+            budget.used.fetch_sub(self.bytes, Ordering::Relaxed);
         }
     }
-    if cl.len() > 1 && cl.iter().any(|v| *v != cl[0]) {
-        return Err("conflicting Content-Length values");
-    }
-    Ok(())
 }
 
-/// The header section within `[server] max_header_bytes` and `max_headers` (pingora's own limits
-/// are 1 MiB and 256 fields); `Err` says which was exceeded. Pure.
-pub fn check_header_size(
-    headers: &http::HeaderMap,
-    max_bytes: usize,
-    max_fields: usize,
-) -> Result<(), GatewayError> {
-    if headers.len() > max_fields {
-        return Err(GatewayError::HeadersTooLarge(format!(
-            "{} header fields (at most {max_fields})",
-            headers.len()
-        )));
-    }
-    let bytes: usize = headers
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum();
-    if bytes > max_bytes {
-        return Err(GatewayError::HeadersTooLarge(format!(
-            "{bytes} bytes of headers (at most {max_bytes})"
-        )));
-    }
-    Ok(())
-}
-
-/// Reads the whole body, refusing a declared or actual size above `limit` with 413.
-pub async fn read(session: &mut Session, limit: usize) -> Result<Bytes, BodyError> {
+/// Reads the whole body, refusing a declared or actual size above `limit` with 413, and a body
+/// that does not fit in the gateway's [`Budget`] with 503. What is held never passes `limit`
+/// bytes and is taken from the budget as it arrives: a body of declared length goes straight
+/// into one buffer of that size; a chunked one is kept as the chunks that came and joined once
+/// at the end (no doubling reallocations, whose freed blocks would stay in the allocator).
+pub async fn read(
+    session: &mut Session,
+    limit: usize,
+    budget: &Arc<Budget>,
+) -> Result<(Bytes, Held), BodyError> {
     let declared = session
         .req_header()
         .headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    // The body is still unread on the wire after a refusal: answer and close rather than drain.
+    let refuse = |error| BodyError { error, close: true };
     if declared.is_some_and(|n| n > limit as u64) {
-        // The body is still unread on the wire: answer and close rather than drain it.
-        return Err(BodyError {
-            error: GatewayError::BodyTooLarge { limit },
-            close: true,
-        });
+        return Err(refuse(GatewayError::BodyTooLarge { limit }));
     }
-    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+    let mut held = Held::default();
+    let mut body = Body::default();
+    if let Some(n) = declared.filter(|&n| n > 0) {
+        let n = n as usize;
+        if !held.grow(budget, n) {
+            return Err(refuse(GatewayError::BodyBudget));
+        }
+        body = Body::Sized(Vec::with_capacity(n));
+    }
     loop {
         match session.read_request_body().await {
             Ok(Some(chunk)) => {
-                if buf.len() + chunk.len() > limit {
-                    return Err(BodyError {
-                        error: GatewayError::BodyTooLarge { limit },
-                        close: true,
-                    });
+                if body.len() + chunk.len() > limit {
+                    return Err(refuse(GatewayError::BodyTooLarge { limit }));
                 }
-                buf.extend_from_slice(&chunk);
+                if let Body::Chunks { .. } = body {
+                    if !held.grow(budget, chunk.len()) {
+                        return Err(refuse(GatewayError::BodyBudget));
+                    }
+                }
+                body.push(chunk);
             }
-            Ok(None) => return Ok(buf.freeze()),
+            Ok(None) => return Ok((body.join(), held)),
             Err(e) => {
                 return Err(BodyError {
                     error: GatewayError::BadRequest(e.etype().as_str().to_string()),
                     close: true,
                 })
             }
+        }
+    }
+}
+
+/// A body while it is read.
+enum Body {
+    /// Declared length: one buffer of exactly that capacity.
+    Sized(Vec<u8>),
+    /// Chunked: the chunks as received, and their total length.
+    Chunks { chunks: Vec<Bytes>, len: usize },
+}
+
+impl Default for Body {
+    fn default() -> Body {
+        Body::Chunks {
+            chunks: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+impl Body {
+    fn len(&self) -> usize {
+        match self {
+            Body::Sized(v) => v.len(),
+            Body::Chunks { len, .. } => *len,
+        }
+    }
+
+    fn push(&mut self, chunk: Bytes) {
+        match self {
+            Body::Sized(v) => v.extend_from_slice(&chunk),
+            Body::Chunks { chunks, len } => {
+                *len += chunk.len();
+                chunks.push(chunk);
+            }
+        }
+    }
+
+    /// The whole body, contiguous (the model scan and every replay read it as one). One chunk is
+    /// used as it is; several are copied once into a buffer of their total size.
+    fn join(self) -> Bytes {
+        match self {
+            Body::Sized(v) => Bytes::from(v),
+            Body::Chunks { mut chunks, len } => match chunks.len() {
+                0 => Bytes::new(),
+                1 => chunks.pop().unwrap_or_default(),
+                _ => {
+                    let mut all = Vec::with_capacity(len);
+                    for c in &chunks {
+                        all.extend_from_slice(c);
+                    }
+                    Bytes::from(all)
+                }
+            },
         }
     }
 }
@@ -148,65 +219,45 @@ pub async fn linger(session: &mut Session) {
 }
 
 #[cfg(test)]
-mod framing_tests {
-    use super::{check_framing, check_header_size};
+mod tests {
+    use super::*;
 
-    #[test]
-    fn header_limits() {
-        let mut map = http::HeaderMap::new();
-        map.insert("a", "x".repeat(10).parse().unwrap()); // 1 + 10 + 4 = 15 bytes
-        map.insert("b", "y".parse().unwrap()); // 1 + 1 + 4 = 6 bytes
-        assert!(check_header_size(&map, 21, 2).is_ok());
-        assert_eq!(
-            check_header_size(&map, 20, 2).unwrap_err().to_string(),
-            "request header too large: 21 bytes of headers (at most 20)"
-        );
-        assert_eq!(
-            check_header_size(&map, 100, 1).unwrap_err().to_string(),
-            "request header too large: 2 header fields (at most 1)"
-        );
-    }
-
-    fn check(headers: &[(&str, &str)], expected: Result<(), &str>) {
-        let mut map = http::HeaderMap::new();
-        for (k, v) in headers {
-            map.append(
-                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                v.parse().unwrap(),
-            );
+    fn check(chunks: &[&str], expected: &str) {
+        let mut body = Body::default();
+        for c in chunks {
+            body.push(Bytes::copy_from_slice(c.as_bytes()));
         }
-        assert_eq!(check_framing(&map), expected, "{headers:?}");
+        assert_eq!(body.len(), expected.len());
+        assert_eq!(body.join(), expected.as_bytes(), "{chunks:?}");
     }
 
     #[test]
-    fn framing() {
-        check(&[], Ok(()));
-        check(&[("content-length", "5")], Ok(()));
-        check(&[("transfer-encoding", "chunked")], Ok(()));
-        check(&[("transfer-encoding", " Chunked ")], Ok(()));
-        check(
-            &[("content-length", "5"), ("transfer-encoding", "chunked")],
-            Err("both Content-Length and Transfer-Encoding"),
-        );
-        check(
-            &[("transfer-encoding", "identity, chunked")],
-            Err("a Transfer-Encoding other than chunked"),
-        );
-        check(
-            &[
-                ("transfer-encoding", "chunked"),
-                ("transfer-encoding", "chunked"),
-            ],
-            Err("a Transfer-Encoding other than chunked"),
-        );
-        check(
-            &[("transfer-encoding", "gzip")],
-            Err("a Transfer-Encoding other than chunked"),
-        );
-        check(&[("content-length", "5"), ("content-length", "5")], Ok(()));
-        check(
-            &[("content-length", "5"), ("content-length", "6")],
-            Err("conflicting Content-Length values"),
-        );
+    fn chunks_join_into_the_body() {
+        check(&[], "");
+        check(&["{}"], "{}");
+        check(&["{\"a\"", ":1", "}"], "{\"a\":1}");
+        check(&["", "x", ""], "x");
+        let mut sized = Body::Sized(Vec::with_capacity(4));
+        sized.push(Bytes::from_static(b"ab"));
+        sized.push(Bytes::from_static(b"cd"));
+        assert_eq!(sized.len(), 4);
+        assert_eq!(sized.join(), "abcd".as_bytes());
+    }
+
+    #[test]
+    fn budget_is_shared_and_given_back() {
+        let budget = Budget::new(100);
+        let mut a = Held::default();
+        let mut b = Held::default();
+        assert!(a.grow(&budget, 60));
+        assert!(!b.grow(&budget, 41));
+        assert!(b.grow(&budget, 40));
+        assert_eq!(budget.used(), 100);
+        assert!(!a.grow(&budget, 1));
+        drop(a);
+        assert_eq!(budget.used(), 40);
+        assert!(b.grow(&budget, 60));
+        drop(b);
+        assert_eq!(budget.used(), 0);
     }
 }

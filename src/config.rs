@@ -75,6 +75,13 @@ pub struct ServerConfig {
     pub max_headers: usize,
     /// Longest wait on one read from or write to a client (slow or stalled clients are cut off).
     pub client_timeout_secs: u64,
+    /// Longest a request's header section may take to arrive; then 408 and close.
+    pub header_timeout_secs: u64,
+    /// Most client connections open at once; over it, new connections get 503 and are closed.
+    pub max_connections: usize,
+    /// Most request-body bytes buffered in memory across all requests; over it, a request whose
+    /// body does not fit gets 503 with Retry-After.
+    pub max_buffered_body_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -88,6 +95,9 @@ impl Default for ServerConfig {
             max_header_bytes: 60 * 1024,
             max_headers: 100,
             client_timeout_secs: 60,
+            header_timeout_secs: 10,
+            max_connections: 10_000,
+            max_buffered_body_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -462,7 +472,7 @@ mod tests {
             "[server]\nlisten = \"nope\"\n",
             "config.toml:2: invalid socket address syntax",
         );
-        check_err("[server]\nbogus = 1\n", "config.toml:2: unknown field `bogus`, expected one of `listen`, `threads`, `grace_period_secs`, `idle_timeout_secs`, `max_body_bytes`, `max_header_bytes`, `max_headers`, `client_timeout_secs`");
+        check_err("[server]\nbogus = 1\n", "config.toml:2: unknown field `bogus`, expected one of `listen`, `threads`, `grace_period_secs`, `idle_timeout_secs`, `max_body_bytes`, `max_header_bytes`, `max_headers`, `client_timeout_secs`, `header_timeout_secs`, `max_connections`, `max_buffered_body_bytes`");
         check_err(
             "[[upstream_accounts]]\nname = \"a\"\ntype = \"nope\"\nbase_url = \"http://x\"\napi_key = \"k\"\n",
             "config.toml:3: unknown variant `nope`, expected one of `openai`, `anthropic`, `generic`",

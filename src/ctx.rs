@@ -7,6 +7,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use crate::auth::KeyInfo;
+use crate::body::Held;
 use crate::lifecycle::InFlight;
 use crate::meter::Finished;
 use crate::tap::{ResponseTap, Stripper};
@@ -27,6 +28,9 @@ pub struct RequestCtx {
     pub kind: Option<AccountType>,
     /// The whole request body, read in `request_filter`; replayed by `forward` on every attempt.
     pub body: Bytes,
+    /// `body`'s share of the gateway's body budget, taken by `body::read` in `request_filter`;
+    /// given back when the context is dropped after `logging`.
+    pub body_held: Held,
     /// The request's `model`, read from `body` in `request_filter`; checked against permissions.
     pub model: Option<String>,
     /// Ids of accounts tried so far; appended by `forward`, read by selection to skip them.
@@ -69,6 +73,7 @@ impl RequestCtx {
             key: None,
             kind: None,
             body: Bytes::new(),
+            body_held: Held::default(),
             model: None,
             tried: Vec::new(),
             account: None,

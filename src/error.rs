@@ -67,6 +67,8 @@ pub enum GatewayError {
     BadPath(#[from] crate::path::PathError),
     #[error("no upstream account is available for this request")]
     NoAccount,
+    #[error("the gateway is holding as many request bodies as it may; retry shortly")]
+    BodyBudget,
     #[error("all {attempts} upstream attempts failed; last: {last}")]
     UpstreamFailed { attempts: usize, last: String },
 }
@@ -113,6 +115,12 @@ impl GatewayError {
             GatewayError::NoRoute => {
                 parts(404, "invalid_request_error", "not_found_error", "no_route")
             }
+            GatewayError::BodyBudget => parts(
+                503,
+                "service_unavailable",
+                "overloaded_error",
+                "body_budget",
+            ),
             GatewayError::NoAccount => {
                 parts(503, "service_unavailable", "overloaded_error", "no_account")
             }
@@ -131,6 +139,14 @@ impl GatewayError {
 
     pub fn label(&self) -> &'static str {
         self.parts().label
+    }
+
+    /// Seconds a client should wait before retrying, sent as `Retry-After`.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            GatewayError::BodyBudget => Some(1),
+            _ => None,
+        }
     }
 
     /// The JSON body in the route family's shape.
@@ -162,6 +178,9 @@ impl GatewayError {
         resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
         resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
         resp.insert_header("x-request-id", request_id)?;
+        if let Some(secs) = self.retry_after() {
+            resp.insert_header(http::header::RETRY_AFTER, secs)?;
+        }
         if close {
             resp.insert_header(http::header::CONNECTION, "close")?;
             session.set_keepalive(None);

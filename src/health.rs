@@ -13,6 +13,8 @@ use arc_swap::ArcSwap;
 use metrics::{counter, gauge, Counter, Gauge};
 
 use crate::auth::KeyCache;
+use crate::body;
+use crate::conn;
 use crate::httpd::{Handler, Response};
 use crate::lifecycle::Drain;
 use crate::metrics::{escape, Metrics};
@@ -32,6 +34,10 @@ pub struct Health {
     pub ready: Arc<AtomicBool>,
     /// Queue depth above which the writer counts as wedged (`[writer] high_water`).
     pub high_water: usize,
+    /// Client connections open (`conn.rs`).
+    pub connections: conn::Gauge,
+    /// Request bodies in memory (`body.rs`).
+    pub body_budget: Arc<body::Budget>,
     handles: ScrapeHandles,
 }
 
@@ -52,6 +58,8 @@ struct ScrapeHandles {
     spool_bytes: Gauge,
     degraded: Gauge,
     in_flight: Gauge,
+    connections: Gauge,
+    body_bytes: Gauge,
 }
 
 impl ScrapeHandles {
@@ -72,6 +80,8 @@ impl ScrapeHandles {
             spool_bytes: gauge!("tollgate_writer_spool_bytes"),
             degraded: gauge!("tollgate_writer_degraded"),
             in_flight: gauge!("tollgate_in_flight_requests"),
+            connections: gauge!("tollgate_client_connections"),
+            body_bytes: gauge!("tollgate_buffered_body_bytes"),
         }
     }
 }
@@ -87,6 +97,8 @@ impl Health {
         store: Store,
         ready: Arc<AtomicBool>,
         high_water: usize,
+        connections: conn::Gauge,
+        body_budget: Arc<body::Budget>,
     ) -> Health {
         Health {
             metrics,
@@ -97,6 +109,8 @@ impl Health {
             store,
             ready,
             high_water,
+            connections,
+            body_budget,
             handles: ScrapeHandles::register(),
         }
     }
@@ -160,6 +174,8 @@ impl Health {
         h.spool_bytes.set(get(&w.spool_bytes) as f64);
         h.degraded.set(get(&w.degraded) as f64);
         h.in_flight.set(self.in_flight.in_flight() as f64);
+        h.connections.set(self.connections.open() as f64);
+        h.body_bytes.set(self.body_budget.used() as f64);
     }
 }
 
@@ -212,24 +228,18 @@ fn render_accounts(set: &AccountSet, out: &mut String) {
     }
 }
 
-/// Task `readiness`: once pingora runs its services and the proxy listener accepts a connection,
-/// the gateway is ready: `/readyz` says so, the reserved port is released, and one line says
-/// where every listener is (`tollgate ready proxy=… metrics=… admin=…`; the tests read the
-/// addresses from it). From the stop signal on it is not ready again, so load balancers stop
-/// sending before the listener closes.
+/// Task `readiness`: once pingora runs its services, the gateway is ready (the proxy listener was
+/// bound and listening before pingora started, so connections from then on are accepted): `/readyz`
+/// says so, and one line says where every listener is (`tollgate ready proxy=… metrics=… admin=…`;
+/// the tests read the addresses from it). From the stop signal on it is not ready again, so load
+/// balancers stop sending before the listener closes.
 pub async fn readiness(
     mut phases: tokio::sync::broadcast::Receiver<pingora::server::ExecutionPhase>,
-    proxy: std::net::SocketAddr,
-    reservation: Option<tokio::net::TcpSocket>,
     ready: Arc<AtomicBool>,
     announce: String,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     use pingora::server::ExecutionPhase as P;
-    /// How long the proxy listener may take to accept its first connection.
-    const LISTEN_DEADLINE: Duration = Duration::from_secs(30);
-    const PROBE_EVERY: Duration = Duration::from_millis(10);
-    let mut reservation = reservation;
     loop {
         let phase = tokio::select! {
             p = phases.recv() => p,
@@ -237,16 +247,6 @@ pub async fn readiness(
         };
         match phase {
             Ok(P::Running) if !ready.load(Ordering::Acquire) => {
-                let deadline = tokio::time::Instant::now() + LISTEN_DEADLINE;
-                while tokio::net::TcpStream::connect(proxy).await.is_err() {
-                    if tokio::time::Instant::now() >= deadline {
-                        tracing::error!(%proxy, "the proxy listener did not come up; exiting");
-                        crate::logging::flush_logs();
-                        std::process::exit(1);
-                    }
-                    tokio::time::sleep(PROBE_EVERY).await;
-                }
-                reservation.take();
                 ready.store(true, Ordering::Release);
                 tracing::info!("tollgate ready {announce}");
             }

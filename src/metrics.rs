@@ -59,6 +59,8 @@ pub struct Metrics {
     pub writer_flush_seconds: Histogram,
     reloads_ok: Counter,
     reloads_failed: Counter,
+    /// What `conn.rs` refuses below HTTP.
+    pub connections: crate::conn::Counters,
 }
 
 impl Metrics {
@@ -122,6 +124,11 @@ impl Metrics {
             writer_flush_seconds: histogram!("tollgate_writer_flush_duration_seconds"),
             reloads_ok: counter!("tollgate_config_reloads_total", "result" => "ok"),
             reloads_failed: counter!("tollgate_config_reloads_total", "result" => "error"),
+            connections: crate::conn::Counters {
+                refused: counter!("tollgate_client_connections_refused_total"),
+                header_timeouts: counter!("tollgate_header_refusals_total", "reason" => "timeout"),
+                header_too_large: counter!("tollgate_header_refusals_total", "reason" => "too_large"),
+            },
         }
     }
 
@@ -305,6 +312,22 @@ fn describe() {
         "Request duration minus upstream duration: what tollgate adds."
     );
     describe_gauge!("tollgate_in_flight_requests", "Requests being served now.");
+    describe_gauge!(
+        "tollgate_client_connections",
+        "Client connections open now ([server] max_connections caps them)."
+    );
+    describe_counter!(
+        "tollgate_client_connections_refused_total",
+        "Client connections answered 503 and closed because max_connections were open."
+    );
+    describe_counter!(
+        "tollgate_header_refusals_total",
+        "Request header sections refused while arriving: too slow (408) or too large (431)."
+    );
+    describe_gauge!(
+        "tollgate_buffered_body_bytes",
+        "Request-body bytes held in memory now ([server] max_buffered_body_bytes caps them)."
+    );
     describe_counter!(
         "tollgate_auth_failures_total",
         "Requests refused before reaching an upstream, by reason."

@@ -3,9 +3,10 @@
 //!
 //! | phase            | stage                                                      |
 //! |------------------|------------------------------------------------------------|
+//! | (accept)         | [`conn`]: connection cap; header deadline and byte budget while it arrives |
 //! | `new_ctx`        | [`RequestCtx::new`]: request id, start time, in-flight guard |
-//! | `request_filter` | header limits → framing check → [`path`](crate::path) (normalise) → [`auth`](crate::auth) → path permission → [`route`](crate::route) → [`body`](crate::body) → model permission → [`request`](crate::request) (`include_usage`) → [`forward`](crate::forward) |
-//! | `logging`        | [`RequestCtx::finished`] → [`meter::record`] → [`UsageSink::submit`]; metrics; one structured log line |
+//! | `request_filter` | [`header`] (limits, bare line feeds, framing) → [`path`](crate::path) (normalise) → [`auth`](crate::auth) → path permission → [`route`](crate::route) → [`body`](crate::body) → model permission → [`request`](crate::request) (`include_usage`) → [`forward`](crate::forward) |
+//! | `logging`        | [`conn::request_done`]; [`RequestCtx::finished`] → [`meter::record`] → [`UsageSink::submit`]; metrics; one structured log line |
 //!
 //! `request_filter` always answers the request itself (it returns `true`), so pingora's own
 //! upstream phases never run; see `forward.rs` for why.
@@ -16,13 +17,16 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::prelude::*;
+use pingora::protocols::http::ServerSession;
 
 use crate::accounts::OnDemand;
 use crate::auth::{AuthError, KeyCache};
 use crate::body;
+use crate::conn;
 use crate::ctx::RequestCtx;
 use crate::error::{ErrorShape, GatewayError};
 use crate::forward::Forwarder;
+use crate::header;
 use crate::lifecycle::Drain;
 use crate::meter;
 use crate::metrics::Metrics;
@@ -45,9 +49,10 @@ pub struct Gateway {
     pub router: Arc<ArcSwap<Router>>,
     pub forwarder: Forwarder,
     pub max_body_bytes: usize,
+    /// Request bodies in memory across all requests (`[server] max_buffered_body_bytes`).
+    pub body_budget: Arc<body::Budget>,
     /// `[server] max_header_bytes` / `max_headers`: above either, 431 and close.
-    pub max_header_bytes: usize,
-    pub max_headers: usize,
+    pub header_limits: header::Limits,
     pub idle_timeout_secs: u64,
     /// Longest wait on one read from or write to the client.
     pub client_timeout: std::time::Duration,
@@ -81,9 +86,10 @@ impl ProxyHttp for Gateway {
         }
         // Pipelined requests (RFC 9112 §9.3.2) are served one after the other, in order; without
         // this pingora closes the connection after the first and drops the rest unanswered.
-        if let pingora::protocols::http::ServerSession::H1(h1) = session.as_downstream_mut() {
+        if let ServerSession::H1(h1) = session.as_downstream_mut() {
             h1.set_pipelining_enabled(true);
         }
+        conn::header_received(session.as_downstream().stream());
         // A client that stalls mid-request or stops reading is cut off rather than held forever.
         session.set_read_timeout(Some(self.client_timeout));
         session.set_write_timeout(Some(self.client_timeout));
@@ -99,7 +105,12 @@ impl ProxyHttp for Gateway {
             error
                 .respond(session, &ctx.request_id, close, shape)
                 .await?;
-            if close && matches!(error, GatewayError::BodyTooLarge { .. }) {
+            if close
+                && matches!(
+                    error,
+                    GatewayError::BodyTooLarge { .. } | GatewayError::BodyBudget
+                )
+            {
                 body::linger(session).await;
             }
         }
@@ -119,6 +130,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        conn::request_done(session.as_downstream().stream());
         let req = session.req_header();
         if let Some(done) = ctx.finished(req.method.as_str(), req.uri.path()) {
             let kind = done.kind;
@@ -160,13 +172,16 @@ impl Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> std::result::Result<(), (GatewayError, bool)> {
-        let headers = &session.req_header().headers;
-        body::check_header_size(headers, self.max_header_bytes, self.max_headers)
-            .map_err(|e| (e, true))?;
-        body::check_framing(headers).map_err(|why| {
-            let error = GatewayError::BadRequest(format!("ambiguous body framing: {why}"));
-            (error, true)
-        })?;
+        let raw = match session.as_downstream() {
+            ServerSession::H1(h1) => Some(h1.get_headers_raw_bytes()),
+            _ => None,
+        };
+        header::check(
+            &session.req_header().headers,
+            raw.as_deref(),
+            self.header_limits,
+        )
+        .map_err(|e| (e, true))?;
         if let Cow::Owned(normal) =
             path::normalize(session.req_header().uri.path()).map_err(|e| (e.into(), false))?
         {
@@ -190,7 +205,7 @@ impl Gateway {
                 .ok_or((GatewayError::NoRoute, false))?,
         );
 
-        ctx.body = body::read(session, self.max_body_bytes)
+        (ctx.body, ctx.body_held) = body::read(session, self.max_body_bytes, &self.body_budget)
             .await
             .map_err(|e| (e.error, e.close))?;
         if key.permissions.restricts_models() {

@@ -29,9 +29,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use pingora::listeners::{
-    L4BufferSettings, ListenerConfig, TcpSocketOptions, DEFAULT_L4_WRITE_BUFFER_SIZE,
-};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use tokio::sync::Notify;
@@ -39,7 +36,10 @@ use tokio::sync::Notify;
 use crate::accounts::{self, AccountLoader, OnDemand};
 use crate::admin::{self, Admin};
 use crate::auth::KeyCache;
+use crate::body;
+use crate::conn;
 use crate::forward::{AbortDrain, Forwarder};
+use crate::header;
 use crate::health::{self, Health};
 use crate::httpd;
 use crate::invalidation;
@@ -97,6 +97,7 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
     let (usage_sink, writer) = start_writer(&cfg, &store, &metrics, &db_rt)?;
 
     let drain = Arc::new(Drain::default());
+    let body_budget = body::Budget::new(cfg.server.max_buffered_body_bytes.get());
     let router = Arc::new(ArcSwap::from_pointee(reload::router_of(&cfg)));
     let pricing = Arc::new(ArcSwap::from_pointee(reload::pricing_of(&cfg, &metrics)));
     let gateway = Gateway {
@@ -115,8 +116,11 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
             },
         ),
         max_body_bytes: cfg.server.max_body_bytes.get(),
-        max_header_bytes: cfg.server.max_header_bytes.get(),
-        max_headers: cfg.server.max_headers.get(),
+        body_budget: body_budget.clone(),
+        header_limits: header::Limits {
+            max_bytes: cfg.server.max_header_bytes.get(),
+            max_fields: cfg.server.max_headers.get(),
+        },
         idle_timeout_secs: cfg.server.idle_timeout.as_secs(),
         client_timeout: cfg.server.client_timeout,
         drain: drain.clone(),
@@ -138,7 +142,13 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
     })
     .into_fn();
 
-    let server = pingora_server(&cfg, gateway, &listeners);
+    let announce = listeners.announce();
+    let Listeners {
+        proxy: proxy_listener,
+        metrics: metrics_listener,
+        admin: admin_listener,
+    } = listeners;
+    let (server, connections) = pingora_server(&cfg, gateway, proxy_listener, &metrics);
 
     let ready = Arc::new(AtomicBool::new(false));
     let mut tasks = Tasks::new(db_rt.handle().clone());
@@ -170,17 +180,12 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
         store.clone(),
         ready.clone(),
         cfg.writer.high_water.get(),
+        connections,
+        body_budget,
     ));
-    let announce = listeners.announce();
-    let Listeners {
-        proxy,
-        reservation,
-        metrics: metrics_listener,
-        admin: admin_listener,
-    } = listeners;
     let (phases, r) = (server.watch_execution_phase(), ready.clone());
     tasks.spawn("readiness", move |stop| {
-        health::readiness(phases, proxy, reservation, r, announce, stop)
+        health::readiness(phases, r, announce, stop)
     });
     {
         let _on_db_runtime = db_rt.enter();
@@ -263,8 +268,14 @@ fn start_writer(
     Ok(writer::start(Arc::new(store.clone()), spool, opts))
 }
 
-/// pingora's server with the proxy service on the proxy listener.
-fn pingora_server(cfg: &Settings, gateway: Gateway, listeners: &Listeners) -> Server {
+/// pingora's server with the proxy service on the proxy listener (accepted by `conn.rs`, which
+/// caps connections and guards header phases), and the gauge of open client connections.
+fn pingora_server(
+    cfg: &Settings,
+    gateway: Gateway,
+    listener: std::net::TcpListener,
+    metrics: &Metrics,
+) -> (Server, conn::Gauge) {
     let mut server = Server::new_with_opt_and_conf(
         None,
         ServerConf {
@@ -276,20 +287,24 @@ fn pingora_server(cfg: &Settings, gateway: Gateway, listeners: &Listeners) -> Se
         },
     );
     server.bootstrap();
-    let mut proxy =
-        pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "tollgate");
-    proxy.add_listener(listeners.proxy_config());
-    server.add_service(proxy);
-    server
+    let proxy = pingora::proxy::http_proxy(&server.configuration, gateway);
+    // The raw header section may hold the request line and line endings besides the names and
+    // values `max_header_bytes` counts: 16 KiB more is allowed while it arrives.
+    let limits = conn::Limits {
+        max_connections: cfg.server.max_connections.get(),
+        header_timeout: cfg.server.header_timeout,
+        header_budget: cfg.server.max_header_bytes.get() + 16 * 1024,
+    };
+    let service = conn::ProxyService::new(listener, proxy, limits, metrics.connections.clone());
+    let gauge = service.gauge();
+    server.add_service(service);
+    (server, gauge)
 }
 
 /// Every listener of `serve`, bound before anything starts.
 struct Listeners {
-    /// The proxy's address, with the port the kernel chose when the setting said 0.
-    proxy: SocketAddr,
-    /// Holds a port chosen for `listen = "…:0"` until pingora has bound it too (both sockets
-    /// set SO_REUSEPORT; this one never listens, so it receives no connections).
-    reservation: Option<tokio::net::TcpSocket>,
+    /// The proxy listener (its port the kernel's choice when the setting said 0).
+    proxy: std::net::TcpListener,
     metrics: std::net::TcpListener,
     /// The admin listener and its token; `None` when the admin API is off.
     admin: Option<(std::net::TcpListener, String)>,
@@ -297,7 +312,7 @@ struct Listeners {
 
 impl Listeners {
     fn bind(cfg: &Settings) -> anyhow::Result<Listeners> {
-        let (proxy, reservation) = reserve(cfg.server.listen)
+        let proxy = proxy_listener(cfg.server.listen)
             .with_context(|| format!("binding the proxy listener {}", cfg.server.listen))?;
         let metrics = nonblocking(cfg.metrics.listen)
             .with_context(|| format!("binding the metrics listener {}", cfg.metrics.listen))?;
@@ -317,30 +332,15 @@ impl Listeners {
         };
         Ok(Listeners {
             proxy,
-            reservation,
             metrics,
             admin,
         })
     }
 
-    fn proxy_config(&self) -> ListenerConfig {
-        // No user-space read buffer on client connections: pingora's HTTP/1 parser reads into its
-        // own buffers, so the default 64 KiB BufReader per connection only cost memory (every
-        // open stream and every idle kept-alive client held one) and a copy.
-        let config = ListenerConfig::tcp(self.proxy.to_string())
-            .l4_buffer(L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE));
-        if self.reservation.is_some() {
-            let mut options = TcpSocketOptions::default();
-            options.so_reuseport = Some(true);
-            config.tcp_socket_options(options)
-        } else {
-            config
-        }
-    }
-
     /// Where every listener is bound.
     fn addresses(&self) -> Vec<SocketAddr> {
-        let mut all = vec![self.proxy];
+        let mut all = Vec::new();
+        all.extend(self.proxy.local_addr().ok());
         all.extend(self.metrics.local_addr().ok());
         all.extend(self.admin.as_ref().and_then(|(l, _)| l.local_addr().ok()));
         all
@@ -354,7 +354,7 @@ impl Listeners {
         };
         format!(
             "proxy={} metrics={} admin={}",
-            self.proxy,
+            addr(&self.proxy),
             addr(&self.metrics),
             self.admin
                 .as_ref()
@@ -363,22 +363,16 @@ impl Listeners {
     }
 }
 
-/// Checks that the proxy's address can be bound. A fixed port is bound and released (pingora
-/// binds it next); port 0 gets a port from the kernel, held by a non-listening SO_REUSEPORT
-/// socket until pingora has bound the same port.
-fn reserve(listen: SocketAddr) -> std::io::Result<(SocketAddr, Option<tokio::net::TcpSocket>)> {
-    if listen.port() != 0 {
-        drop(std::net::TcpListener::bind(listen)?);
-        return Ok((listen, None));
-    }
-    let socket = match listen {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.bind(listen)?;
-    Ok((socket.local_addr()?, Some(socket)))
+/// The proxy's listening socket: SO_REUSEADDR (a restart does not wait for TIME_WAIT) and a deep
+/// accept backlog (as pingora's own listener: the kernel caps it at `net.core.somaxconn`).
+fn proxy_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(65_535)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }
 
 fn nonblocking(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {

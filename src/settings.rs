@@ -47,6 +47,10 @@ pub struct Server {
     pub max_header_bytes: NonZeroUsize,
     pub max_headers: NonZeroUsize,
     pub client_timeout: Duration,
+    pub header_timeout: Duration,
+    pub max_connections: NonZeroUsize,
+    /// At least `max_body_bytes`: one largest body always fits.
+    pub max_buffered_body_bytes: NonZeroUsize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -287,7 +291,29 @@ impl Settings {
             max_header_bytes: nonzero_usize("server", "max_header_bytes", s.max_header_bytes, MIB)?,
             max_headers: nonzero_usize("server", "max_headers", s.max_headers, 256)?,
             client_timeout: secs("server", "client_timeout_secs", s.client_timeout_secs, HOUR)?,
+            header_timeout: secs("server", "header_timeout_secs", s.header_timeout_secs, 600)?,
+            max_connections: nonzero_usize(
+                "server",
+                "max_connections",
+                s.max_connections,
+                1_000_000,
+            )?,
+            max_buffered_body_bytes: nonzero_usize(
+                "server",
+                "max_buffered_body_bytes",
+                s.max_buffered_body_bytes,
+                64 * GIB,
+            )?,
         };
+        if server.max_buffered_body_bytes < server.max_body_bytes {
+            return Err(invalid(
+                Place::Key("server", "max_buffered_body_bytes"),
+                format!(
+                    "[server] max_buffered_body_bytes = {} is below max_body_bytes ({}): a body of the largest allowed size could never be buffered",
+                    server.max_buffered_body_bytes, server.max_body_bytes
+                ),
+            ));
+        }
 
         let url_place = if url_from_env {
             Place::Env(DATABASE_URL_ENV)
@@ -646,6 +672,9 @@ mod tests {
             ("[server]\nthreads = 100000\n", "config.toml:2: [server] threads = 100000 is out of range: it must be between 1 and 256"),
             ("[server]\nthreads = 0\n", "config.toml:2: [server] threads = 0 is out of range: it must be between 1 and 256"),
             ("\n[server]\nclient_timeout_secs = 0\n", "config.toml:3: [server] client_timeout_secs = 0 is out of range: it must be between 1 and 3600"),
+            ("[server]\nheader_timeout_secs = 0\n", "config.toml:2: [server] header_timeout_secs = 0 is out of range: it must be between 1 and 600"),
+            ("[server]\nmax_connections = 0\n", "config.toml:2: [server] max_connections = 0 is out of range: it must be between 1 and 1000000"),
+            ("[server]\nmax_body_bytes = 2048\nmax_buffered_body_bytes = 1024\n", "config.toml:3: [server] max_buffered_body_bytes = 1024 is below max_body_bytes (2048): a body of the largest allowed size could never be buffered"),
             ("[database]\nmax_connections = 0\n", "config.toml:2: [database] max_connections = 0 is out of range: it must be between 1 and 1000"),
             ("[auth]\ncache_ttl_secs = 0\n", "config.toml:2: [auth] cache_ttl_secs = 0 is out of range: it must be between 1 and 86400"),
             ("[auth]\ncache_ttl_secs = 60\nmax_stale_secs = 30\n", "config.toml:3: [auth] max_stale_secs = 30 must be at least cache_ttl_secs = 60"),
