@@ -342,17 +342,19 @@ impl Writer {
                     take_ready(&mut rx, &mut batch, self.opts.batch_size.get());
                 }
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    let began = Instant::now();
                     take_ready(&mut rx, &mut batch, self.opts.batch_size.get());
                     self.flush_all(&mut batch).await;
-                    deadline = None;
+                    deadline = self.next_deadline(&rx, began);
                 }
                 _ = sleep_until(self.probe.next), if probe_due && batch.is_empty() => {
                     self.replay().await;
                 }
             }
             if batch.len() >= self.opts.batch_size.get() {
+                let began = Instant::now();
                 self.flush_all(&mut batch).await;
-                deadline = None;
+                deadline = self.next_deadline(&rx, began);
             }
             self.batch_full.held.store(batch.len(), Ordering::Relaxed);
         }
@@ -374,6 +376,14 @@ impl Writer {
             rows_lost = self.stats.rows_lost.load(Ordering::Relaxed),
             "usage writer stopped"
         );
+    }
+
+    /// After a flush that began at `began`: records queued while it was written start the next
+    /// batch, whose interval runs from `began` — so a record never waits for a write, then a whole
+    /// interval, then its own write (the SIGKILL bound stays `flush_interval_ms` +
+    /// `flush_timeout_ms`). `None` (idle) when nothing is waiting.
+    fn next_deadline(&self, rx: &mpsc::Receiver<UsageRecord>, began: Instant) -> Option<Instant> {
+        (!rx.is_empty()).then(|| began + self.opts.flush_interval)
     }
 
     /// Writes `batch` (emptying it) in chunks of `batch_size`.
