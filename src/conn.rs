@@ -174,10 +174,26 @@ const TOO_MANY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: appl
 retry-after: 1\r\nconnection: close\r\ncontent-length: 118\r\n\r\n\
 {\"error\":{\"type\":\"service_unavailable\",\"code\":\"too_many_connections\",\"message\":\"too many client connections\"}}";
 
+/// Answers and closes a connection over the cap. What the client sent meanwhile is read and
+/// dropped (≤ 1 s, ≤ 64 KiB) after our side is shut, so the close is not a reset that would
+/// destroy the answer before the client reads it.
 async fn refuse(mut tcp: tokio::net::TcpStream, peer: SocketAddr) {
+    use tokio::io::AsyncReadExt;
     tracing::debug!(%peer, "connection refused: max_connections open");
-    let _ = tokio::time::timeout(Duration::from_secs(1), tcp.write_all(TOO_MANY)).await;
-    let _ = tcp.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        tcp.write_all(TOO_MANY).await?;
+        tcp.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut read = 0;
+        while read < 64 * 1024 {
+            match tcp.read(&mut sink).await? {
+                0 => break,
+                n => read += n,
+            }
+        }
+        Ok::<_, io::Error>(())
+    })
+    .await;
 }
 
 /// What the proxy last told a connection ([`ClientStream::signal`]).
