@@ -328,6 +328,8 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
                 header,
                 email,
             };
+            // Bad input is refused before the keyring is opened (or its file created).
+            ops::check_account(&input).map_err(flag)?;
             let sealing = keyring::unlock(store, db).await?;
             let id = ops::add_account(store, &sealing, &input)
                 .await

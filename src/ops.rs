@@ -497,11 +497,10 @@ pub fn check_base_url(url: &str) -> Result<(), OpsError> {
     Ok(())
 }
 
-pub async fn add_account(
-    store: &Store,
-    sealing: &Keyring,
-    a: &NewAccountInput,
-) -> Result<i64, OpsError> {
+/// A new account's input, checked: its type, name, email and (plaintext) credentials.
+type CheckedAccount<'a> = (AccountType, &'a str, Option<&'a str>, serde_json::Value);
+
+fn check_new_account(a: &NewAccountInput) -> Result<CheckedAccount<'_>, OpsError> {
     let kind: AccountType = a.kind.parse().map_err(|e: String| invalid("type", e))?;
     check_base_url(&a.base_url)?;
     if a.weight < 1 {
@@ -509,7 +508,22 @@ pub async fn add_account(
     }
     let name = label("name", &a.name)?;
     let email = a.email.as_deref().map(|e| label("email", e)).transpose()?;
-    let creds = seal(sealing, credentials(&a.api_key, a.header.as_deref())?)?;
+    let creds = credentials(&a.api_key, a.header.as_deref())?;
+    Ok((kind, name, email, creds))
+}
+
+/// Checks a new account without writing anything (the CLI does, before it opens the keyring).
+pub fn check_account(a: &NewAccountInput) -> Result<(), OpsError> {
+    check_new_account(a).map(|_| ())
+}
+
+pub async fn add_account(
+    store: &Store,
+    sealing: &Keyring,
+    a: &NewAccountInput,
+) -> Result<i64, OpsError> {
+    let (kind, name, email, creds) = check_new_account(a)?;
+    let creds = seal(sealing, creds)?;
     Ok(store
         .create_account(&NewAccount {
             name,

@@ -377,6 +377,10 @@ async fn header_values(db: Db) {
         gw.db.scalar("SELECT count(*) FROM upstream_accounts").await,
         0
     );
+    assert!(
+        !default_key_file(&gw).exists(),
+        "refused before the keyring is opened"
+    );
 
     gw.add_account("good", "openai", &mock.url(), "sk-good", 1, 1);
     gw.start().await;
