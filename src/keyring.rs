@@ -72,6 +72,10 @@ pub async fn unlock(store: &Store, db: &settings::Database) -> Result<Keyring, K
             error,
         })?;
     }
+    if !stored.iter().any(|(_, c)| secrets::is_plaintext(c)) {
+        // Nothing to seal: no write transaction (no row locks) at all.
+        return Ok(keys);
+    }
     let sealed = store
         .rewrite_credentials(|c| {
             secrets::reseal_credentials(&keys, c).map_err(|error| KeyringError::Wrong {

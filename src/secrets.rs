@@ -229,6 +229,14 @@ pub fn reseal_credentials(
     }))
 }
 
+/// Whether `credentials` hold their secret in plaintext (written before encryption).
+pub fn is_plaintext(credentials: &serde_json::Value) -> bool {
+    credentials
+        .get(SECRET_FIELD)
+        .and_then(|v| v.as_str())
+        .is_some_and(|v| matches!(Stored::of(v), Ok(Stored::Plain(_))))
+}
+
 fn map_secret(
     credentials: &serde_json::Value,
     f: impl FnOnce(&str) -> Result<String, SecretError>,
@@ -402,6 +410,9 @@ mod tests {
             "legacy plaintext"
         );
         assert_eq!(reseal_credentials(&a, &sealed).unwrap(), None);
+        assert!(is_plaintext(&plain));
+        assert!(!is_plaintext(&sealed));
+        assert!(!is_plaintext(&serde_json::json!({})));
         let resealed = reseal_credentials(&a, &plain).unwrap().unwrap();
         assert_eq!(open_credentials(&a, &resealed).unwrap(), plain);
         // Rotation: B current, A old; afterwards A alone cannot open it, B alone can.
