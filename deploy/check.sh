@@ -492,7 +492,7 @@ check "dashboard queries are valid PromQL (promtool)" \
 check "YAML files parse without duplicate keys (compose, prometheus, grafana)" pycheck yaml
 
 # Placeholder secrets only for rendering; compose's own .env handling is tested separately.
-compose_env=(TOLLGATE_ADMIN_TOKEN=check OPENAI_API_KEY=check POSTGRES_PASSWORD=check
+compose_env=(TOLLGATE_ADMIN_TOKEN=check TOLLGATE_MASTER_KEY=check OPENAI_API_KEY=check POSTGRES_PASSWORD=check
              GRAFANA_ADMIN_PASSWORD=check)
 compose_ok() {
   env "${compose_env[@]}" docker-compose -f "$DEPLOY/docker-compose.yml" config -q
@@ -500,7 +500,7 @@ compose_ok() {
 check "docker-compose -f deploy/docker-compose.yml config -q" compose_ok
 compose_requires_secrets() {
   : >"$WORK/empty.env"
-  if env -u TOLLGATE_ADMIN_TOKEN -u OPENAI_API_KEY -u POSTGRES_PASSWORD -u GRAFANA_ADMIN_PASSWORD \
+  if env -u TOLLGATE_ADMIN_TOKEN -u TOLLGATE_MASTER_KEY -u OPENAI_API_KEY -u POSTGRES_PASSWORD -u GRAFANA_ADMIN_PASSWORD \
       docker-compose --env-file "$WORK/empty.env" -f "$DEPLOY/docker-compose.yml" config -q \
       >"$WORK/compose.out" 2>&1; then
     echo "docker-compose rendered the file without any secret set"

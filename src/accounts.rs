@@ -1,6 +1,7 @@
 //! Upstream accounts at run time: `[[upstream_accounts]]` from the config copied into the
 //! database (so every instance sees the same ids), the [`AccountSet`] built from the database
-//! (host names resolved), and the `account-refresher` task that swaps in a new set.
+//! (host names resolved, credentials opened: the only place they are decrypted), and the
+//! `account-refresher` task that swaps in a new set.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{watch, Notify};
 
 use crate::config::{expand_env, AccountConfig};
+use crate::secrets::{self, Keyring};
 use crate::settings;
 use crate::store::{NewAccount, Store};
 use crate::upstream::{
@@ -18,10 +20,15 @@ use crate::upstream::{
     PeerTimeouts, StatsRegistry,
 };
 
-/// `[[upstream_accounts]]` from the file go into the database, matched by name.
-pub async fn upsert_from_config(store: &Store, accounts: &[AccountConfig]) -> anyhow::Result<()> {
+/// `[[upstream_accounts]]` from the file go into the database, matched by name, their
+/// credentials sealed.
+pub async fn upsert_from_config(
+    store: &Store,
+    keys: &Keyring,
+    accounts: &[AccountConfig],
+) -> anyhow::Result<()> {
     for a in accounts {
-        let mut credentials = serde_json::json!({ "api_key": a.api_key.get_ref() });
+        let mut credentials = serde_json::json!({ "api_key": keys.seal(a.api_key.get_ref())? });
         if let Some(h) = &a.header {
             credentials["header"] = serde_json::Value::String(h.clone());
         }
@@ -45,6 +52,8 @@ pub async fn upsert_from_config(store: &Store, accounts: &[AccountConfig]) -> an
 /// Builds [`AccountSet`]s from the database, keeping per-account stats across loads.
 pub struct AccountLoader {
     store: Store,
+    /// Opens the stored credentials (and seals those of config accounts on a reload).
+    pub keys: Arc<Keyring>,
     /// tollgate's own listeners: no account may point at them.
     own: Vec<std::net::SocketAddr>,
     /// Timeouts, cooldowns and the refresh period; swapped by a config reload.
@@ -56,11 +65,13 @@ pub struct AccountLoader {
 impl AccountLoader {
     pub fn new(
         store: Store,
+        keys: Arc<Keyring>,
         settings: settings::Upstream,
         own: Vec<std::net::SocketAddr>,
     ) -> AccountLoader {
         AccountLoader {
             store,
+            keys,
             own,
             settings: ArcSwap::from_pointee(settings),
             stats: StatsRegistry::default(),
@@ -70,6 +81,8 @@ impl AccountLoader {
 
     /// The active accounts now; one that cannot be used (its `${VAR}` unset, its host not
     /// resolving, a bad credential) is skipped with an error log, never fatal to the others.
+    /// A credential this key cannot open (rotated under a running gateway) fails the whole load:
+    /// the refresher keeps the set it has.
     pub async fn load(&self) -> anyhow::Result<AccountSet> {
         let cfg = self.settings.load();
         let rows = self
@@ -82,7 +95,9 @@ impl AccountLoader {
             read: cfg.read_timeout,
         };
         let mut accounts = Vec::new();
-        for row in rows.into_iter().filter(|r| r.is_active) {
+        for mut row in rows.into_iter().filter(|r| r.is_active) {
+            row.credentials = secrets::open_credentials(&self.keys, &row.credentials)
+                .with_context(|| format!("account {:?}", row.name))?;
             let raw_key = row
                 .credentials
                 .get("api_key")

@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 use crate::auth::KeyCache;
 use crate::httpd::{query_param, Handler, Request, Response};
 use crate::ops::{self, OpsError};
+use crate::secrets::Keyring;
 use crate::store::{GroupBy, KeyPatch, Store};
 
 pub const TOKEN_ENV: &str = "TOLLGATE_ADMIN_TOKEN";
@@ -27,6 +28,8 @@ pub type ReloadFn =
 
 pub struct Admin {
     pub store: Store,
+    /// Seals the credentials of accounts added or changed here.
+    pub sealing: Arc<Keyring>,
     pub keys: Arc<KeyCache>,
     /// Wakes the account refresher.
     pub accounts_changed: Arc<Notify>,
@@ -38,6 +41,7 @@ pub struct Admin {
 impl Admin {
     pub fn new(
         store: Store,
+        sealing: Arc<Keyring>,
         keys: Arc<KeyCache>,
         accounts_changed: Arc<Notify>,
         reload: ReloadFn,
@@ -45,6 +49,7 @@ impl Admin {
     ) -> Admin {
         Admin {
             store,
+            sealing,
             keys,
             accounts_changed,
             reload,
@@ -127,12 +132,12 @@ impl Admin {
                     Response::json(200, &ops::list_accounts(&self.store).await?)
                 }
                 (&M::POST, ["admin", "accounts"]) => {
-                    let new_id = ops::add_account(&self.store, &body(&req)?).await?;
+                    let new_id = ops::add_account(&self.store, &self.sealing, &body(&req)?).await?;
                     self.accounts_changed.notify_one();
                     Response::json(201, &serde_json::json!({ "id": new_id }))
                 }
                 (&M::PATCH, ["admin", "accounts", aid]) => {
-                    ops::update_account(&self.store, id(aid)?, &body(&req)?).await?;
+                    ops::update_account(&self.store, &self.sealing, id(aid)?, &body(&req)?).await?;
                     self.accounts_changed.notify_one();
                     Response::json(200, &serde_json::json!({ "updated": true }))
                 }

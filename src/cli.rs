@@ -7,8 +7,9 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
 use crate::config;
+use crate::keyring;
 use crate::ops;
-use crate::settings::Settings;
+use crate::settings::{self, Settings};
 use crate::store::{GroupBy, Store};
 
 #[derive(Parser, Debug)]
@@ -167,6 +168,15 @@ pub enum AccountsCmd {
     Enable { id: i64 },
     /// Delete an account (softly: its usage rows keep referring to it).
     Delete { id: i64 },
+    /// Re-seal every stored upstream credential under the current master key (TOLLGATE_MASTER_KEY,
+    /// [database] master_key_file, or the default key file, created if missing), in one
+    /// transaction. The key they are sealed with now comes from --old-key-file or
+    /// TOLLGATE_OLD_MASTER_KEY.
+    RotateEncryption {
+        /// A file holding the key the credentials are sealed with now (64 hex digits); repeatable.
+        #[arg(long = "old-key-file")]
+        old_key_files: Vec<PathBuf>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -205,13 +215,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     crate::store::redact_url(&cfg.database.url)
                 )
             })?;
-        let result = admin(&store, cli.command).await;
+        let result = admin(&store, &cfg.database, cli.command).await;
         store.close().await;
         result
     })
 }
 
-async fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
+/// Account commands that write first open the credentials (`keyring::unlock`: the key checked,
+/// plaintext credentials from before encryption sealed in place).
+async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve | Command::Reload { .. } => unreachable!("handled by run"),
         Command::Migrate => eprintln!("migrations applied"),
@@ -316,7 +328,12 @@ async fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
                 header,
                 email,
             };
-            let id = ops::add_account(store, &input).await.map_err(flag)?;
+            // Bad input is refused before the keyring is opened (or its file created).
+            ops::check_account(&input).map_err(flag)?;
+            let sealing = keyring::unlock(store, db).await?;
+            let id = ops::add_account(store, &sealing, &input)
+                .await
+                .map_err(flag)?;
             eprintln!("created account {id} ({name})");
             println!("{id}");
         }
@@ -339,8 +356,10 @@ async fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
             })?;
         }
         Command::Accounts(AccountsCmd::Disable { id }) => {
+            let sealing = keyring::unlock(store, db).await?;
             ops::update_account(
                 store,
+                &sealing,
                 id,
                 &ops::AccountUpdate {
                     is_active: Some(false),
@@ -351,8 +370,10 @@ async fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
             eprintln!("account {id} disabled");
         }
         Command::Accounts(AccountsCmd::Enable { id }) => {
+            let sealing = keyring::unlock(store, db).await?;
             ops::update_account(
                 store,
+                &sealing,
                 id,
                 &ops::AccountUpdate {
                     is_active: Some(true),
@@ -363,8 +384,15 @@ async fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
             eprintln!("account {id} enabled");
         }
         Command::Accounts(AccountsCmd::Delete { id }) => {
+            keyring::unlock(store, db).await?;
             ops::delete_account(store, id).await?;
             eprintln!("account {id} deleted");
+        }
+        Command::Accounts(AccountsCmd::RotateEncryption { old_key_files }) => {
+            let (n, key_id) = keyring::rotate(store, db, &old_key_files).await?;
+            eprintln!(
+                "{n} upstream credentials re-sealed under master key id {key_id}; restart running gateways with this key (until then they keep the accounts they have loaded)"
+            );
         }
         Command::Usage(args) => {
             let report = ops::usage(store, &args.since, args.until.as_deref(), args.by.into())

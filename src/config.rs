@@ -110,6 +110,10 @@ pub struct DatabaseConfig {
     pub max_connections: u32,
     /// Longest wait to reach the database (at start, for a CLI command, for a pooled connection).
     pub connect_timeout_secs: u64,
+    /// The master key file sealing upstream credentials (64 hex digits); must exist. Unset (and no
+    /// `TOLLGATE_MASTER_KEY`): `<sqlite file>.key`, or `tollgate.key` beside the config for
+    /// PostgreSQL, created on first start.
+    pub master_key_file: Option<String>,
 }
 
 impl Default for DatabaseConfig {
@@ -118,6 +122,7 @@ impl Default for DatabaseConfig {
             url: "sqlite://tollgate.db".into(),
             max_connections: 8,
             connect_timeout_secs: 10,
+            master_key_file: None,
         }
     }
 }

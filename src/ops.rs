@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::Permissions;
 use crate::keys;
+use crate::secrets::{self, Keyring};
 use crate::store::{
     AccountPatch, AccountRow, GroupBy, KeyListing, KeyPatch, NewAccount, Store, StoreError,
     UsageTotals, UserRow,
@@ -26,6 +27,9 @@ pub enum OpsError {
     Conflict(String),
     #[error("{0}")]
     Store(StoreError),
+    /// The credentials could not be sealed (no randomness from the system).
+    #[error("sealing the credentials: {0}")]
+    Sealing(String),
 }
 
 impl From<StoreError> for OpsError {
@@ -49,7 +53,7 @@ impl OpsError {
             OpsError::Invalid { .. } => 400,
             OpsError::NotFound(_) => 404,
             OpsError::Conflict(_) => 409,
-            OpsError::Store(_) => 500,
+            OpsError::Store(_) | OpsError::Sealing(_) => 500,
         }
     }
 }
@@ -424,6 +428,11 @@ fn credentials(api_key: &str, header: Option<&str>) -> Result<serde_json::Value,
     Ok(c)
 }
 
+/// Validated credentials sealed for the database (`secrets.rs`).
+fn seal(sealing: &Keyring, plain: serde_json::Value) -> Result<serde_json::Value, OpsError> {
+    secrets::seal_credentials(sealing, &plain).map_err(|e| OpsError::Sealing(e.to_string()))
+}
+
 /// An upstream URL: `http(s)://host[:port][/path[?query]]` in ASCII (RFC 3986 characters,
 /// `%XX` escapes; an IPv6 literal in brackets, with or without a port: `http://[::1]:8000`). The same grammar as the
 /// `pattern` of `base_url` in openapi.json. `https://Ï` is refused: write `https://xn--4ca`.
@@ -488,7 +497,10 @@ pub fn check_base_url(url: &str) -> Result<(), OpsError> {
     Ok(())
 }
 
-pub async fn add_account(store: &Store, a: &NewAccountInput) -> Result<i64, OpsError> {
+/// A new account's input, checked: its type, name, email and (plaintext) credentials.
+type CheckedAccount<'a> = (AccountType, &'a str, Option<&'a str>, serde_json::Value);
+
+fn check_new_account(a: &NewAccountInput) -> Result<CheckedAccount<'_>, OpsError> {
     let kind: AccountType = a.kind.parse().map_err(|e: String| invalid("type", e))?;
     check_base_url(&a.base_url)?;
     if a.weight < 1 {
@@ -497,6 +509,21 @@ pub async fn add_account(store: &Store, a: &NewAccountInput) -> Result<i64, OpsE
     let name = label("name", &a.name)?;
     let email = a.email.as_deref().map(|e| label("email", e)).transpose()?;
     let creds = credentials(&a.api_key, a.header.as_deref())?;
+    Ok((kind, name, email, creds))
+}
+
+/// Checks a new account without writing anything (the CLI does, before it opens the keyring).
+pub fn check_account(a: &NewAccountInput) -> Result<(), OpsError> {
+    check_new_account(a).map(|_| ())
+}
+
+pub async fn add_account(
+    store: &Store,
+    sealing: &Keyring,
+    a: &NewAccountInput,
+) -> Result<i64, OpsError> {
+    let (kind, name, email, creds) = check_new_account(a)?;
+    let creds = seal(sealing, creds)?;
     Ok(store
         .create_account(&NewAccount {
             name,
@@ -528,7 +555,12 @@ pub struct AccountUpdate {
     pub header: Option<String>,
 }
 
-pub async fn update_account(store: &Store, id: i64, u: &AccountUpdate) -> Result<(), OpsError> {
+pub async fn update_account(
+    store: &Store,
+    sealing: &Keyring,
+    id: i64,
+    u: &AccountUpdate,
+) -> Result<(), OpsError> {
     if u.weight.is_some_and(|w| w < 1) {
         return Err(invalid("weight", "must be at least 1"));
     }
@@ -536,7 +568,7 @@ pub async fn update_account(store: &Store, id: i64, u: &AccountUpdate) -> Result
         check_base_url(url)?;
     }
     let creds = match &u.api_key {
-        Some(k) => Some(credentials(k, u.header.as_deref())?),
+        Some(k) => Some(seal(sealing, credentials(k, u.header.as_deref())?)?),
         None if u.header.is_some() => return Err(invalid("header", "give api_key with it")),
         None => None,
     };

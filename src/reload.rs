@@ -66,7 +66,7 @@ impl Reloader {
                 "changed in the config file; takes effect at the next restart"
             );
         }
-        accounts::upsert_from_config(&self.store, &new.upstream_accounts)
+        accounts::upsert_from_config(&self.store, &self.loader.keys, &new.upstream_accounts)
             .await
             .map_err(|e| format!("{e:#}"))?;
         self.router.store(Arc::new(router_of(&new)));

@@ -43,6 +43,7 @@ use crate::header;
 use crate::health::{self, Health};
 use crate::httpd;
 use crate::invalidation;
+use crate::keyring;
 use crate::lifecycle::{Drain, Signals};
 use crate::metrics::{self, Metrics};
 use crate::pool::UpstreamPool;
@@ -75,13 +76,19 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
         ))
         .with_context(|| format!("opening the database {}", redact_url(&cfg.database.url)))?;
     tracing::info!(database = %redact_url(&cfg.database.url), "database opened");
-    db_rt.block_on(accounts::upsert_from_config(&store, &cfg.upstream_accounts))?;
+    let sealing = Arc::new(db_rt.block_on(keyring::unlock(&store, &cfg.database))?);
+    db_rt.block_on(accounts::upsert_from_config(
+        &store,
+        &sealing,
+        &cfg.upstream_accounts,
+    ))?;
 
     // Every listener is bound before anything starts: a taken port fails the start at once.
     let listeners = Listeners::bind(&cfg)?;
 
     let loader = Arc::new(AccountLoader::new(
         store.clone(),
+        sealing.clone(),
         cfg.upstream.clone(),
         listeners.addresses(),
     ));
@@ -197,6 +204,7 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::from_std(listener)?;
             let admin = Arc::new(Admin::new(
                 store.clone(),
+                sealing,
                 keys,
                 accounts_changed,
                 reload,

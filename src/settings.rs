@@ -60,6 +60,10 @@ pub struct Database {
     pub url: String,
     pub max_connections: NonZeroU32,
     pub connect_timeout: Duration,
+    /// The master key file (`keyring.rs`): `[database] master_key_file` resolved against the
+    /// config's directory (`explicit`: must exist), else the default created on first start.
+    pub master_key_file: PathBuf,
+    pub master_key_file_explicit: bool,
 }
 
 impl Database {
@@ -337,6 +341,16 @@ impl Settings {
                 file.database.connect_timeout_secs,
                 10 * MINUTE,
             )?,
+            master_key_file: PathBuf::new(),
+            master_key_file_explicit: file.database.master_key_file.is_some(),
+        };
+        let database = Database {
+            master_key_file: master_key_file(
+                &database,
+                file.database.master_key_file.as_deref(),
+                base,
+            )?,
+            ..database
         };
 
         let a = &file.auth;
@@ -554,6 +568,24 @@ impl Default for Settings {
     }
 }
 
+/// `[database] master_key_file` against `base`; unset: `<sqlite file>.key` beside the database,
+/// or `tollgate.key` beside the config (PostgreSQL, in-memory SQLite).
+fn master_key_file(db: &Database, set: Option<&str>, base: &Path) -> Result<PathBuf, Invalid> {
+    match (set, db.sqlite_file()) {
+        (Some(""), _) => Err(invalid(
+            Place::Key("database", "master_key_file"),
+            "[database] master_key_file must not be empty (leave it out for the default)",
+        )),
+        (Some(f), _) => Ok(base.join(f)),
+        (None, Some(file)) => {
+            let mut name = file.into_os_string();
+            name.push(".key");
+            Ok(PathBuf::from(name))
+        }
+        (None, None) => Ok(base.join("tollgate.key")),
+    }
+}
+
 /// A supported database URL; a relative SQLite file is resolved against `base` (the config
 /// file's directory) unless the URL came from the environment.
 fn database_url(url: &str, base: &Path, from_env: bool) -> Result<String, String> {
@@ -652,6 +684,35 @@ mod tests {
         assert_eq!(s.database.url, "sqlite:///etc/tollgate/tollgate.db");
         assert_eq!(s.writer.spool_dir, PathBuf::from("/etc/tollgate/spool"));
         assert_eq!(Settings::default().database.url, "sqlite://tollgate.db");
+        assert_eq!(
+            s.database.master_key_file,
+            PathBuf::from("/etc/tollgate/tollgate.db.key")
+        );
+        assert!(!s.database.master_key_file_explicit);
+        for (text, file) in [
+            (
+                "[database]\nurl = \"postgres://h/db\"\n",
+                "/etc/tollgate/tollgate.key",
+            ),
+            (
+                "[database]\nurl = \"sqlite://:memory:\"\n",
+                "/etc/tollgate/tollgate.key",
+            ),
+            (
+                "[database]\nmaster_key_file = \"k/master.key\"\n",
+                "/etc/tollgate/k/master.key",
+            ),
+            (
+                "[database]\nmaster_key_file = \"/run/secrets/key\"\n",
+                "/run/secrets/key",
+            ),
+        ] {
+            assert_eq!(
+                parse(text).unwrap().database.master_key_file,
+                PathBuf::from(file),
+                "{text}"
+            );
+        }
     }
 
     #[test]
@@ -676,6 +737,7 @@ mod tests {
             ("[server]\nmax_connections = 0\n", "config.toml:2: [server] max_connections = 0 is out of range: it must be between 1 and 1000000"),
             ("[server]\nmax_body_bytes = 2048\nmax_buffered_body_bytes = 1024\n", "config.toml:3: [server] max_buffered_body_bytes = 1024 is below max_body_bytes (2048): a body of the largest allowed size could never be buffered"),
             ("[database]\nmax_connections = 0\n", "config.toml:2: [database] max_connections = 0 is out of range: it must be between 1 and 1000"),
+            ("[database]\nmaster_key_file = \"\"\n", "config.toml:2: [database] master_key_file must not be empty (leave it out for the default)"),
             ("[auth]\ncache_ttl_secs = 0\n", "config.toml:2: [auth] cache_ttl_secs = 0 is out of range: it must be between 1 and 86400"),
             ("[auth]\ncache_ttl_secs = 60\nmax_stale_secs = 30\n", "config.toml:3: [auth] max_stale_secs = 30 must be at least cache_ttl_secs = 60"),
             ("[writer]\nflush_timeout_ms = 0\n", "config.toml:2: [writer] flush_timeout_ms = 0 is out of range: it must be between 1 and 600000"),
@@ -752,6 +814,8 @@ mod tests {
             url: url.into(),
             max_connections: NonZeroU32::MIN,
             connect_timeout: Duration::from_secs(1),
+            master_key_file: PathBuf::new(),
+            master_key_file_explicit: false,
         };
         assert_eq!(
             db("sqlite:///a/b.db?mode=rwc").sqlite_file(),

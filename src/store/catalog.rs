@@ -317,6 +317,53 @@ impl Store {
         Ok(rows)
     }
 
+    /// Every account's `credentials`, deleted accounts' too (`keyring.rs` checks and seals them).
+    pub async fn all_credentials(&self) -> Result<Vec<(i64, serde_json::Value)>, StoreError> {
+        let sql = "SELECT id, credentials FROM upstream_accounts ORDER BY id";
+        let rows = dispatch!(self, p => sqlx::query(sql).fetch_all(p).await.and_then(|rows| rows.iter().map(|r| Ok((
+            r.try_get("id")?,
+            r.try_get::<Json<serde_json::Value>, _>("credentials")?.0,
+        ))).collect::<Result<Vec<_>, sqlx::Error>>()))?;
+        Ok(rows)
+    }
+
+    /// Rewrites every account's `credentials` (deleted ones too) where `f` returns a new value, in
+    /// one transaction (PostgreSQL: the rows locked as read); an error from `f` writes nothing.
+    /// Returns how many rows changed. `updated_at` is left alone: what the credentials say did
+    /// not change.
+    pub async fn rewrite_credentials<E: From<StoreError>>(
+        &self,
+        f: impl Fn(&serde_json::Value) -> Result<Option<serde_json::Value>, E>,
+    ) -> Result<usize, E> {
+        let select = match self {
+            Store::Postgres(_) => {
+                "SELECT id, credentials FROM upstream_accounts ORDER BY id FOR UPDATE"
+            }
+            Store::Sqlite(_) => "SELECT id, credentials FROM upstream_accounts ORDER BY id",
+        };
+        let update = "UPDATE upstream_accounts SET credentials = $1 WHERE id = $2";
+        dispatch!(self, p => {
+            let mut tx = p.begin().await.map_err(StoreError::from)?;
+            if let Store::Sqlite(_) = self {
+                // Take the write lock before reading, so no other writer slips in between.
+                sqlx::query("UPDATE upstream_accounts SET id = id WHERE 0").execute(&mut *tx).await.map_err(StoreError::from)?;
+            }
+            let rows = sqlx::query(select).fetch_all(&mut *tx).await.and_then(|rows| rows.iter().map(|r| Ok((
+                r.try_get::<i64, _>("id")?,
+                r.try_get::<Json<serde_json::Value>, _>("credentials")?.0,
+            ))).collect::<Result<Vec<_>, sqlx::Error>>()).map_err(StoreError::from)?;
+            let mut changed = 0;
+            for (id, credentials) in &rows {
+                if let Some(new) = f(credentials)? {
+                    sqlx::query(update).bind(Json(&new)).bind(id).execute(&mut *tx).await.map_err(StoreError::from)?;
+                    changed += 1;
+                }
+            }
+            tx.commit().await.map_err(StoreError::from)?;
+            Ok(changed)
+        })
+    }
+
     /// Changes an account's priority, weight, state or credentials.
     pub async fn update_account(&self, id: i64, patch: &AccountPatch) -> Result<(), StoreError> {
         let sql = format!(

@@ -164,6 +164,22 @@ impl Store {
         Ok(dispatch!(self, p => sqlx::query_scalar(sql).fetch_one(p).await)?)
     }
 
+    /// After values were rewritten to remove what they held (plaintext credentials sealed in
+    /// place): SQLite rebuilds the file (`VACUUM`, no free pages left) and empties the WAL, so
+    /// no old copy stays on disk; `false` when the WAL could not be emptied (a reader in the
+    /// way). PostgreSQL: nothing to do here (old row versions go with vacuum and page reuse).
+    pub async fn scrub(&self) -> Result<bool, StoreError> {
+        let Store::Sqlite(p) = self else {
+            return Ok(true);
+        };
+        let mut c = p.acquire().await?;
+        sqlx::query("VACUUM").execute(&mut *c).await?;
+        let (busy,): (i64,) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(&mut *c)
+            .await?;
+        Ok(busy == 0)
+    }
+
     /// A cheap round trip, for readiness.
     pub async fn ping(&self) -> Result<(), StoreError> {
         dispatch!(self, p => sqlx::query("SELECT 1").execute(p).await.map(|_| ()))?;

@@ -319,6 +319,72 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// The first column of every row of `sql`, as text.
+    pub async fn texts(&self, sql: &str) -> Vec<String> {
+        let sql = sqlx::AssertSqlSafe(sql.to_string());
+        match self.kind {
+            Db::Sqlite => {
+                let mut c = <sqlx::SqliteConnection as sqlx::Connection>::connect(&self.url)
+                    .await
+                    .unwrap();
+                sqlx::query_scalar(sql).fetch_all(&mut c).await.unwrap()
+            }
+            Db::Postgres => {
+                let mut c = <sqlx::PgConnection as sqlx::Connection>::connect(&self.url)
+                    .await
+                    .unwrap();
+                sqlx::query_scalar(sql).fetch_all(&mut c).await.unwrap()
+            }
+        }
+    }
+
+    /// What a dump would show: every column of every row of every table, as text.
+    pub async fn dump(&self) -> String {
+        let mut out = String::new();
+        match self.kind {
+            Db::Sqlite => {
+                for table in self
+                    .texts("SELECT name FROM sqlite_master WHERE type = 'table'")
+                    .await
+                {
+                    let columns = self
+                        .texts(&format!("SELECT name FROM pragma_table_info('{table}')"))
+                        .await;
+                    let row = columns
+                        .iter()
+                        .map(|c| format!("coalesce(CAST(\"{c}\" AS TEXT), '')"))
+                        .collect::<Vec<_>>()
+                        .join(" || '|' || ");
+                    // As bytes: a BLOB column need not be UTF-8.
+                    let mut c = <sqlx::SqliteConnection as sqlx::Connection>::connect(&self.url)
+                        .await
+                        .unwrap();
+                    let sql = format!("SELECT CAST({row} AS BLOB) FROM \"{table}\"");
+                    let lines: Vec<Vec<u8>> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                        .fetch_all(&mut c)
+                        .await
+                        .unwrap();
+                    for line in lines {
+                        out.push_str(&format!("{table}: {}\n", String::from_utf8_lossy(&line)));
+                    }
+                }
+            }
+            Db::Postgres => {
+                for table in self
+                    .texts("SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public'")
+                    .await
+                {
+                    for line in self.texts(&format!("SELECT t::text FROM \"{table}\" t")).await {
+                        out.push_str(&format!("{table}: {line}\n"));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
 /// One usage row as the tests check it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
@@ -476,7 +542,17 @@ pub struct Gateway {
     /// `RUST_LOG` of `tollgate serve` (default `info`).
     pub rust_log: String,
     pub db: TestDb,
+    /// Extra environment of every `tollgate` this runs (`cli` and `start`), e.g.
+    /// `TOLLGATE_MASTER_KEY`; the master key variables are otherwise removed.
+    pub env: Vec<(&'static str, String)>,
     child: Option<Child>,
+}
+
+/// Removes what the test's own environment might pass down about master keys, then sets `env`.
+fn with_env<'a>(cmd: &'a mut Command, env: &[(&'static str, String)]) -> &'a mut Command {
+    cmd.env_remove("TOLLGATE_MASTER_KEY")
+        .env_remove("TOLLGATE_OLD_MASTER_KEY")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
 }
 
 /// Before `start`: every listener binds port 0; `start` learns the ports tollgate got.
@@ -504,12 +580,13 @@ impl Gateway {
             admin_token: None,
             rust_log: "info".into(),
             db,
+            env: Vec::new(),
             child: None,
         })
     }
 
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
+        with_env(&mut Command::new(BIN), &self.env)
             .arg("--config")
             .arg(&self.config)
             .args(args)
@@ -581,7 +658,7 @@ impl Gateway {
         use std::io::{BufRead, Write};
         let log_path = self.dir.path().join("serve.log");
         let mut log = std::fs::File::create(&log_path).unwrap();
-        let mut child = Command::new(BIN)
+        let mut child = with_env(&mut Command::new(BIN), &self.env)
             .arg("--config")
             .arg(&self.config)
             .arg("serve")
@@ -854,6 +931,11 @@ impl Gateway {
         );
         let config = dir.path().join("config.toml");
         std::fs::write(&config, text).unwrap();
+        // The instances share the master key (on PostgreSQL its default file is beside the config).
+        let key = self.dir.path().join("tollgate.key");
+        if key.exists() {
+            std::fs::copy(&key, dir.path().join("tollgate.key")).unwrap();
+        }
         Gateway {
             dir,
             config,
@@ -863,6 +945,7 @@ impl Gateway {
             admin_token: self.admin_token.clone(),
             rust_log: self.rust_log.clone(),
             db: self.db.share(),
+            env: self.env.clone(),
             child: None,
         }
     }
