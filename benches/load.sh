@@ -10,6 +10,9 @@
 #   bash benches/load.sh syscalls system calls per request (strace -c -f, and perf stat on the
 #                                 syscall tracepoints) of nginx, bare pingora, bare hyper, tollgate
 #   bash benches/load.sh callgrind  instructions per request (valgrind --tool=callgrind) of the same
+#   bash benches/load.sh soak     tollgate on PostgreSQL (TEST_DATABASE_URL), one key, full metering,
+#                                 at full load for LOAD_SOAK_MINUTES: RSS every minute, then idle,
+#                                 then SSE streams; usage rows checked against requests served
 #
 # Settings (environment):
 #   LOAD_DURATION=10      seconds per measured wrk run          LOAD_ROUNDS=3   interleaved rounds
@@ -18,7 +21,7 @@
 #   LOAD_THREADS=2        pingora worker threads of tollgate and bare_proxy ([server] threads)
 #   LOAD_LATENCY=1        run the half-load latency phase (0 = skip)
 #   LOAD_LAT_DELAY_MS=4   pause per connection between requests in that phase
-#   LOAD_LOGS=on          on: tollgate logs at its default level (info, a line per request) and
+#   LOAD_LOGS=on          (off in syscalls, callgrind, soak) on: tollgate logs at its default level (info, a line per request) and
 #                         nginx writes its access log, as both ship; off: RUST_LOG=warn, no log
 #   LOAD_CONFIGS="direct nginx bare hyper tollgate-sqlite tollgate-pg"   which configurations run
 #   LOAD_FEATURES="a b"   tollgate stages to measure on vs off (each alone, next to "all off");
@@ -35,14 +38,17 @@
 #   SYS_SECS=5  SYS_CONNECTIONS=64       the syscalls scenario (logs off unless LOAD_LOGS is set)
 #   CG_SECS=5   CG_CONNECTIONS=8         the callgrind scenario (logs off unless LOAD_LOGS is set)
 #   HYPER_RUNTIME=current|multi  HYPER_READ_BUF=N   passed to examples/bare_hyper.rs
+#   LOAD_SOAK_MINUTES=10  LOAD_SOAK_SCRAPE_SECS=5 (/metrics scraped that often, 0 = never)
+#   LOAD_SOAK_IDLE_SECS=60  LOAD_SOAK_SSE=1000 (streams after the idle phase, 0 = none)
+#   LOAD_SOAK_SSE_HOLD=2  (seconds each stream is held open)     the soak scenario
 #
 # Everything listens on 127.0.0.1 only, every run is bounded in time, and every process this
 # script starts is stopped when it exits (trap EXIT).
 set -euo pipefail
 
 MODE=${1:-rps}
-case "$MODE" in rps | sse | all | keys | syscalls | callgrind) ;; -h | --help) sed -n '2,40p' "$0"; exit 0 ;;
-*) echo "usage: bash benches/load.sh [rps|sse|all|keys|syscalls|callgrind]" >&2; exit 2 ;; esac
+case "$MODE" in rps | sse | all | keys | syscalls | callgrind | soak) ;; -h | --help) sed -n '2,47p' "$0"; exit 0 ;;
+*) echo "usage: bash benches/load.sh [rps|sse|all|keys|syscalls|callgrind|soak]" >&2; exit 2 ;; esac
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HERE=$ROOT/benches/load
@@ -54,9 +60,11 @@ WARMUP=${LOAD_WARMUP:-2}
 THREADS=${LOAD_THREADS:-2}
 LATENCY=${LOAD_LATENCY:-1}
 LAT_DELAY_MS=${LOAD_LAT_DELAY_MS:-4}
-# The syscall and instruction counts compare the engines: no per-request log unless asked for.
-if [[ $MODE == syscalls || $MODE == callgrind ]]; then LOGS=${LOAD_LOGS:-off}; else LOGS=${LOAD_LOGS:-on}; fi
+# The syscall and instruction counts compare the engines, and the soak runs for minutes (a line per
+# request would fill the disk): no per-request log unless asked for.
+if [[ $MODE == syscalls || $MODE == callgrind || $MODE == soak ]]; then LOGS=${LOAD_LOGS:-off}; else LOGS=${LOAD_LOGS:-on}; fi
 CONFIGS=${LOAD_CONFIGS:-direct nginx bare hyper tollgate-sqlite tollgate-pg}
+[ "$MODE" != soak ] || CONFIGS=tollgate-pg # the soak is tollgate on PostgreSQL only
 SSE_STREAMS=${SSE_STREAMS:-500}
 SSE_HOLD=${SSE_HOLD_SECS:-10}
 SSE_SEQ=${SSE_SEQUENTIAL:-50}
@@ -95,7 +103,10 @@ NGINX=$(find_nginx)
 [ -n "$NGINX" ] || log "nginx is not available: the nginx configurations are skipped and the upstream is Python (slow)"
 
 # --- build --------------------------------------------------------------------------------------
-if [ "${LOAD_SKIP_BUILD:-0}" != 1 ]; then
+if [ "${LOAD_SKIP_BUILD:-0}" != 1 ] && [ "$MODE" = soak ]; then
+  log "cargo build --release --bin tollgate (fat LTO: minutes on a cold tree)"
+  (cd "$ROOT" && cargo build --release --bin tollgate)
+elif [ "${LOAD_SKIP_BUILD:-0}" != 1 ]; then
   log "cargo build --release --bin tollgate --example bare_proxy --example bare_hyper (fat LTO: minutes on a cold tree)"
   (cd "$ROOT" && cargo build --release --bin tollgate --example bare_proxy --example bare_hyper)
 fi
@@ -105,10 +116,10 @@ HYPER=$TARGET/release/examples/bare_hyper
 if [[ $MODE != rps || " $CONFIGS " == *" tollgate-"* ]]; then
   [ -x "$TG" ] || die "$TG is missing (build it, or unset LOAD_SKIP_BUILD)"
 fi
-if [[ $MODE != rps || " $CONFIGS " == *" bare "* ]]; then
+if [[ ($MODE != rps && $MODE != soak) || " $CONFIGS " == *" bare "* ]]; then
   [ -x "$BARE" ] || die "$BARE is missing (build it, or unset LOAD_SKIP_BUILD)"
 fi
-if [[ $MODE != rps || " $CONFIGS " == *" hyper "* ]]; then
+if [[ ($MODE != rps && $MODE != soak) || " $CONFIGS " == *" hyper "* ]]; then
   [ -x "$HYPER" ] || die "$HYPER is missing (build it, or unset LOAD_SKIP_BUILD)"
 fi
 
@@ -685,6 +696,124 @@ if [ "$MODE" = callgrind ]; then
   } | tee "$OUT/callgrind-$STAMP.md"
   cp "$RESULTS" "$OUT/callgrind-$STAMP.jsonl"
   log "report: $OUT/callgrind-$STAMP.md"
+  exit 0
+fi
+
+# --- scenario 6: soak (memory over time) ------------------------------------------------------------
+# One tollgate on PostgreSQL, one key, full metering, `wrk` at full load for LOAD_SOAK_MINUTES with
+# /metrics scraped every LOAD_SOAK_SCRAPE_SECS; RSS (VmRSS) and the served rate every minute. Then
+# the load stops (RSS after LOAD_SOAK_IDLE_SECS), then LOAD_SOAK_SSE concurrent SSE streams
+# through the same process (an account at a streaming upstream added at a preferred priority), RSS
+# once they closed and again after the idle time. At the end (after SIGTERM, so the writer
+# flushed): usage rows written == requests the upstreams served, and no request refused.
+if [ "$MODE" = soak ]; then
+  [ -n "$PG_ADMIN_URL" ] || die "the soak runs on PostgreSQL: set TEST_DATABASE_URL (e.g. postgres://postgres@127.0.0.1:5432/test)"
+  command -v psql >/dev/null || die "psql is required"
+  SOAK_MIN=${LOAD_SOAK_MINUTES:-10}
+  SOAK_SCRAPE=${LOAD_SOAK_SCRAPE_SECS:-5}
+  SOAK_IDLE=${LOAD_SOAK_IDLE_SECS:-60}
+  SOAK_SSE=${LOAD_SOAK_SSE:-1000}
+  SOAK_SSE_HOLD=${LOAD_SOAK_SSE_HOLD:-2}
+  rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+  mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+  start_upstream
+  setup_tollgates
+  c=tollgate-pg
+  lua_script "$T/soak.lua" "${KEY[$c]}"
+  start_proxy "$c"
+  pid=$PROXY_PID
+  metrics_url="http://127.0.0.1:$TG_METRICS/metrics"
+  url="http://127.0.0.1:$PROXY_PORT/v1/chat/completions"
+  rows_at_start=$(count_rows "$c" | cut -d' ' -f1)
+  read -r -a s0 <<<"$(up_stats)"
+  ROWS_MD=$T/soak-rows.md
+  : >"$ROWS_MD"
+  row() { echo "| $1 | $2 | $3 | $4 |" >>"$ROWS_MD"; log "soak: $1: RSS $2 MiB, $3 req/s, peak $4 MiB"; }
+  row "start (idle)" "$(mib "$(rss_kb "$pid")")" "-" "$(mib "$(hwm_kb "$pid")")"
+  if [ "$SOAK_SCRAPE" != 0 ]; then
+    (while sleep "$SOAK_SCRAPE"; do curl -s -m 5 -o /dev/null "$metrics_url" || true; done) &
+    SCRAPER=$!
+    PIDS+=("$SCRAPER")
+  fi
+  log "soak: wrk -t$WRK_THREADS -c$CONNS for $SOAK_MIN min (pid $pid, /metrics every ${SOAK_SCRAPE}s, logs $LOGS)"
+  wrk -t"$WRK_THREADS" -c"$CONNS" -d"$((SOAK_MIN * 60))s" --latency -s "$T/soak.lua" "$url" >"$T/soak.wrk" 2>&1 &
+  WRK=$!
+  PIDS+=("$WRK")
+  t0=$(ticks "$pid"); prev=${s0[0]}; prev_t=$(date +%s.%N)
+  for ((m = 1; m <= SOAK_MIN; m++)); do
+    sleep 60
+    read -r -a s1 <<<"$(up_stats)"
+    now=$(date +%s.%N)
+    rate=$(awk -v n="$((s1[0] - prev - STATS_SELF))" -v a="$prev_t" -v b="$now" 'BEGIN { printf "%.0f", n / (b - a) }')
+    prev=${s1[0]}; prev_t=$now
+    row "load, minute $m" "$(mib "$(rss_kb "$pid")")" "$rate" "$(mib "$(hwm_kb "$pid")")"
+  done
+  wait "$WRK" || { cat "$T/soak.wrk" >&2; die "wrk failed"; }
+  forget "$WRK"
+  t1=$(ticks "$pid")
+  read -r -a s_load <<<"$(up_stats)"
+  served_load=$((s_load[0] - s0[0] - (SOAK_MIN + 1) * STATS_SELF)) # stub_status counts each query that asks
+  sleep "$SOAK_IDLE"
+  row "load stopped, ${SOAK_IDLE} s idle" "$(mib "$(rss_kb "$pid")")" "-" "$(mib "$(hwm_kb "$pid")")"
+  sse_served=0; sse_ok=0
+  if [ "$SOAK_SSE" != 0 ]; then
+    SSE_UP=$(port)
+    "$PY" "$HERE/upstream.py" --port "$SSE_UP" --mode sse --hold "$SOAK_SSE_HOLD" --interval 0.5 >"$T/sse-upstream.log" 2>&1 &
+    SSE_UP_PID=$!
+    PIDS+=("$SSE_UP_PID")
+    wait_http "http://127.0.0.1:$SSE_UP/__stats" 10 "$SSE_UP_PID" || die "the SSE upstream did not start"
+    # A preferred account at the streaming upstream; the gateway picks it up on its own (NOTIFY).
+    "$TG" --config "$T/$c.toml" accounts add --name sse --type openai --priority 0 \
+      --base-url "http://127.0.0.1:$SSE_UP" --api-key sk-bench >/dev/null 2>>"$T/cli.log" ||
+      die "tollgate accounts add (sse) failed: $(tail -3 "$T/cli.log")"
+    for ((i = 0; i < 100; i++)); do
+      [ "$(curl -s "http://127.0.0.1:$SSE_UP/__stats" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["requests"])')" != 0 ] && break
+      curl -s -m 10 -o /dev/null -H "Authorization: Bearer ${KEY[$c]}" -H 'Content-Type: application/json' \
+        -d '{"model":"gpt-4o-mini","messages":[],"stream":true}' "$url?hold=0" || true
+      sleep 0.1
+    done
+    log "soak: $SOAK_SSE concurrent SSE streams held ${SOAK_SSE_HOLD}s"
+    timeout $((SOAK_SSE_HOLD + 180)) "$PY" "$HERE/sse_client.py" --url "$url" --key "${KEY[$c]}" \
+      --streams "$SOAK_SSE" --hold "$SOAK_SSE_HOLD" --pid "$pid" >"$T/soak-sse.json" || die "sse_client.py failed"
+    read -r sse_ok sse_open_kb <<<"$("$PY" -c 'import json,sys; o=json.load(open(sys.argv[1])); print(o["ok"], o.get("rss_all_open_kb") or 0)' "$T/soak-sse.json")"
+    row "$SOAK_SSE SSE streams all open" "$(mib "$sse_open_kb")" "-" "-"
+    row "after the $SOAK_SSE SSE streams closed ($sse_ok complete)" "$(mib "$(rss_kb "$pid")")" "-" "$(mib "$(hwm_kb "$pid")")"
+    sleep "$SOAK_IDLE"
+    row "then ${SOAK_IDLE} s idle" "$(mib "$(rss_kb "$pid")")" "-" "$(mib "$(hwm_kb "$pid")")"
+    sse_served=$(curl -s "http://127.0.0.1:$SSE_UP/__stats" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["requests"])')
+  fi
+  read -r -a s_end <<<"$(up_stats)"
+  served=$((s_end[0] - s0[0] - (SOAK_MIN + 2) * STATS_SELF + sse_served))
+  clean=1
+  stop "$pid" TERM 40 || clean=0
+  rows=$(($(count_rows "$c" | cut -d' ' -f1) - rows_at_start))
+  wrk_req=$(awk '/requests in/ {print $1}' "$T/soak.wrk")
+  non2xx=$(awk '/Non-2xx/ {print $NF}' "$T/soak.wrk"); non2xx=${non2xx:-0}
+  sockerr=$(awk '/Socket errors/ {print}' "$T/soak.wrk")
+  cpu_us=$(awk -v t="$((t1 - t0))" -v hz="$HZ" -v n="$served_load" 'BEGIN { printf "%.1f", n ? t / hz * 1e6 / n : 0 }')
+  ok=yes; [ "$rows" = "$served" ] && [ "$non2xx" = 0 ] && [ "$clean" = 1 ] && [ "$sse_ok" = "$SOAK_SSE" ] || ok=FAIL
+  STAMP=$(date +%Y%m%d-%H%M%S)
+  {
+    echo "## tollgate soak, $(date -u '+%Y-%m-%d %H:%M UTC'), $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
+    echo
+    echo "tollgate on PostgreSQL, one key, full metering, $THREADS pingora threads, logs $LOGS, /metrics scraped every ${SOAK_SCRAPE} s (0 = never); wrk -t$WRK_THREADS -c$CONNS for $SOAK_MIN min against $UP_KIND; machine load average $(cut -d' ' -f1-3 /proc/loadavg) at the end."
+    echo
+    echo "| phase | RSS, MiB | req/s (upstream-served, that minute) | peak RSS (VmHWM), MiB |"
+    echo "|---|---:|---:|---:|"
+    cat "$ROWS_MD"
+    echo
+    echo "| check | value |"
+    echo "|---|---|"
+    echo "| requests the upstreams served (JSON under load + SSE streams and probes) | $served |"
+    echo "| usage rows written | $rows |"
+    echo "| wrk: requests completed, non-2xx | $wrk_req, $non2xx ${sockerr:+($sockerr)} |"
+    echo "| tollgate CPU per request under load | $cpu_us µs |"
+    echo "| SSE streams complete (200 and \`[DONE]\`) | $sse_ok of $SOAK_SSE |"
+    echo "| stopped cleanly on SIGTERM | $([ "$clean" = 1 ] && echo yes || echo no) |"
+    echo "| **rows == requests, no non-2xx** | **$ok** |"
+  } | tee "$OUT/soak-$STAMP.md"
+  log "report: $OUT/soak-$STAMP.md"
+  [ "$ok" = yes ] || die "usage rows ($rows) != requests served ($served), or non-2xx ($non2xx), or SSE streams incomplete ($sse_ok of $SOAK_SSE), or not stopped cleanly"
   exit 0
 fi
 

@@ -94,7 +94,13 @@ impl EventParser {
                 }
             }
             if self.line.is_empty() && !self.line_overflow {
-                self.process_line(&rest[..p], end, f);
+                if p > self.cap {
+                    // The bound a line arriving in pieces meets in `push_partial`: whether a line
+                    // is over the cap must not depend on where the chunks were cut.
+                    self.poison_event();
+                } else {
+                    self.process_line(&rest[..p], end, f);
+                }
             } else {
                 self.push_partial(&rest[..p]);
                 let mut line = std::mem::take(&mut self.line);
@@ -118,12 +124,17 @@ impl EventParser {
         if self.line.len() + bytes.len() > self.cap {
             self.line_overflow = true;
             self.line = Vec::new();
-            self.data = Vec::new();
-            self.skip = true;
-            self.pending = true;
+            self.poison_event();
             return;
         }
         self.line.extend_from_slice(bytes);
+    }
+
+    /// A line over the cap: the current event is skipped (its bytes can't be judged).
+    fn poison_event(&mut self) {
+        self.data = Vec::new();
+        self.skip = true;
+        self.pending = true;
     }
 
     fn process_line(&mut self, line: &[u8], end: usize, f: &mut impl FnMut(Signal<'_>)) {
@@ -866,6 +877,25 @@ mod tests {
                 assert_eq!(p.model(), *model, "split {i}: {stream}");
                 // buffers stay bounded
                 assert!(p.parser.line.capacity() <= 200 && p.parser.data.capacity() <= 200);
+            }
+        }
+    }
+
+    /// Found by the `sse` fuzz target: a line whose `data` value fits the cap but whose whole
+    /// line (`data: ` included) does not was dispatched when it came in one chunk and skipped
+    /// when cut across two. It is over the cap either way.
+    #[test]
+    fn a_line_over_the_cap_is_skipped_wherever_the_chunks_are_cut() {
+        let value = r#"{"type":"message_stop","pad":"xxxxxxxxxxxxxx"}"#;
+        let cap = value.len() + 3; // the value fits, "data: " + value does not
+        for stream in [format!("data: {value}\n\n"), format!("data: {value}\n")] {
+            let b = stream.as_bytes();
+            for i in 0..=b.len() {
+                let mut p = SseUsage::with_event_cap(Dialect::Anthropic, cap);
+                p.feed(&b[..i]);
+                p.feed(&b[i..]);
+                p.finish();
+                assert!(!p.saw_done(), "split {i}: {stream:?}");
             }
         }
     }
