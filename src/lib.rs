@@ -22,6 +22,7 @@ pub mod httpd;
 pub mod invalidation;
 pub mod keys;
 pub mod lifecycle;
+pub mod limits;
 pub mod logging;
 pub mod meter;
 pub mod metrics;

@@ -23,6 +23,29 @@ pub fn model(body: &[u8]) -> Option<String> {
     }
 }
 
+/// The most completion tokens a JSON request body asks for: its top-level `max_tokens` (OpenAI
+/// chat and Anthropic), `max_completion_tokens` (OpenAI chat) or `max_output_tokens` (OpenAI
+/// Responses), as a non-negative integer. Scanned like [`model`]; runs only for keys with a
+/// token limit.
+pub fn max_tokens(body: &[u8]) -> Option<u64> {
+    if memchr::memmem::find(body, b"max_").is_none() {
+        return None;
+    }
+    let top = scan_object(body, skip_ws(body, 0))?;
+    top.members.iter().rev().find_map(|m| {
+        ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+            .iter()
+            .any(|k| m.key_is(body, k))
+            .then(|| {
+                std::str::from_utf8(&body[m.value.0..m.value.1])
+                    .ok()?
+                    .parse()
+                    .ok()
+            })
+            .flatten()
+    })
+}
+
 /// Whether a JSON request body has a top-level `"stream": true`.
 pub fn wants_stream(body: &[u8]) -> bool {
     parse_stream_req(body).is_some_and(|r| r.stream == Some(true))
