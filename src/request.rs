@@ -28,22 +28,42 @@ pub fn model(body: &[u8]) -> Option<String> {
 /// Responses), as a non-negative integer. Scanned like [`model`]; runs only for keys with a
 /// token limit.
 pub fn max_tokens(body: &[u8]) -> Option<u64> {
-    if memchr::memmem::find(body, b"max_").is_none() {
+    // The members are walked in place (no list of them is built): this runs on the hot path.
+    let mut i = skip_ws(body, 0);
+    if body.get(i) != Some(&b'{') {
         return None;
     }
-    let top = scan_object(body, skip_ws(body, 0))?;
-    top.members.iter().rev().find_map(|m| {
-        ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+    i = skip_ws(body, i + 1);
+    let mut found = None;
+    while body.get(i) != Some(&b'}') {
+        let key_end = skip_string(body, i)?;
+        let member = Member {
+            key: (i, key_end),
+            value: (0, 0),
+        };
+        i = skip_ws(body, key_end);
+        if body.get(i) != Some(&b':') {
+            return None;
+        }
+        i = skip_ws(body, i + 1);
+        let value_end = skip_value(body, i)?;
+        if ["max_tokens", "max_completion_tokens", "max_output_tokens"]
             .iter()
-            .any(|k| m.key_is(body, k))
-            .then(|| {
-                std::str::from_utf8(&body[m.value.0..m.value.1])
-                    .ok()?
-                    .parse()
-                    .ok()
-            })
-            .flatten()
-    })
+            .any(|k| member.key_is(body, k))
+        {
+            // The last one wins, as a JSON parser would have it.
+            found = std::str::from_utf8(&body[i..value_end])
+                .ok()
+                .and_then(|v| v.parse().ok());
+        }
+        i = skip_ws(body, value_end);
+        match body.get(i) {
+            Some(b',') => i = skip_ws(body, i + 1),
+            Some(b'}') => break,
+            _ => return None,
+        }
+    }
+    found
 }
 
 /// Whether a JSON request body has a top-level `"stream": true`.
