@@ -62,6 +62,7 @@ fn key_check(c: &mut Criterion) {
                 keys::display_prefix(&key),
                 &serde_json::json!([]),
                 None,
+                &Default::default(),
             )
             .await
             .expect("key");
@@ -443,6 +444,33 @@ fn rate_limit_check(c: &mut Criterion) {
             let now = start.elapsed().as_nanos() as u64;
             g.acquire(black_box(rate), black_box(now), black_box(1))
                 .allowed
+        })
+    });
+    // The whole local admission of one request: the key's entry looked up, its rpm, tpm (on the
+    // body's estimate) and concurrency slot taken, the slot given back when the hold drops.
+    use tollgate::limits::{Caller, Defaults, Limiter, Limits, Overrides};
+    let limiter = Limiter::new(Defaults {
+        key: Limits {
+            rpm: 1_000_000_000,
+            rpd: 0,
+            tpm: 1_000_000_000,
+            max_concurrent: 1_000_000,
+        },
+        default_max_tokens: std::num::NonZeroU64::new(4096).expect("non-zero"),
+    });
+    let caller = Caller {
+        key_id: 7,
+        user_id: 3,
+        key: Overrides::default(),
+        user: Overrides::default(),
+    };
+    let body: &[u8] =
+        br#"{"model":"gpt-4o-mini","max_tokens":64,"messages":[{"role":"user","content":"Say hello."}]}"#;
+    assert!(matches!(limiter.admit(&caller, body, 1), Ok(Some(_))));
+    g2.bench_function("check", |b| {
+        b.iter(|| {
+            let held = limiter.admit(black_box(&caller), black_box(body), limiter.now_ns());
+            held.is_ok()
         })
     });
     g2.finish();

@@ -25,7 +25,7 @@
 #                         nginx writes its access log, as both ship; off: RUST_LOG=warn, no log
 #   LOAD_CONFIGS="direct nginx bare hyper tollgate-sqlite tollgate-pg"   which configurations run
 #   LOAD_FEATURES="a b"   tollgate stages to measure on vs off (each alone, next to "all off");
-#                         "all" = every stage defined (see `stage` below; none defined yet)
+#                         "all" = every stage defined (see `stage` below: rate_limits)
 #   TEST_DATABASE_URL     postgres://... : also run tollgate on PostgreSQL (a fresh database
 #                         tollgate_bench_<random>, dropped at the end)
 #   SSE_STREAMS=500  SSE_HOLD_SECS=10  SSE_SEQUENTIAL=50   the SSE scenario
@@ -139,8 +139,9 @@ fi
 declare -A STAGE_TOML=() STAGE_BENCH=()
 STAGES=()
 stage() { STAGES+=("$1"); STAGE_BENCH[$1]=$2; STAGE_TOML[$1]=$3; }
-# No stage exists yet. A later one adds its line here, e.g.:
-# stage rate_limits limits/check_hit $'[limits]\nrequests_per_minute = 100000000'
+# Rate limits: a generous limit of every kind on every key (never refuses), so each request pays
+# the whole admission (rpm, rpd, tpm on the body's estimate, concurrency) and the settlement.
+stage rate_limits rate_limit/check $'[limits]\nrpm = 1000000000\nrpd = 1000000000\ntpm = 1000000000\nmax_concurrent = 1000000'
 
 FEATURES=()
 UNKNOWN_FEATURES=()

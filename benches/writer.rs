@@ -65,6 +65,7 @@ async fn seed(store: &Store) -> Fixture {
                 tollgate::keys::display_prefix(&key),
                 &serde_json::json!([]),
                 None,
+                &Default::default(),
             )
             .await
             .expect("key");

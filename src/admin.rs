@@ -111,6 +111,12 @@ impl Admin {
                     }
                     Response::json(200, &serde_json::json!({ "activated": true }))
                 }
+                (&M::PATCH, ["admin", "users", uid]) => {
+                    for hash in ops::update_user(&self.store, id(uid)?, &body(&req)?).await? {
+                        self.keys.invalidate_hex(&hash);
+                    }
+                    Response::json(200, &serde_json::json!({ "updated": true }))
+                }
                 (&M::GET, ["admin", "keys"]) => {
                     Response::json(200, &ops::list_keys(&self.store).await?)
                 }
@@ -211,6 +217,7 @@ mod tests {
         let paths = doc["paths"].as_object().unwrap();
         for p in [
             "/admin/users",
+            "/admin/users/{id}",
             "/admin/users/{id}/deactivate",
             "/admin/users/{id}/activate",
             "/admin/keys",

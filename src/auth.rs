@@ -19,7 +19,8 @@ use moka::sync::Cache;
 use tokio::sync::OnceCell;
 
 use crate::keys::{self, KeyHash};
-use crate::store::{KeyRow, Store};
+use crate::limits::Overrides;
+use crate::store::{KeyRow, LimitColumns, Store};
 
 /// Why a request was refused before reaching an upstream. `label()` is the metric label.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -126,6 +127,21 @@ pub struct KeyInfo {
     pub user_active: bool,
     pub expires_at: Option<DateTime<Utc>>,
     pub permissions: Permissions,
+    /// The key's own rate limits (`None` = `[limits]`) and its user's (`None` = none).
+    pub key_limits: Overrides,
+    pub user_limits: Overrides,
+}
+
+/// Stored limits as the stage reads them. A negative value (only writable by hand: the CLI and
+/// the admin API refuse it) reads as 0, no limit.
+fn overrides(c: LimitColumns) -> Overrides {
+    let count = |v: Option<i64>| v.map(|n| u64::try_from(n).unwrap_or(0));
+    Overrides {
+        rpm: count(c.rpm),
+        rpd: count(c.rpd),
+        tpm: count(c.tpm),
+        max_concurrent: count(c.max_concurrent),
+    }
 }
 
 impl KeyInfo {
@@ -143,6 +159,8 @@ impl KeyInfo {
             user_active: row.user_active,
             expires_at: row.expires_at,
             permissions,
+            key_limits: overrides(row.key_limits),
+            user_limits: overrides(row.user_limits),
         }
     }
 

@@ -10,7 +10,7 @@ use crate::config;
 use crate::keyring;
 use crate::ops;
 use crate::settings::{self, Settings};
-use crate::store::{GroupBy, Store};
+use crate::store::{GroupBy, LimitColumns, LimitPatch, Store};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -112,6 +112,57 @@ pub enum UsersCmd {
     Deactivate { id: i64 },
     /// Activate a deactivated user again: their keys work again (unless revoked or expired).
     Activate { id: i64 },
+    /// Change a user's rate limits, over all of their keys together; running gateways apply
+    /// them within a second.
+    Update {
+        /// The user's email.
+        email: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+}
+
+/// Rate limits on the command line: a count (0 = no limit), or `default` to remove one (a key
+/// then follows `[limits]`, a user has none).
+#[derive(Args, Debug, Default)]
+pub struct LimitArgs {
+    /// Requests per minute.
+    #[arg(long, value_name = "N|default", value_parser = limit_arg, allow_hyphen_values = true)]
+    pub rpm: Option<LimitArg>,
+    /// Requests per day.
+    #[arg(long, value_name = "N|default", value_parser = limit_arg, allow_hyphen_values = true)]
+    pub rpd: Option<LimitArg>,
+    /// Tokens (input + output) per minute.
+    #[arg(long, value_name = "N|default", value_parser = limit_arg, allow_hyphen_values = true)]
+    pub tpm: Option<LimitArg>,
+    /// Requests in flight at once.
+    #[arg(long, value_name = "N|default", value_parser = limit_arg, allow_hyphen_values = true)]
+    pub max_concurrent: Option<LimitArg>,
+}
+
+/// One `--rpm`-like value: `Some(n)`, or `None` for `default`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitArg(pub Option<i64>);
+
+fn limit_arg(s: &str) -> Result<LimitArg, String> {
+    if s == "default" {
+        return Ok(LimitArg(None));
+    }
+    s.parse::<i64>()
+        .map(|n| LimitArg(Some(n)))
+        .map_err(|_| format!("{s:?} is not a count (0 = no limit) or 'default'"))
+}
+
+impl LimitArgs {
+    fn patch(&self) -> LimitPatch {
+        let f = |a: Option<LimitArg>| a.map(|a| a.0);
+        LimitPatch {
+            rpm: f(self.rpm),
+            rpd: f(self.rpd),
+            tpm: f(self.tpm),
+            max_concurrent: f(self.max_concurrent),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -129,11 +180,20 @@ pub enum KeysCmd {
         /// JSON array: "/path/prefix" and "model:NAME" (NAME* for a prefix) entries; [] = everything.
         #[arg(long, default_value = "[]")]
         permissions: String,
+        /// The key's own rate limits (without them `[limits]` applies).
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// List keys (prefix and metadata, never the hash).
     List(ListArgs),
     /// Revoke a key.
     Revoke { id: i64 },
+    /// Change a key's rate limits; running gateways apply them within a second.
+    Update {
+        id: i64,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -249,12 +309,13 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
             let users = ops::list_users(store).await?;
             print_list(&args, &users, "no users", |u| {
                 format!(
-                    "{:>6}  {:<30} {:<20} {:<8} {}",
+                    "{:>6}  {:<30} {:<20} {:<8} {:<8} limits={}",
                     u.id,
                     u.email,
                     u.username,
                     u.role,
-                    active(u.is_active)
+                    active(u.is_active),
+                    limits(&u.limits, "none")
                 )
             })?;
         }
@@ -266,11 +327,21 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
             ops::activate_user(store, id).await?;
             eprintln!("user {id} activated; running gateways accept their keys within a second");
         }
+        Command::Users(UsersCmd::Update { email, limits }) => {
+            let patch = limits.patch();
+            if patch.is_empty() {
+                bail!("nothing to change: give --rpm, --rpd, --tpm or --max-concurrent");
+            }
+            let id = store.user_id_by_email(&email).await?;
+            ops::update_user(store, id, &patch).await.map_err(flag)?;
+            eprintln!("user {email} updated; running gateways apply it within a second");
+        }
         Command::Keys(KeysCmd::Create {
             user,
             name,
             expires_in,
             permissions,
+            limits,
         }) => {
             let permissions: serde_json::Value = serde_json::from_str(&permissions)
                 .map_err(|e| anyhow::anyhow!("--permissions is not JSON: {e}"))?;
@@ -281,6 +352,10 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
                     name,
                     expires_in,
                     permissions,
+                    rpm: limits.rpm.and_then(|a| a.0),
+                    rpd: limits.rpd.and_then(|a| a.0),
+                    tpm: limits.tpm.and_then(|a| a.0),
+                    max_concurrent: limits.max_concurrent.and_then(|a| a.0),
                 },
             )
             .await
@@ -292,7 +367,7 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
             let keys = ops::list_keys(store).await?;
             print_list(&args, &keys, "no keys", |k| {
                 format!(
-                    "{:>6}  {:<10} {:<24} {:<30} {:<8} requests={} expires={} permissions={}",
+                    "{:>6}  {:<10} {:<24} {:<30} {:<8} requests={} expires={} permissions={} limits={}",
                     k.id,
                     k.key_prefix,
                     k.name,
@@ -300,13 +375,31 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
                     active(k.is_active),
                     k.request_count,
                     k.expires_at.map_or("never".to_string(), |e| e.to_rfc3339()),
-                    permissions(&k.permissions)
+                    permissions(&k.permissions),
+                    limits(&k.limits, "default")
                 )
             })?;
         }
         Command::Keys(KeysCmd::Revoke { id }) => {
             ops::revoke_key(store, id).await?;
             eprintln!("key {id} revoked; running gateways refuse it within a second");
+        }
+        Command::Keys(KeysCmd::Update { id, limits }) => {
+            let patch = limits.patch();
+            if patch.is_empty() {
+                bail!("nothing to change: give --rpm, --rpd, --tpm or --max-concurrent");
+            }
+            ops::update_key(
+                store,
+                id,
+                &crate::store::KeyPatch {
+                    limits: patch,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(flag)?;
+            eprintln!("key {id} updated; running gateways apply it within a second");
         }
         Command::Accounts(AccountsCmd::Add {
             name,
@@ -500,6 +593,24 @@ fn active(a: bool) -> &'static str {
         "active"
     } else {
         "inactive"
+    }
+}
+
+/// Limits in a listing: `rpm:60,tpm:100000` (0 = no limit), or `unset` when none is set.
+fn limits(l: &LimitColumns, unset: &str) -> String {
+    let set: Vec<String> = [
+        ("rpm", l.rpm),
+        ("rpd", l.rpd),
+        ("tpm", l.tpm),
+        ("max_concurrent", l.max_concurrent),
+    ]
+    .iter()
+    .filter_map(|(name, v)| v.map(|v| format!("{name}:{v}")))
+    .collect();
+    if set.is_empty() {
+        unset.to_string()
+    } else {
+        set.join(",")
     }
 }
 

@@ -28,6 +28,7 @@ pub struct Config {
     pub routes: Vec<Route>,
     pub upstream_accounts: Vec<AccountConfig>,
     pub metering: MeteringConfig,
+    pub limits: LimitsConfig,
     pub writer: WriterConfig,
     pub metrics: MetricsConfig,
     pub admin: AdminConfig,
@@ -47,6 +48,7 @@ impl Default for Config {
             routes: default_routes(),
             upstream_accounts: Vec::new(),
             metering: MeteringConfig::default(),
+            limits: LimitsConfig::default(),
             writer: WriterConfig::default(),
             metrics: MetricsConfig::default(),
             admin: AdminConfig::default(),
@@ -216,6 +218,36 @@ impl Default for MeteringConfig {
             max_json_body_bytes: 4 * 1024 * 1024,
             abort_drain_secs: 60,
             abort_drain_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// Rate limits of every key without its own (set per key or per user in the database: `keys
+/// create/update --rpm …`, `users update`). 0 = no limit.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Requests per minute.
+    pub rpm: u64,
+    /// Requests per day.
+    pub rpd: u64,
+    /// Tokens (input + output) per minute; a request is admitted on an estimate and settled on
+    /// its usage.
+    pub tpm: u64,
+    /// Requests in flight at once.
+    pub max_concurrent: u64,
+    /// The completion tokens a request that names no `max_tokens` is admitted on.
+    pub default_max_tokens: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            rpm: 0,
+            rpd: 0,
+            tpm: 0,
+            max_concurrent: 0,
+            default_max_tokens: 4096,
         }
     }
 }

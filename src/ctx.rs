@@ -9,6 +9,7 @@ use bytes::Bytes;
 use crate::auth::KeyInfo;
 use crate::body::Held;
 use crate::lifecycle::InFlight;
+use crate::limits;
 use crate::meter::Finished;
 use crate::tap::{ResponseTap, Stripper};
 use crate::upstream::{Account, AccountType};
@@ -50,6 +51,14 @@ pub struct RequestCtx {
     /// Set in `request_filter` when tollgate added `stream_options.include_usage`; `forward` runs
     /// SSE chunks through it to remove the usage-only chunk the client did not ask for.
     pub stripper: Stripper,
+    /// The request's hold on its key's and user's rate limits: set by the limits stage in
+    /// `request_filter` when a limit applies; its token estimate is settled by `logging`; its
+    /// concurrency slots are given back when the context drops after `logging`, however the
+    /// request ended.
+    pub limits: Option<limits::Admitted>,
+    /// OpenAI's `x-ratelimit-*` headers for a limited key: set by the limits stage (admitted or
+    /// refused); written into the client's response header by `forward` and by `error::respond`.
+    pub rate_headers: Option<limits::Headers>,
     /// Counts this request as in flight until the context is dropped after `logging`.
     _in_flight: InFlight,
 }
@@ -82,6 +91,8 @@ impl RequestCtx {
             upstream_started: None,
             tap: None,
             stripper: None,
+            limits: None,
+            rate_headers: None,
             _in_flight: in_flight,
         }
     }

@@ -9,6 +9,7 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 
 use crate::auth::AuthError;
+use crate::limits::{self, Refusal};
 use crate::upstream::AccountType;
 
 /// The error body format a client of a route family expects.
@@ -71,6 +72,10 @@ pub enum GatewayError {
     BodyBudget,
     #[error("all {attempts} upstream attempts failed; last: {last}")]
     UpstreamFailed { attempts: usize, last: String },
+    /// A rate limit of the key or its user (`limits.rs`); OpenAI's `type` says what was
+    /// counted (`requests` or `tokens`), as OpenAI's own 429s do.
+    #[error("{0}")]
+    RateLimited(Refusal),
 }
 
 impl GatewayError {
@@ -130,6 +135,15 @@ impl GatewayError {
                 "overloaded_error",
                 "upstream_failed",
             ),
+            GatewayError::RateLimited(r) => parts(
+                429,
+                match r.kind {
+                    limits::Kind::Tokens => "tokens",
+                    limits::Kind::Requests | limits::Kind::Concurrency => "requests",
+                },
+                "rate_limit_error",
+                "rate_limit_exceeded",
+            ),
         }
     }
 
@@ -145,6 +159,7 @@ impl GatewayError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             GatewayError::BodyBudget => Some(1),
+            GatewayError::RateLimited(r) => Some(r.retry_after_secs()),
             _ => None,
         }
     }
@@ -164,17 +179,23 @@ impl GatewayError {
         Bytes::from(body.to_string())
     }
 
-    /// Writes the error response. The connection is kept alive unless `close` (e.g. an unread
-    /// oversized body is still on the wire).
+    /// Writes the error response, with a limited key's `x-ratelimit-*` headers. The connection
+    /// is kept alive unless `close` (e.g. an unread oversized body is still on the wire).
     pub async fn respond(
         &self,
         session: &mut Session,
         request_id: &str,
         close: bool,
         shape: ErrorShape,
+        rate_headers: Option<&limits::Headers>,
     ) -> pingora::Result<()> {
         let body = self.body(shape);
-        let mut resp = ResponseHeader::build(self.status(), Some(4))?;
+        let mut resp = ResponseHeader::build(self.status(), Some(10))?;
+        if let Some(h) = rate_headers {
+            h.each(|name, value| {
+                let _ = resp.insert_header(name, value);
+            });
+        }
         resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
         resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
         resp.insert_header("x-request-id", request_id)?;
@@ -246,5 +267,30 @@ mod tests {
             ErrorShape::OpenAi
         );
         assert_eq!(ErrorShape::of(None), ErrorShape::OpenAi);
+    }
+
+    #[test]
+    fn rate_limited() {
+        let refusal = |kind| {
+            GatewayError::RateLimited(Refusal {
+                scope: limits::Scope::Key,
+                kind,
+                per: "per minute (TPM)",
+                limit: 100,
+                requested: 150,
+                retry_after: std::time::Duration::from_millis(200),
+            })
+        };
+        check(
+            refusal(limits::Kind::Tokens),
+            429,
+            "rate_limit_exceeded",
+            r#"{"error":{"code":"rate_limit_exceeded","message":"Rate limit reached for tokens per minute (TPM) on this API key: limit 100, requested 150. Please try again in 200ms.","type":"tokens"}}"#,
+        );
+        assert_eq!(refusal(limits::Kind::Tokens).retry_after(), Some(1));
+        check_anthropic(
+            refusal(limits::Kind::Concurrency),
+            r#"{"error":{"message":"Too many concurrent requests on this API key: limit 100. Please try again in 200ms.","type":"rate_limit_error"},"type":"error"}"#,
+        );
     }
 }

@@ -405,7 +405,7 @@ impl Forwarder {
     }
 
     /// The response as the client sees it: the upstream's, with connection-scoped headers replaced
-    /// and `x-request-id` added. Framing is kept (chunked stays chunked) so streams pass through.
+    /// and `x-request-id` (and a limited key's `x-ratelimit-*`) added. Framing is kept (chunked stays chunked) so streams pass through.
     fn client_response(
         &self,
         upstream: &ResponseHeader,
@@ -429,6 +429,12 @@ impl Forwarder {
             let _ = resp.insert_header(http::header::TRANSFER_ENCODING, "chunked");
         }
         let _ = resp.insert_header("x-request-id", ctx.request_id.as_str());
+        // A limited key's own limits, in place of any the upstream reported for the account.
+        if let Some(h) = &ctx.rate_headers {
+            h.each(|name, value| {
+                let _ = resp.insert_header(name, value);
+            });
+        }
         resp
     }
 }

@@ -23,6 +23,7 @@ pub mod invalidation;
 pub mod keyring;
 pub mod keys;
 pub mod lifecycle;
+pub mod limits;
 pub mod logging;
 pub mod meter;
 pub mod metrics;

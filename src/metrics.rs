@@ -17,6 +17,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use rust_decimal::Decimal;
 use tokio::sync::watch;
 
+use crate::limits;
 use crate::record::UsageRecord;
 use crate::upstream::AccountType;
 
@@ -51,6 +52,8 @@ pub struct Metrics {
     pub upstream_duration: Histogram,
     pub overhead: Histogram,
     auth_failures: Vec<Counter>,
+    /// `tollgate_rate_limited_total{scope,kind}`, indexed scope × kind.
+    rate_limited: Vec<Counter>,
     tokens: Vec<Counter>,
     unpriced: Vec<Counter>,
     /// `tollgate_cost_total`: one counter per (account type, price key), made when prices load.
@@ -111,6 +114,14 @@ impl Metrics {
                 .iter()
                 .map(|r| counter!("tollgate_auth_failures_total", "reason" => *r))
                 .collect(),
+            rate_limited: limits::Scope::ALL
+                .iter()
+                .flat_map(|s| {
+                    limits::Kind::ALL.iter().map(move |k| {
+                        counter!("tollgate_rate_limited_total", "scope" => s.label(), "kind" => k.label())
+                    })
+                })
+                .collect(),
             tokens: TOKEN_KINDS
                 .iter()
                 .map(|k| counter!("tollgate_tokens_total", "kind" => *k))
@@ -160,6 +171,21 @@ impl Metrics {
     pub fn auth_failure(&self, reason: &str) {
         if let Some(i) = AUTH_REASONS.iter().position(|r| *r == reason) {
             self.auth_failures[i].increment(1);
+        }
+    }
+
+    /// A request refused by a rate limit.
+    pub fn rate_limited(&self, scope: limits::Scope, kind: limits::Kind) {
+        let s = limits::Scope::ALL
+            .iter()
+            .position(|x| *x == scope)
+            .unwrap_or(0);
+        let k = limits::Kind::ALL
+            .iter()
+            .position(|x| *x == kind)
+            .unwrap_or(0);
+        if let Some(c) = self.rate_limited.get(s * limits::Kind::ALL.len() + k) {
+            c.increment(1);
         }
     }
 
@@ -327,6 +353,10 @@ fn describe() {
     describe_gauge!(
         "tollgate_buffered_body_bytes",
         "Request-body bytes held in memory now ([server] max_buffered_body_bytes caps them)."
+    );
+    describe_counter!(
+        "tollgate_rate_limited_total",
+        "Requests refused (429) by a rate limit of their key or its user, by scope and by what was counted."
     );
     describe_counter!(
         "tollgate_auth_failures_total",

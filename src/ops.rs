@@ -6,10 +6,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::Permissions;
 use crate::keys;
+use crate::limits::{MAX_CONCURRENT, MAX_RATE};
 use crate::secrets::{self, Keyring};
 use crate::store::{
-    AccountPatch, AccountRow, GroupBy, KeyListing, KeyPatch, NewAccount, Store, StoreError,
-    UsageTotals, UserRow,
+    AccountPatch, AccountRow, GroupBy, KeyListing, KeyPatch, LimitColumns, LimitPatch, NewAccount,
+    Store, StoreError, UsageTotals, UserRow,
 };
 use crate::upstream::{AccountType, Endpoint};
 
@@ -219,6 +220,7 @@ pub async fn add_user(store: &Store, u: &NewUser) -> Result<UserRow, OpsError> {
         username: username.into(),
         role: role.into(),
         is_active: true,
+        limits: LimitColumns::default(),
     })
 }
 
@@ -229,6 +231,57 @@ pub async fn list_users(store: &Store) -> Result<Vec<UserRow>, OpsError> {
 /// Returns the hashes of the user's keys, to drop from caches.
 pub async fn deactivate_user(store: &Store, id: i64) -> Result<Vec<String>, OpsError> {
     Ok(store.set_user_active(id, false).await?)
+}
+
+/// One limit as given: 0 (no limit) up to [`MAX_RATE`] ([`MAX_CONCURRENT`] for
+/// `max_concurrent`).
+fn check_limit(field: &'static str, value: i64) -> Result<(), OpsError> {
+    let max = if field == "max_concurrent" {
+        MAX_CONCURRENT
+    } else {
+        MAX_RATE
+    };
+    match u64::try_from(value) {
+        Err(_) => Err(invalid(
+            field,
+            format!("{value} is negative (0 = no limit)"),
+        )),
+        Ok(v) if v > max => Err(invalid(
+            field,
+            format!("{value} is above the most allowed, {max}"),
+        )),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// Every limit set in `patch` is within bounds.
+pub fn check_limit_patch(patch: &LimitPatch) -> Result<(), OpsError> {
+    for (field, v) in patch.fields() {
+        if let Some(Some(v)) = v {
+            check_limit(field, v)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_limit_columns(c: &LimitColumns) -> Result<(), OpsError> {
+    check_limit_patch(&LimitPatch {
+        rpm: Some(c.rpm),
+        rpd: Some(c.rpd),
+        tpm: Some(c.tpm),
+        max_concurrent: Some(c.max_concurrent),
+    })
+}
+
+/// Changes a user's rate limits (over all their keys together; `Some(None)` removes one).
+/// Returns the hashes of the user's keys, to drop from caches.
+pub async fn update_user(
+    store: &Store,
+    id: i64,
+    patch: &LimitPatch,
+) -> Result<Vec<String>, OpsError> {
+    check_limit_patch(patch)?;
+    Ok(store.update_user_limits(id, patch).await?)
 }
 
 /// Undoes [`deactivate_user`]: the user's keys work again (unless revoked or expired).
@@ -249,6 +302,33 @@ pub struct NewKey {
     pub expires_in: Option<String>,
     #[serde(default = "all_permissions")]
     pub permissions: serde_json::Value,
+    /// The key's own rate limits; absent = `[limits]`, 0 = no limit.
+    #[serde(default, deserialize_with = "opt_count")]
+    pub rpm: Option<i64>,
+    #[serde(default, deserialize_with = "opt_count")]
+    pub rpd: Option<i64>,
+    #[serde(default, deserialize_with = "opt_count")]
+    pub tpm: Option<i64>,
+    #[serde(default, deserialize_with = "opt_count")]
+    pub max_concurrent: Option<i64>,
+}
+
+/// An integer count within i64 (`3.0` too, as JSON Schema counts integers); `null` = absent.
+fn opt_count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    match Option::<serde_json::Number>::deserialize(d)? {
+        None => Ok(None),
+        Some(n) => n
+            .as_i64()
+            .or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+                    .map(|f| f as i64)
+            })
+            .map(Some)
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!("invalid value {n}, expected an integer"))
+            }),
+    }
 }
 
 fn all_permissions() -> serde_json::Value {
@@ -285,6 +365,13 @@ pub fn check_permissions(v: &serde_json::Value) -> Result<(), OpsError> {
 
 pub async fn create_key(store: &Store, k: &NewKey) -> Result<CreatedKey, OpsError> {
     check_permissions(&k.permissions)?;
+    let limits = LimitColumns {
+        rpm: k.rpm,
+        rpd: k.rpd,
+        tpm: k.tpm,
+        max_concurrent: k.max_concurrent,
+    };
+    check_limit_columns(&limits)?;
     let name = label("name", &k.name)?;
     let expires_at = match &k.expires_in {
         Some(d) => {
@@ -305,6 +392,7 @@ pub async fn create_key(store: &Store, k: &NewKey) -> Result<CreatedKey, OpsErro
             &key_prefix,
             &k.permissions,
             expires_at,
+            &limits,
         )
         .await?;
     Ok(CreatedKey {
@@ -336,6 +424,7 @@ pub async fn update_key(store: &Store, id: i64, patch: &KeyPatch) -> Result<Stri
     if let Some(p) = &patch.permissions {
         check_permissions(p)?;
     }
+    check_limit_patch(&patch.limits)?;
     let mut patch = patch.clone();
     if let Some(Some(t)) = patch.expires_at.as_mut() {
         *t = clamp_to_rfc3339(*t);
@@ -820,6 +909,46 @@ mod tests {
         }
         let u: AccountUpdate = serde_json::from_str(r#"{"weight":2.0,"priority":null}"#).unwrap();
         assert_eq!((u.priority, u.weight), (None, Some(2)));
+    }
+
+    #[test]
+    fn limit_values() {
+        fn check(json: &str, expected: Result<(), &str>) {
+            let got = serde_json::from_str::<LimitPatch>(json)
+                .map_err(|e| e.to_string())
+                .and_then(|p| check_limit_patch(&p).map_err(|e| e.to_string()));
+            match (&got, expected) {
+                (Ok(()), Ok(())) => {}
+                (Err(g), Err(e)) => assert!(g.starts_with(e), "{json}: {g}"),
+                _ => panic!("{json}: {got:?}"),
+            }
+        }
+        for (json, expected) in [
+            (r#"{}"#, Ok(())),
+            (
+                r#"{"rpm":60,"rpd":0,"tpm":null,"max_concurrent":4.0}"#,
+                Ok(()),
+            ),
+            (r#"{"tpm":1000000000}"#, Ok(())),
+            (r#"{"rpm":-1}"#, Err("rpm: -1 is negative (0 = no limit)")),
+            (
+                r#"{"tpm":1000000001}"#,
+                Err("tpm: 1000000001 is above the most allowed, 1000000000"),
+            ),
+            (
+                r#"{"max_concurrent":1000001}"#,
+                Err("max_concurrent: 1000001 is above the most allowed, 1000000"),
+            ),
+            (
+                r#"{"rpm":1.5}"#,
+                Err("invalid value 1.5, expected an integer"),
+            ),
+            (r#"{"rpm":"1"}"#, Err("invalid type: string")),
+        ] {
+            check(json, expected);
+        }
+        let p: LimitPatch = serde_json::from_str(r#"{"rpm":null,"tpm":5}"#).unwrap();
+        assert_eq!((p.rpm, p.rpd, p.tpm), (Some(None), None, Some(Some(5))));
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! |------------------|------------------------------------------------------------|
 //! | (accept)         | [`conn`]: connection cap; header deadline and byte budget while it arrives |
 //! | `new_ctx`        | [`RequestCtx::new`]: request id, start time, in-flight guard |
-//! | `request_filter` | [`header`] (limits, bare line feeds, framing) → [`path`](crate::path) (normalise) → [`auth`](crate::auth) → path permission → [`route`](crate::route) → [`body`](crate::body) → model permission → [`request`](crate::request) (`include_usage`) → [`forward`](crate::forward) |
-//! | `logging`        | [`conn::request_done`]; [`RequestCtx::finished`] → [`meter::record`] → [`UsageSink::submit`]; metrics; one structured log line |
+//! | `request_filter` | [`header`] (limits, bare line feeds, framing) → [`path`](crate::path) (normalise) → [`auth`](crate::auth) → path permission → [`route`](crate::route) → [`body`](crate::body) → model permission → [`request`](crate::request) (`include_usage`) → [`limits`] (rate limits; refusal = 429) → [`forward`](crate::forward) |
+//! | `logging`        | [`conn::request_done`]; [`RequestCtx::finished`] → [`meter::record`] → [`limits::Admitted::settle`] → [`UsageSink::submit`]; metrics; one structured log line |
 //!
 //! `request_filter` always answers the request itself (it returns `true`), so pingora's own
 //! upstream phases never run; see `forward.rs` for why.
@@ -28,6 +28,7 @@ use crate::error::{ErrorShape, GatewayError};
 use crate::forward::Forwarder;
 use crate::header;
 use crate::lifecycle::Drain;
+use crate::limits::{self, Limiter};
 use crate::meter;
 use crate::metrics::Metrics;
 use crate::path;
@@ -67,6 +68,8 @@ pub struct Gateway {
     /// Add `stream_options.include_usage` to OpenAI streams that lack it, on the endpoints that
     /// define it (`request::defines_include_usage`).
     pub inject_stream_usage: bool,
+    /// Rate limits of keys and users on this instance (`[limits]` and the database's).
+    pub limiter: Limiter,
 }
 
 #[async_trait]
@@ -103,7 +106,13 @@ impl ProxyHttp for Gateway {
                 .or_else(|| self.router.load().route(session.req_header().uri.path()));
             let shape = ErrorShape::of(family);
             error
-                .respond(session, &ctx.request_id, close, shape)
+                .respond(
+                    session,
+                    &ctx.request_id,
+                    close,
+                    shape,
+                    ctx.rate_headers.as_ref(),
+                )
                 .await?;
             if close
                 && matches!(
@@ -136,6 +145,12 @@ impl ProxyHttp for Gateway {
             let kind = done.kind;
             let pricing = self.pricing.load();
             let (record, priced) = meter::record(done, &pricing, chrono::Utc::now());
+            if let Some(held) = ctx.limits.as_mut() {
+                let used = record
+                    .prompt_tokens
+                    .saturating_add(record.completion_tokens);
+                held.settle(self.limiter.now_ns(), u64::try_from(used).unwrap_or(0));
+            }
             if record.tokens_used > 0 {
                 self.metrics.usage(kind, &record, priced.counter);
             }
@@ -228,6 +243,29 @@ impl Gateway {
             if let Some(body) = request::inject_include_usage(&ctx.body) {
                 ctx.body = body.into();
                 ctx.stripper = Some(UsageChunkStripper::new());
+            }
+        }
+
+        let caller = limits::Caller {
+            key_id: key.id,
+            user_id: key.user_id,
+            key: key.key_limits,
+            user: key.user_limits,
+        };
+        match self
+            .limiter
+            .admit(&caller, &ctx.body, self.limiter.now_ns())
+        {
+            Ok(None) => {}
+            Ok(Some(admitted)) => {
+                ctx.rate_headers = Some(admitted.headers);
+                ctx.limits = Some(admitted);
+            }
+            Err(refused) => {
+                ctx.rate_headers = Some(refused.headers);
+                let r = refused.refusal;
+                self.metrics.rate_limited(r.scope, r.kind);
+                return Err((GatewayError::RateLimited(r), false));
             }
         }
 

@@ -48,6 +48,7 @@ pub fn needs_restart(running: &Settings, new: &Settings) -> Vec<&'static str> {
         ("[database]", running.database != new.database),
         ("[auth]", running.auth != new.auth),
         ("[metering]", running.metering != new.metering),
+        ("[limits]", running.limits != new.limits),
         ("[writer]", running.writer != new.writer),
         ("[metrics]", running.metrics != new.metrics),
         ("[admin]", running.admin != new.admin),

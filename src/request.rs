@@ -23,6 +23,49 @@ pub fn model(body: &[u8]) -> Option<String> {
     }
 }
 
+/// The most completion tokens a JSON request body asks for: its top-level `max_tokens` (OpenAI
+/// chat and Anthropic), `max_completion_tokens` (OpenAI chat) or `max_output_tokens` (OpenAI
+/// Responses), as a non-negative integer. Scanned like [`model`]; runs only for keys with a
+/// token limit.
+pub fn max_tokens(body: &[u8]) -> Option<u64> {
+    // The members are walked in place (no list of them is built): this runs on the hot path.
+    let mut i = skip_ws(body, 0);
+    if body.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = skip_ws(body, i + 1);
+    let mut found = None;
+    while body.get(i) != Some(&b'}') {
+        let key_end = skip_string(body, i)?;
+        let member = Member {
+            key: (i, key_end),
+            value: (0, 0),
+        };
+        i = skip_ws(body, key_end);
+        if body.get(i) != Some(&b':') {
+            return None;
+        }
+        i = skip_ws(body, i + 1);
+        let value_end = skip_value(body, i)?;
+        if ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+            .iter()
+            .any(|k| member.key_is(body, k))
+        {
+            // The last one wins, as a JSON parser would have it.
+            found = std::str::from_utf8(&body[i..value_end])
+                .ok()
+                .and_then(|v| v.parse().ok());
+        }
+        i = skip_ws(body, value_end);
+        match body.get(i) {
+            Some(b',') => i = skip_ws(body, i + 1),
+            Some(b'}') => break,
+            _ => return None,
+        }
+    }
+    found
+}
+
 /// Whether a JSON request body has a top-level `"stream": true`.
 pub fn wants_stream(body: &[u8]) -> bool {
     parse_stream_req(body).is_some_and(|r| r.stream == Some(true))

@@ -136,6 +136,7 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         accounts_on_demand: on_demand.clone(),
         inject_stream_usage: cfg.metering.inject_stream_usage,
+        limiter: crate::limits::Limiter::new(cfg.limits),
     };
     let reload = Arc::new(Reloader {
         path: config_path,

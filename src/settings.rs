@@ -30,6 +30,8 @@ pub struct Settings {
     /// Accounts declared in the file (validated: unique names, URLs, `${VAR}`s that resolve).
     pub upstream_accounts: Vec<AccountConfig>,
     pub metering: Metering,
+    /// `[limits]`: the rate limits of keys without their own.
+    pub limits: crate::limits::Defaults,
     pub writer: Writer,
     pub metrics: Metrics,
     pub admin: Admin,
@@ -166,6 +168,10 @@ const DAY: u64 = 24 * HOUR;
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 const GIB: u64 = 1024 * MIB;
+/// Largest rate limit (requests or tokens per period) and concurrency limit; the same bounds
+/// as a key's or user's own (`ops.rs`), stated in `limits.rs`.
+const MAX_RATE: u64 = crate::limits::MAX_RATE;
+const MAX_CONCURRENT: u64 = crate::limits::MAX_CONCURRENT;
 
 /// `value` within `min..=max`, else an error naming the setting and the range.
 fn within(
@@ -459,6 +465,29 @@ impl Settings {
             )?,
         };
 
+        let l = &file.limits;
+        let limits = crate::limits::Defaults {
+            key: crate::limits::Limits {
+                rpm: within("limits", "rpm", l.rpm, 0, MAX_RATE)?,
+                rpd: within("limits", "rpd", l.rpd, 0, MAX_RATE)?,
+                tpm: within("limits", "tpm", l.tpm, 0, MAX_RATE)?,
+                max_concurrent: within(
+                    "limits",
+                    "max_concurrent",
+                    l.max_concurrent,
+                    0,
+                    MAX_CONCURRENT,
+                )?,
+            },
+            default_max_tokens: nonzero_u64(
+                "limits",
+                "default_max_tokens",
+                l.default_max_tokens,
+                1,
+                MAX_RATE,
+            )?,
+        };
+
         let w = &file.writer;
         let queue_capacity =
             nonzero_usize("writer", "queue_capacity", w.queue_capacity, 100_000_000)?;
@@ -548,6 +577,7 @@ impl Settings {
             routes,
             upstream_accounts: file.upstream_accounts.clone(),
             metering,
+            limits,
             writer,
             metrics,
             admin,

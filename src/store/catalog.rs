@@ -11,6 +11,18 @@ use sqlx::Row;
 use super::{Store, StoreError};
 use crate::upstream::AccountType;
 
+/// Decodes the `rpm`, `rpd`, `tpm` and `max_concurrent` columns of a row of either backend.
+macro_rules! limit_columns {
+    ($r:expr) => {
+        LimitColumns {
+            rpm: $r.try_get("rpm")?,
+            rpd: $r.try_get("rpd")?,
+            tpm: $r.try_get("tpm")?,
+            max_concurrent: $r.try_get("max_concurrent")?,
+        }
+    };
+}
+
 /// Decodes a [`KeyRow`] from a row of either backend (same columns, different row types).
 macro_rules! key_row {
     ($r:expr) => {
@@ -22,8 +34,88 @@ macro_rules! key_row {
             is_active: $r.try_get("is_active")?,
             user_active: $r.try_get("user_active")?,
             expires_at: $r.try_get("expires_at")?,
+            key_limits: limit_columns!($r),
+            user_limits: LimitColumns {
+                rpm: $r.try_get("user_rpm")?,
+                rpd: $r.try_get("user_rpd")?,
+                tpm: $r.try_get("user_tpm")?,
+                max_concurrent: $r.try_get("user_max_concurrent")?,
+            },
         }
     };
+}
+
+/// The columns of the key lookup that [`key_row!`] reads, besides the key's own.
+const KEY_ROW_COLUMNS: &str = "k.id, k.user_id, k.name, k.permissions, k.is_active, k.expires_at, \
+     k.rpm, k.rpd, k.tpm, k.max_concurrent, u.is_active AS user_active, u.rpm AS user_rpm, \
+     u.rpd AS user_rpd, u.tpm AS user_tpm, u.max_concurrent AS user_max_concurrent";
+
+/// Rate limits as stored on a key or a user (migration 0006): `None` = the default (for a key the
+/// `[limits]` section, for a user none), `Some(0)` = explicitly unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LimitColumns {
+    pub rpm: Option<i64>,
+    pub rpd: Option<i64>,
+    pub tpm: Option<i64>,
+    pub max_concurrent: Option<i64>,
+}
+
+/// Changes to limits; `None` leaves one as it is, `Some(None)` sets it back to the default.
+/// JSON: a count (`3` or `3.0`, as JSON Schema counts integers) sets it, `null` resets it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct LimitPatch {
+    #[serde(default, deserialize_with = "double_option_count")]
+    pub rpm: Option<Option<i64>>,
+    #[serde(default, deserialize_with = "double_option_count")]
+    pub rpd: Option<Option<i64>>,
+    #[serde(default, deserialize_with = "double_option_count")]
+    pub tpm: Option<Option<i64>>,
+    #[serde(default, deserialize_with = "double_option_count")]
+    pub max_concurrent: Option<Option<i64>>,
+}
+
+/// A present field: `null` or an integral number within i64 (`3.0` too).
+fn double_option_count<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<i64>>, D::Error> {
+    let n: Option<serde_json::Number> = serde::Deserialize::deserialize(d)?;
+    let Some(n) = n else { return Ok(Some(None)) };
+    let i = n.as_i64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+            .map(|f| f as i64)
+    });
+    i.map(|i| Some(Some(i)))
+        .ok_or_else(|| serde::de::Error::custom(format!("invalid value {n}, expected an integer")))
+}
+
+impl LimitPatch {
+    /// The fields in column order, for building the `UPDATE`.
+    pub fn fields(&self) -> [(&'static str, Option<Option<i64>>); 4] {
+        [
+            ("rpm", self.rpm),
+            ("rpd", self.rpd),
+            ("tpm", self.tpm),
+            ("max_concurrent", self.max_concurrent),
+        ]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fields().iter().all(|(_, v)| v.is_none())
+    }
+}
+
+/// `SET` clauses for a [`LimitPatch`] bound from `$first`: `rpm = CASE WHEN $n THEN $n+1 ELSE rpm
+/// END, …` (two parameters per column: whether to set it, and the value).
+fn limit_sets(first: usize) -> String {
+    ["rpm", "rpd", "tpm", "max_concurrent"]
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let n = first + 2 * i;
+            format!("{c} = CASE WHEN ${n} THEN ${} ELSE {c} END, ", n + 1)
+        })
+        .collect()
 }
 
 /// A key as the proxy needs it: joined with its user's state.
@@ -36,6 +128,8 @@ pub struct KeyRow {
     pub is_active: bool,
     pub user_active: bool,
     pub expires_at: Option<DateTime<Utc>>,
+    pub key_limits: LimitColumns,
+    pub user_limits: LimitColumns,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -49,6 +143,9 @@ pub struct KeyListing {
     pub expires_at: Option<DateTime<Utc>>,
     pub last_used_at: Option<DateTime<Utc>>,
     pub request_count: i64,
+    /// The key's own limits (`None` = `[limits]` default).
+    #[serde(flatten)]
+    pub limits: LimitColumns,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -58,6 +155,9 @@ pub struct UserRow {
     pub username: String,
     pub role: String,
     pub is_active: bool,
+    /// The user's limits over all their keys (`None` = none).
+    #[serde(flatten)]
+    pub limits: LimitColumns,
 }
 
 /// An upstream account row. `credentials` holds `api_key` and, for generic accounts, `header`.
@@ -101,6 +201,8 @@ pub struct KeyPatch {
     #[serde(default, deserialize_with = "double_option")]
     pub expires_at: Option<Option<DateTime<Utc>>>,
     pub permissions: Option<serde_json::Value>,
+    #[serde(flatten)]
+    pub limits: LimitPatch,
 }
 
 /// Changes to an account; `None` leaves a field as it is.
@@ -145,13 +247,15 @@ impl Store {
     }
 
     pub async fn list_users(&self) -> Result<Vec<UserRow>, StoreError> {
-        let sql = "SELECT id, email, username, role, is_active FROM users ORDER BY id";
+        let sql = "SELECT id, email, username, role, is_active, rpm, rpd, tpm, max_concurrent \
+                   FROM users ORDER BY id";
         let rows = dispatch!(self, p => sqlx::query(sql).fetch_all(p).await.and_then(|rows| rows.iter().map(|r| Ok(UserRow {
             id: r.try_get("id")?,
             email: r.try_get("email")?,
             username: r.try_get("username")?,
             role: r.try_get("role")?,
             is_active: r.try_get("is_active")?,
+            limits: limit_columns!(r),
         })).collect::<Result<Vec<_>, sqlx::Error>>()))?;
         Ok(rows)
     }
@@ -179,8 +283,39 @@ impl Store {
         Ok(hashes)
     }
 
+    /// Changes a user's limits (bumping `updated_at`, so every instance's change poll drops
+    /// their keys from its cache); returns the hashes of the user's keys, to drop from caches.
+    pub async fn update_user_limits(
+        &self,
+        id: i64,
+        patch: &LimitPatch,
+    ) -> Result<Vec<String>, StoreError> {
+        let sql = format!(
+            "UPDATE users SET {}updated_at = {} WHERE id = $9",
+            limit_sets(1),
+            self.now_sql()
+        );
+        let done = dispatch!(self, p => {
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (_, v) in patch.fields() {
+                query = query.bind(v.is_some()).bind(v.flatten());
+            }
+            query.bind(id).execute(p).await.map(|r| r.rows_affected())
+        })?;
+        if done == 0 {
+            return Err(StoreError::NotFound(format!("user {id}")));
+        }
+        let hashes: Vec<String> = dispatch!(self, p => sqlx::query_scalar("SELECT key_hash FROM api_keys WHERE user_id = $1").bind(id).fetch_all(p).await)?;
+        for h in &hashes {
+            self.notify(KEYS_CHANNEL, h).await;
+        }
+        Ok(hashes)
+    }
+
     // ---- keys ----
 
+    // One column each; a struct for a single insert would only rename them.
+    #[allow(clippy::too_many_arguments)]
     pub async fn create_key(
         &self,
         user_id: i64,
@@ -189,23 +324,26 @@ impl Store {
         key_prefix: &str,
         permissions: &serde_json::Value,
         expires_at: Option<DateTime<Utc>>,
+        limits: &LimitColumns,
     ) -> Result<i64, StoreError> {
         let sql =
-            "INSERT INTO api_keys (user_id, name, key_hash, key_prefix, permissions, expires_at) \
-                   VALUES ($1, $2, $3, $4, $5, $6) RETURNING id";
+            "INSERT INTO api_keys (user_id, name, key_hash, key_prefix, permissions, expires_at, \
+                     rpm, rpd, tpm, max_concurrent) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id";
         dispatch!(self, p => sqlx::query_scalar(sql)
             .bind(user_id).bind(name).bind(key_hash_hex).bind(key_prefix)
             .bind(Json(permissions)).bind(expires_at)
+            .bind(limits.rpm).bind(limits.rpd).bind(limits.tpm).bind(limits.max_concurrent)
             .fetch_one(p).await)
         .map_err(|e| StoreError::from_insert(e, "a key with this hash"))
     }
 
     /// The one query on the request path (on a key-cache miss).
     pub async fn find_key(&self, key_hash_hex: &str) -> Result<Option<KeyRow>, StoreError> {
-        let sql = "SELECT k.id, k.user_id, k.name, k.permissions, k.is_active, k.expires_at, \
-                          u.is_active AS user_active \
-                   FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.key_hash = $1";
-        let row = dispatch!(self, p => match sqlx::query(sql).bind(key_hash_hex).fetch_optional(p).await? {
+        let sql = format!(
+            "SELECT {KEY_ROW_COLUMNS} FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.key_hash = $1"
+        );
+        let row = dispatch!(self, p => match sqlx::query(sqlx::AssertSqlSafe(sql)).bind(key_hash_hex).fetch_optional(p).await? {
             None => None,
             Some(r) => Some(key_row!(r)),
         });
@@ -214,7 +352,7 @@ impl Store {
 
     pub async fn list_keys(&self) -> Result<Vec<KeyListing>, StoreError> {
         let sql = "SELECT k.id, u.email, k.name, k.key_prefix, k.permissions, k.is_active, k.expires_at, \
-                          k.last_used_at, k.request_count \
+                          k.last_used_at, k.request_count, k.rpm, k.rpd, k.tpm, k.max_concurrent \
                    FROM api_keys k JOIN users u ON u.id = k.user_id ORDER BY k.id";
         let rows = dispatch!(self, p => sqlx::query(sql).fetch_all(p).await.and_then(|rows| rows.iter().map(|r| Ok(KeyListing {
             id: r.try_get("id")?,
@@ -226,6 +364,7 @@ impl Store {
             expires_at: r.try_get("expires_at")?,
             last_used_at: r.try_get("last_used_at")?,
             request_count: r.try_get("request_count")?,
+            limits: limit_columns!(r),
         })).collect::<Result<Vec<_>, sqlx::Error>>()))?;
         Ok(rows)
     }
@@ -242,21 +381,27 @@ impl Store {
         .await
     }
 
-    /// Changes a key's state, expiry or permissions; returns its hash and tells other instances.
+    /// Changes a key's state, expiry, permissions or limits (bumping `updated_at`, which the
+    /// change poll of every instance watches); returns its hash and tells other instances.
     pub async fn update_key(&self, id: i64, patch: &KeyPatch) -> Result<String, StoreError> {
         let sql = format!(
             "UPDATE api_keys SET is_active = COALESCE($1, is_active), \
              expires_at = CASE WHEN $2 THEN $3 ELSE expires_at END, \
-             permissions = COALESCE($4, permissions), updated_at = {} WHERE id = $5 RETURNING key_hash",
+             permissions = COALESCE($4, permissions), {}updated_at = {} WHERE id = $13 RETURNING key_hash",
+            limit_sets(5),
             self.now_sql()
         );
-        let hash: Option<String> = dispatch!(self, p => sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-            .bind(patch.is_active)
-            .bind(patch.expires_at.is_some())
-            .bind(patch.expires_at.flatten())
-            .bind(patch.permissions.as_ref().map(Json))
-            .bind(id)
-            .fetch_optional(p).await)?;
+        let hash: Option<String> = dispatch!(self, p => {
+            let mut query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .bind(patch.is_active)
+                .bind(patch.expires_at.is_some())
+                .bind(patch.expires_at.flatten())
+                .bind(patch.permissions.as_ref().map(Json));
+            for (_, v) in patch.limits.fields() {
+                query = query.bind(v.is_some()).bind(v.flatten());
+            }
+            query.bind(id).fetch_optional(p).await
+        })?;
         let hash = hash.ok_or_else(|| StoreError::NotFound(format!("key {id}")))?;
         self.notify(KEYS_CHANNEL, &hash).await;
         Ok(hash)
@@ -432,12 +577,13 @@ impl Store {
 
     /// Recently used active keys, to warm the cache at start.
     pub async fn recent_keys(&self, limit: i64) -> Result<Vec<(String, KeyRow)>, StoreError> {
-        let sql = "SELECT k.key_hash, k.id, k.user_id, k.name, k.permissions, k.is_active, k.expires_at, \
-                          u.is_active AS user_active \
-                   FROM api_keys k JOIN users u ON u.id = k.user_id \
-                   WHERE k.is_active AND u.is_active \
-                   ORDER BY k.last_used_at DESC, k.id DESC LIMIT $1";
-        let rows = dispatch!(self, p => sqlx::query(sql).bind(limit).fetch_all(p).await.and_then(|rows| rows.iter().map(|r| Ok((
+        let sql = format!(
+            "SELECT k.key_hash, {KEY_ROW_COLUMNS} \
+             FROM api_keys k JOIN users u ON u.id = k.user_id \
+             WHERE k.is_active AND u.is_active \
+             ORDER BY k.last_used_at DESC, k.id DESC LIMIT $1"
+        );
+        let rows = dispatch!(self, p => sqlx::query(sqlx::AssertSqlSafe(sql)).bind(limit).fetch_all(p).await.and_then(|rows| rows.iter().map(|r| Ok((
             r.try_get("key_hash")?,
             key_row!(r),
         ))).collect::<Result<Vec<_>, sqlx::Error>>()))?;

@@ -1,0 +1,9 @@
+-- See migrations/postgres/20260101000006_rate_limits.sql for the column meanings.
+ALTER TABLE api_keys ADD COLUMN rpm INTEGER;
+ALTER TABLE api_keys ADD COLUMN rpd INTEGER;
+ALTER TABLE api_keys ADD COLUMN tpm INTEGER;
+ALTER TABLE api_keys ADD COLUMN max_concurrent INTEGER;
+ALTER TABLE users ADD COLUMN rpm INTEGER;
+ALTER TABLE users ADD COLUMN rpd INTEGER;
+ALTER TABLE users ADD COLUMN tpm INTEGER;
+ALTER TABLE users ADD COLUMN max_concurrent INTEGER;

@@ -1,0 +1,879 @@
+//! The rate-limit stage: requests per minute and per day, tokens (input + output) per minute and
+//! requests in flight, for a key and for its user (all of the user's keys together), decided on
+//! this instance. Admission runs once per request in `request_filter` after the body is read and
+//! before an account is picked (a refusal never reaches an upstream); the token buckets are
+//! settled in `logging` with the usage record's actual tokens, as OpenAI does.
+//!
+//! - **Which limits apply**: a key's own (`api_keys.rpm` …) where set, else `[limits]`; a user's
+//!   from the `users` row (none when unset); 0 = no limit.
+//! - **Arithmetic**: GCRA (`gcra.rs`), one atomic per limit. A request takes one unit of each
+//!   request limit and its token estimate — the body's bytes / 4 plus its `max_tokens`
+//!   (`max_completion_tokens`, `max_output_tokens`), or `[limits] default_max_tokens` when it
+//!   names none — capped at the limit itself (a request larger than the whole limit waits for a
+//!   full bucket rather than never passing). When any limit refuses, what the request took from
+//!   the others is given back and the refusal with the longest wait is answered.
+//! - **Concurrency**: a counter per key/user; the slot is held by [`Admitted`] in the request's
+//!   context and given back when it drops, whatever way the request ended.
+//! - **State**: one [`Buckets`] per key and per user with a limit, made on first use (one
+//!   allocation per key, none per request) in a sharded map whose shard lock is held only for the
+//!   lookup. Entries are not swept: they are bounded by the keys and users that exist (≈ 100 bytes
+//!   each), and dropping one would forget its use.
+//! - Exact on one instance; instances do not share their counts yet.
+
+use std::fmt;
+use std::num::NonZeroU64;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+
+use crate::gcra::{Decision, Gcra, Rate};
+
+/// Largest rate limit (requests or tokens per minute or day) that can be set, here or on a key or
+/// user: far above any real use, far below where the arithmetic could overflow.
+pub const MAX_RATE: u64 = 1_000_000_000;
+/// Largest concurrency limit that can be set.
+pub const MAX_CONCURRENT: u64 = 1_000_000;
+
+const MINUTE: Duration = Duration::from_secs(60);
+const DAY: Duration = Duration::from_secs(86_400);
+/// What a refusal for concurrency tells the client to wait: a slot comes back when a request
+/// ends, which cannot be known in advance.
+const CONCURRENCY_RETRY: Duration = Duration::from_secs(1);
+
+/// One scope's limits; 0 = no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub rpm: u64,
+    pub rpd: u64,
+    pub tpm: u64,
+    pub max_concurrent: u64,
+}
+
+impl Limits {
+    pub fn is_none(&self) -> bool {
+        *self == Limits::default()
+    }
+
+    /// Each of `own` where set, else `default`'s.
+    pub fn resolve(own: Overrides, default: Limits) -> Limits {
+        Limits {
+            rpm: own.rpm.unwrap_or(default.rpm),
+            rpd: own.rpd.unwrap_or(default.rpd),
+            tpm: own.tpm.unwrap_or(default.tpm),
+            max_concurrent: own.max_concurrent.unwrap_or(default.max_concurrent),
+        }
+    }
+}
+
+/// Limits as stored on a key or a user: `None` = the default, `Some(0)` = no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Overrides {
+    pub rpm: Option<u64>,
+    pub rpd: Option<u64>,
+    pub tpm: Option<u64>,
+    pub max_concurrent: Option<u64>,
+}
+
+/// `[limits]`: what applies to a key without its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Defaults {
+    pub key: Limits,
+    /// The completion a request without `max_tokens` is assumed to ask for.
+    pub default_max_tokens: NonZeroU64,
+}
+
+/// Whose limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Key,
+    User,
+}
+
+/// What was counted: `Requests` covers per-minute and per-day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Requests,
+    Tokens,
+    Concurrency,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 2] = [Scope::Key, Scope::User];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Scope::Key => "key",
+            Scope::User => "user",
+        }
+    }
+
+    fn phrase(self) -> &'static str {
+        match self {
+            Scope::Key => "this API key",
+            Scope::User => "this API key's user (all of their keys together)",
+        }
+    }
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Requests, Kind::Tokens, Kind::Concurrency];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Requests => "requests",
+            Kind::Tokens => "tokens",
+            Kind::Concurrency => "concurrency",
+        }
+    }
+}
+
+/// Which limit refused a request, and how long to wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub scope: Scope,
+    pub kind: Kind,
+    /// `per minute`, `per day` or (concurrency) empty.
+    pub per: &'static str,
+    pub limit: u64,
+    /// Units asked for (1 request, the token estimate).
+    pub requested: u64,
+    pub retry_after: Duration,
+}
+
+impl Refusal {
+    /// `Retry-After`: whole seconds, rounded up, at least 1.
+    pub fn retry_after_secs(&self) -> u64 {
+        let d = self.retry_after;
+        (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let on = self.scope.phrase();
+        let wait = format_reset(self.retry_after);
+        match self.kind {
+            Kind::Concurrency => write!(
+                f,
+                "Too many concurrent requests on {on}: limit {}. Please try again in {wait}.",
+                self.limit
+            ),
+            Kind::Requests => write!(
+                f,
+                "Rate limit reached for requests {} on {on}: limit {}. Please try again in {wait}.",
+                self.per, self.limit
+            ),
+            Kind::Tokens => write!(
+                f,
+                "Rate limit reached for tokens {} on {on}: limit {}, requested {}. Please try again in {wait}.",
+                self.per, self.limit, self.requested
+            ),
+        }
+    }
+}
+
+/// One `x-ratelimit-*-{requests,tokens}` trio.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Report {
+    pub limit: u64,
+    pub remaining: u64,
+    /// Until the bucket is full again.
+    pub reset: Duration,
+}
+
+/// OpenAI's rate-limit headers: the most constrained request limit and token limit that apply.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Headers {
+    pub requests: Option<Report>,
+    pub tokens: Option<Report>,
+}
+
+impl Headers {
+    /// Each header as (name, value), for the response being built.
+    pub fn each(&self, mut put: impl FnMut(&'static str, String)) {
+        let trios = [
+            (
+                self.requests,
+                [
+                    "x-ratelimit-limit-requests",
+                    "x-ratelimit-remaining-requests",
+                    "x-ratelimit-reset-requests",
+                ],
+            ),
+            (
+                self.tokens,
+                [
+                    "x-ratelimit-limit-tokens",
+                    "x-ratelimit-remaining-tokens",
+                    "x-ratelimit-reset-tokens",
+                ],
+            ),
+        ];
+        for (report, [limit, remaining, reset]) in trios {
+            if let Some(r) = report {
+                put(limit, r.limit.to_string());
+                put(remaining, r.remaining.to_string());
+                put(reset, format_reset(r.reset));
+            }
+        }
+    }
+
+    /// Keeps the more constrained report (fewer remaining; then the later reset).
+    fn keep(slot: &mut Option<Report>, new: Report) {
+        let tighter = match slot {
+            None => true,
+            Some(old) => {
+                (new.remaining, std::cmp::Reverse(new.reset))
+                    < (old.remaining, std::cmp::Reverse(old.reset))
+            }
+        };
+        if tighter {
+            *slot = Some(new);
+        }
+    }
+}
+
+/// A duration as OpenAI writes `x-ratelimit-reset-*` (Go's format, to the millisecond, rounded
+/// up): `20ms`, `1s`, `1.5s`, `6m0s`, `1h0m0s`.
+pub fn format_reset(d: Duration) -> String {
+    let ms = d.as_nanos().div_ceil(1_000_000);
+    if ms == 0 {
+        return "0s".into();
+    }
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let (h, m, s_ms) = (ms / 3_600_000, ms / 60_000 % 60, ms % 60_000);
+    let secs = if s_ms % 1000 == 0 {
+        format!("{}s", s_ms / 1000)
+    } else {
+        let frac = format!("{:03}", s_ms % 1000);
+        format!("{}.{}s", s_ms / 1000, frac.trim_end_matches('0'))
+    };
+    match (h, m) {
+        (0, 0) => secs,
+        (0, m) => format!("{m}m{secs}"),
+        (h, m) => format!("{h}h{m}m{secs}"),
+    }
+}
+
+/// The tokens a request is admitted on: its body's bytes / 4 (rounded up) for the prompt, plus
+/// the completion it asks for at most (`default_max_tokens` when it does not say).
+pub fn estimate_tokens(body: &[u8], default_max_tokens: NonZeroU64) -> u64 {
+    let prompt = (body.len() as u64).div_ceil(4);
+    let completion = crate::request::max_tokens(body).unwrap_or(default_max_tokens.get());
+    prompt.saturating_add(completion)
+}
+
+/// One key's or user's limit state.
+#[derive(Debug, Default)]
+pub struct Buckets {
+    rpm: Gcra,
+    rpd: Gcra,
+    tpm: Gcra,
+    in_flight: AtomicU32,
+}
+
+fn rate(limit: u64, period: Duration) -> Option<Rate> {
+    NonZeroU64::new(limit).map(|l| Rate::new(l, period))
+}
+
+/// What one scope took for an admitted request; gives back its concurrency slot when dropped.
+#[derive(Debug)]
+struct Held {
+    buckets: Arc<Buckets>,
+    limits: Limits,
+    rpm: bool,
+    rpd: bool,
+    /// Tokens taken on the estimate (0 = none).
+    tokens: u64,
+    slot: bool,
+}
+
+impl Held {
+    /// Gives back what was taken (the request is refused by another limit).
+    fn undo(&mut self, now_ns: u64) {
+        if let (true, Some(r)) = (self.rpm, rate(self.limits.rpm, MINUTE)) {
+            self.buckets.rpm.settle(r, now_ns, 1, 0);
+        }
+        if let (true, Some(r)) = (self.rpd, rate(self.limits.rpd, DAY)) {
+            self.buckets.rpd.settle(r, now_ns, 1, 0);
+        }
+        self.settle(now_ns, 0);
+        self.release();
+    }
+
+    fn settle(&mut self, now_ns: u64, actual: u64) {
+        if let (true, Some(r)) = (self.tokens > 0, rate(self.limits.tpm, MINUTE)) {
+            self.buckets.tpm.settle(r, now_ns, self.tokens, actual);
+            self.tokens = 0;
+        }
+    }
+
+    fn release(&mut self) {
+        if std::mem::take(&mut self.slot) {
+            self.buckets.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// An admitted request's hold on its key's and user's limits: concurrency slots until it is
+/// dropped, token estimates until [`Admitted::settle`].
+#[derive(Debug)]
+pub struct Admitted {
+    key: Option<Held>,
+    user: Option<Held>,
+    pub headers: Headers,
+}
+
+impl Admitted {
+    /// Settles the token limits on what the request actually used (prompt + completion).
+    /// Called once, by `logging`; a second call changes nothing.
+    pub fn settle(&mut self, now_ns: u64, actual_tokens: u64) {
+        for held in [&mut self.key, &mut self.user].into_iter().flatten() {
+            held.settle(now_ns, actual_tokens);
+        }
+    }
+}
+
+/// A refused request: the refusal answered and the headers sent with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    pub refusal: Refusal,
+    pub headers: Headers,
+}
+
+/// Who is asking, as the stage needs it (from the cached key).
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub key_id: i64,
+    pub user_id: i64,
+    pub key: Overrides,
+    pub user: Overrides,
+}
+
+/// Hashes the map's keys, database ids: one multiplication (Fibonacci hashing). The ids are
+/// assigned by the database, not chosen by clients, so there is no collision attack to resist.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_i64(&mut self, n: i64) {
+        self.0 = (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type Map = DashMap<i64, Arc<Buckets>, std::hash::BuildHasherDefault<IdHasher>>;
+
+/// The limit state of this instance.
+pub struct Limiter {
+    defaults: Defaults,
+    keys: Map,
+    users: Map,
+    epoch: Instant,
+}
+
+impl Limiter {
+    pub fn new(defaults: Defaults) -> Limiter {
+        Limiter {
+            defaults,
+            keys: Map::default(),
+            users: Map::default(),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// The clock the buckets run on (monotonic, nanoseconds since this limiter was made).
+    pub fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Admits or refuses one request at `now_ns`. `Ok(None)`: no limit applies to the caller.
+    pub fn admit(
+        &self,
+        caller: &Caller,
+        body: &[u8],
+        now_ns: u64,
+    ) -> Result<Option<Admitted>, Refused> {
+        let key = Limits::resolve(caller.key, self.defaults.key);
+        let user = Limits::resolve(caller.user, Limits::default());
+        if key.is_none() && user.is_none() {
+            return Ok(None);
+        }
+        let estimate = if key.tpm > 0 || user.tpm > 0 {
+            estimate_tokens(body, self.defaults.default_max_tokens)
+        } else {
+            0
+        };
+        let mut headers = Headers::default();
+        let mut refusal: Option<Refusal> = None;
+        let mut take_from = |map: &Map, id: i64, limits: Limits, scope| {
+            (!limits.is_none()).then(|| {
+                let (held, refused) = take(
+                    buckets(map, id),
+                    limits,
+                    scope,
+                    estimate,
+                    now_ns,
+                    &mut headers,
+                );
+                if let Some(r) = refused {
+                    if refusal.is_none_or(|old| r.retry_after > old.retry_after) {
+                        refusal = Some(r);
+                    }
+                }
+                held
+            })
+        };
+        let mut key_held = take_from(&self.keys, caller.key_id, key, Scope::Key);
+        let mut user_held = take_from(&self.users, caller.user_id, user, Scope::User);
+        match refusal {
+            None => Ok(Some(Admitted {
+                key: key_held,
+                user: user_held,
+                headers,
+            })),
+            Some(refusal) => {
+                for held in [&mut key_held, &mut user_held].into_iter().flatten() {
+                    held.undo(now_ns);
+                }
+                Err(Refused { refusal, headers })
+            }
+        }
+    }
+}
+
+/// The entry for `id`, made on first use.
+fn buckets(map: &Map, id: i64) -> Arc<Buckets> {
+    if let Some(b) = map.get(&id) {
+        return b.clone();
+    }
+    map.entry(id).or_default().clone()
+}
+
+/// Takes one request (and `estimate` tokens) from one scope's limits; reports into `headers`.
+/// Returns what was taken and the longest-waiting refusal, if any limit refused.
+fn take(
+    buckets: Arc<Buckets>,
+    limits: Limits,
+    scope: Scope,
+    estimate: u64,
+    now_ns: u64,
+    headers: &mut Headers,
+) -> (Held, Option<Refusal>) {
+    let mut held = Held {
+        buckets,
+        limits,
+        rpm: false,
+        rpd: false,
+        tokens: 0,
+        slot: false,
+    };
+    let mut refusal: Option<Refusal> = None;
+    let mut refuse = |r: Refusal| {
+        if refusal.is_none_or(|old| r.retry_after > old.retry_after) {
+            refusal = Some(r);
+        }
+    };
+    if limits.max_concurrent > 0 {
+        let max = u32::try_from(limits.max_concurrent).unwrap_or(u32::MAX);
+        if held.buckets.in_flight.fetch_add(1, Ordering::AcqRel) >= max {
+            held.buckets.in_flight.fetch_sub(1, Ordering::AcqRel);
+            refuse(Refusal {
+                scope,
+                kind: Kind::Concurrency,
+                per: "",
+                limit: limits.max_concurrent,
+                requested: 1,
+                retry_after: CONCURRENCY_RETRY,
+            });
+        } else {
+            held.slot = true;
+        }
+    }
+    let report = |limit: u64, d: &Decision| Report {
+        limit,
+        remaining: d.remaining,
+        reset: d.reset_after,
+    };
+    for (limit, period, gcra, per, taken) in [
+        (
+            limits.rpm,
+            MINUTE,
+            &held.buckets.rpm,
+            "per minute (RPM)",
+            &mut held.rpm,
+        ),
+        (
+            limits.rpd,
+            DAY,
+            &held.buckets.rpd,
+            "per day (RPD)",
+            &mut held.rpd,
+        ),
+    ] {
+        if let Some(r) = rate(limit, period) {
+            let d = gcra.acquire(r, now_ns, 1);
+            Headers::keep(&mut headers.requests, report(limit, &d));
+            *taken = d.allowed;
+            if !d.allowed {
+                refuse(Refusal {
+                    scope,
+                    kind: Kind::Requests,
+                    per,
+                    limit,
+                    requested: 1,
+                    retry_after: d.retry_after,
+                });
+            }
+        }
+    }
+    if let Some(r) = rate(limits.tpm, MINUTE) {
+        let cost = estimate.min(limits.tpm);
+        let d = held.buckets.tpm.acquire(r, now_ns, cost);
+        Headers::keep(&mut headers.tokens, report(limits.tpm, &d));
+        if d.allowed {
+            held.tokens = cost;
+        } else {
+            refuse(Refusal {
+                scope,
+                kind: Kind::Tokens,
+                per: "per minute (TPM)",
+                limit: limits.tpm,
+                requested: estimate,
+                retry_after: d.retry_after,
+            });
+        }
+    }
+    (held, refusal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn limits(rpm: u64, rpd: u64, tpm: u64, max_concurrent: u64) -> Limits {
+        Limits {
+            rpm,
+            rpd,
+            tpm,
+            max_concurrent,
+        }
+    }
+
+    fn own(rpm: Option<u64>, tpm: Option<u64>, max_concurrent: Option<u64>) -> Overrides {
+        Overrides {
+            rpm,
+            rpd: None,
+            tpm,
+            max_concurrent,
+        }
+    }
+
+    #[test]
+    fn which_limits_apply() {
+        fn check(o: Overrides, default: Limits, expected: Limits) {
+            assert_eq!(
+                Limits::resolve(o, default),
+                expected,
+                "{o:?} over {default:?}"
+            );
+        }
+        let d = limits(60, 1000, 10_000, 4);
+        for (o, expected) in [
+            (Overrides::default(), d),
+            (own(Some(5), None, None), limits(5, 1000, 10_000, 4)),
+            (own(Some(0), Some(0), Some(0)), limits(0, 1000, 0, 0)),
+        ] {
+            check(o, d, expected);
+        }
+        check(
+            own(Some(7), None, None),
+            Limits::default(),
+            limits(7, 0, 0, 0),
+        );
+    }
+
+    #[test]
+    fn reset_formats() {
+        fn check(ns: u64, expected: &str) {
+            assert_eq!(format_reset(Duration::from_nanos(ns)), expected, "{ns}");
+        }
+        for (ns, expected) in [
+            (0, "0s"),
+            (1, "1ms"),
+            (20_000_000, "20ms"),
+            (999_000_001, "1s"),
+            (S, "1s"),
+            (1_500 * 1_000_000, "1.5s"),
+            (1_250 * 1_000_000, "1.25s"),
+            (360 * S, "6m0s"),
+            (61 * S + 5_000_000, "1m1.005s"),
+            (3_600 * S, "1h0m0s"),
+            (86_400 * S, "24h0m0s"),
+        ] {
+            check(ns, expected);
+        }
+    }
+
+    #[test]
+    fn token_estimates() {
+        fn check(body: &str, expected: u64) {
+            let d = NonZeroU64::new(4096).unwrap();
+            assert_eq!(estimate_tokens(body.as_bytes(), d), expected, "{body}");
+        }
+        for (body, expected) in [
+            ("", 4096),
+            (r#"{"model":"m"}"#, 4 + 4096),
+            (r#"{"model":"m","max_tokens":100}"#, 8 + 100),
+            (r#"{"max_completion_tokens":50,"m":1}"#, 9 + 50),
+            (r#"{"max_output_tokens":7}"#, 6 + 7),
+            (r#"{"max_tokens":"x"}"#, 5 + 4096),
+            (r#"{"inner":{"max_tokens":1}}"#, 7 + 4096),
+        ] {
+            check(body, expected);
+        }
+    }
+
+    fn caller(key: Overrides, user: Overrides) -> Caller {
+        Caller {
+            key_id: 1,
+            user_id: 10,
+            key,
+            user,
+        }
+    }
+
+    /// Runs (time in ms, body) steps against one limiter; each expects admitted, or refused by
+    /// (scope, kind) with Retry-After in seconds.
+    type Expect = Result<(), (Scope, Kind, u64)>;
+
+    fn check(defaults: Limits, c: Caller, steps: &[(u64, &str, Expect)]) -> Vec<Headers> {
+        let l = Limiter::new(Defaults {
+            key: defaults,
+            default_max_tokens: NonZeroU64::new(100).unwrap(),
+        });
+        let mut held = Vec::new();
+        let mut headers = Vec::new();
+        for (i, &(ms, body, expected)) in steps.iter().enumerate() {
+            let got = l.admit(&c, body.as_bytes(), 1_000 * S + ms * 1_000_000);
+            match (got, expected) {
+                (Ok(a), Ok(())) => {
+                    headers.push(a.as_ref().map(|a| a.headers).unwrap_or_default());
+                    held.push(a);
+                }
+                (Err(r), Err((scope, kind, secs))) => {
+                    assert_eq!(
+                        (
+                            r.refusal.scope,
+                            r.refusal.kind,
+                            r.refusal.retry_after_secs()
+                        ),
+                        (scope, kind, secs),
+                        "step {i}: {r:?}"
+                    );
+                    headers.push(r.headers);
+                }
+                (got, expected) => panic!("step {i}: got {got:?}, expected {expected:?}"),
+            }
+        }
+        headers
+    }
+
+    #[test]
+    fn request_limits() {
+        use Kind::*;
+        use Scope::*;
+        // 2 per minute by default: two, then a wait of 30 s.
+        let h = check(
+            limits(2, 0, 0, 0),
+            caller(Overrides::default(), Overrides::default()),
+            &[
+                (0, "", Ok(())),
+                (0, "", Ok(())),
+                (0, "", Err((Key, Requests, 30))),
+                (29_999, "", Err((Key, Requests, 1))),
+                (30_000, "", Ok(())),
+            ],
+        );
+        assert_eq!(
+            h[0].requests,
+            Some(Report {
+                limit: 2,
+                remaining: 1,
+                reset: Duration::from_secs(30)
+            })
+        );
+        assert_eq!(h[1].requests.map(|r| r.remaining), Some(0));
+        assert_eq!(h[0].tokens, None);
+        // The key's own 0 lifts the default: no limit at all.
+        let h = check(
+            limits(1, 0, 0, 0),
+            caller(own(Some(0), None, None), Overrides::default()),
+            &[(0, "", Ok(())), (0, "", Ok(()))],
+        );
+        assert_eq!(h[1], Headers::default());
+        // The user's limit binds although the key has none; the key's own is reported when
+        // tighter.
+        check(
+            Limits::default(),
+            caller(own(Some(5), None, None), own(Some(1), None, None)),
+            &[(0, "", Ok(())), (0, "", Err((User, Requests, 60)))],
+        );
+        // Per day: the refusal with the longest wait is answered.
+        check(
+            Limits::default(),
+            caller(
+                Overrides {
+                    rpm: Some(1),
+                    rpd: Some(1),
+                    ..Overrides::default()
+                },
+                Overrides::default(),
+            ),
+            &[(0, "", Ok(())), (1_000, "", Err((Key, Requests, 86_399)))],
+        );
+    }
+
+    #[test]
+    fn refused_requests_take_nothing() {
+        use Kind::*;
+        use Scope::*;
+        // Key allows 2/min, user 1/min: the user's refusal gives the key's unit back, so after
+        // the user's minute the key still has its second unit.
+        check(
+            Limits::default(),
+            caller(own(Some(2), None, None), own(Some(1), None, None)),
+            &[
+                (0, "", Ok(())),
+                (0, "", Err((User, Requests, 60))),
+                (0, "", Err((User, Requests, 60))),
+                (60_000, "", Ok(())),
+            ],
+        );
+    }
+
+    #[test]
+    fn token_limits_admit_on_the_estimate() {
+        use Kind::*;
+        use Scope::*;
+        // 1000 tokens a minute, default completion 100: a 4-byte body costs 1 + 100.
+        let h = check(
+            limits(0, 0, 1000, 0),
+            caller(Overrides::default(), Overrides::default()),
+            &[
+                (0, r#"{"max_tokens":496}"#, Ok(())), // 5 + 496 = 501
+                (0, r#"{"max_tokens":496}"#, Err((Key, Tokens, 1))),
+                (0, r#"{"max_tokens":395}"#, Ok(())), // 5 + 395 = 400
+                // larger than the whole limit: capped at it, admitted once the bucket is full
+                (60_000, r#"{"max_tokens":5000}"#, Ok(())),
+            ],
+        );
+        assert_eq!(
+            h[0].tokens.map(|r| (r.limit, r.remaining)),
+            Some((1000, 499))
+        );
+        assert_eq!(h[0].requests, None);
+    }
+
+    #[test]
+    fn settlement_gives_back_or_takes_more() {
+        let l = Limiter::new(Defaults {
+            key: limits(0, 0, 1000, 0),
+            default_max_tokens: NonZeroU64::new(100).unwrap(),
+        });
+        let c = caller(Overrides::default(), Overrides::default());
+        let now = 1_000 * S;
+        let body = br#"{"max_tokens":896}"#; // 5 + 896 = 901
+        let mut a = l.admit(&c, body, now).unwrap().unwrap();
+        assert!(l.admit(&c, body, now).is_err());
+        a.settle(now, 1); // used 1 token: 900 come back
+        a.settle(now, 1); // a second settlement changes nothing
+        let b = l.admit(&c, body, now).unwrap().unwrap();
+        assert_eq!(b.headers.tokens.map(|r| r.remaining), Some(98));
+    }
+
+    #[test]
+    fn concurrency_slots_come_back_on_drop() {
+        let l = Limiter::new(Defaults {
+            key: limits(0, 0, 0, 2),
+            default_max_tokens: NonZeroU64::new(100).unwrap(),
+        });
+        let c = caller(Overrides::default(), Overrides::default());
+        let a = l.admit(&c, b"", 0).unwrap();
+        let b = l.admit(&c, b"", 0).unwrap();
+        let refused = l.admit(&c, b"", 0).unwrap_err();
+        assert_eq!(
+            (refused.refusal.kind, refused.refusal.retry_after_secs()),
+            (Kind::Concurrency, 1)
+        );
+        drop(a);
+        let c2 = l.admit(&c, b"", 0).unwrap();
+        assert!(l.admit(&c, b"", 0).is_err());
+        drop((b, c2));
+        assert_eq!(l.keys.get(&1).unwrap().in_flight.load(Ordering::Relaxed), 0);
+        // A request refused by another limit gives its slot back.
+        let l = Limiter::new(Defaults {
+            key: limits(1, 0, 0, 5),
+            default_max_tokens: NonZeroU64::new(100).unwrap(),
+        });
+        let _a = l.admit(&c, b"", 0).unwrap();
+        assert!(l.admit(&c, b"", 0).is_err());
+        assert_eq!(l.keys.get(&1).unwrap().in_flight.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn messages() {
+        let r = Refusal {
+            scope: Scope::Key,
+            kind: Kind::Requests,
+            per: "per minute (RPM)",
+            limit: 60,
+            requested: 1,
+            retry_after: Duration::from_millis(1500),
+        };
+        assert_eq!(r.retry_after_secs(), 2);
+        assert_eq!(
+            r.to_string(),
+            "Rate limit reached for requests per minute (RPM) on this API key: limit 60. Please try again in 1.5s."
+        );
+        let mut pairs = Vec::new();
+        Headers {
+            requests: Some(Report {
+                limit: 60,
+                remaining: 59,
+                reset: Duration::from_secs(1),
+            }),
+            tokens: None,
+        }
+        .each(|n, v| pairs.push(format!("{n}: {v}")));
+        assert_eq!(
+            pairs,
+            [
+                "x-ratelimit-limit-requests: 60",
+                "x-ratelimit-remaining-requests: 59",
+                "x-ratelimit-reset-requests: 1s"
+            ]
+        );
+    }
+}
