@@ -469,28 +469,52 @@ async fn the_openai_sdk_retries_a_429_and_succeeds() {
     let mut gw = Gateway::new(Db::Sqlite, "", "").await.unwrap();
     gw.add_user("alice@example.com");
     gw.add_account("main", "openai", &mock.url(), "sk-up", 1, 1);
-    // 60 a minute: one more each second once the burst is spent.
-    let key = gw.create_key("alice@example.com", &["--rpm", "60"]);
+    // 20 a minute: one more every 3 s once the burst is spent.
+    let key = gw.create_key("alice@example.com", &["--rpm", "20"]);
     gw.start().await;
-    let c = client();
-    let burst = futures_util::future::join_all((0..60).map(|_| post(&gw, &c, &key, BODY))).await;
-    assert!(burst.iter().any(|r| r.status().as_u16() == 200));
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    // The SDK is started first and waits (imports done) for a line on stdin, so its request goes
+    // out within milliseconds of the bucket running dry, not a Python start-up later.
     let script = r#"
 import os, sys, time, openai
 client = openai.OpenAI(base_url=os.environ["BASE"], api_key=os.environ["KEY"], max_retries=3)
+print("ready", flush=True)
+sys.stdin.readline()
 start = time.monotonic()
 raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
 took = time.monotonic() - start
 print(raw.retries_taken, round(took, 2), raw.headers.get("x-ratelimit-limit-requests"))
 "#;
-    let out = tokio::process::Command::new(&python)
+    let mut sdk = tokio::process::Command::new(&python)
         .args(["-c", script])
         .env("BASE", gw.url("/v1"))
         .env("KEY", &key)
-        .output()
-        .await
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut stdout_lines = tokio::io::BufReader::new(sdk.stdout.take().unwrap()).lines();
+    assert_eq!(
+        stdout_lines.next_line().await.unwrap().as_deref(),
+        Some("ready")
+    );
+    // Spend the bucket: requests until the first 429.
+    let c = client();
+    let mut sent = 0;
+    loop {
+        sent += 1;
+        assert!(sent <= 100, "never refused");
+        if post(&gw, &c, &key, BODY).await.status().as_u16() == 429 {
+            break;
+        }
+    }
+    let mut stdin = sdk.stdin.take().unwrap();
+    stdin.write_all(b"go\n").await.unwrap();
+    drop(stdin);
+    let result = stdout_lines.next_line().await.unwrap().unwrap_or_default();
+    let out = sdk.wait_with_output().await.unwrap();
+    let stdout = format!("{result}\n");
     assert!(
         out.status.success(),
         "{stdout}{}",
@@ -499,7 +523,7 @@ print(raw.retries_taken, round(took, 2), raw.headers.get("x-ratelimit-limit-requ
     let fields: Vec<&str> = stdout.split_whitespace().collect();
     assert!(fields[0].parse::<u32>().unwrap() >= 1, "no retry: {stdout}");
     assert!(fields[1].parse::<f64>().unwrap() < 10.0, "{stdout}");
-    assert_eq!(fields[2], "60");
-    let rows = rows(&gw, 60 + fields[0].parse::<usize>().unwrap() + 1).await;
+    assert_eq!(fields[2], "20");
+    let rows = rows(&gw, sent + fields[0].parse::<usize>().unwrap() + 1).await;
     assert!(rows.iter().any(|r| r.status_code == 429));
 }
