@@ -201,8 +201,15 @@ fn bad(field: &'static str, message: &str) -> OpsError {
     }
 }
 
+/// Every request body is a JSON object: serde would also read a struct from an array of its
+/// fields in order (`[null, null]`), which no route documents.
 fn body<T: serde::de::DeserializeOwned>(req: &Request) -> Result<T, OpsError> {
-    serde_json::from_slice(&req.body).map_err(|e| bad("body", &e.to_string()))
+    let value: serde_json::Value =
+        serde_json::from_slice(&req.body).map_err(|e| bad("body", &e.to_string()))?;
+    if !value.is_object() {
+        return Err(bad("body", "must be a JSON object"));
+    }
+    serde_json::from_value(value).map_err(|e| bad("body", &e.to_string()))
 }
 
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
@@ -211,6 +218,28 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn bodies_must_be_objects() {
+        fn check(body: &str, ok: bool) {
+            let req = super::Request {
+                method: http::Method::PATCH,
+                path: "/".into(),
+                query: None,
+                headers: http::HeaderMap::new(),
+                body: bytes::Bytes::copy_from_slice(body.as_bytes()),
+            };
+            let got: Result<crate::store::LimitPatch, _> = super::body(&req);
+            assert_eq!(got.is_ok(), ok, "{body}");
+        }
+        check(r#"{"rpm": 5}"#, true);
+        check("{}", true);
+        check("[null, null]", false);
+        check("[]", false);
+        check("null", false);
+        check("5", false);
+        check("{", false);
+    }
+
     #[test]
     fn openapi_is_valid_json_and_lists_the_routes() {
         let doc: serde_json::Value = serde_json::from_str(super::OPENAPI).unwrap();
