@@ -169,10 +169,17 @@ impl<A: ServerApp + Send + Sync + 'static> Service for ProxyService<A> {
     }
 }
 
-/// The answer to a connection over the cap: written at once, without reading the request.
-const TOO_MANY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
-retry-after: 1\r\nconnection: close\r\ncontent-length: 118\r\n\r\n\
-{\"error\":{\"type\":\"service_unavailable\",\"code\":\"too_many_connections\",\"message\":\"too many client connections\"}}";
+/// The body of the answer to a connection over the cap (OpenAI's error shape).
+const TOO_MANY_BODY: &str = r#"{"error":{"type":"service_unavailable","code":"too_many_connections","message":"too many client connections"}}"#;
+
+/// The whole answer to a connection over the cap, its length taken from the body.
+fn too_many() -> String {
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n{TOO_MANY_BODY}",
+        TOO_MANY_BODY.len()
+    )
+}
 
 /// Answers and closes a connection over the cap. What the client sent meanwhile is read and
 /// dropped (≤ 1 s, ≤ 64 KiB) after our side is shut, so the close is not a reset that would
@@ -181,7 +188,7 @@ async fn refuse(mut tcp: tokio::net::TcpStream, peer: SocketAddr) {
     use tokio::io::AsyncReadExt;
     tracing::debug!(%peer, "connection refused: max_connections open");
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        tcp.write_all(TOO_MANY).await?;
+        tcp.write_all(too_many().as_bytes()).await?;
         tcp.shutdown().await?;
         let mut sink = [0u8; 4096];
         let mut read = 0;
@@ -511,6 +518,17 @@ mod tests {
             .enumerate()
             .find_map(|(i, p)| end.feed(p.as_bytes()).map(|n| (i, n)));
         assert_eq!(got, expected, "{pieces:?}");
+    }
+
+    #[test]
+    fn the_refusal_over_the_cap_is_framed_by_its_length() {
+        let answer = super::too_many();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.ends_with(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        assert!(serde_json::from_str::<serde_json::Value>(body).is_ok());
     }
 
     #[test]
