@@ -25,18 +25,6 @@ async fn started(db: Db) -> Option<(Gateway, MockUpstream, String)> {
     Some((gw, mock, key))
 }
 
-async fn call(gw: &Gateway, key: &str) -> u16 {
-    reqwest::Client::new()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(key)
-        .body(r#"{"model":"gpt-4o-mini"}"#)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
-}
-
 fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -90,7 +78,7 @@ async fn accounts_and_users_come_back(db: Db) {
 
     // The gateway serves again once the account is back (the refresher reloads within 10 s).
     let t = Instant::now();
-    while call(&gw, &key).await != 200 {
+    while gw.chat_status(&key).await != 200 {
         assert!(t.elapsed() < Duration::from_secs(15), "never served again");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -102,7 +90,7 @@ async fn accounts_and_users_come_back(db: Db) {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(call(&gw, &key).await, 401);
+    assert_eq!(gw.chat_status(&key).await, 401);
     let r = gw
         .admin(Method::POST, "/admin/users/1/activate")
         .send()
@@ -113,7 +101,7 @@ async fn accounts_and_users_come_back(db: Db) {
         r.json::<serde_json::Value>().await.unwrap(),
         serde_json::json!({"activated": true})
     );
-    assert_eq!(call(&gw, &key).await, 200);
+    assert_eq!(gw.chat_status(&key).await, 200);
     // And on the CLI.
     gw.cli_ok(&["users", "deactivate", "1"]);
     assert!(gw.cli_ok(&["users", "list"]).contains("inactive"));
@@ -423,7 +411,7 @@ async fn usage_costs(db: Db) {
         return;
     };
     for _ in 0..2 {
-        assert_eq!(call(&gw, &key).await, 200);
+        assert_eq!(gw.chat_status(&key).await, 200);
     }
     // chat_completion.json: 12 prompt + 3 completion tokens at 0.15 / 0.60 per million, twice.
     let want = "0.0000072000";

@@ -21,18 +21,6 @@ async fn started(db: Db, extra: &str) -> (Gateway, MockUpstream, String) {
     (gw, mock, key)
 }
 
-async fn call(gw: &Gateway, key: &str) -> u16 {
-    reqwest::Client::new()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(key)
-        .body(r#"{"model":"gpt-4o-mini"}"#)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
-}
-
 const PRICES: &str = "[prices.\"gpt-4o-mini\"]\ninput = \"0.15\"\noutput = \"0.60\"\n";
 
 both_dbs!(metrics_move_as_requests_flow, metrics_flow);
@@ -44,9 +32,9 @@ async fn metrics_flow(db: Db) {
 
     let (_, before) = gw.scrape("/metrics").await;
     for _ in 0..3 {
-        assert_eq!(call(&gw, &key).await, 200);
+        assert_eq!(gw.chat_status(&key).await, 200);
     }
-    assert_eq!(call(&gw, "tg_not_a_real_key").await, 401);
+    assert_eq!(gw.chat_status("tg_not_a_real_key").await, 401);
     // A request is counted in its logging phase, just after its last byte went out: wait for it.
     let series = "tollgate_request_duration_seconds_count";
     let want = Gateway::sample(&before, series) + 4.0;
@@ -219,7 +207,7 @@ async fn admin_token(db: Db) {
         .await
         .unwrap();
     let plaintext = key["key"].as_str().unwrap();
-    assert_eq!(call(&gw, plaintext).await, 200);
+    assert_eq!(gw.chat_status(plaintext).await, 200);
     let listing = gw
         .admin(Method::GET, "/admin/keys")
         .send()
@@ -243,7 +231,7 @@ async fn admin_token(db: Db) {
         .await
         .unwrap();
     assert_eq!(revoke.status(), 200);
-    assert_eq!(call(&gw, plaintext).await, 401);
+    assert_eq!(gw.chat_status(plaintext).await, 401);
 
     let usage: serde_json::Value = gw
         .admin(Method::GET, "/admin/usage?since=1d&by=key")
@@ -276,7 +264,7 @@ async fn revocation_across_instances(db: Db) {
     let mut b = a.sibling().await;
     b.start().await;
     assert_eq!(
-        call(&b, &key).await,
+        b.chat_status(&key).await,
         200,
         "instance B serves (and caches) the key"
     );
@@ -288,7 +276,7 @@ async fn revocation_across_instances(db: Db) {
     assert_eq!(revoke.status(), 200);
     let revoked_at = Instant::now();
     loop {
-        let status = call(&b, &key).await;
+        let status = b.chat_status(&key).await;
         if status == 401 {
             break;
         }
@@ -328,7 +316,7 @@ async fn account_added_live(db: Db) {
     ]);
     let added_at = Instant::now();
     while second.count() == 0 {
-        assert_eq!(call(&gw, &key).await, 200);
+        assert_eq!(gw.chat_status(&key).await, 200);
         // Picked up as fast as a key change: the change poll (1 s) or NOTIFY, then a reload.
         assert!(
             added_at.elapsed() < Duration::from_secs(3),
@@ -339,7 +327,7 @@ async fn account_added_live(db: Db) {
     eprintln!("new account served after {:?}", added_at.elapsed());
     let before = first.count();
     for _ in 0..5 {
-        assert_eq!(call(&gw, &key).await, 200);
+        assert_eq!(gw.chat_status(&key).await, 200);
     }
     assert_eq!(
         first.count(),
@@ -369,7 +357,7 @@ async fn reload(db: Db) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(
-        call(&gw, &key).await,
+        gw.chat_status(&key).await,
         200,
         "still serving on the old config"
     );

@@ -14,18 +14,6 @@ const KEY_A: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1
 const KEY_B: &str = "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100";
 const TOKEN: &str = "test-admin-token-0123456789";
 
-async fn call(gw: &Gateway, key: &str) -> u16 {
-    reqwest::Client::new()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(key)
-        .body(r#"{"model":"gpt-4o-mini"}"#)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
-}
-
 /// The credentials column of every account (deleted ones too), as stored.
 async fn stored_credentials(gw: &Gateway) -> Vec<String> {
     let sql = match gw.db.url.starts_with("sqlite") {
@@ -134,7 +122,7 @@ async fn sealed_at_rest(db: Db) {
         .unwrap();
     assert_eq!(added.status(), 201);
 
-    assert_eq!(call(&gw, &key).await, 200);
+    assert_eq!(gw.chat_status(&key).await, 200);
     assert_eq!(
         mock.recorded()[0].headers["authorization"],
         format!("Bearer {cli_secret}"),
@@ -199,7 +187,7 @@ async fn plaintext_from_before(db: Db) {
     );
     assert!(!gw.db.dump().await.contains(secret), "sealed in place");
     not_on_disk(&gw, &[secret]);
-    assert_eq!(call(&gw, &key).await, 200);
+    assert_eq!(gw.chat_status(&key).await, 200);
     assert_eq!(
         mock.recorded()[0].headers["authorization"],
         format!("Bearer {secret}")
@@ -211,7 +199,7 @@ async fn plaintext_from_before(db: Db) {
     gw.start().await;
     assert!(!gw.log().contains("are now sealed"), "{}", gw.log());
     assert_eq!(stored_credentials(&gw).await, sealed, "nothing rewritten");
-    assert_eq!(call(&gw, &key).await, 200);
+    assert_eq!(gw.chat_status(&key).await, 200);
     assert_eq!(
         mock.recorded()[1].headers["authorization"],
         format!("Bearer {secret}")
@@ -316,7 +304,7 @@ async fn rotate(db: Db) {
     assert_ne!(stored_credentials(&gw).await, before);
     std::fs::remove_file(&old_file).unwrap();
     gw.start().await;
-    assert_eq!(call(&gw, &key).await, 200);
+    assert_eq!(gw.chat_status(&key).await, 200);
     assert_eq!(
         mock.recorded()[0].headers["authorization"],
         format!("Bearer {secret}")
@@ -339,7 +327,7 @@ async fn rotate(db: Db) {
     assert_eq!(code, Some(1), "{stderr}");
     gw.env = vec![("TOLLGATE_MASTER_KEY", KEY_A.into())];
     gw.start().await;
-    assert_eq!(call(&gw, &key).await, 200);
+    assert_eq!(gw.chat_status(&key).await, 200);
     assert_eq!(
         mock.recorded()[1].headers["authorization"],
         format!("Bearer {secret}")

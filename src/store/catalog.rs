@@ -276,6 +276,13 @@ impl Store {
         if done == 0 {
             return Err(StoreError::NotFound(format!("user {id}")));
         }
+        self.user_keys_changed(id).await
+    }
+
+    /// The hashes of a user's keys, after a change to the user that affects them all: each is
+    /// announced on the keys channel (other instances drop it from their caches) and returned
+    /// (for this instance's cache).
+    async fn user_keys_changed(&self, id: i64) -> Result<Vec<String>, StoreError> {
         let hashes: Vec<String> = dispatch!(self, p => sqlx::query_scalar("SELECT key_hash FROM api_keys WHERE user_id = $1").bind(id).fetch_all(p).await)?;
         for h in &hashes {
             self.notify(KEYS_CHANNEL, h).await;
@@ -305,11 +312,7 @@ impl Store {
         if done == 0 {
             return Err(StoreError::NotFound(format!("user {id}")));
         }
-        let hashes: Vec<String> = dispatch!(self, p => sqlx::query_scalar("SELECT key_hash FROM api_keys WHERE user_id = $1").bind(id).fetch_all(p).await)?;
-        for h in &hashes {
-            self.notify(KEYS_CHANNEL, h).await;
-        }
-        Ok(hashes)
+        self.user_keys_changed(id).await
     }
 
     // ---- keys ----

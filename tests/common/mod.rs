@@ -900,6 +900,19 @@ impl Gateway {
         cutter
     }
 
+    /// Status of one chat completion sent with `key` (a fixed small body).
+    pub async fn chat_status(&self, key: &str) -> u16 {
+        reqwest::Client::new()
+            .post(self.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .body(r#"{"model":"gpt-4o-mini"}"#)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
     /// Sends `request` (bytes as given: clients would normalise what some tests must send as is)
     /// on a new connection and returns everything read until the gateway closes it.
     pub async fn raw_exchange(&self, request: &str) -> String {
