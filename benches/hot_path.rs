@@ -449,15 +449,18 @@ fn rate_limit_check(c: &mut Criterion) {
     // The whole local admission of one request: the key's entry looked up, its rpm, tpm (on the
     // body's estimate) and concurrency slot taken, the slot given back when the hold drops.
     use tollgate::limits::{Caller, Defaults, Limiter, Limits, Overrides};
-    let limiter = Limiter::new(Defaults {
-        key: Limits {
-            rpm: 1_000_000_000,
-            rpd: 0,
-            tpm: 1_000_000_000,
-            max_concurrent: 1_000_000,
+    let limiter = Limiter::new(
+        Defaults {
+            key: Limits {
+                rpm: 1_000_000_000,
+                rpd: 0,
+                tpm: 1_000_000_000,
+                max_concurrent: 1_000_000,
+            },
+            default_max_tokens: std::num::NonZeroU64::new(4096).expect("non-zero"),
         },
-        default_max_tokens: std::num::NonZeroU64::new(4096).expect("non-zero"),
-    });
+        None,
+    );
     let caller = Caller {
         key_id: 7,
         user_id: 3,
@@ -466,10 +469,10 @@ fn rate_limit_check(c: &mut Criterion) {
     };
     let body: &[u8] =
         br#"{"model":"gpt-4o-mini","max_tokens":64,"messages":[{"role":"user","content":"Say hello."}]}"#;
-    assert!(matches!(limiter.admit(&caller, body, 1), Ok(Some(_))));
+    assert!(matches!(limiter.admit_at(&caller, body, 1), Ok(Some(_))));
     g2.bench_function("check", |b| {
         b.iter(|| {
-            let held = limiter.admit(black_box(&caller), black_box(body), limiter.now_ns());
+            let held = limiter.admit_at(black_box(&caller), black_box(body), limiter.now_ns());
             held.is_ok()
         })
     });

@@ -25,7 +25,8 @@
 #                         nginx writes its access log, as both ship; off: RUST_LOG=warn, no log
 #   LOAD_CONFIGS="direct nginx bare hyper tollgate-sqlite tollgate-pg"   which configurations run
 #   LOAD_FEATURES="a b"   tollgate stages to measure on vs off (each alone, next to "all off");
-#                         "all" = every stage defined (see `stage` below: rate_limits)
+#                         "all" = every stage defined (see `stage` below: rate_limits,
+#                         rate_limits_redis — LOAD_REDIS_URL, default redis://127.0.0.1:6379)
 #   TEST_DATABASE_URL     postgres://... : also run tollgate on PostgreSQL (a fresh database
 #                         tollgate_bench_<random>, dropped at the end)
 #   SSE_STREAMS=500  SSE_HOLD_SECS=10  SSE_SEQUENTIAL=50   the SSE scenario
@@ -142,6 +143,10 @@ stage() { STAGES+=("$1"); STAGE_BENCH[$1]=$2; STAGE_TOML[$1]=$3; }
 # Rate limits: a generous limit of every kind on every key (never refuses), so each request pays
 # the whole admission (rpm, rpd, tpm on the body's estimate, concurrency) and the settlement.
 stage rate_limits rate_limit/check $'[limits]\nrpm = 1000000000\nrpd = 1000000000\ntpm = 1000000000\nmax_concurrent = 1000000'
+# The same limits shared through the local Redis (LOAD_REDIS_URL): one round trip per request
+# (admission) plus the settlement and release the worker batches; the latency phase reports the
+# p50/p99 it adds.
+stage rate_limits_redis - $'[limits]\nrpm = 1000000000\nrpd = 1000000000\ntpm = 1000000000\nmax_concurrent = 1000000\nredis_url = "'"${LOAD_REDIS_URL:-redis://127.0.0.1:6379}"$'"\nredis_key_prefix = "tollgate-load:"'
 
 FEATURES=()
 UNKNOWN_FEATURES=()

@@ -238,6 +238,14 @@ pub struct LimitsConfig {
     pub max_concurrent: u64,
     /// The completion tokens a request that names no `max_tokens` is admitted on.
     pub default_max_tokens: u64,
+    /// `redis://…`: limits shared by every instance using it (unset: each instance alone).
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key; instances that share limits share it.
+    pub redis_key_prefix: String,
+    /// Longest an admission waits on Redis before `fail` applies.
+    pub redis_timeout_ms: u64,
+    /// While Redis is unreachable: "local" (each instance its share) or "closed" (refuse).
+    pub fail: String,
 }
 
 impl Default for LimitsConfig {
@@ -248,6 +256,10 @@ impl Default for LimitsConfig {
             tpm: 0,
             max_concurrent: 0,
             default_max_tokens: 4096,
+            redis_url: None,
+            redis_key_prefix: "tollgate:limits:".into(),
+            redis_timeout_ms: 250,
+            fail: "local".into(),
         }
     }
 }

@@ -54,7 +54,8 @@ pub struct RequestCtx {
     /// The request's hold on its key's and user's rate limits: set by the limits stage in
     /// `request_filter` when a limit applies; its token estimate is settled by `logging`; its
     /// concurrency slots are given back when the context drops after `logging`, however the
-    /// request ended.
+    /// request ended (at once on this instance; through the `rate-limit-redis` task when limits
+    /// are shared).
     pub limits: Option<limits::Admitted>,
     /// OpenAI's `x-ratelimit-*` headers for a limited key: set by the limits stage (admitted or
     /// refused); written into the client's response header by `forward` and by `error::respond`.

@@ -76,6 +76,9 @@ pub enum GatewayError {
     /// counted (`requests` or `tokens`), as OpenAI's own 429s do.
     #[error("{0}")]
     RateLimited(Refusal),
+    /// Limits are shared through Redis, Redis cannot be reached and `[limits] fail = "closed"`.
+    #[error("rate limits cannot be checked right now; retry shortly")]
+    LimitsUnavailable,
 }
 
 impl GatewayError {
@@ -144,6 +147,12 @@ impl GatewayError {
                 "rate_limit_error",
                 "rate_limit_exceeded",
             ),
+            GatewayError::LimitsUnavailable => parts(
+                503,
+                "service_unavailable",
+                "overloaded_error",
+                "rate_limits_unavailable",
+            ),
         }
     }
 
@@ -158,7 +167,7 @@ impl GatewayError {
     /// Seconds a client should wait before retrying, sent as `Retry-After`.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            GatewayError::BodyBudget => Some(1),
+            GatewayError::BodyBudget | GatewayError::LimitsUnavailable => Some(1),
             GatewayError::RateLimited(r) => Some(r.retry_after_secs()),
             _ => None,
         }

@@ -39,6 +39,7 @@ pub mod route;
 pub mod secrets;
 pub mod server;
 pub mod settings;
+pub mod shared_limits;
 pub mod spool;
 pub mod sse;
 pub mod store;

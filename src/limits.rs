@@ -18,7 +18,11 @@
 //!   allocation per key, none per request) in a sharded map whose shard lock is held only for the
 //!   lookup. Entries are not swept: they are bounded by the keys and users that exist (≈ 100 bytes
 //!   each), and dropping one would forget its use.
-//! - Exact on one instance; instances do not share their counts yet.
+//! - **Many instances**: with `[limits] redis_url`, the same limits are checked in Redis instead
+//!   (`shared_limits.rs`: one atomic script per admission, all of a request's limits taken or
+//!   none) and shared by every instance using that Redis and key prefix. While Redis cannot be
+//!   reached `[limits] fail` applies: `local` checks here with each limit divided by the instances
+//!   last seen, `closed` refuses (503). Without Redis, limits are per instance: exact on one.
 
 use std::fmt;
 use std::num::NonZeroU64;
@@ -29,6 +33,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 
 use crate::gcra::{Decision, Gcra, Rate};
+use crate::shared_limits::{Redis, Slot, SlotReply};
 
 /// Largest rate limit (requests or tokens per minute or day) that can be set, here or on a key or
 /// user: far above any real use, far below where the arithmetic could overflow.
@@ -54,6 +59,24 @@ pub struct Limits {
 impl Limits {
     pub fn is_none(&self) -> bool {
         *self == Limits::default()
+    }
+
+    /// This instance's share when `instances` enforce the limits apart: each limit divided by
+    /// them (rounded down), at least 1.
+    pub fn share(self, instances: u64) -> Limits {
+        let part = |v: u64| {
+            if v == 0 {
+                0
+            } else {
+                (v / instances.max(1)).max(1)
+            }
+        };
+        Limits {
+            rpm: part(self.rpm),
+            rpd: part(self.rpd),
+            tpm: part(self.tpm),
+            max_concurrent: part(self.max_concurrent),
+        }
     }
 
     /// Each of `own` where set, else `default`'s.
@@ -329,17 +352,72 @@ impl Drop for Held {
 /// dropped, token estimates until [`Admitted::settle`].
 #[derive(Debug)]
 pub struct Admitted {
-    key: Option<Held>,
-    user: Option<Held>,
+    hold: Hold,
     pub headers: Headers,
+}
+
+#[derive(Debug)]
+enum Hold {
+    /// Taken from this instance's buckets.
+    Local {
+        key: Option<Held>,
+        user: Option<Held>,
+    },
+    /// Taken in Redis.
+    Shared(SharedHold),
+}
+
+/// What a request took in Redis; gives its concurrency slots back (through the worker) when
+/// dropped.
+struct SharedHold {
+    redis: Arc<Redis>,
+    /// The request id: the member of its concurrency leases.
+    member: String,
+    /// Token slots taken on the estimate, settled once.
+    tokens: Vec<TokenSlot>,
+}
+
+#[derive(Debug)]
+struct TokenSlot {
+    key: String,
+    limit: u64,
+    period_us: u64,
+    cost: u64,
+}
+
+impl fmt::Debug for SharedHold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedHold")
+            .field("member", &self.member)
+            .field("tokens", &self.tokens)
+            .finish()
+    }
+}
+
+impl Drop for SharedHold {
+    fn drop(&mut self) {
+        self.redis.release(&self.member);
+    }
 }
 
 impl Admitted {
     /// Settles the token limits on what the request actually used (prompt + completion).
     /// Called once, by `logging`; a second call changes nothing.
     pub fn settle(&mut self, now_ns: u64, actual_tokens: u64) {
-        for held in [&mut self.key, &mut self.user].into_iter().flatten() {
-            held.settle(now_ns, actual_tokens);
+        match &mut self.hold {
+            Hold::Local { key, user } => {
+                for held in [key, user].into_iter().flatten() {
+                    held.settle(now_ns, actual_tokens);
+                }
+            }
+            Hold::Shared(shared) => {
+                for t in shared.tokens.drain(..) {
+                    let delta = i64::try_from(actual_tokens)
+                        .unwrap_or(i64::MAX)
+                        .saturating_sub(i64::try_from(t.cost).unwrap_or(i64::MAX));
+                    shared.redis.settle(t.key, t.limit, t.period_us, delta);
+                }
+            }
         }
     }
 }
@@ -349,6 +427,15 @@ impl Admitted {
 pub struct Refused {
     pub refusal: Refusal,
     pub headers: Headers,
+}
+
+/// Why a request was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    /// A limit refused it (429).
+    Limited(Refused),
+    /// Limits are shared through Redis, Redis cannot be reached and `[limits] fail = "closed"`.
+    Unavailable,
 }
 
 /// Who is asking, as the stage needs it (from the cached key).
@@ -383,21 +470,28 @@ impl std::hash::Hasher for IdHasher {
 
 type Map = DashMap<i64, Arc<Buckets>, std::hash::BuildHasherDefault<IdHasher>>;
 
-/// The limit state of this instance.
+/// The limit state of this instance, and the shared limits' client when there is one.
 pub struct Limiter {
     defaults: Defaults,
     keys: Map,
     users: Map,
     epoch: Instant,
+    /// `[limits] redis_url`: limits are checked there while it answers; the maps above then only
+    /// serve the `local` fail policy.
+    shared: Option<Arc<Redis>>,
 }
 
+const MINUTE_US: u64 = 60_000_000;
+const DAY_US: u64 = 86_400_000_000;
+
 impl Limiter {
-    pub fn new(defaults: Defaults) -> Limiter {
+    pub fn new(defaults: Defaults, shared: Option<Arc<Redis>>) -> Limiter {
         Limiter {
             defaults,
             keys: Map::default(),
             users: Map::default(),
             epoch: Instant::now(),
+            shared,
         }
     }
 
@@ -406,23 +500,82 @@ impl Limiter {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    /// Admits or refuses one request at `now_ns`. `Ok(None)`: no limit applies to the caller.
-    pub fn admit(
+    /// The limits of a caller: its key's and its user's.
+    fn limits_of(&self, caller: &Caller) -> (Limits, Limits) {
+        (
+            Limits::resolve(caller.key, self.defaults.key),
+            Limits::resolve(caller.user, Limits::default()),
+        )
+    }
+
+    fn estimate(&self, key: Limits, user: Limits, body: &[u8]) -> u64 {
+        if key.tpm > 0 || user.tpm > 0 {
+            estimate_tokens(body, self.defaults.default_max_tokens)
+        } else {
+            0
+        }
+    }
+
+    /// Admits or refuses one request (`request_id` holds its concurrency slots in Redis).
+    /// `Ok(None)`: no limit applies to the caller. Only a caller with a limit pays Redis's round
+    /// trip.
+    pub async fn admit(
+        &self,
+        caller: &Caller,
+        body: &[u8],
+        request_id: &str,
+    ) -> Result<Option<Admitted>, Denied> {
+        let Some(redis) = &self.shared else {
+            return self
+                .admit_at(caller, body, self.now_ns())
+                .map_err(Denied::Limited);
+        };
+        let (key, user) = self.limits_of(caller);
+        if key.is_none() && user.is_none() {
+            return Ok(None);
+        }
+        let estimate = self.estimate(key, user, body);
+        if redis.is_up() {
+            let (slots, meta) = plan(redis.prefix(), caller, key, user, estimate);
+            if let Ok(replies) = redis.admit(&slots, request_id, None).await {
+                return shared_decision(redis, request_id, slots, &meta, &replies);
+            }
+        }
+        redis.fell_back();
+        match redis.fail {
+            crate::shared_limits::FailPolicy::Closed => Err(Denied::Unavailable),
+            crate::shared_limits::FailPolicy::Local => {
+                let n = redis.instances();
+                self.take_local(caller, key.share(n), user.share(n), estimate, self.now_ns())
+                    .map_err(Denied::Limited)
+            }
+        }
+    }
+
+    /// Admits or refuses one request at `now_ns` on this instance's buckets alone.
+    /// `Ok(None)`: no limit applies to the caller.
+    pub fn admit_at(
         &self,
         caller: &Caller,
         body: &[u8],
         now_ns: u64,
     ) -> Result<Option<Admitted>, Refused> {
-        let key = Limits::resolve(caller.key, self.defaults.key);
-        let user = Limits::resolve(caller.user, Limits::default());
+        let (key, user) = self.limits_of(caller);
         if key.is_none() && user.is_none() {
             return Ok(None);
         }
-        let estimate = if key.tpm > 0 || user.tpm > 0 {
-            estimate_tokens(body, self.defaults.default_max_tokens)
-        } else {
-            0
-        };
+        let estimate = self.estimate(key, user, body);
+        self.take_local(caller, key, user, estimate, now_ns)
+    }
+
+    fn take_local(
+        &self,
+        caller: &Caller,
+        key: Limits,
+        user: Limits,
+        estimate: u64,
+        now_ns: u64,
+    ) -> Result<Option<Admitted>, Refused> {
         let mut headers = Headers::default();
         let mut refusal: Option<Refusal> = None;
         let mut take_from = |map: &Map, id: i64, limits: Limits, scope| {
@@ -447,8 +600,10 @@ impl Limiter {
         let mut user_held = take_from(&self.users, caller.user_id, user, Scope::User);
         match refusal {
             None => Ok(Some(Admitted {
-                key: key_held,
-                user: user_held,
+                hold: Hold::Local {
+                    key: key_held,
+                    user: user_held,
+                },
                 headers,
             })),
             Some(refusal) => {
@@ -459,6 +614,162 @@ impl Limiter {
             }
         }
     }
+}
+
+/// What one shared slot counts, to read its reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Meta {
+    scope: Scope,
+    kind: Kind,
+    per: &'static str,
+    limit: u64,
+    /// Units asked for (before the cap at the limit).
+    requested: u64,
+}
+
+/// A request's limits as Redis slots (keys under `prefix`), with what each counts.
+fn plan(
+    prefix: &str,
+    caller: &Caller,
+    key: Limits,
+    user: Limits,
+    estimate: u64,
+) -> (Vec<Slot>, Vec<Meta>) {
+    let mut slots = Vec::new();
+    let mut meta = Vec::new();
+    for (scope, id, limits) in [
+        (Scope::Key, caller.key_id, key),
+        (Scope::User, caller.user_id, user),
+    ] {
+        let name = |what: &str| format!("{prefix}{}:{id}:{what}", scope.label());
+        for (limit, period_us, what, per) in [
+            (limits.rpm, MINUTE_US, "rpm", "per minute (RPM)"),
+            (limits.rpd, DAY_US, "rpd", "per day (RPD)"),
+        ] {
+            if limit > 0 {
+                slots.push(Slot::Rate {
+                    key: name(what),
+                    limit,
+                    period_us,
+                    cost: 1,
+                });
+                meta.push(Meta {
+                    scope,
+                    kind: Kind::Requests,
+                    per,
+                    limit,
+                    requested: 1,
+                });
+            }
+        }
+        if limits.tpm > 0 {
+            slots.push(Slot::Rate {
+                key: name("tpm"),
+                limit: limits.tpm,
+                period_us: MINUTE_US,
+                cost: estimate.min(limits.tpm),
+            });
+            meta.push(Meta {
+                scope,
+                kind: Kind::Tokens,
+                per: "per minute (TPM)",
+                limit: limits.tpm,
+                requested: estimate,
+            });
+        }
+        if limits.max_concurrent > 0 {
+            slots.push(Slot::Concurrency {
+                key: name("concurrent"),
+                limit: limits.max_concurrent,
+            });
+            meta.push(Meta {
+                scope,
+                kind: Kind::Concurrency,
+                per: "",
+                limit: limits.max_concurrent,
+                requested: 1,
+            });
+        }
+    }
+    (slots, meta)
+}
+
+/// The headers and the refusal (the longest wait) the script's replies make.
+fn decide(meta: &[Meta], replies: &[SlotReply]) -> (Headers, Option<Refusal>) {
+    let mut headers = Headers::default();
+    let mut refusal: Option<Refusal> = None;
+    for (m, r) in meta.iter().zip(replies) {
+        let report = Report {
+            limit: m.limit,
+            remaining: r.remaining,
+            reset: Duration::from_micros(r.reset_us),
+        };
+        match m.kind {
+            Kind::Requests => Headers::keep(&mut headers.requests, report),
+            Kind::Tokens => Headers::keep(&mut headers.tokens, report),
+            Kind::Concurrency => {}
+        }
+        if !r.allowed {
+            let retry_after = match m.kind {
+                Kind::Concurrency => CONCURRENCY_RETRY,
+                _ => Duration::from_micros(r.retry_us),
+            };
+            if refusal.is_none_or(|old| retry_after > old.retry_after) {
+                refusal = Some(Refusal {
+                    scope: m.scope,
+                    kind: m.kind,
+                    per: m.per,
+                    limit: m.limit,
+                    requested: m.requested,
+                    retry_after,
+                });
+            }
+        }
+    }
+    (headers, refusal)
+}
+
+/// Turns the replies of an admission in Redis into the stage's answer.
+fn shared_decision(
+    redis: &Arc<Redis>,
+    request_id: &str,
+    slots: Vec<Slot>,
+    meta: &[Meta],
+    replies: &[SlotReply],
+) -> Result<Option<Admitted>, Denied> {
+    let (headers, refusal) = decide(meta, replies);
+    if let Some(refusal) = refusal {
+        return Err(Denied::Limited(Refused { refusal, headers }));
+    }
+    let tokens = slots
+        .into_iter()
+        .zip(meta)
+        .filter_map(|(slot, m)| match (slot, m.kind) {
+            (
+                Slot::Rate {
+                    key,
+                    limit,
+                    period_us,
+                    cost,
+                },
+                Kind::Tokens,
+            ) => Some(TokenSlot {
+                key,
+                limit,
+                period_us,
+                cost,
+            }),
+            _ => None,
+        })
+        .collect();
+    Ok(Some(Admitted {
+        hold: Hold::Shared(SharedHold {
+            redis: redis.clone(),
+            member: request_id.to_string(),
+            tokens,
+        }),
+        headers,
+    }))
 }
 
 /// The entry for `id`, made on first use.
@@ -669,14 +980,17 @@ mod tests {
     type Expect = Result<(), (Scope, Kind, u64)>;
 
     fn check(defaults: Limits, c: Caller, steps: &[(u64, &str, Expect)]) -> Vec<Headers> {
-        let l = Limiter::new(Defaults {
-            key: defaults,
-            default_max_tokens: NonZeroU64::new(100).unwrap(),
-        });
+        let l = Limiter::new(
+            Defaults {
+                key: defaults,
+                default_max_tokens: NonZeroU64::new(100).unwrap(),
+            },
+            None,
+        );
         let mut held = Vec::new();
         let mut headers = Vec::new();
         for (i, &(ms, body, expected)) in steps.iter().enumerate() {
-            let got = l.admit(&c, body.as_bytes(), 1_000 * S + ms * 1_000_000);
+            let got = l.admit_at(&c, body.as_bytes(), 1_000 * S + ms * 1_000_000);
             match (got, expected) {
                 (Ok(a), Ok(())) => {
                     headers.push(a.as_ref().map(|a| a.headers).unwrap_or_default());
@@ -798,48 +1112,174 @@ mod tests {
 
     #[test]
     fn settlement_gives_back_or_takes_more() {
-        let l = Limiter::new(Defaults {
-            key: limits(0, 0, 1000, 0),
-            default_max_tokens: NonZeroU64::new(100).unwrap(),
-        });
+        let l = Limiter::new(
+            Defaults {
+                key: limits(0, 0, 1000, 0),
+                default_max_tokens: NonZeroU64::new(100).unwrap(),
+            },
+            None,
+        );
         let c = caller(Overrides::default(), Overrides::default());
         let now = 1_000 * S;
         let body = br#"{"max_tokens":896}"#; // 5 + 896 = 901
-        let mut a = l.admit(&c, body, now).unwrap().unwrap();
-        assert!(l.admit(&c, body, now).is_err());
+        let mut a = l.admit_at(&c, body, now).unwrap().unwrap();
+        assert!(l.admit_at(&c, body, now).is_err());
         a.settle(now, 1); // used 1 token: 900 come back
         a.settle(now, 1); // a second settlement changes nothing
-        let b = l.admit(&c, body, now).unwrap().unwrap();
+        let b = l.admit_at(&c, body, now).unwrap().unwrap();
         assert_eq!(b.headers.tokens.map(|r| r.remaining), Some(98));
     }
 
     #[test]
     fn concurrency_slots_come_back_on_drop() {
-        let l = Limiter::new(Defaults {
-            key: limits(0, 0, 0, 2),
-            default_max_tokens: NonZeroU64::new(100).unwrap(),
-        });
+        let l = Limiter::new(
+            Defaults {
+                key: limits(0, 0, 0, 2),
+                default_max_tokens: NonZeroU64::new(100).unwrap(),
+            },
+            None,
+        );
         let c = caller(Overrides::default(), Overrides::default());
-        let a = l.admit(&c, b"", 0).unwrap();
-        let b = l.admit(&c, b"", 0).unwrap();
-        let refused = l.admit(&c, b"", 0).unwrap_err();
+        let a = l.admit_at(&c, b"", 0).unwrap();
+        let b = l.admit_at(&c, b"", 0).unwrap();
+        let refused = l.admit_at(&c, b"", 0).unwrap_err();
         assert_eq!(
             (refused.refusal.kind, refused.refusal.retry_after_secs()),
             (Kind::Concurrency, 1)
         );
         drop(a);
-        let c2 = l.admit(&c, b"", 0).unwrap();
-        assert!(l.admit(&c, b"", 0).is_err());
+        let c2 = l.admit_at(&c, b"", 0).unwrap();
+        assert!(l.admit_at(&c, b"", 0).is_err());
         drop((b, c2));
         assert_eq!(l.keys.get(&1).unwrap().in_flight.load(Ordering::Relaxed), 0);
         // A request refused by another limit gives its slot back.
-        let l = Limiter::new(Defaults {
-            key: limits(1, 0, 0, 5),
-            default_max_tokens: NonZeroU64::new(100).unwrap(),
-        });
-        let _a = l.admit(&c, b"", 0).unwrap();
-        assert!(l.admit(&c, b"", 0).is_err());
+        let l = Limiter::new(
+            Defaults {
+                key: limits(1, 0, 0, 5),
+                default_max_tokens: NonZeroU64::new(100).unwrap(),
+            },
+            None,
+        );
+        let _a = l.admit_at(&c, b"", 0).unwrap();
+        assert!(l.admit_at(&c, b"", 0).is_err());
         assert_eq!(l.keys.get(&1).unwrap().in_flight.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn shares_per_instance() {
+        fn check(l: Limits, n: u64, expected: Limits) {
+            assert_eq!(l.share(n), expected, "{l:?} / {n}");
+        }
+        for (l, n, expected) in [
+            (limits(100, 1000, 0, 4), 1, limits(100, 1000, 0, 4)),
+            (limits(100, 1000, 0, 4), 2, limits(50, 500, 0, 2)),
+            (limits(100, 1000, 0, 4), 3, limits(33, 333, 0, 1)),
+            (limits(1, 0, 5, 1), 8, limits(1, 0, 1, 1)),
+            (limits(10, 0, 0, 0), 0, limits(10, 0, 0, 0)),
+        ] {
+            check(l, n, expected);
+        }
+    }
+
+    #[test]
+    fn shared_plans_name_each_limit() {
+        let c = caller(Overrides::default(), Overrides::default());
+        let (slots, meta) = plan("p:", &c, limits(60, 0, 1000, 2), limits(0, 5, 0, 0), 4100);
+        let keys: Vec<&str> = slots.iter().map(|s| s.key()).collect();
+        assert_eq!(
+            keys,
+            [
+                "p:key:1:rpm",
+                "p:key:1:tpm",
+                "p:key:1:concurrent",
+                "p:user:10:rpd"
+            ]
+        );
+        assert_eq!(
+            slots[1],
+            Slot::Rate {
+                key: "p:key:1:tpm".into(),
+                limit: 1000,
+                period_us: 60_000_000,
+                cost: 1000, // the estimate capped at the limit
+            }
+        );
+        assert_eq!(
+            slots[2],
+            Slot::Concurrency {
+                key: "p:key:1:concurrent".into(),
+                limit: 2
+            }
+        );
+        assert_eq!(
+            meta.iter()
+                .map(|m| (m.scope, m.kind, m.requested))
+                .collect::<Vec<_>>(),
+            [
+                (Scope::Key, Kind::Requests, 1),
+                (Scope::Key, Kind::Tokens, 4100),
+                (Scope::Key, Kind::Concurrency, 1),
+                (Scope::User, Kind::Requests, 1),
+            ]
+        );
+        assert_eq!(
+            plan("p:", &c, Limits::default(), Limits::default(), 0).0,
+            []
+        );
+    }
+
+    #[test]
+    fn shared_replies_decide() {
+        let c = caller(Overrides::default(), Overrides::default());
+        let (_, meta) = plan("p:", &c, limits(60, 0, 1000, 2), limits(10, 0, 0, 0), 100);
+        let r = |allowed, remaining, reset_us, retry_us| SlotReply {
+            allowed,
+            remaining,
+            reset_us,
+            retry_us,
+        };
+        // All allowed: the tighter request report (the user's 10) and the token report.
+        let (h, refusal) = decide(
+            &meta,
+            &[
+                r(true, 59, 1_000_000, 0),
+                r(true, 900, 6_000_000, 0),
+                r(true, 1, 0, 0),
+                r(true, 2, 48_000_000, 0),
+            ],
+        );
+        assert_eq!(refusal, None);
+        assert_eq!(
+            h.requests,
+            Some(Report {
+                limit: 10,
+                remaining: 2,
+                reset: Duration::from_secs(48)
+            })
+        );
+        assert_eq!(h.tokens.map(|t| (t.limit, t.remaining)), Some((1000, 900)));
+        // Two refusals: the longest wait is answered; concurrency waits a second.
+        let (_, refusal) = decide(
+            &meta,
+            &[
+                r(true, 59, 1_000_000, 0),
+                r(false, 10, 60_000_000, 5_400_000),
+                r(false, 0, 0, 1_000_000),
+                r(true, 2, 48_000_000, 0),
+            ],
+        );
+        let refusal = refusal.unwrap();
+        assert_eq!(
+            (
+                refusal.scope,
+                refusal.kind,
+                refusal.requested,
+                refusal.retry_after_secs()
+            ),
+            (Scope::Key, Kind::Tokens, 100, 6)
+        );
+        let (_, refusal) = decide(&meta[2..3], &[r(false, 0, 0, 77)]);
+        assert_eq!(refusal.unwrap().retry_after, CONCURRENCY_RETRY);
     }
 
     #[test]

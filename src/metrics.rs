@@ -358,6 +358,31 @@ fn describe() {
         "tollgate_rate_limited_total",
         "Requests refused (429) by a rate limit of their key or its user, by scope and by what was counted."
     );
+    describe_gauge!(
+        "tollgate_rate_limit_redis_up",
+        "1 while the Redis sharing rate limits answers; 0 while [limits] fail applies."
+    );
+    describe_gauge!(
+        "tollgate_rate_limit_redis_instances",
+        "Instances sharing rate limits, as last seen in Redis ([limits] fail = local divides by it)."
+    );
+    describe_histogram!(
+        "tollgate_rate_limit_redis_seconds",
+        Unit::Seconds,
+        "Round trip of one rate-limit admission in Redis."
+    );
+    describe_counter!(
+        "tollgate_rate_limit_redis_errors_total",
+        "Redis calls of the rate-limit stage that failed or timed out, by operation."
+    );
+    describe_counter!(
+        "tollgate_rate_limit_redis_dropped_total",
+        "Settlements and slot releases not sent to Redis (it was down or the queue full); a dropped release frees its slot when its lease expires."
+    );
+    describe_counter!(
+        "tollgate_rate_limit_fallback_total",
+        "Limited requests decided by the fail policy because Redis could not be reached."
+    );
     describe_counter!(
         "tollgate_auth_failures_total",
         "Requests refused before reaching an upstream, by reason."

@@ -28,7 +28,7 @@ use crate::error::{ErrorShape, GatewayError};
 use crate::forward::Forwarder;
 use crate::header;
 use crate::lifecycle::Drain;
-use crate::limits::{self, Limiter};
+use crate::limits::{self, Denied, Limiter};
 use crate::meter;
 use crate::metrics::Metrics;
 use crate::path;
@@ -254,19 +254,21 @@ impl Gateway {
         };
         match self
             .limiter
-            .admit(&caller, &ctx.body, self.limiter.now_ns())
+            .admit(&caller, &ctx.body, &ctx.request_id)
+            .await
         {
             Ok(None) => {}
             Ok(Some(admitted)) => {
                 ctx.rate_headers = Some(admitted.headers);
                 ctx.limits = Some(admitted);
             }
-            Err(refused) => {
+            Err(Denied::Limited(refused)) => {
                 ctx.rate_headers = Some(refused.headers);
                 let r = refused.refusal;
                 self.metrics.rate_limited(r.scope, r.kind);
                 return Err((GatewayError::RateLimited(r), false));
             }
+            Err(Denied::Unavailable) => return Err((GatewayError::LimitsUnavailable, false)),
         }
 
         let mut accounts = self.accounts.load_full();

@@ -103,6 +103,18 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
     let keys = key_cache(&cfg, &store, &db_rt)?;
     let (usage_sink, writer) = start_writer(&cfg, &store, &metrics, &db_rt)?;
 
+    let shared_limits = match &cfg.shared_limits {
+        Some(s) => {
+            // The connection's driver runs on the background runtime.
+            let _on_db_runtime = db_rt.enter();
+            let (redis, worker) =
+                crate::shared_limits::Redis::new(s).map_err(anyhow::Error::msg)?;
+            tracing::info!(policy = s.fail.label(), "rate limits shared through Redis");
+            Some((redis, worker))
+        }
+        None => None,
+    };
+
     let drain = Arc::new(Drain::default());
     let body_budget = body::Budget::new(cfg.server.max_buffered_body_bytes.get());
     let router = Arc::new(ArcSwap::from_pointee(reload::router_of(&cfg)));
@@ -136,7 +148,10 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         accounts_on_demand: on_demand.clone(),
         inject_stream_usage: cfg.metering.inject_stream_usage,
-        limiter: crate::limits::Limiter::new(cfg.limits),
+        limiter: crate::limits::Limiter::new(
+            cfg.limits,
+            shared_limits.as_ref().map(|(redis, _)| redis.clone()),
+        ),
     };
     let reload = Arc::new(Reloader {
         path: config_path,
@@ -174,6 +189,9 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
         tasks.spawn("notify-listener", |stop| {
             invalidation::listen(st, k, changed, stop)
         });
+    }
+    if let Some((_, worker)) = shared_limits {
+        tasks.spawn("rate-limit-redis", |stop| worker.run(stop));
     }
     let r = reload.clone();
     tasks.spawn("sighup", |stop| reload::on_sighup(r, stop));

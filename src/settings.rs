@@ -32,6 +32,8 @@ pub struct Settings {
     pub metering: Metering,
     /// `[limits]`: the rate limits of keys without their own.
     pub limits: crate::limits::Defaults,
+    /// `[limits] redis_*`: where limits are shared across instances (`None`: per instance).
+    pub shared_limits: Option<crate::shared_limits::Settings>,
     pub writer: Writer,
     pub metrics: Metrics,
     pub admin: Admin,
@@ -488,6 +490,8 @@ impl Settings {
             )?,
         };
 
+        let shared_limits = shared_limits(l)?;
+
         let w = &file.writer;
         let queue_capacity =
             nonzero_usize("writer", "queue_capacity", w.queue_capacity, 100_000_000)?;
@@ -578,6 +582,7 @@ impl Settings {
             upstream_accounts: file.upstream_accounts.clone(),
             metering,
             limits,
+            shared_limits,
             writer,
             metrics,
             admin,
@@ -585,6 +590,53 @@ impl Settings {
             default_prices: file.default_prices.clone(),
         })
     }
+}
+
+/// `[limits] redis_url` and what goes with it.
+fn shared_limits(
+    l: &crate::config::LimitsConfig,
+) -> Result<Option<crate::shared_limits::Settings>, Invalid> {
+    use crate::shared_limits::FailPolicy;
+    let fail = match l.fail.as_str() {
+        "local" => FailPolicy::Local,
+        "closed" => FailPolicy::Closed,
+        other => {
+            return Err(invalid(
+                Place::Key("limits", "fail"),
+                format!("[limits] fail = {other:?}: it must be \"local\" or \"closed\""),
+            ))
+        }
+    };
+    let timeout = millis("limits", "redis_timeout_ms", l.redis_timeout_ms, 1, 60_000)?;
+    let Some(url) = l.redis_url.as_deref() else {
+        return Ok(None);
+    };
+    if !url.starts_with("redis://") {
+        return Err(invalid(
+            Place::Key("limits", "redis_url"),
+            format!(
+                "[limits] redis_url must start with redis:// (got {url:?}; TLS is not supported)"
+            ),
+        ));
+    }
+    if let Err(e) = redis::Client::open(url) {
+        return Err(invalid(
+            Place::Key("limits", "redis_url"),
+            format!("[limits] redis_url is not a Redis URL: {e}"),
+        ));
+    }
+    if l.redis_key_prefix.is_empty() || l.redis_key_prefix.len() > 200 {
+        return Err(invalid(
+            Place::Key("limits", "redis_key_prefix"),
+            "[limits] redis_key_prefix must be 1 to 200 characters",
+        ));
+    }
+    Ok(Some(crate::shared_limits::Settings {
+        url: url.to_string(),
+        key_prefix: l.redis_key_prefix.clone(),
+        timeout,
+        fail,
+    }))
 }
 
 impl Default for Settings {
