@@ -38,6 +38,18 @@ impl Rate {
     fn interval_ns(&self) -> u64 {
         self.period_ns().div_ceil(self.limit.get())
     }
+
+    /// Whether `interval` is [`Rate::interval_ns`] of this rate — the smallest whole number of
+    /// nanoseconds that `limit` times covers the period — checked with two multiplications
+    /// instead of the division.
+    fn is_interval(&self, interval: u64) -> bool {
+        let (i, limit, period) = (
+            u128::from(interval),
+            u128::from(self.limit.get()),
+            u128::from(self.period_ns()),
+        );
+        i > 0 && i * limit >= period && (i - 1) * limit < period
+    }
 }
 
 /// What a check answered, with what the OpenAI `x-ratelimit-*` headers report.
@@ -56,6 +68,10 @@ pub struct Decision {
 #[derive(Debug, Default)]
 pub struct Gcra {
     tat_ns: AtomicU64,
+    /// The emission interval of the rate last used here, kept so a check needs no division; any
+    /// value read is verified against the rate before use (a racing store or a changed limit
+    /// only costs the division again).
+    interval_ns: AtomicU64,
 }
 
 impl Gcra {
@@ -65,7 +81,7 @@ impl Gcra {
 
     /// Takes `cost` units at `now_ns` if they fit; otherwise changes nothing.
     pub fn acquire(&self, rate: Rate, now_ns: u64, cost: u64) -> Decision {
-        let interval = rate.interval_ns();
+        let interval = self.interval(rate);
         let period = rate.period_ns();
         let mut tat = self.tat_ns.load(Ordering::Acquire);
         loop {
@@ -105,7 +121,7 @@ impl Gcra {
     /// taken (a token limit admits on the request's estimate and settles on the usage record).
     /// A refund moves the TAT back, never before `now_ns`.
     pub fn settle(&self, rate: Rate, now_ns: u64, estimated: u64, actual: u64) {
-        let interval = rate.interval_ns();
+        let interval = self.interval(rate);
         let _ = self
             .tat_ns
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
@@ -117,6 +133,19 @@ impl Gcra {
                         .max(now_ns)
                 })
             });
+    }
+}
+
+impl Gcra {
+    /// `rate`'s emission interval, from the cache when it is the right one.
+    fn interval(&self, rate: Rate) -> u64 {
+        let cached = self.interval_ns.load(Ordering::Relaxed);
+        if rate.is_interval(cached) {
+            return cached;
+        }
+        let interval = rate.interval_ns();
+        self.interval_ns.store(interval, Ordering::Relaxed);
+        interval
     }
 }
 
@@ -142,6 +171,33 @@ mod tests {
             let d = g.acquire(r, 1_000 * S + ms * 1_000_000, cost);
             assert_eq!(d.allowed, expected, "at {ms} ms cost {cost}: {d:?}");
         }
+    }
+
+    #[test]
+    fn intervals_are_checked_without_dividing() {
+        fn check(r: Rate) {
+            let i = r.interval_ns();
+            assert!(r.is_interval(i), "{r:?}: {i}");
+            for wrong in [0, i.saturating_sub(1), i + 1, i * 2] {
+                assert_eq!(r.is_interval(wrong), wrong == i, "{r:?}: {wrong} vs {i}");
+            }
+        }
+        for (limit, secs) in [
+            (1, 60),
+            (7, 60),
+            (60, 60),
+            (1_000_000_000, 60),
+            (1_000_000_000, 86_400),
+            (3, 86_400),
+            (u64::MAX / 4, 60),
+        ] {
+            check(rate(limit, secs));
+        }
+        // One limit's cache follows a changed rate.
+        let g = Gcra::new();
+        assert!(g.acquire(rate(1, 60), 100 * S, 1).allowed);
+        assert!(!g.acquire(rate(1, 60), 100 * S, 1).allowed);
+        assert!(g.acquire(rate(2, 60), 130 * S, 1).allowed);
     }
 
     #[test]

@@ -525,16 +525,16 @@ impl Limiter {
         body: &[u8],
         request_id: &str,
     ) -> Result<Option<Admitted>, Denied> {
-        let Some(redis) = &self.shared else {
-            return self
-                .admit_at(caller, body, self.now_ns())
-                .map_err(Denied::Limited);
-        };
         let (key, user) = self.limits_of(caller);
         if key.is_none() && user.is_none() {
             return Ok(None);
         }
         let estimate = self.estimate(key, user, body);
+        let Some(redis) = &self.shared else {
+            return self
+                .take_local(caller, key, user, estimate, self.now_ns())
+                .map_err(Denied::Limited);
+        };
         if redis.is_up() {
             let (slots, meta) = plan(redis.prefix(), caller, key, user, estimate);
             if let Ok(replies) = redis.admit(&slots, request_id, None).await {
