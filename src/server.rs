@@ -137,6 +137,10 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
         accounts_on_demand: on_demand.clone(),
         inject_stream_usage: cfg.metering.inject_stream_usage,
         limiter: crate::limits::Limiter::new(cfg.limits),
+        address_limits: crate::address_limits::AddressLimiter::new(
+            cfg.auth.failures_per_minute_per_address,
+            cfg.auth.address_table_capacity.get(),
+        ),
     };
     let reload = Arc::new(Reloader {
         path: config_path,
