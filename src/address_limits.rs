@@ -9,17 +9,21 @@
 //! - **What counts**: every 401 (`AuthError::Missing`, `Malformed` — a bad checksum costs no
 //!   query but still counts —, `Unknown`, `Revoked`, `Expired`, `UserInactive`); not a 403
 //!   (a valid key), not a 503 (the database's fault).
-//! - **Exact on the database side**: a key that needs a lookup takes its unit *before* the
-//!   lookup (given back when the key turns out valid, or the lookup fails), so an address
-//!   causes at most `limit` lookups per period however many requests it sends at once.
+//! - **Exact on the database side once an address has failed**: from its first failure on (while
+//!   it has an entry), a key that needs a lookup takes its unit *before* the lookup, given back
+//!   when the key turns out valid or the lookup fails, so the address causes at most the limit
+//!   of lookups a period however many requests it has in flight. An address without failures
+//!   pays nothing for its lookups: a client whose valid keys all miss the cache at once (a cold
+//!   start, an invalidation) is not refused for its own concurrency. So the slack is one burst
+//!   of concurrent lookups from an address before its first failure is counted.
 //! - **A found key always passes**: the gate is asked only on a key-cache miss, so a client
 //!   behind a shared NAT with one misbehaving neighbour keeps working with its cached key, and a
 //!   cache hit costs nothing here (no table lookup, no time read).
-//! - **State**: one [`Gcra`] per address in a moka cache bounded by `[auth]
+//! - **State**: one [`Gcra`] per address that failed, in a moka cache bounded by `[auth]
 //!   address_table_capacity` (memory bound against an attacker spraying from many addresses;
 //!   TinyLFU admission keeps the frequent ones), each entry dropped after one period without
-//!   use — by then its bucket is full again, so dropping it forgets nothing. Only addresses that
-//!   failed or missed the key cache get an entry.
+//!   use — by then its bucket is full again, so dropping it forgets nothing. Only a failure
+//!   makes an entry; a key-cache miss from an address without one costs one table lookup.
 //! - Per instance, as the other rate limits.
 
 use std::net::{IpAddr, Ipv6Addr};
@@ -111,9 +115,9 @@ impl AddressLimiter {
         let mut took = false;
         let result = keys
             .authenticate_gated(headers, || {
-                self.before_lookup(rate, group, self.now_ns())
+                took = self
+                    .before_lookup(rate, group, self.now_ns())
                     .map_err(GatewayError::RateLimited)?;
-                took = true;
                 Ok(())
             })
             .await;
@@ -121,17 +125,23 @@ impl AddressLimiter {
         match (took, failed) {
             (false, true) => self.failed(rate, group, self.now_ns()),
             (true, false) => self.give_back(rate, group, self.now_ns()),
-            // Paid at the gate; or a found key, or refused at the gate.
+            // Paid at the gate; or nothing to pay: a found key, a valid key from an address
+            // without failures, a refusal at the gate.
             (true, true) | (false, false) => {}
         }
         result
     }
 
-    /// A key lookup about to happen for `group`: takes its unit, or refuses when there is none.
-    fn before_lookup(&self, rate: Rate, group: Group, now_ns: u64) -> Result<(), Refusal> {
-        let d = self.bucket(group).acquire(rate, now_ns, 1);
+    /// A key lookup about to happen for `group`: `Ok(true)` when it took a unit (the address has
+    /// failed before), `Ok(false)` when it passes untaxed (it has not), `Err` when the bucket
+    /// is empty.
+    fn before_lookup(&self, rate: Rate, group: Group, now_ns: u64) -> Result<bool, Refusal> {
+        let Some(bucket) = self.buckets.get(&group) else {
+            return Ok(false);
+        };
+        let d = bucket.acquire(rate, now_ns, 1);
         if d.allowed {
-            return Ok(());
+            return Ok(true);
         }
         Err(Refusal {
             scope: Scope::Address,
@@ -143,10 +153,12 @@ impl AddressLimiter {
         })
     }
 
-    /// A failure that did not pass the gate (no lookup: bad format, or a cached key refused).
+    /// A failure that took no unit at the gate (no lookup: a bad format or a cached key refused;
+    /// or a lookup from an address without failures).
     fn failed(&self, rate: Rate, group: Group, now_ns: u64) {
+        let bucket = self.buckets.get_with(group, || Arc::new(Gcra::new()));
         // An empty bucket stays empty: a refused take changes nothing, which is what is wanted.
-        let _ = self.bucket(group).acquire(rate, now_ns, 1);
+        let _ = bucket.acquire(rate, now_ns, 1);
     }
 
     /// The unit taken at the gate, back: the key was valid, or the lookup failed (not the
@@ -155,10 +167,6 @@ impl AddressLimiter {
         if let Some(b) = self.buckets.get(&group) {
             b.settle(rate, now_ns, 1, 0);
         }
-    }
-
-    fn bucket(&self, group: Group) -> Arc<Gcra> {
-        self.buckets.get_with(group, || Arc::new(Gcra::new()))
     }
 }
 
@@ -207,10 +215,10 @@ mod tests {
 
     #[derive(Debug, Clone, Copy)]
     enum Step {
-        /// A failure without a lookup.
+        /// A failure that took no unit at the gate.
         Fail,
-        /// A lookup asked for: admitted?
-        Gate(bool),
+        /// A lookup asked for: (admitted?, took a unit?).
+        Gate(bool, bool),
         /// The looked-up key was valid.
         GiveBack,
     }
@@ -226,18 +234,21 @@ mod tests {
             match step {
                 Step::Fail => l.failed(rate, a, now),
                 Step::GiveBack => l.give_back(rate, a, now),
-                Step::Gate(expected) => {
+                Step::Gate(admitted, took) => {
                     let got = l.before_lookup(rate, a, now);
-                    assert_eq!(got.is_ok(), expected, "step {i} at {ms} ms: {got:?}");
-                    if let Err(r) = got {
-                        assert_eq!(
-                            (r.scope, r.kind, r.limit),
-                            (Scope::Address, Kind::Requests, 6)
-                        );
-                        assert!(
-                            r.retry_after > Duration::ZERO
-                                && r.retry_after <= Duration::from_secs(10)
-                        );
+                    match got {
+                        Ok(t) => assert!(admitted && t == took, "step {i} at {ms} ms: took {t}"),
+                        Err(r) => {
+                            assert!(!admitted, "step {i} at {ms} ms: {r:?}");
+                            assert_eq!(
+                                (r.scope, r.kind, r.limit),
+                                (Scope::Address, Kind::Requests, 6)
+                            );
+                            assert!(
+                                r.retry_after > Duration::ZERO
+                                    && r.retry_after <= Duration::from_secs(10)
+                            );
+                        }
                     }
                 }
             }
@@ -247,43 +258,51 @@ mod tests {
     #[test]
     fn arithmetic() {
         use Step::*;
-        // Six failures of any kind empty the bucket; then lookups are refused until a unit
-        // comes back (10 s), one per unit.
+        const PASS: Step = Gate(true, false);
+        const TAKE: Step = Gate(true, true);
+        const REFUSE: Step = Gate(false, false);
+        // Six failures empty the bucket: the first lookup (no failure yet) is untaxed and fails,
+        // later lookups take their unit first; then lookups are refused until a unit comes back
+        // (10 s), one per unit.
         run(&[
+            (0, PASS),
             (0, Fail),
             (0, Fail),
-            (0, Gate(true)),
-            (0, Gate(true)),
+            (0, TAKE),
+            (0, TAKE),
             (0, Fail),
-            (0, Gate(true)),
-            (0, Gate(false)),
+            (0, TAKE),
+            (0, REFUSE),
             (0, Fail),
-            (0, Gate(false)),
-            (9_999, Gate(false)),
-            (10_000, Gate(true)),
-            (10_000, Gate(false)),
-            (20_000, Gate(true)),
+            (0, REFUSE),
+            (9_999, REFUSE),
+            (10_000, TAKE),
+            (10_000, REFUSE),
+            (20_000, TAKE),
         ]);
-        // Valid keys looked up give their unit back: they never use the bucket up.
-        let mut steps = Vec::new();
+        // An address without failures looks up as many keys as it likes, at once or not.
+        run(&[(0, PASS); 100]);
+        // Once it has failed, valid keys looked up give their unit back: they never use the
+        // bucket up.
+        let mut steps = vec![(0, Fail)];
         for _ in 0..100 {
-            steps.push((0, Gate(true)));
+            steps.push((0, TAKE));
             steps.push((0, GiveBack));
         }
-        steps.push((0, Fail));
+        steps.push((0, TAKE));
         run(&steps);
-        // Six lookups at once all pass the gate, the seventh does not: at most the limit reach
-        // the database however many are in flight.
+        // After one failure, five lookups at once pass the gate and the sixth does not: at most
+        // the limit reach the database however many are in flight.
         run(&[
-            (0, Gate(true)),
-            (0, Gate(true)),
-            (0, Gate(true)),
-            (0, Gate(true)),
-            (0, Gate(true)),
-            (0, Gate(true)),
-            (0, Gate(false)),
+            (0, Fail),
+            (0, TAKE),
+            (0, TAKE),
+            (0, TAKE),
+            (0, TAKE),
+            (0, TAKE),
+            (0, REFUSE),
             (0, GiveBack),
-            (0, Gate(true)),
+            (0, TAKE),
         ]);
     }
 

@@ -236,3 +236,32 @@ async fn zero_is_no_limit() {
     }
     assert_eq!(metric(&gw, ADDRESS_REFUSALS).await, 0.0);
 }
+
+/// Valid keys that all miss the key cache at once (a cold start, an invalidation) from an address
+/// without failures are never refused, however many are in flight: only failures are paid for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_of_valid_keys_are_not_refused() {
+    let mock = MockUpstream::json_ok().await;
+    let mut gw = Gateway::new(
+        Db::Sqlite,
+        "",
+        "[auth]\nfailures_per_minute_per_address = 2\n",
+    )
+    .await
+    .unwrap();
+    gw.add_user("alice@example.com");
+    gw.add_account("main", "openai", &mock.url(), "sk-up", 1, 1);
+    gw.start().await;
+    // Created after the start: not warmed into the cache, each needs a lookup.
+    let keys: Vec<String> = (0..20)
+        .map(|_| gw.create_key("alice@example.com", &[]))
+        .collect();
+    let c = client();
+    let statuses: Vec<u16> = futures_util::future::join_all(keys.iter().map(|k| {
+        let (gw, c) = (&gw, &c);
+        async move { chat(gw, c, k).await.status().as_u16() }
+    }))
+    .await;
+    assert_eq!(statuses, vec![200; 20]);
+    assert_eq!(metric(&gw, ADDRESS_REFUSALS).await, 0.0);
+}
