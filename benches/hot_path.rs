@@ -150,6 +150,38 @@ fn key_check(c: &mut Criterion) {
                 .expect("refused before any await")
         })
     });
+    // The same under the failed-authentications limit of the client address
+    // (`address_limits.rs`): on a cache hit the limit is never consulted, so this should cost
+    // what `authenticate_hit` costs.
+    let address_limits = tollgate::address_limits::AddressLimiter::new(30, 100_000);
+    let peer = Some(std::net::IpAddr::from([198, 51, 100, 7]));
+    g.bench_function("authenticate_hit_address_limited", |b| {
+        b.iter(|| {
+            address_limits
+                .authenticate(&cache, black_box(&headers), black_box(peer))
+                .now_or_never()
+                .expect("a hit completes on the first poll")
+        })
+    });
+    // An address that spent its failures sending a key that is not cached: refused at the gate
+    // (one table lookup and one GCRA check), before the negative cache or the database.
+    let spent = tollgate::address_limits::AddressLimiter::new(1, 100_000);
+    let unknown = headers_for(&keys::generate().expect("key"));
+    assert!(rt
+        .block_on(spent.authenticate(&cache, &unknown, peer))
+        .is_err());
+    g.bench_function("authenticate_address_refused", |b| {
+        b.iter(|| {
+            let r = spent
+                .authenticate(&cache, black_box(&unknown), black_box(peer))
+                .now_or_never()
+                .expect("refused before any await");
+            assert!(matches!(
+                r,
+                Err(tollgate::error::GatewayError::RateLimited(_))
+            ));
+        })
+    });
     g.finish();
 
     drop(cache);

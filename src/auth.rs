@@ -322,12 +322,28 @@ impl KeyCache {
         self: &Arc<Self>,
         headers: &HeaderMap,
     ) -> Result<Arc<KeyInfo>, AuthError> {
+        self.authenticate_gated(headers, || Ok(())).await
+    }
+
+    /// [`authenticate`](Self::authenticate), asking `may_look_up` once before a key that is not
+    /// in the found cache goes to the negative cache or the database; its error is the answer
+    /// (`address_limits.rs`: an address that spent its failed authentications). A found key
+    /// never asks it, so a cache hit costs nothing more.
+    pub async fn authenticate_gated<E: From<AuthError>>(
+        self: &Arc<Self>,
+        headers: &HeaderMap,
+        may_look_up: impl FnOnce() -> Result<(), E>,
+    ) -> Result<Arc<KeyInfo>, E> {
         let key = credential(headers)?;
         keys::validate(key).map_err(AuthError::Malformed)?;
-        let info = self
-            .lookup(keys::hash(key))
-            .await?
-            .ok_or(AuthError::Unknown)?;
+        let hash = keys::hash(key);
+        let info = match self.hit(hash) {
+            Some(info) => info,
+            None => {
+                may_look_up()?;
+                self.miss(hash).await?.ok_or(AuthError::Unknown)?
+            }
+        };
         info.check_usable(Utc::now())?;
         Ok(info)
     }
@@ -339,16 +355,28 @@ impl KeyCache {
         self: &Arc<Self>,
         hash: KeyHash,
     ) -> Result<Option<Arc<KeyInfo>>, AuthError> {
-        if let Some(cached) = self.found.get(&hash) {
-            self.hits.fetch_add(1, Ordering::Relaxed);
-            if Instant::now() >= cached.fresh_until
-                && self.breaker.allows()
-                && !cached.refreshing.swap(true, Ordering::AcqRel)
-            {
-                self.refresh(hash, cached.clone());
-            }
-            return Ok(Some(cached.info.clone()));
+        match self.hit(hash) {
+            Some(info) => Ok(Some(info)),
+            None => self.miss(hash).await,
         }
+    }
+
+    /// The found cache alone; a stale entry is served and refreshed in the background.
+    fn hit(self: &Arc<Self>, hash: KeyHash) -> Option<Arc<KeyInfo>> {
+        let cached = self.found.get(&hash)?;
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        if Instant::now() >= cached.fresh_until
+            && self.breaker.allows()
+            && !cached.refreshing.swap(true, Ordering::AcqRel)
+        {
+            self.refresh(hash, cached.clone());
+        }
+        Some(cached.info.clone())
+    }
+
+    /// A hash not in the found cache: the negative cache, else one database query per hash
+    /// however many requests wait for it, refused at once while the breaker is open.
+    async fn miss(self: &Arc<Self>, hash: KeyHash) -> Result<Option<Arc<KeyInfo>>, AuthError> {
         if self.unknown.contains_key(&hash) {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(None);

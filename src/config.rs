@@ -141,6 +141,12 @@ pub struct AuthConfig {
     pub negative_ttl_secs: u64,
     /// Most keys kept in the cache.
     pub cache_capacity: u64,
+    /// Failed authentications (401) a client address may cause per minute (GCRA: a burst of
+    /// this many, then one every 60 s / this); over it, its keys that are not in the cache are
+    /// refused (429) before the database is asked. 0 = no limit. `address_limits.rs`.
+    pub failures_per_minute_per_address: u64,
+    /// Most client addresses (IPv4, or IPv6 /64) whose failures are tracked at once.
+    pub address_table_capacity: u64,
 }
 
 impl Default for AuthConfig {
@@ -150,6 +156,8 @@ impl Default for AuthConfig {
             max_stale_secs: 86_400,
             negative_ttl_secs: 5,
             cache_capacity: 100_000,
+            failures_per_minute_per_address: 30,
+            address_table_capacity: 100_000,
         }
     }
 }

@@ -8,8 +8,9 @@
 //! (TAT): the time at which the bucket would be full again. A cost of `n` units is admitted when,
 //! after adding `n` emission intervals to the TAT, it lies no more than one `period` ahead of now.
 //!
-//! This is the groundwork of the rate-limit stage (requests, tokens and concurrency per key, user
-//! and account, shared across instances through Redis); the stage itself is not wired yet.
+//! Used by the rate-limit stage (`limits.rs`: keys and users), the per-address limit on failed
+//! authentications (`address_limits.rs`) and, in its bucket-level form in Lua, by the limits
+//! shared through Redis (`shared_limits.rs`).
 
 use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -4,6 +4,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod accounts;
+pub mod address_limits;
 pub mod admin;
 pub mod auth;
 pub mod body;

@@ -112,6 +112,8 @@ pub struct Defaults {
 pub enum Scope {
     Key,
     User,
+    /// A client address's failed authentications (`address_limits.rs`).
+    Address,
 }
 
 /// What was counted: `Requests` covers per-minute and per-day.
@@ -123,12 +125,13 @@ pub enum Kind {
 }
 
 impl Scope {
-    pub const ALL: [Scope; 2] = [Scope::Key, Scope::User];
+    pub const ALL: [Scope; 3] = [Scope::Key, Scope::User, Scope::Address];
 
     pub fn label(self) -> &'static str {
         match self {
             Scope::Key => "key",
             Scope::User => "user",
+            Scope::Address => "address",
         }
     }
 
@@ -136,6 +139,7 @@ impl Scope {
         match self {
             Scope::Key => "this API key",
             Scope::User => "this API key's user (all of their keys together)",
+            Scope::Address => "failed authentications from this client address",
         }
     }
 }

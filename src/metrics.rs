@@ -356,7 +356,7 @@ fn describe() {
     );
     describe_counter!(
         "tollgate_rate_limited_total",
-        "Requests refused (429) by a rate limit of their key or its user, by scope and by what was counted."
+        "Requests refused (429) by a rate limit of their key or its user, or (scope address) by their client address's failed authentications, by scope and by what was counted."
     );
     describe_gauge!(
         "tollgate_rate_limit_redis_up",

@@ -5,7 +5,7 @@
 //! |------------------|------------------------------------------------------------|
 //! | (accept)         | [`conn`]: connection cap; header deadline and byte budget while it arrives |
 //! | `new_ctx`        | [`RequestCtx::new`]: request id, start time, in-flight guard |
-//! | `request_filter` | [`header`] (limits, bare line feeds, framing) → [`path`](crate::path) (normalise) → [`auth`](crate::auth) → path permission → [`route`](crate::route) → [`body`](crate::body) → model permission → [`request`](crate::request) (`include_usage`) → [`limits`] (rate limits; refusal = 429) → [`forward`](crate::forward) |
+//! | `request_filter` | [`header`] (limits, bare line feeds, framing) → [`path`](crate::path) (normalise) → [`auth`](crate::auth) under [`address_limits`](crate::address_limits) (failed authentications per client address; refusal = 429 before the lookup) → path permission → [`route`](crate::route) → [`body`](crate::body) → model permission → [`request`](crate::request) (`include_usage`) → [`limits`] (rate limits; refusal = 429) → [`forward`](crate::forward) |
 //! | `logging`        | [`conn::request_done`]; [`RequestCtx::finished`] → [`meter::record`] → [`limits::Admitted::settle`] → [`UsageSink::submit`]; metrics; one structured log line |
 //!
 //! `request_filter` always answers the request itself (it returns `true`), so pingora's own
@@ -20,6 +20,7 @@ use pingora::prelude::*;
 use pingora::protocols::http::ServerSession;
 
 use crate::accounts::OnDemand;
+use crate::address_limits::AddressLimiter;
 use crate::auth::{AuthError, KeyCache};
 use crate::body;
 use crate::conn;
@@ -70,6 +71,8 @@ pub struct Gateway {
     pub inject_stream_usage: bool,
     /// Rate limits of keys and users on this instance (`[limits]` and the database's).
     pub limiter: Limiter,
+    /// Failed authentications per client address (`[auth] failures_per_minute_per_address`).
+    pub address_limits: AddressLimiter,
 }
 
 #[async_trait]
@@ -202,11 +205,20 @@ impl Gateway {
         {
             ctx.path = Some(normal);
         }
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
         let key = self
-            .keys
-            .authenticate(&session.req_header().headers)
+            .address_limits
+            .authenticate(&self.keys, &session.req_header().headers, peer)
             .await
-            .map_err(|e| (e.into(), false))?;
+            .map_err(|e| {
+                if let GatewayError::RateLimited(r) = &e {
+                    self.metrics.rate_limited(r.scope, r.kind);
+                }
+                (e, false)
+            })?;
         ctx.key = Some(key.clone());
 
         let path = ctx.path(session.req_header().uri.path());

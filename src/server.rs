@@ -152,6 +152,10 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
             cfg.limits,
             shared_limits.as_ref().map(|(redis, _)| redis.clone()),
         ),
+        address_limits: crate::address_limits::AddressLimiter::new(
+            cfg.auth.failures_per_minute_per_address,
+            cfg.auth.address_table_capacity.get(),
+        ),
     };
     let reload = Arc::new(Reloader {
         path: config_path,

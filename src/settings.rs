@@ -89,6 +89,10 @@ pub struct Auth {
     pub max_stale: Duration,
     pub negative_ttl: Duration,
     pub cache_capacity: NonZeroU64,
+    /// Failed authentications per minute per client address (`address_limits.rs`); 0 = no limit.
+    pub failures_per_minute_per_address: u64,
+    /// Most client addresses tracked at once by that limit.
+    pub address_table_capacity: NonZeroU64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -381,6 +385,20 @@ impl Settings {
                 "auth",
                 "cache_capacity",
                 a.cache_capacity,
+                1,
+                100_000_000,
+            )?,
+            failures_per_minute_per_address: within(
+                "auth",
+                "failures_per_minute_per_address",
+                a.failures_per_minute_per_address,
+                0,
+                MAX_RATE,
+            )?,
+            address_table_capacity: nonzero_u64(
+                "auth",
+                "address_table_capacity",
+                a.address_table_capacity,
                 1,
                 100_000_000,
             )?,
@@ -827,6 +845,8 @@ mod tests {
             ("[database]\nmaster_key_file = \"\"\n", "config.toml:2: [database] master_key_file must not be empty (leave it out for the default)"),
             ("[auth]\ncache_ttl_secs = 0\n", "config.toml:2: [auth] cache_ttl_secs = 0 is out of range: it must be between 1 and 86400"),
             ("[auth]\ncache_ttl_secs = 60\nmax_stale_secs = 30\n", "config.toml:3: [auth] max_stale_secs = 30 must be at least cache_ttl_secs = 60"),
+            ("[auth]\nfailures_per_minute_per_address = 1000000001\n", "config.toml:2: [auth] failures_per_minute_per_address = 1000000001 is out of range: it must be between 0 and 1000000000"),
+            ("[auth]\naddress_table_capacity = 0\n", "config.toml:2: [auth] address_table_capacity = 0 is out of range: it must be between 1 and 100000000"),
             ("[writer]\nflush_timeout_ms = 0\n", "config.toml:2: [writer] flush_timeout_ms = 0 is out of range: it must be between 1 and 600000"),
             ("[writer]\nspool_segment_bytes = 0\n", "config.toml:2: [writer] spool_segment_bytes = 0 is out of range: it must be between 4096 and 1073741824"),
             ("[writer]\nbatch_size = 0\n", "config.toml:2: [writer] batch_size = 0 is out of range: it must be between 1 and 100000"),
