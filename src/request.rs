@@ -25,9 +25,18 @@ pub fn model(body: &[u8]) -> Option<String> {
 
 /// The most completion tokens a JSON request body asks for: its top-level `max_tokens` (OpenAI
 /// chat and Anthropic), `max_completion_tokens` (OpenAI chat) or `max_output_tokens` (OpenAI
-/// Responses), as a non-negative integer. Scanned like [`model`]; runs only for keys with a
-/// token limit.
+/// Responses), as a non-negative integer. Scanned like [`model`], up to the last member that can
+/// be one; runs only for keys with a token limit.
 pub fn max_tokens(body: &[u8]) -> Option<u64> {
+    // A key naming the completion is either spelled out (`"max_…`) or written with `\u` escapes.
+    // Without an escape, members that start after the last `"max_` cannot be one: the walk stops
+    // there (often before the messages), and a body without any is not walked at all.
+    let escaped = memchr::memmem::find(body, b"\\u").is_some();
+    let last = if escaped {
+        body.len()
+    } else {
+        memchr::memmem::rfind(body, b"\"max_")?
+    };
     // The members are walked in place (no list of them is built): this runs on the hot path.
     let mut i = skip_ws(body, 0);
     if body.get(i) != Some(&b'{') {
@@ -35,7 +44,7 @@ pub fn max_tokens(body: &[u8]) -> Option<u64> {
     }
     i = skip_ws(body, i + 1);
     let mut found = None;
-    while body.get(i) != Some(&b'}') {
+    while body.get(i) != Some(&b'}') && i <= last {
         let key_end = skip_string(body, i)?;
         let member = Member {
             key: (i, key_end),
@@ -47,10 +56,16 @@ pub fn max_tokens(body: &[u8]) -> Option<u64> {
         }
         i = skip_ws(body, i + 1);
         let value_end = skip_value(body, i)?;
-        if ["max_tokens", "max_completion_tokens", "max_output_tokens"]
-            .iter()
-            .any(|k| member.key_is(body, k))
-        {
+        let named = match &body[member.key.0..member.key.1] {
+            br#""max_tokens""# | br#""max_completion_tokens""# | br#""max_output_tokens""# => true,
+            _ => {
+                escaped
+                    && ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+                        .iter()
+                        .any(|k| member.key_is(body, k))
+            }
+        };
+        if named {
             // The last one wins, as a JSON parser would have it.
             found = std::str::from_utf8(&body[i..value_end])
                 .ok()
@@ -415,6 +430,43 @@ mod tests {
                 );
                 assert!(inject_include_usage(out.as_bytes()).is_none());
             }
+        }
+    }
+
+    #[test]
+    fn max_tokens_are_top_level_members() {
+        fn check(body: &str, expected: Option<u64>) {
+            assert_eq!(max_tokens(body.as_bytes()), expected, "{body}");
+        }
+        for (body, expected) in [
+            (r#"{"model":"m"}"#, None),
+            (
+                r#"{"max_tokens":64,"messages":[{"content":"max_tokens"}]}"#,
+                Some(64),
+            ),
+            (r#"{"messages":[{"max_tokens":5}],"max_tokens":7}"#, Some(7)),
+            (r#"{"messages":[{"max_tokens":5}]}"#, None),
+            (r#"{"max_tokens":1,"max_tokens":2}"#, Some(2)),
+            (r#"{"max_completion_tokens":50,"m":1}"#, Some(50)),
+            (r#"{ "max_output_tokens" : 7 }"#, Some(7)),
+            (r#"{"max_tokens":"x"}"#, None),
+            (r#"{"max_tokens":-1}"#, None),
+            (r#"{"m\u0061x_tokens":9,"x":"\u00e9"}"#, Some(9)),
+            (
+                r#"{"content":"say \"max_tokens\"","max_tokens":3}"#,
+                Some(3),
+            ),
+            (
+                r#"{"max_tokens":3,"content":"say \"max_tokens\""}"#,
+                Some(3),
+            ),
+            (r#"["max_tokens",1]"#, None),
+            (r#"{"max_tokens":4"#, None),
+            // Not a validator: what follows the last candidate is not read.
+            (r#"{"max_tokens":4,"messages":[{"#, Some(4)),
+            (r#"{"a":"#, None),
+        ] {
+            check(body, expected);
         }
     }
 }
