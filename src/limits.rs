@@ -89,6 +89,8 @@ pub struct Defaults {
 pub enum Scope {
     Key,
     User,
+    /// Every upstream account of the route at its limits (`account_limits.rs`).
+    Account,
 }
 
 /// What was counted: `Requests` covers per-minute and per-day.
@@ -100,12 +102,13 @@ pub enum Kind {
 }
 
 impl Scope {
-    pub const ALL: [Scope; 2] = [Scope::Key, Scope::User];
+    pub const ALL: [Scope; 3] = [Scope::Key, Scope::User, Scope::Account];
 
     pub fn label(self) -> &'static str {
         match self {
             Scope::Key => "key",
             Scope::User => "user",
+            Scope::Account => "account",
         }
     }
 
@@ -113,6 +116,7 @@ impl Scope {
         match self {
             Scope::Key => "this API key",
             Scope::User => "this API key's user (all of their keys together)",
+            Scope::Account => "every upstream account that serves this request",
         }
     }
 }
