@@ -422,7 +422,10 @@ mod tests {
     /// Steps of (time in ms, token estimate, expected: Ok(holds a slot) or Err((kind, retry ms))).
     /// Holds are kept (slots stay taken) unless the step's estimate is `u64::MAX`: then every
     /// hold so far is dropped first and the step takes nothing.
-    fn check(l: AccountLimits, steps: &[(u64, u64, Result<bool, (Kind, u64)>)]) {
+    /// (time in ms, token estimate, Ok(holds a slot) or Err((kind, retry in ms))).
+    type Step = (u64, u64, Result<bool, (Kind, u64)>);
+
+    fn check(l: AccountLimits, steps: &[Step]) {
         let state = Arc::new(State::default());
         let mut held = Vec::new();
         for (i, step) in steps.iter().enumerate() {
