@@ -15,6 +15,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use futures_util::FutureExt;
 use rust_decimal::Decimal;
 
+use tollgate::account_limits::AccountLimits;
 use tollgate::auth::{self, KeyCache};
 use tollgate::cost::{self, Price, PriceTable};
 use tollgate::keys::{self, KeyFormatError};
@@ -198,6 +199,10 @@ fn headers_for(key: &str) -> http::HeaderMap {
 // Upstream selection
 
 fn account(id: i64, priority: i32, weight: u32) -> Account {
+    limited_account(id, priority, weight, AccountLimits::default())
+}
+
+fn limited_account(id: i64, priority: i32, weight: u32, limits: AccountLimits) -> Account {
     let spec = AccountSpec {
         id,
         name: format!("acct-{id}"),
@@ -207,6 +212,7 @@ fn account(id: i64, priority: i32, weight: u32) -> Account {
         base_url: "https://api.openai.com/v1".into(),
         api_key: format!("sk-bench-{id}"),
         header: None,
+        limits,
     };
     let timeouts = PeerTimeouts {
         connect: Duration::from_secs(5),
@@ -262,6 +268,75 @@ fn upstream_selection(c: &mut Criterion) {
         b.iter(|| fallback.pick(black_box(AccountType::Openai), black_box(&[])))
     });
     g.finish();
+
+    // Selection with account limits (`account_limits.rs`): every account declares rpm, tpm and
+    // concurrency (limits far above the bench's rate), the unit taken and the hold dropped each
+    // time; then the first two tiers at their concurrency limit of 1 (held), so every pick is
+    // refused by 20 accounts before the third tier serves.
+    let big = AccountLimits {
+        rpm: 1_000_000_000,
+        tpm: 1_000_000_000,
+        max_concurrent: 1_000_000,
+    };
+    let limited = |max_concurrent: u64| {
+        let mut accounts = Vec::new();
+        for tier in 0..3 {
+            for i in 0..10 {
+                let id = i64::from(tier * 10 + i + 1);
+                let l = AccountLimits {
+                    max_concurrent: if tier < 2 {
+                        max_concurrent
+                    } else {
+                        big.max_concurrent
+                    },
+                    ..big
+                };
+                accounts.push(limited_account(id, tier, (i + 1) as u32, l));
+            }
+        }
+        AccountSet::new(
+            accounts,
+            Duration::from_secs(30),
+            Duration::from_secs(24 * 3600),
+            Instant::now(),
+        )
+    };
+    // One request's selection as the proxy does it: take (estimate 100 tokens), settle on 0
+    // used, drop the hold.
+    fn pick_and_settle(set: &AccountSet) -> bool {
+        let now = set.now_ns();
+        match set.take(black_box(AccountType::Openai), black_box(&[]), now, 100) {
+            Ok((_, hold)) => {
+                if let Some(mut h) = hold {
+                    h.settle(now, 0);
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+    let open = limited(big.max_concurrent);
+    let full = limited(1);
+    let held: Vec<_> = (0..20)
+        .map(|_| {
+            full.take(AccountType::Openai, &[], full.now_ns(), 100)
+                .expect("a free account")
+                .1
+        })
+        .collect();
+    assert!(held.iter().all(Option::is_some));
+    let (a, _) = full
+        .take(AccountType::Openai, &[], full.now_ns(), 100)
+        .expect("the third tier");
+    assert_eq!(a.priority, 2);
+    let mut g = c.benchmark_group("upstream_pick_limits_3x10");
+    g.bench_function("unlimited_first_tier", |b| b.iter(|| pick_and_settle(&set)));
+    g.bench_function("limited_first_tier", |b| b.iter(|| pick_and_settle(&open)));
+    g.bench_function("limited_fallback_past_20_full", |b| {
+        b.iter(|| pick_and_settle(&full))
+    });
+    g.finish();
+    drop(held);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -83,6 +83,7 @@ async fn seed(store: &Store) -> Fixture {
                 priority: 0,
                 weight: 1,
                 is_active: true,
+                limits: Default::default(),
             })
             .await
             .expect("account");

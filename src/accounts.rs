@@ -11,10 +11,11 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use tokio::sync::{watch, Notify};
 
+use crate::account_limits::AccountLimits;
 use crate::config::{expand_env, AccountConfig};
 use crate::secrets::{self, Keyring};
 use crate::settings;
-use crate::store::{NewAccount, Store};
+use crate::store::{AccountLimitColumns, NewAccount, Store};
 use crate::upstream::{
     forbidden_destination, is_own_listener, Account, AccountSet, AccountSpec, Endpoint,
     PeerTimeouts, StatsRegistry,
@@ -42,6 +43,12 @@ pub async fn upsert_from_config(
                 priority: a.priority,
                 weight: a.weight as i32,
                 is_active: a.is_active,
+                // Validated in settings.rs: within 0..=MAX_RATE / MAX_CONCURRENT.
+                limits: AccountLimitColumns {
+                    rpm: a.rpm.as_ref().map(|v| *v.get_ref() as i64),
+                    tpm: a.tpm.as_ref().map(|v| *v.get_ref() as i64),
+                    max_concurrent: a.max_concurrent.as_ref().map(|v| *v.get_ref() as i64),
+                },
             })
             .await
             .with_context(|| format!("saving account {:?} from the config", a.name.get_ref()))?;
@@ -124,6 +131,11 @@ impl AccountLoader {
                     .get("header")
                     .and_then(|v| v.as_str())
                     .map(str::to_string),
+                limits: AccountLimits::from_columns(
+                    row.limits.rpm,
+                    row.limits.tpm,
+                    row.limits.max_concurrent,
+                ),
             };
             match resolve(&spec)
                 .await

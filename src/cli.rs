@@ -10,7 +10,7 @@ use crate::config;
 use crate::keyring;
 use crate::ops;
 use crate::settings::{self, Settings};
-use crate::store::{GroupBy, LimitColumns, LimitPatch, Store};
+use crate::store::{AccountLimitColumns, GroupBy, LimitColumns, LimitPatch, Store};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -165,6 +165,20 @@ impl LimitArgs {
     }
 }
 
+/// An upstream account's declared provider limits: a count, 0 = none declared.
+#[derive(Args, Debug, Default)]
+pub struct AccountLimitArgs {
+    /// Requests per minute the provider allows this account (0 = none declared).
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    pub rpm: Option<i64>,
+    /// Tokens (input + output) per minute the provider allows (0 = none declared).
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    pub tpm: Option<i64>,
+    /// Requests in flight at once the provider allows (0 = none declared).
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    pub max_concurrent: Option<i64>,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum KeysCmd {
     /// Create a key; prints it once, alone on the last line of stdout. Only its SHA-256 is stored.
@@ -219,6 +233,21 @@ pub enum AccountsCmd {
         header: Option<String>,
         #[arg(long)]
         email: Option<String>,
+        /// The provider's limits on the account, so it is skipped at them instead of answering 429.
+        #[command(flatten)]
+        limits: AccountLimitArgs,
+    },
+    /// Change an account's declared limits, priority or weight; running gateways apply them
+    /// within a second.
+    Update {
+        /// The account's name or id.
+        account: String,
+        #[arg(long, allow_hyphen_values = true)]
+        priority: Option<i32>,
+        #[arg(long, allow_hyphen_values = true)]
+        weight: Option<i32>,
+        #[command(flatten)]
+        limits: AccountLimitArgs,
     },
     /// List upstream accounts.
     List(ListArgs),
@@ -410,6 +439,7 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
             weight,
             header,
             email,
+            limits,
         }) => {
             let input = ops::NewAccountInput {
                 name: name.clone(),
@@ -420,6 +450,9 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
                 weight,
                 header,
                 email,
+                rpm: limits.rpm,
+                tpm: limits.tpm,
+                max_concurrent: limits.max_concurrent,
             };
             // Bad input is refused before the keyring is opened (or its file created).
             ops::check_account(&input).map_err(flag)?;
@@ -430,11 +463,47 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
             eprintln!("created account {id} ({name})");
             println!("{id}");
         }
+        Command::Accounts(AccountsCmd::Update {
+            account,
+            priority,
+            weight,
+            limits,
+        }) => {
+            let update = ops::AccountUpdate {
+                priority,
+                weight,
+                rpm: limits.rpm.map(Some),
+                tpm: limits.tpm.map(Some),
+                max_concurrent: limits.max_concurrent.map(Some),
+                ..Default::default()
+            };
+            if priority.is_none()
+                && weight.is_none()
+                && limits.rpm.is_none()
+                && limits.tpm.is_none()
+                && limits.max_concurrent.is_none()
+            {
+                bail!("nothing to change: give --rpm, --tpm, --max-concurrent, --priority or --weight");
+            }
+            let accounts = ops::list_accounts(store).await?;
+            let id = match accounts.iter().find(|a| a.name == account) {
+                Some(a) => a.id,
+                None => match account.parse::<i64>() {
+                    Ok(id) => id,
+                    Err(_) => bail!("no account named {account:?}"),
+                },
+            };
+            let sealing = keyring::unlock(store, db).await?;
+            ops::update_account(store, &sealing, id, &update)
+                .await
+                .map_err(flag)?;
+            eprintln!("account {account} updated; running gateways apply it within a second");
+        }
         Command::Accounts(AccountsCmd::List(args)) => {
             let accounts = ops::list_accounts(store).await?;
             print_list(&args, &accounts, "no accounts", |a| {
                 format!(
-                    "{:>6}  {:<20} {:<9} {:<8} priority={} weight={} {} requests={} ok={} errors={}",
+                    "{:>6}  {:<20} {:<9} {:<8} priority={} weight={} {} requests={} ok={} errors={} limits={}",
                     a.id,
                     a.name,
                     a.kind.as_str(),
@@ -444,7 +513,8 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
                     a.base_url,
                     a.request_count,
                     a.success_count,
-                    a.error_count
+                    a.error_count,
+                    account_limits(&a.limits)
                 )
             })?;
         }
@@ -609,6 +679,23 @@ fn limits(l: &LimitColumns, unset: &str) -> String {
     .collect();
     if set.is_empty() {
         unset.to_string()
+    } else {
+        set.join(",")
+    }
+}
+
+/// An account's declared limits in a listing: `rpm:10,max_concurrent:2`, or `none`.
+fn account_limits(l: &AccountLimitColumns) -> String {
+    let set: Vec<String> = [
+        ("rpm", l.rpm),
+        ("tpm", l.tpm),
+        ("max_concurrent", l.max_concurrent),
+    ]
+    .iter()
+    .filter_map(|(name, v)| v.filter(|v| *v > 0).map(|v| format!("{name}:{v}")))
+    .collect();
+    if set.is_empty() {
+        "none".to_string()
     } else {
         set.join(",")
     }

@@ -387,6 +387,16 @@ pub struct AccountConfig {
     pub is_active: bool,
     #[serde(default)]
     pub email: Option<String>,
+    /// The provider's limits on this account, declared so it is skipped at them instead of
+    /// answering 429 (`account_limits.rs`); unset or 0 = none. Requests per minute.
+    #[serde(default)]
+    pub rpm: Option<Spanned<u64>>,
+    /// Tokens (input + output) per minute.
+    #[serde(default)]
+    pub tpm: Option<Spanned<u64>>,
+    /// Requests in flight at once.
+    #[serde(default)]
+    pub max_concurrent: Option<Spanned<u64>>,
 }
 
 fn one() -> i32 {

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
+use crate::account_limits;
 use crate::auth::KeyInfo;
 use crate::body::Held;
 use crate::lifecycle::InFlight;
@@ -60,6 +61,12 @@ pub struct RequestCtx {
     /// OpenAI's `x-ratelimit-*` headers for a limited key: set by the limits stage (admitted or
     /// refused); written into the client's response header by `forward` and by `error::respond`.
     pub rate_headers: Option<limits::Headers>,
+    /// What the request took from the limits of the account it is on (`account_limits.rs`):
+    /// set by `forward` when it picks an account that declares limits, dropped by `forward`
+    /// before it picks another on a retry (so at most one account's slot is held), its token
+    /// estimate settled by `logging`; its concurrency slot is given back when the context drops
+    /// after `logging`, however the request ended. `None`: the account declares no limits.
+    pub account_hold: Option<account_limits::Hold>,
     /// Counts this request as in flight until the context is dropped after `logging`.
     _in_flight: InFlight,
 }
@@ -94,6 +101,7 @@ impl RequestCtx {
             stripper: None,
             limits: None,
             rate_headers: None,
+            account_hold: None,
             _in_flight: in_flight,
         }
     }

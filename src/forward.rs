@@ -13,8 +13,10 @@ use http::{HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
 
+use crate::account_limits;
 use crate::ctx::RequestCtx;
 use crate::error::GatewayError;
+use crate::limits::{self, Refusal};
 use crate::pool::{hold_writes, UpstreamPool};
 use crate::tap::ResponseTap;
 use crate::upstream::{parse_retry_after, Account, AccountSet, AccountType, ErrorKind};
@@ -73,6 +75,8 @@ pub struct Forwarder {
     max_attempts: usize,
     read_timeout: Duration,
     anthropic_version: HeaderValue,
+    /// `[limits] default_max_tokens`: the completion assumed for an account's token estimate.
+    default_max_tokens: std::num::NonZeroU64,
 }
 
 /// Why one attempt did not produce the client's response.
@@ -97,6 +101,7 @@ impl Forwarder {
         anthropic_version: HeaderValue,
         json_cap: usize,
         abort_drain: AbortDrain,
+        default_max_tokens: std::num::NonZeroU64,
     ) -> Forwarder {
         Forwarder {
             pool,
@@ -105,6 +110,7 @@ impl Forwarder {
             max_attempts,
             read_timeout,
             anthropic_version,
+            default_max_tokens,
         }
     }
 
@@ -120,16 +126,38 @@ impl Forwarder {
             return Err(GatewayError::NoRoute);
         };
         let mut last_failure: Option<String> = None;
+        let mut saturated: Option<account_limits::Saturated> = None;
+        // The token estimate only when an account of this type declares a token limit.
+        let estimate = if accounts.wants_estimate(kind) {
+            limits::estimate_tokens(&ctx.body, self.default_max_tokens)
+        } else {
+            0
+        };
         ctx.upstream_started = Some(Instant::now());
         while ctx.tried.len() < self.max_attempts {
-            let Some(account) = accounts.pick(kind, &ctx.tried) else {
-                break;
+            // At most one account's slot at a time: the last attempt's goes back first (its
+            // token estimate refunded: a failed attempt used none).
+            if let Some(mut hold) = ctx.account_hold.take() {
+                hold.settle(accounts.now_ns(), 0);
+            }
+            let account = match accounts.take(kind, &ctx.tried, accounts.now_ns(), estimate) {
+                Ok((account, hold)) => {
+                    ctx.account_hold = hold;
+                    account
+                }
+                Err(s) => {
+                    saturated = s;
+                    break;
+                }
             };
             ctx.tried.push(account.id);
             account.stats.attempts.fetch_add(1, Ordering::Relaxed);
             let may_retry =
                 ctx.tried.len() < self.max_attempts && accounts.has_eligible(kind, &ctx.tried);
-            match self.attempt(session, ctx, &account, may_retry).await {
+            match self
+                .attempt(session, ctx, accounts, &account, may_retry)
+                .await
+            {
                 Ok(success) => {
                     if success {
                         account.stats.successes.fetch_add(1, Ordering::Relaxed);
@@ -163,6 +191,11 @@ impl Forwarder {
                 }
             }
         }
+        if let (None, Some(s)) = (&last_failure, saturated) {
+            // Never sent anywhere: every account is at its limits.
+            ctx.upstream_started = None;
+            return Err(GatewayError::RateLimited(refusal(s, estimate)));
+        }
         Err(match last_failure {
             None => GatewayError::NoAccount,
             Some(last) => GatewayError::UpstreamFailed {
@@ -178,6 +211,7 @@ impl Forwarder {
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
+        accounts: &AccountSet,
         account: &Account,
         may_retry: bool,
     ) -> Result<bool, AttemptFailure> {
@@ -226,6 +260,17 @@ impl Forwarder {
             return Err(retry("no response header".into(), ErrorKind::Connect, true));
         };
         let status = upstream.status.as_u16();
+        // What the provider says of its limits: none left marks the account out until its reset
+        // (a 429 too: the account is at its limit, not failing, so no cooldown).
+        accounts.report(
+            account,
+            account_limits::feedback(
+                &upstream.headers,
+                status,
+                chrono::Utc::now().timestamp_millis(),
+                accounts.default_cooldown(),
+            ),
+        );
         let failed = status >= 500 || status == 429;
         if failed && may_retry {
             let retry_after = parse_retry_after(upstream.headers.get(http::header::RETRY_AFTER));
@@ -233,7 +278,7 @@ impl Forwarder {
             return Err(AttemptFailure::Retry {
                 reason: format!("status {status}"),
                 kind: ErrorKind::Status,
-                cooldown: true,
+                cooldown: status != 429,
                 retry_after,
             });
         }
@@ -436,6 +481,28 @@ impl Forwarder {
             });
         }
         resp
+    }
+}
+
+/// The refusal answered when every account is at its limits: the one free soonest.
+fn refusal(s: account_limits::Saturated, estimate: u64) -> Refusal {
+    let (kind, per, requested) = match s.kind {
+        account_limits::Kind::Requests => (limits::Kind::Requests, "per minute (RPM)", 1),
+        account_limits::Kind::Tokens => (limits::Kind::Tokens, "per minute (TPM)", estimate),
+        account_limits::Kind::Concurrency => (limits::Kind::Concurrency, "", 1),
+    };
+    Refusal {
+        scope: limits::Scope::Account,
+        kind,
+        // The provider's own report: no declared limit to name.
+        per: if s.limit == 0 && !per.is_empty() {
+            "as reported by the provider"
+        } else {
+            per
+        },
+        limit: s.limit,
+        requested,
+        retry_after: s.retry_after,
     }
 }
 

@@ -182,7 +182,7 @@ impl Health {
 /// The per-account families, from the accounts loaded now (label: the account name).
 fn render_accounts(set: &AccountSet, out: &mut String) {
     type Value = fn(&AccountSet, &Account) -> u64;
-    const FAMILIES: [(&str, &str, &str, Value); 3] = [
+    const FAMILIES: [(&str, &str, &str, Value); 5] = [
         (
             "tollgate_upstream_attempts_total",
             "counter",
@@ -200,6 +200,18 @@ fn render_accounts(set: &AccountSet, out: &mut String) {
             "gauge",
             "1 while the account is cooling down after a failure.",
             |set, a| u64::from(set.in_cooldown(a)),
+        ),
+        (
+            "tollgate_upstream_saturated",
+            "gauge",
+            "1 while the account's provider said it has no requests or tokens left (until its reset; skipped, not failing).",
+            |set, a| u64::from(set.provider_out(a)),
+        ),
+        (
+            "tollgate_upstream_in_flight",
+            "gauge",
+            "Requests in flight on the account, counted where it declares max_concurrent (0 otherwise).",
+            |_, a| u64::from(a.stats.limits.in_flight()),
         ),
     ];
     let accounts: Vec<_> = set.accounts().collect();

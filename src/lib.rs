@@ -3,6 +3,7 @@
 #![deny(clippy::unwrap_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod account_limits;
 pub mod accounts;
 pub mod address_limits;
 pub mod admin;

@@ -114,6 +114,8 @@ pub enum Scope {
     User,
     /// A client address's failed authentications (`address_limits.rs`).
     Address,
+    /// Every upstream account of the route at its limits (`account_limits.rs`).
+    Account,
 }
 
 /// What was counted: `Requests` covers per-minute and per-day.
@@ -125,13 +127,14 @@ pub enum Kind {
 }
 
 impl Scope {
-    pub const ALL: [Scope; 3] = [Scope::Key, Scope::User, Scope::Address];
+    pub const ALL: [Scope; 4] = [Scope::Key, Scope::User, Scope::Address, Scope::Account];
 
     pub fn label(self) -> &'static str {
         match self {
             Scope::Key => "key",
             Scope::User => "user",
             Scope::Address => "address",
+            Scope::Account => "account",
         }
     }
 
@@ -140,6 +143,7 @@ impl Scope {
             Scope::Key => "this API key",
             Scope::User => "this API key's user (all of their keys together)",
             Scope::Address => "failed authentications from this client address",
+            Scope::Account => "every upstream account that serves this request",
         }
     }
 }

@@ -9,8 +9,8 @@ use crate::keys;
 use crate::limits::{MAX_CONCURRENT, MAX_RATE};
 use crate::secrets::{self, Keyring};
 use crate::store::{
-    AccountPatch, AccountRow, GroupBy, KeyListing, KeyPatch, LimitColumns, LimitPatch, NewAccount,
-    Store, StoreError, UsageTotals, UserRow,
+    AccountLimitColumns, AccountLimitPatch, AccountPatch, AccountRow, GroupBy, KeyListing,
+    KeyPatch, LimitColumns, LimitPatch, NewAccount, Store, StoreError, UsageTotals, UserRow,
 };
 use crate::upstream::{AccountType, Endpoint};
 
@@ -449,10 +449,34 @@ pub struct NewAccountInput {
     pub header: Option<String>,
     #[serde(default)]
     pub email: Option<String>,
+    /// Declared provider limits (`account_limits.rs`): absent, null or 0 = none.
+    #[serde(default, deserialize_with = "opt_count")]
+    pub rpm: Option<i64>,
+    #[serde(default, deserialize_with = "opt_count")]
+    pub tpm: Option<i64>,
+    #[serde(default, deserialize_with = "opt_count")]
+    pub max_concurrent: Option<i64>,
 }
 
 fn one() -> i32 {
     1
+}
+
+/// A present field: `null` (clear) or a count (set); absent (`None`) leaves it as it is.
+fn double_opt_count<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<i64>>, D::Error> {
+    opt_count(d).map(Some)
+}
+
+/// Every account limit set in `patch` is within bounds (as a key's: 0 up to the most allowed).
+fn check_account_limits(patch: &AccountLimitPatch) -> Result<(), OpsError> {
+    for (field, v) in patch.fields() {
+        if let Some(Some(v)) = v {
+            check_limit(field, v)?;
+        }
+    }
+    Ok(())
 }
 
 /// A JSON Schema `integer` within i32: `3` and `3.0` alike (openapi.json says `"type": "integer"`,
@@ -597,6 +621,11 @@ fn check_new_account(a: &NewAccountInput) -> Result<CheckedAccount<'_>, OpsError
     }
     let name = label("name", &a.name)?;
     let email = a.email.as_deref().map(|e| label("email", e)).transpose()?;
+    check_account_limits(&AccountLimitPatch {
+        rpm: Some(a.rpm),
+        tpm: Some(a.tpm),
+        max_concurrent: Some(a.max_concurrent),
+    })?;
     let creds = credentials(&a.api_key, a.header.as_deref())?;
     Ok((kind, name, email, creds))
 }
@@ -623,6 +652,11 @@ pub async fn add_account(
             priority: a.priority,
             weight: a.weight,
             is_active: true,
+            limits: AccountLimitColumns {
+                rpm: a.rpm,
+                tpm: a.tpm,
+                max_concurrent: a.max_concurrent,
+            },
         })
         .await?)
 }
@@ -642,6 +676,23 @@ pub struct AccountUpdate {
     pub base_url: Option<String>,
     pub api_key: Option<String>,
     pub header: Option<String>,
+    /// Declared provider limits: a count sets one (0 = none), null clears it, absent leaves it.
+    #[serde(default, deserialize_with = "double_opt_count")]
+    pub rpm: Option<Option<i64>>,
+    #[serde(default, deserialize_with = "double_opt_count")]
+    pub tpm: Option<Option<i64>>,
+    #[serde(default, deserialize_with = "double_opt_count")]
+    pub max_concurrent: Option<Option<i64>>,
+}
+
+impl AccountUpdate {
+    fn limits(&self) -> AccountLimitPatch {
+        AccountLimitPatch {
+            rpm: self.rpm,
+            tpm: self.tpm,
+            max_concurrent: self.max_concurrent,
+        }
+    }
 }
 
 pub async fn update_account(
@@ -656,6 +707,7 @@ pub async fn update_account(
     if let Some(url) = &u.base_url {
         check_base_url(url)?;
     }
+    check_account_limits(&u.limits())?;
     let creds = match &u.api_key {
         Some(k) => Some(seal(sealing, credentials(k, u.header.as_deref())?)?),
         None if u.header.is_some() => return Err(invalid("header", "give api_key with it")),
@@ -667,6 +719,7 @@ pub async fn update_account(
         is_active: u.is_active,
         credentials: creds,
         base_url: u.base_url.clone(),
+        limits: u.limits(),
     };
     Ok(store.update_account(id, &patch).await?)
 }
@@ -871,6 +924,52 @@ mod tests {
         ] {
             check(input, expected);
         }
+    }
+
+    #[test]
+    fn account_limits_in_bodies() {
+        fn check(json: &str, expected: Result<AccountLimitPatch, &str>) {
+            let got = serde_json::from_str::<AccountUpdate>(json)
+                .map_err(|e| e.to_string())
+                .and_then(|u| {
+                    check_account_limits(&u.limits())
+                        .map(|()| u.limits())
+                        .map_err(|e| e.to_string())
+                });
+            match (&got, expected) {
+                (Ok(g), Ok(e)) => assert_eq!(*g, e, "{json}"),
+                (Err(g), Err(e)) => assert!(g.contains(e), "{json}: {g}"),
+                _ => panic!("{json}: {got:?}"),
+            }
+        }
+        let patch = |rpm, tpm, max_concurrent| AccountLimitPatch {
+            rpm,
+            tpm,
+            max_concurrent,
+        };
+        check("{}", Ok(patch(None, None, None)));
+        check(
+            r#"{"rpm":10,"tpm":null,"max_concurrent":2.0}"#,
+            Ok(patch(Some(Some(10)), Some(None), Some(Some(2)))),
+        );
+        check(r#"{"rpm":0}"#, Ok(patch(Some(Some(0)), None, None)));
+        check(r#"{"rpm":-1}"#, Err("rpm: -1 is negative"));
+        check(
+            r#"{"max_concurrent":1000001}"#,
+            Err("max_concurrent: 1000001 is above the most allowed, 1000000"),
+        );
+        check(r#"{"tpm":1.5}"#, Err("expected an integer"));
+        check(r#"{"tpm":"5"}"#, Err("invalid type"));
+        let new: NewAccountInput = serde_json::from_str(
+            r#"{"name":"a","type":"openai","base_url":"http://a","api_key":"k","rpm":10}"#,
+        )
+        .unwrap();
+        assert_eq!((new.rpm, new.tpm), (Some(10), None));
+        assert!(check_account(&NewAccountInput {
+            tpm: Some(MAX_RATE as i64 + 1),
+            ..new
+        })
+        .is_err());
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! |------------------|------------------------------------------------------------|
 //! | (accept)         | [`conn`]: connection cap; header deadline and byte budget while it arrives |
 //! | `new_ctx`        | [`RequestCtx::new`]: request id, start time, in-flight guard |
-//! | `request_filter` | [`header`] (limits, bare line feeds, framing) → [`path`](crate::path) (normalise) → [`auth`](crate::auth) under [`address_limits`](crate::address_limits) (failed authentications per client address; refusal = 429 before the lookup) → path permission → [`route`](crate::route) → [`body`](crate::body) → model permission → [`request`](crate::request) (`include_usage`) → [`limits`] (rate limits; refusal = 429) → [`forward`](crate::forward) |
-//! | `logging`        | [`conn::request_done`]; [`RequestCtx::finished`] → [`meter::record`] → [`limits::Admitted::settle`] → [`UsageSink::submit`]; metrics; one structured log line |
+//! | `request_filter` | [`header`] (limits, bare line feeds, framing) → [`path`](crate::path) (normalise) → [`auth`](crate::auth) under [`address_limits`](crate::address_limits) (failed authentications per client address; refusal = 429 before the lookup) → path permission → [`route`](crate::route) → [`body`](crate::body) → model permission → [`request`](crate::request) (`include_usage`) → [`limits`] (rate limits; refusal = 429) → [`forward`](crate::forward) (account selection skips accounts at their limits, `account_limits`; all at them = 429) |
+//! | `logging`        | [`conn::request_done`]; [`RequestCtx::finished`] → [`meter::record`] → [`limits::Admitted::settle`] and [`account_limits::Hold::settle`](crate::account_limits::Hold::settle) → [`UsageSink::submit`]; metrics; one structured log line |
 //!
 //! `request_filter` always answers the request itself (it returns `true`), so pingora's own
 //! upstream phases never run; see `forward.rs` for why.
@@ -154,6 +154,15 @@ impl ProxyHttp for Gateway {
                     .saturating_add(record.completion_tokens);
                 held.settle(self.limiter.now_ns(), u64::try_from(used).unwrap_or(0));
             }
+            if let Some(hold) = ctx.account_hold.as_mut() {
+                let used = record
+                    .prompt_tokens
+                    .saturating_add(record.completion_tokens);
+                hold.settle(
+                    self.accounts.load().now_ns(),
+                    u64::try_from(used).unwrap_or(0),
+                );
+            }
             if record.tokens_used > 0 {
                 self.metrics.usage(kind, &record, priced.counter);
             }
@@ -293,6 +302,12 @@ impl Gateway {
         self.forwarder
             .forward(session, ctx, &accounts)
             .await
-            .map_err(|e| (e, false))
+            .map_err(|e| {
+                // Every account of the route at its limits (`account_limits.rs`).
+                if let GatewayError::RateLimited(r) = &e {
+                    self.metrics.rate_limited(r.scope, r.kind);
+                }
+                (e, false)
+            })
     }
 }

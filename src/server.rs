@@ -133,6 +133,7 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
                 time: cfg.metering.abort_drain,
                 bytes: cfg.metering.abort_drain_bytes.get(),
             },
+            cfg.limits.default_max_tokens,
         ),
         max_body_bytes: cfg.server.max_body_bytes.get(),
         body_budget: body_budget.clone(),

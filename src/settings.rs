@@ -759,6 +759,21 @@ fn check_accounts(accounts: &[AccountConfig]) -> Result<(), Invalid> {
         if let Err(e) = expand_env(a.api_key.get_ref()) {
             return Err(invalid(Place::Span(a.api_key.span()), e));
         }
+        for (key, value, max) in [
+            ("rpm", &a.rpm, MAX_RATE),
+            ("tpm", &a.tpm, MAX_RATE),
+            ("max_concurrent", &a.max_concurrent, MAX_CONCURRENT),
+        ] {
+            if let Some(v) = value.as_ref().filter(|v| *v.get_ref() > max) {
+                return Err(invalid(
+                    Place::Span(v.span()),
+                    format!(
+                        "account {name:?}: {key} = {} is out of range: it must be between 0 and {max}",
+                        v.get_ref()
+                    ),
+                ));
+            }
+        }
     }
     Ok(())
 }
@@ -877,6 +892,22 @@ mod tests {
             "[[upstream_accounts]]\nname = \"a\"\ntype = \"openai\"\nbase_url = \"http://x\"\napi_key = \"${TOLLGATE_SURELY_UNSET_VAR}\"\n",
             "config.toml:5: environment variable TOLLGATE_SURELY_UNSET_VAR is not set",
         );
+        let account = "[[upstream_accounts]]\nname = \"a\"\ntype = \"openai\"\nbase_url = \"http://x\"\napi_key = \"k\"\n";
+        check_err(
+            &format!("{account}rpm = 10\ntpm = 1000000001\n"),
+            "config.toml:7: account \"a\": tpm = 1000000001 is out of range: it must be between 0 and 1000000000",
+        );
+        check_err(
+            &format!("{account}max_concurrent = 1000001\n"),
+            "config.toml:6: account \"a\": max_concurrent = 1000001 is out of range: it must be between 0 and 1000000",
+        );
+        let e = parse(&format!("{account}rpm = -1\n")).unwrap_err();
+        assert!(e.starts_with("config.toml:6: "), "{e}");
+        let s = parse(&format!("{account}rpm = 10\nmax_concurrent = 0\n")).unwrap();
+        let a = &s.upstream_accounts[0];
+        assert_eq!(a.rpm.as_ref().map(|v| *v.get_ref()), Some(10));
+        assert_eq!(a.max_concurrent.as_ref().map(|v| *v.get_ref()), Some(0));
+        assert!(a.tpm.is_none());
     }
 
     #[test]

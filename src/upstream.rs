@@ -1,8 +1,10 @@
 //! Upstream accounts and which one serves a request: lowest `priority` first, then smooth
-//! weighted round-robin by `weight` inside a tier, skipping accounts in cooldown.
+//! weighted round-robin by `weight` inside a tier, skipping accounts in cooldown and accounts at
+//! their limits (`account_limits.rs`: the unit is taken as the account is picked).
 //!
-//! The selection core ([`swrr_pick`]) is pure; [`AccountSet`] wraps it with the shared state
-//! (round-robin weights under a short lock never held across an await, cooldowns in atomics).
+//! The selection core ([`swrr_pick`], [`swrr_take`]) is pure; [`AccountSet`] wraps it with the
+//! shared state (round-robin weights under a short lock never held across an await, cooldowns
+//! and limits in atomics).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,6 +16,8 @@ use std::time::{Duration, Instant};
 use http::HeaderValue;
 use pingora::upstreams::peer::HttpPeer;
 use serde::{Deserialize, Serialize};
+
+use crate::account_limits::{self, AccountLimits, Feedback, Hold, Saturated};
 
 /// What API an account speaks; decides how its credential is injected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -219,6 +223,8 @@ pub struct AccountStats {
     pub attempts: AtomicU64,
     pub successes: AtomicU64,
     errors: [AtomicU64; 4],
+    /// The account's limit state (declared limits and what its provider reported).
+    pub limits: Arc<account_limits::State>,
 }
 
 impl AccountStats {
@@ -250,6 +256,8 @@ pub struct Account {
     /// Header carrying the credential and its value (sensitive: never logged).
     pub auth_header: http::HeaderName,
     pub auth_value: HeaderValue,
+    /// Declared provider limits (0 = none); their state is in `stats.limits`.
+    pub limits: AccountLimits,
     pub stats: Arc<AccountStats>,
 }
 
@@ -265,6 +273,8 @@ pub struct AccountSpec {
     pub api_key: String,
     /// Generic accounts: header carrying the key (default `authorization`, as a bearer token).
     pub header: Option<String>,
+    /// Declared provider limits (0 = none).
+    pub limits: AccountLimits,
 }
 
 /// Timeouts applied to every upstream connection.
@@ -332,6 +342,7 @@ impl Account {
             peer,
             auth_header,
             auth_value,
+            limits: spec.limits,
             stats,
         })
     }
@@ -350,6 +361,9 @@ struct Tier {
 #[derive(Debug)]
 pub struct AccountSet {
     by_type: [Vec<Tier>; 3],
+    /// Per type: whether an account declares a token limit (only then is a request's token
+    /// estimate computed).
+    tpm_declared: [bool; 3],
     epoch: Instant,
     default_cooldown: Duration,
     max_cooldown: Duration,
@@ -364,7 +378,9 @@ impl AccountSet {
     ) -> AccountSet {
         accounts.sort_by_key(|a| (a.kind.index(), a.priority, a.id));
         let mut by_type: [Vec<Tier>; 3] = Default::default();
+        let mut tpm_declared = [false; 3];
         for a in accounts {
+            tpm_declared[a.kind.index()] |= a.limits.tpm > 0;
             let tiers = &mut by_type[a.kind.index()];
             let same_tier = tiers
                 .last()
@@ -386,6 +402,7 @@ impl AccountSet {
         }
         AccountSet {
             by_type,
+            tpm_declared,
             epoch,
             default_cooldown,
             max_cooldown,
@@ -420,35 +437,108 @@ impl AccountSet {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// The next account for `kind`: the first tier with an eligible account (not in cooldown,
-    /// not already `tried` by this request), then smooth weighted round-robin within it.
+    /// The clock account limits run on: nanoseconds since the loader's epoch (the same for every
+    /// set it builds, so limit state carries over reloads).
+    pub fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether a request for `kind` needs its token estimate (an account declares a tpm).
+    pub fn wants_estimate(&self, kind: AccountType) -> bool {
+        self.tpm_declared[kind.index()]
+    }
+
+    /// The next account for `kind` (see [`AccountSet::take`]), its hold dropped at once.
     pub fn pick(&self, kind: AccountType, tried: &[i64]) -> Option<Arc<Account>> {
-        let now = self.now_ms();
+        self.take(kind, tried, self.now_ns(), 0)
+            .ok()
+            .map(|(a, _)| a)
+    }
+
+    /// The next account for `kind` at `now_ns` ([`AccountSet::now_ns`]), with what it took from
+    /// the account's limits: the first tier with an eligible account (not in cooldown, not
+    /// already `tried` by this request, and not at a limit — the unit is taken in the same step
+    /// that decides), then smooth weighted round-robin within it. `estimate`: the request's
+    /// tokens, for accounts that declare a tpm.
+    ///
+    /// `Err(Some(s))`: every account not yet tried was skipped for its limits (none for a
+    /// cooldown); `s` is the one free soonest. `Err(None)`: no account, for any other reason.
+    pub fn take(
+        &self,
+        kind: AccountType,
+        tried: &[i64],
+        now_ns: u64,
+        estimate: u64,
+    ) -> Result<(Arc<Account>, Option<Hold>), Option<Saturated>> {
+        let now_ms = now_ns / 1_000_000;
+        let mut saturated: Option<Saturated> = None;
+        let mut cooling = false;
         for tier in &self.by_type[kind.index()] {
             let eligible = |i: usize| {
                 let a = &tier.accounts[i];
-                a.stats.cooldown_until_ms.load(Ordering::Relaxed) <= now && !tried.contains(&a.id)
+                a.stats.cooldown_until_ms.load(Ordering::Relaxed) <= now_ms
+                    && !tried.contains(&a.id)
+            };
+            let take = |i: usize| {
+                let a = &tier.accounts[i];
+                match a.stats.limits.try_take(&a.limits, now_ns, || estimate) {
+                    Ok(hold) => Some(hold),
+                    Err(s) => {
+                        saturated = Some(Saturated::earliest(saturated, s));
+                        None
+                    }
+                }
             };
             let picked = match tier.current.lock() {
-                Ok(mut current) => swrr_pick(&mut current, &tier.weights, eligible),
-                Err(_) => (0..tier.accounts.len()).find(|&i| eligible(i)),
+                Ok(mut current) => swrr_take(&mut current, &tier.weights, eligible, take),
+                Err(_) => {
+                    let mut take = take;
+                    (0..tier.accounts.len())
+                        .filter(|&i| eligible(i))
+                        .find_map(|i| take(i).map(|h| (i, h)))
+                }
             };
-            if let Some(i) = picked {
-                return Some(tier.accounts[i].clone());
+            if let Some((i, hold)) = picked {
+                return Ok((tier.accounts[i].clone(), hold));
             }
+            cooling = cooling
+                || tier.accounts.iter().any(|a| {
+                    a.stats.cooldown_until_ms.load(Ordering::Relaxed) > now_ms
+                        && !tried.contains(&a.id)
+                });
         }
-        None
+        Err(if cooling { None } else { saturated })
     }
 
-    /// Whether `pick` would find an account (without advancing the round-robin).
+    /// Whether `take` may find an account (without advancing the round-robin or taking
+    /// anything; rate limits are known only by taking, so an account at one counts as eligible).
     pub fn has_eligible(&self, kind: AccountType, tried: &[i64]) -> bool {
-        let now = self.now_ms();
+        let now_ns = self.now_ns();
+        let now = now_ns / 1_000_000;
         self.by_type[kind.index()]
             .iter()
             .flat_map(|t| t.accounts.iter())
             .any(|a| {
-                a.stats.cooldown_until_ms.load(Ordering::Relaxed) <= now && !tried.contains(&a.id)
+                a.stats.cooldown_until_ms.load(Ordering::Relaxed) <= now
+                    && !tried.contains(&a.id)
+                    && a.stats.limits.may_take(&a.limits, now_ns)
             })
+    }
+
+    /// What a response said about the account's limits (`account_limits::feedback`): skip it
+    /// until the provider's reset, at most the configured maximum cooldown. Not an error.
+    pub fn report(&self, account: &Account, fb: Feedback) {
+        if !fb.is_empty() {
+            account
+                .stats
+                .limits
+                .report(self.now_ns(), fb, self.max_cooldown);
+        }
+    }
+
+    /// The configured cooldown, also what a 429 that says nothing else marks an account out for.
+    pub fn default_cooldown(&self) -> Duration {
+        self.default_cooldown
     }
 
     /// Skips `account` until `retry_after` (bounded by the configured maximum) or the default cooldown.
@@ -461,6 +551,11 @@ impl AccountSet {
             .stats
             .cooldown_until_ms
             .fetch_max(until, Ordering::Relaxed);
+    }
+
+    /// Whether the account's provider said it is out of requests or tokens for now.
+    pub fn provider_out(&self, account: &Account) -> bool {
+        account.stats.limits.provider_out(self.now_ns())
     }
 
     pub fn in_cooldown(&self, account: &Account) -> bool {
@@ -492,6 +587,52 @@ pub fn swrr_pick(
         current[b] -= total;
     }
     best
+}
+
+/// [`swrr_pick`] where the winner must also be taken (`take`: the account's limits, `None` =
+/// at a limit): candidates are tried in the order plain SWRR would pick them; those refused are
+/// treated as ineligible for this pick. With every `take` succeeding it is exactly
+/// [`swrr_pick`]. No allocation; a refused candidate costs one more scan.
+pub fn swrr_take<T>(
+    current: &mut [i64],
+    weights: &[i64],
+    eligible: impl Fn(usize) -> bool,
+    mut take: impl FnMut(usize) -> Option<T>,
+) -> Option<(usize, T)> {
+    // Candidates in order of (current + weight) descending, ties to the lower index; `bound` is
+    // the last refused one.
+    let mut bound: Option<(i64, usize)> = None;
+    loop {
+        let mut best: Option<(i64, usize)> = None;
+        for i in 0..weights.len() {
+            if !eligible(i) {
+                continue;
+            }
+            let score = current[i] + weights[i];
+            let after_bound = bound.is_none_or(|(bs, bi)| score < bs || (score == bs && i > bi));
+            if after_bound && best.is_none_or(|(s, _)| score > s) {
+                best = Some((score, i));
+            }
+        }
+        let (score_b, b) = best?;
+        if let Some(t) = take(b) {
+            let mut total = 0;
+            for i in 0..weights.len() {
+                if !eligible(i) {
+                    continue;
+                }
+                let score = current[i] + weights[i];
+                let refused = score > score_b || (score == score_b && i < b);
+                if !refused {
+                    current[i] += weights[i];
+                    total += weights[i];
+                }
+            }
+            current[b] -= total;
+            return Some((b, t));
+        }
+        bound = Some((score_b, b));
+    }
 }
 
 /// Keeps each account's stats (cooldown, counters) across reloads, keyed by account id.
@@ -555,6 +696,110 @@ mod tests {
         assert_eq!(swrr_pick(&mut current, &[5, 1, 1], |_| false), None);
     }
 
+    #[test]
+    fn swrr_take_is_swrr_when_everything_is_taken() {
+        let (mut a, mut b) = (vec![0; 3], vec![0; 3]);
+        for _ in 0..700 {
+            let plain = swrr_pick(&mut a, &[5, 1, 1], |_| true);
+            let taken = swrr_take(&mut b, &[5, 1, 1], |_| true, Some).map(|(i, _)| i);
+            assert_eq!(plain, taken);
+            assert_eq!(a, b);
+        }
+    }
+
+    #[test]
+    fn swrr_take_skips_refusals() {
+        // Index 0 (the heaviest) always refuses: the others share the picks by weight.
+        let mut current = vec![0; 3];
+        let mut counts = [0; 3];
+        let mut asked = [0; 3];
+        for _ in 0..300 {
+            let (i, ()) = swrr_take(
+                &mut current,
+                &[5, 2, 1],
+                |_| true,
+                |i| {
+                    asked[i] += 1;
+                    (i != 0).then_some(())
+                },
+            )
+            .unwrap();
+            counts[i] += 1;
+        }
+        assert_eq!(counts, [0, 200, 100]);
+        assert_eq!(asked[0], 300, "the refusing one is asked each time");
+        // Nothing takes: none, after asking each eligible once.
+        let mut asked = 0;
+        assert!(swrr_take(
+            &mut current,
+            &[1, 1, 1],
+            |i| i != 1,
+            |_| {
+                asked += 1;
+                None::<()>
+            }
+        )
+        .is_none());
+        assert_eq!(asked, 2);
+    }
+
+    #[test]
+    fn limits_move_requests_to_the_next_account_then_refuse() {
+        let rpm = |n| AccountLimits {
+            rpm: n,
+            ..AccountLimits::default()
+        };
+        let set = AccountSet::new(
+            vec![limited(1, 1, 1, rpm(2)), limited(2, 2, 1, rpm(1))],
+            Duration::from_secs(30),
+            Duration::from_secs(60),
+            Instant::now(),
+        );
+        let now = 5_000_000_000;
+        let ids: Vec<i64> = (0..3)
+            .map(|_| set.take(AccountType::Openai, &[], now, 0).unwrap().0.id)
+            .collect();
+        assert_eq!(ids, [1, 1, 2]);
+        // Both at their limit: the earliest wait is answered (account 1: 30 s; account 2: 60 s).
+        let s = set
+            .take(AccountType::Openai, &[], now, 0)
+            .unwrap_err()
+            .unwrap();
+        assert_eq!(s.kind, account_limits::Kind::Requests);
+        assert_eq!(s.retry_after, Duration::from_secs(30));
+        assert!(!set.has_eligible(AccountType::Anthropic, &[]));
+        // A cooldown among the reasons: not a rate limit.
+        let a2 = set.accounts().find(|a| a.id == 2).unwrap().clone();
+        set.cool_down(&a2, Some(Duration::from_secs(60)));
+        assert_eq!(
+            set.take(AccountType::Openai, &[], now, 0).unwrap_err(),
+            None
+        );
+    }
+
+    #[test]
+    fn a_concurrency_slot_moves_with_its_hold() {
+        let one = AccountLimits {
+            max_concurrent: 1,
+            ..AccountLimits::default()
+        };
+        let set = AccountSet::new(
+            vec![limited(1, 1, 1, one), limited(2, 1, 1, one)],
+            Duration::from_secs(30),
+            Duration::from_secs(60),
+            Instant::now(),
+        );
+        let (a, h1) = set.take(AccountType::Openai, &[], 0, 0).unwrap();
+        let (b, h2) = set.take(AccountType::Openai, &[], 0, 0).unwrap();
+        assert_ne!(a.id, b.id);
+        assert!(set.take(AccountType::Openai, &[], 0, 0).is_err());
+        assert!(!set.has_eligible(AccountType::Openai, &[]));
+        drop(h1);
+        assert_eq!(set.take(AccountType::Openai, &[], 0, 0).unwrap().0.id, a.id);
+        drop(h2);
+        assert_eq!(b.stats.limits.in_flight(), 0);
+    }
+
     fn check_endpoint(url: &str, expected: Result<(bool, &str, u16, &str), &str>) {
         let got = Endpoint::parse(url);
         match expected {
@@ -605,6 +850,10 @@ mod tests {
     }
 
     fn account(id: i64, priority: i32, weight: u32) -> Account {
+        limited(id, priority, weight, AccountLimits::default())
+    }
+
+    fn limited(id: i64, priority: i32, weight: u32, limits: AccountLimits) -> Account {
         let spec = AccountSpec {
             id,
             name: format!("a{id}"),
@@ -614,6 +863,7 @@ mod tests {
             base_url: "http://127.0.0.1:1".into(),
             api_key: "k".into(),
             header: None,
+            limits,
         };
         let t = PeerTimeouts {
             connect: Duration::from_secs(1),

@@ -118,6 +118,18 @@ fn limit_sets(first: usize) -> String {
         .collect()
 }
 
+/// `SET` clauses for an [`AccountLimitPatch`] bound from `$first`, as [`limit_sets`] does.
+fn account_limit_sets(first: usize) -> String {
+    ["rpm", "tpm", "max_concurrent"]
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let n = first + 2 * i;
+            format!("{c} = CASE WHEN ${n} THEN ${} ELSE {c} END, ", n + 1)
+        })
+        .collect()
+}
+
 /// A key as the proxy needs it: joined with its user's state.
 #[derive(Debug, Clone)]
 pub struct KeyRow {
@@ -176,6 +188,40 @@ pub struct AccountRow {
     pub request_count: i64,
     pub success_count: i64,
     pub error_count: i64,
+    /// The provider limits declared for the account (`None` or 0 = none).
+    #[serde(flatten)]
+    pub limits: AccountLimitColumns,
+}
+
+/// An account's declared provider limits as stored (migration 0007): `None` or 0 = none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct AccountLimitColumns {
+    pub rpm: Option<i64>,
+    pub tpm: Option<i64>,
+    pub max_concurrent: Option<i64>,
+}
+
+/// Changes to an account's limits: `None` leaves one as it is, `Some(None)` clears it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AccountLimitPatch {
+    pub rpm: Option<Option<i64>>,
+    pub tpm: Option<Option<i64>>,
+    pub max_concurrent: Option<Option<i64>>,
+}
+
+impl AccountLimitPatch {
+    /// The fields in column order.
+    pub fn fields(&self) -> [(&'static str, Option<Option<i64>>); 3] {
+        [
+            ("rpm", self.rpm),
+            ("tpm", self.tpm),
+            ("max_concurrent", self.max_concurrent),
+        ]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fields().iter().all(|(_, v)| v.is_none())
+    }
 }
 
 /// NOTIFY channel: payload is a changed key's hash.
@@ -213,6 +259,7 @@ pub struct AccountPatch {
     pub is_active: Option<bool>,
     pub credentials: Option<serde_json::Value>,
     pub base_url: Option<String>,
+    pub limits: AccountLimitPatch,
 }
 
 fn double_option<'de, D: serde::Deserializer<'de>, T: serde::Deserialize<'de>>(
@@ -230,6 +277,7 @@ pub struct NewAccount<'a> {
     pub priority: i32,
     pub weight: i32,
     pub is_active: bool,
+    pub limits: AccountLimitColumns,
 }
 
 impl Store {
@@ -413,11 +461,13 @@ impl Store {
     // ---- upstream accounts ----
 
     pub async fn create_account(&self, a: &NewAccount<'_>) -> Result<i64, StoreError> {
-        let sql = "INSERT INTO upstream_accounts (name, type, email, base_url, credentials, priority, weight, is_active) \
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id";
+        let sql = "INSERT INTO upstream_accounts (name, type, email, base_url, credentials, priority, weight, is_active, rpm, tpm, max_concurrent) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id";
+        let l = a.limits;
         let id: i64 = dispatch!(self, p => sqlx::query_scalar(sql)
             .bind(a.name).bind(a.kind.as_str()).bind(a.email).bind(a.base_url)
             .bind(Json(&a.credentials)).bind(a.priority).bind(a.weight).bind(a.is_active)
+            .bind(l.rpm).bind(l.tpm).bind(l.max_concurrent)
             .fetch_one(p).await)
         .map_err(|e| StoreError::from_insert(e, &format!("account {}", a.name)))?;
         self.notify(ACCOUNTS_CHANNEL, &id.to_string()).await;
@@ -426,16 +476,19 @@ impl Store {
 
     /// Inserts or updates (matched by name) an account declared in `config.toml`.
     pub async fn upsert_account(&self, a: &NewAccount<'_>) -> Result<i64, StoreError> {
-        let sql = "INSERT INTO upstream_accounts (name, type, email, base_url, credentials, priority, weight, is_active) \
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+        let sql = "INSERT INTO upstream_accounts (name, type, email, base_url, credentials, priority, weight, is_active, rpm, tpm, max_concurrent) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $10, $11, $12) \
                    ON CONFLICT (name) DO UPDATE SET type = excluded.type, email = excluded.email, \
                      base_url = excluded.base_url, credentials = excluded.credentials, \
                      priority = excluded.priority, weight = excluded.weight, is_active = excluded.is_active, \
+                     rpm = excluded.rpm, tpm = excluded.tpm, max_concurrent = excluded.max_concurrent, \
                      updated_at = $9 \
                    RETURNING id";
+        let l = a.limits;
         let id = dispatch!(self, p => sqlx::query_scalar(sql)
             .bind(a.name).bind(a.kind.as_str()).bind(a.email).bind(a.base_url)
             .bind(Json(&a.credentials)).bind(a.priority).bind(a.weight).bind(a.is_active).bind(Utc::now())
+            .bind(l.rpm).bind(l.tpm).bind(l.max_concurrent)
             .fetch_one(p).await)?;
         Ok(id)
     }
@@ -443,7 +496,7 @@ impl Store {
     pub async fn list_accounts(&self) -> Result<Vec<AccountRow>, StoreError> {
         let sql =
             "SELECT id, name, type, email, base_url, credentials, is_active, priority, weight, \
-                          request_count, success_count, error_count \
+                          request_count, success_count, error_count, rpm, tpm, max_concurrent \
                    FROM upstream_accounts WHERE deleted_at IS NULL ORDER BY priority, id";
         let rows = dispatch!(self, p => sqlx::query(sql).fetch_all(p).await.and_then(|rows| rows.iter().map(|r| {
             let kind: String = r.try_get("type")?;
@@ -460,6 +513,11 @@ impl Store {
                 request_count: r.try_get("request_count")?,
                 success_count: r.try_get("success_count")?,
                 error_count: r.try_get("error_count")?,
+                limits: AccountLimitColumns {
+                    rpm: r.try_get("rpm")?,
+                    tpm: r.try_get("tpm")?,
+                    max_concurrent: r.try_get("max_concurrent")?,
+                },
             })
         }).collect::<Result<Vec<_>, sqlx::Error>>()))?;
         Ok(rows)
@@ -517,12 +575,17 @@ impl Store {
         let sql = format!(
             "UPDATE upstream_accounts SET priority = COALESCE($1, priority), weight = COALESCE($2, weight), \
              is_active = COALESCE($3, is_active), credentials = COALESCE($4, credentials), \
-             base_url = COALESCE($5, base_url), updated_at = {} WHERE id = $6 AND deleted_at IS NULL",
+             base_url = COALESCE($5, base_url), {}updated_at = {} WHERE id = $6 AND deleted_at IS NULL",
+            account_limit_sets(7),
             self.now_sql()
         );
+        let [rpm, tpm, max_concurrent] = patch.limits.fields();
         let done = dispatch!(self, p => sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(patch.priority).bind(patch.weight).bind(patch.is_active)
             .bind(patch.credentials.as_ref().map(Json)).bind(patch.base_url.as_deref()).bind(id)
+            .bind(rpm.1.is_some()).bind(rpm.1.flatten())
+            .bind(tpm.1.is_some()).bind(tpm.1.flatten())
+            .bind(max_concurrent.1.is_some()).bind(max_concurrent.1.flatten())
             .execute(p).await.map(|r| r.rows_affected()))?;
         if done == 0 {
             return Err(StoreError::NotFound(format!("account {id}")));
