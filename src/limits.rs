@@ -186,6 +186,13 @@ impl fmt::Display for Refusal {
         let on = self.scope.phrase();
         let wait = format_reset(self.retry_after);
         match self.kind {
+            // No limit of tollgate's refused: the upstream said it has none left.
+            Kind::Requests | Kind::Tokens if self.limit == 0 => write!(
+                f,
+                "Rate limit reached for {} on {on}, {}. Please try again in {wait}.",
+                self.kind.label(),
+                self.per
+            ),
             Kind::Concurrency => write!(
                 f,
                 "Too many concurrent requests on {on}: limit {}. Please try again in {wait}.",
@@ -1301,6 +1308,18 @@ mod tests {
             retry_after: Duration::from_millis(1500),
         };
         assert_eq!(r.retry_after_secs(), 2);
+        let provider = Refusal {
+            scope: Scope::Account,
+            kind: Kind::Tokens,
+            per: "as reported by the provider",
+            limit: 0,
+            requested: 100,
+            retry_after: Duration::from_secs(30),
+        };
+        assert_eq!(
+            provider.to_string(),
+            "Rate limit reached for tokens on every upstream account that serves this request, as reported by the provider. Please try again in 30s."
+        );
         assert_eq!(
             r.to_string(),
             "Rate limit reached for requests per minute (RPM) on this API key: limit 60. Please try again in 1.5s."
