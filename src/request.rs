@@ -3,7 +3,9 @@
 //! byte-preserving splice (every other byte of the client's body reaches the upstream as sent).
 
 use std::borrow::Cow;
+use std::sync::LazyLock;
 
+use memchr::memmem;
 use serde::Deserialize;
 
 use crate::usage::{first_non_ws, lenient_bool, lenient_obj};
@@ -31,11 +33,16 @@ pub fn max_tokens(body: &[u8]) -> Option<u64> {
     // A key naming the completion is either spelled out (`"max_…`) or written with `\u` escapes.
     // Without an escape, members that start after the last `"max_` cannot be one: the walk stops
     // there (often before the messages), and a body without any is not walked at all.
-    let escaped = memchr::memmem::find(body, b"\\u").is_some();
+    // The searchers are built once: building one costs more than searching a short body.
+    static ESCAPE: LazyLock<memmem::Finder<'static>> =
+        LazyLock::new(|| memmem::Finder::new(b"\\u"));
+    static CANDIDATE: LazyLock<memmem::FinderRev<'static>> =
+        LazyLock::new(|| memmem::FinderRev::new(b"\"max_"));
+    let escaped = ESCAPE.find(body).is_some();
     let last = if escaped {
         body.len()
     } else {
-        memchr::memmem::rfind(body, b"\"max_")?
+        CANDIDATE.rfind(body)?
     };
     // The members are walked in place (no list of them is built): this runs on the hot path.
     let mut i = skip_ws(body, 0);
