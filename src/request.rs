@@ -36,13 +36,14 @@ pub fn max_tokens(body: &[u8]) -> Option<u64> {
     // The searchers are built once: building one costs more than searching a short body.
     static ESCAPE: LazyLock<memmem::Finder<'static>> =
         LazyLock::new(|| memmem::Finder::new(b"\\u"));
-    static CANDIDATE: LazyLock<memmem::FinderRev<'static>> =
-        LazyLock::new(|| memmem::FinderRev::new(b"\"max_"));
+    // (A forward search, vectorised; memchr's reverse search is not.)
+    static CANDIDATE: LazyLock<memmem::Finder<'static>> =
+        LazyLock::new(|| memmem::Finder::new(b"\"max_"));
     let escaped = ESCAPE.find(body).is_some();
     let last = if escaped {
         body.len()
     } else {
-        CANDIDATE.rfind(body)?
+        CANDIDATE.find_iter(body).last()?
     };
     // The members are walked in place (no list of them is built): this runs on the hot path.
     let mut i = skip_ws(body, 0);
