@@ -33,13 +33,11 @@ pub fn max_tokens(body: &[u8]) -> Option<u64> {
     // A key naming the completion is either spelled out (`"max_…`) or written with `\u` escapes.
     // Without an escape, members that start after the last `"max_` cannot be one: the walk stops
     // there (often before the messages), and a body without any is not walked at all.
-    // The searchers are built once: building one costs more than searching a short body.
-    static ESCAPE: LazyLock<memmem::Finder<'static>> =
-        LazyLock::new(|| memmem::Finder::new(b"\\u"));
-    // (A forward search, vectorised; memchr's reverse search is not.)
+    // The searcher is built once (building one costs more than searching a short body); a forward
+    // one, vectorised (memchr's reverse search is not).
     static CANDIDATE: LazyLock<memmem::Finder<'static>> =
         LazyLock::new(|| memmem::Finder::new(b"\"max_"));
-    let escaped = ESCAPE.find(body).is_some();
+    let escaped = memchr::memchr_iter(b'\\', body).any(|i| body.get(i + 1) == Some(&b'u'));
     let last = if escaped {
         body.len()
     } else {
