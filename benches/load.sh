@@ -21,6 +21,7 @@
 #   LOAD_THREADS=2        pingora worker threads of tollgate and bare_proxy ([server] threads)
 #   LOAD_LATENCY=1        run the half-load latency phase (0 = skip)
 #   LOAD_LAT_DELAY_MS=4   pause per connection between requests in that phase
+#   LOAD_LATENCY_STAGES=1 also run that phase with each LOAD_FEATURES stage on (p50/p99 it adds)
 #   LOAD_LOGS=on          (off in syscalls, callgrind, soak) on: tollgate logs at its default level (info, a line per request) and
 #                         nginx writes its access log, as both ship; off: RUST_LOG=warn, no log
 #   LOAD_CONFIGS="direct nginx bare hyper tollgate-sqlite tollgate-pg"   which configurations run
@@ -849,7 +850,8 @@ if [ "$MODE" = rps ] || [ "$MODE" = all ]; then
     LAT_CONNS=$($REPORT calibrate "$T/calibrate.wrk" "$RATE" "$LAT_CONNS")
     log "latency at half load: about $RATE req/s offered (wrk -c$LAT_CONNS, ${LAT_DELAY_MS} ms pause per connection)"
     for c in "${ACTIVE[@]}"; do
-      [[ $c != *+* ]] || continue # the stages are compared at full load only
+      # the stages are compared at full load only, unless LOAD_LATENCY_STAGES=1
+      [[ $c != *+* || ${LOAD_LATENCY_STAGES:-0} = 1 ]] || continue
       run_one lat "$c" 1 "$LAT_CONNS" "$T/$c.lat.lua" target="$RATE" delay_ms="$LAT_DELAY_MS"
     done
   fi

@@ -287,7 +287,7 @@ def summary(results, meta_path):
     lat = [r for r in rows if r["phase"] == "lat"]
     lat_agg = {}
     if lat:
-        for c in LABELS:
+        for c in ordered({r["config"] for r in lat}):
             rs = [r for r in lat if r["config"] == c]
             if rs:
                 lat_agg[c] = {"rps": med([r["rps"] for r in rs]),
