@@ -8,14 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Db, Gateway, MockUpstream};
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
+use common::{client, rows, Db, Gateway, MockUpstream};
 
 /// A well-formed key (valid checksum) that no database holds.
 fn unknown_key() -> String {
@@ -47,19 +40,6 @@ async fn metric(gw: &Gateway, series: &str) -> f64 {
 
 const ADDRESS_REFUSALS: &str = r#"tollgate_rate_limited_total{scope="address",kind="requests"}"#;
 const MISSES: &str = "tollgate_key_cache_misses_total";
-
-/// Waits until the database holds `n` usage rows (the writer flushes every 50 ms in tests).
-async fn rows(gw: &Gateway, n: usize) -> Vec<common::Row> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let rows = gw.db.rows().await;
-        if rows.len() >= n || Instant::now() > deadline {
-            assert_eq!(rows.len(), n, "usage rows");
-            return rows;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 both_dbs!(failures_are_limited_per_address, failures_per_address);
 async fn failures_per_address(db: Db) {

@@ -10,52 +10,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{fixture, Db, Gate, Gateway, MockUpstream, Reply};
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
-
-const BODY: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
-
-async fn post(gw: &Gateway, c: &reqwest::Client, key: &str, body: &str) -> reqwest::Response {
-    c.post(gw.url("/v1/chat/completions"))
-        .bearer_auth(key)
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap()
-}
-
-fn header(r: &reqwest::Response, name: &str) -> Option<String> {
-    r.headers()
-        .get(name)
-        .map(|v| v.to_str().unwrap().to_string())
-}
-
-fn num(r: &reqwest::Response, name: &str) -> u64 {
-    header(r, name)
-        .unwrap_or_else(|| panic!("no {name} in {:?}", r.headers()))
-        .parse()
-        .unwrap()
-}
-
-/// Waits until the database holds `n` usage rows (the writer flushes every 50 ms in tests).
-async fn rows(gw: &Gateway, n: usize) -> Vec<common::Row> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let rows = gw.db.rows().await;
-        if rows.len() >= n || Instant::now() > deadline {
-            assert_eq!(rows.len(), n, "usage rows");
-            return rows;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use common::{
+    client, fixture, header, num, post, rows, Db, Gate, Gateway, MockUpstream, Reply, BODY,
+};
 
 both_dbs!(requests_per_minute_are_exact, requests_per_minute);
 async fn requests_per_minute(db: Db) {

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{fixture, Db, Gate, Gateway, MockUpstream, Reply};
+use common::{client, fixture, Db, Gate, Gateway, MockUpstream, Reply, BODY};
 use tollgate::shared_limits::{FailPolicy, Redis, Settings, Slot, LEASE};
 
 /// The Redis the tests share (`TEST_REDIS_URL`, else the machine's), or `None` (skip) when it
@@ -58,23 +58,8 @@ fn prefix() -> String {
     format!("tollgate-test:{}:", uuid::Uuid::now_v7())
 }
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
-
-const BODY: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
-
 async fn post(gw: &Gateway, c: &reqwest::Client, key: &str) -> reqwest::Response {
-    c.post(gw.url("/v1/chat/completions"))
-        .bearer_auth(key)
-        .header("content-type", "application/json")
-        .body(BODY)
-        .send()
-        .await
-        .unwrap()
+    common::post(gw, c, key, BODY).await
 }
 
 fn limits_section(url: &str, prefix: &str, fail: &str) -> String {

@@ -1113,3 +1113,55 @@ impl Drop for RawSseUpstream {
         self.task.abort();
     }
 }
+
+// ---------------------------------------------------------------- requests of the limit tests
+
+/// A chat completion body of a few tokens.
+pub const BODY: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+
+/// A client whose requests give up after 30 s (a hung gateway fails the test, not CI).
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// POSTs `body` to `/v1/chat/completions` with `key`.
+pub async fn post(gw: &Gateway, c: &reqwest::Client, key: &str, body: &str) -> reqwest::Response {
+    c.post(gw.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A response header as text.
+pub fn header(r: &reqwest::Response, name: &str) -> Option<String> {
+    r.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_string())
+}
+
+/// A response header that must be there, as a number.
+pub fn num(r: &reqwest::Response, name: &str) -> u64 {
+    header(r, name)
+        .unwrap_or_else(|| panic!("no {name} in {:?}", r.headers()))
+        .parse()
+        .unwrap()
+}
+
+/// Waits until the database holds `n` usage rows (the writer flushes every 50 ms in tests).
+pub async fn rows(gw: &Gateway, n: usize) -> Vec<Row> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows = gw.db.rows().await;
+        if rows.len() >= n || std::time::Instant::now() > deadline {
+            assert_eq!(rows.len(), n, "usage rows");
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
