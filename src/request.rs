@@ -257,14 +257,7 @@ fn skip_string(b: &[u8], i: usize) -> Option<usize> {
     }
     let mut j = i + 1;
     loop {
-        // Keys and short values end within a few bytes: those are looked at directly, before
-        // memchr is asked (its setup costs more than scanning a short string).
-        let rest = b.get(j..)?;
-        j += match rest.iter().take(16).position(|&c| c == b'"' || c == b'\\') {
-            Some(k) => k,
-            None if rest.len() <= 16 => return None,
-            None => 16 + memchr::memchr2(b'"', b'\\', &rest[16..])?,
-        };
+        j += memchr::memchr2(b'"', b'\\', b.get(j..)?)?;
         if b[j] == b'\\' {
             j += 2;
         } else {
