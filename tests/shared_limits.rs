@@ -530,6 +530,9 @@ async fn redis_stopped_each_instance_enforces_its_share_then_sharing_resumes() {
         8.0
     );
     until_logged(&a, "rate-limit Redis unreachable").await;
+    // B sent nothing: its heartbeat finds Redis gone (else its first request after the restart
+    // would find the dead connection and fall back once).
+    until_metric(&b, "tollgate_rate_limit_redis_up", 0.0).await;
 
     // Redis is back (empty): each instance finds it by itself and the limit is shared again.
     redis.restart().await;
