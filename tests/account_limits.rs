@@ -11,28 +11,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{client, fixture, header, post, rows, Db, Gate, Gateway, MockUpstream, Reply, BODY};
-
-/// `accounts add` with extra flags (limits).
-fn add_account(gw: &Gateway, name: &str, kind: &str, url: &str, priority: i32, extra: &[&str]) {
-    let p = priority.to_string();
-    let mut args = vec![
-        "accounts",
-        "add",
-        "--name",
-        name,
-        "--type",
-        kind,
-        "--base-url",
-        url,
-        "--api-key",
-        "sk-up",
-        "--priority",
-        &p,
-    ];
-    args.extend_from_slice(extra);
-    gw.cli_ok(&args);
-}
+use common::{
+    client, fixture, header, post, rows, stream, Db, Gate, Gateway, MockUpstream, Reply, BODY,
+};
 
 both_dbs!(
     an_account_at_its_rpm_sends_the_next_request_to_the_next_tier,
@@ -45,13 +26,13 @@ async fn rpm_spills_over(db: Db) {
         MockUpstream::start(|_| Reply::Json(200, fixture("anthropic_message.json"))).await;
     let mut gw = Gateway::new(db, "", "").await.unwrap();
     gw.add_user("alice@example.com");
-    add_account(&gw, "a", "openai", &a.url(), 1, &["--rpm", "10"]);
-    add_account(&gw, "b", "openai", &b.url(), 2, &[]);
-    add_account(
-        &gw,
+    gw.add_account_with("a", "openai", &a.url(), "sk-up", 1, &["--rpm", "10"]);
+    gw.add_account_with("b", "openai", &b.url(), "sk-up", 2, &[]);
+    gw.add_account_with(
         "claude",
         "anthropic",
         &anthropic.url(),
+        "sk-up",
         1,
         &["--rpm", "1"],
     );
@@ -159,8 +140,8 @@ async fn provider_feedback(db: Db) {
     let b = MockUpstream::json_ok().await;
     let mut gw = Gateway::new(db, "", "").await.unwrap();
     gw.add_user("alice@example.com");
-    add_account(&gw, "a", "openai", &a.url(), 1, &[]);
-    add_account(&gw, "b", "openai", &b.url(), 2, &[]);
+    gw.add_account_with("a", "openai", &a.url(), "sk-up", 1, &[]);
+    gw.add_account_with("b", "openai", &b.url(), "sk-up", 2, &[]);
     let key = gw.create_key("alice@example.com", &[]);
     gw.start().await;
     let c = client();
@@ -182,41 +163,25 @@ async fn provider_feedback(db: Db) {
     );
 }
 
-/// A streaming request tagged `tag` (the mock holds it on that tag's gate).
-async fn stream(gw: &Gateway, c: &reqwest::Client, key: &str, tag: &str) -> reqwest::Response {
-    let body = format!(
-        r#"{{"model":"gpt-4o-mini","stream":true,"stream_options":{{"include_usage":true}},"messages":[{{"role":"user","content":"{tag}"}}]}}"#
-    );
-    post(gw, c, key, &body).await
-}
-
 both_dbs!(an_account_never_sees_more_than_its_concurrency, concurrency);
 async fn concurrency(db: Db) {
     // A's streams wait on the gate named in their prompt (g0, g1, …); B answers at once.
     let gates: Vec<Gate> = (0..10).map(|_| Gate::new()).collect();
-    let g = gates.clone();
-    let a = MockUpstream::start(move |req| {
-        let body = String::from_utf8_lossy(&req.body);
-        let i: usize = body
-            .split("\"content\":\"g")
-            .nth(1)
-            .and_then(|s| s.split('"').next())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        Reply::Sse {
-            first: fixture("chat_stream_1.sse"),
-            rest: vec![fixture("chat_stream_2.sse")],
-            gate: g[i].clone(),
-        }
-    })
-    .await;
+    let a = MockUpstream::gated_sse(gates.clone()).await;
     let b = MockUpstream::json_ok().await;
     let mut gw = Gateway::new(db, "", "[metering]\nabort_drain_secs = 1\n")
         .await
         .unwrap();
     gw.add_user("alice@example.com");
-    add_account(&gw, "a", "openai", &a.url(), 1, &["--max-concurrent", "2"]);
-    add_account(&gw, "b", "openai", &b.url(), 2, &[]);
+    gw.add_account_with(
+        "a",
+        "openai",
+        &a.url(),
+        "sk-up",
+        1,
+        &["--max-concurrent", "2"],
+    );
+    gw.add_account_with("b", "openai", &b.url(), "sk-up", 2, &[]);
     let key = gw.create_key("alice@example.com", &[]);
     gw.start().await;
     let c = client();
@@ -302,8 +267,8 @@ async fn provider_429s_mark_accounts_out_until_their_retry_after() {
     let (a, b) = (limited("120").await, limited("40").await);
     let mut gw = Gateway::new(Db::Sqlite, "", "").await.unwrap();
     gw.add_user("alice@example.com");
-    add_account(&gw, "a", "openai", &a.url(), 1, &[]);
-    add_account(&gw, "b", "openai", &b.url(), 2, &[]);
+    gw.add_account_with("a", "openai", &a.url(), "sk-up", 1, &[]);
+    gw.add_account_with("b", "openai", &b.url(), "sk-up", 2, &[]);
     let key = gw.create_key("alice@example.com", &[]);
     gw.start().await;
     let c = client();

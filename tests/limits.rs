@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{
-    client, fixture, header, num, post, rows, Db, Gate, Gateway, MockUpstream, Reply, BODY,
+    client, fixture, header, num, post, rows, stream, Db, Gate, Gateway, MockUpstream, Reply, BODY,
 };
 
 both_dbs!(requests_per_minute_are_exact, requests_per_minute);
@@ -198,14 +198,6 @@ async fn tokens(db: Db) {
     }
 }
 
-/// Sends a streaming request tagged `tag` (the mock holds it on that tag's gate).
-async fn stream(gw: &Gateway, c: &reqwest::Client, key: &str, tag: &str) -> reqwest::Response {
-    let body = format!(
-        r#"{{"model":"gpt-4o-mini","stream":true,"stream_options":{{"include_usage":true}},"messages":[{{"role":"user","content":"{tag}"}}]}}"#
-    );
-    post(gw, c, key, &body).await
-}
-
 /// Polls until the key admits a request again (a slot came back); returns that response.
 async fn until_admitted(
     gw: &Gateway,
@@ -232,22 +224,7 @@ both_dbs!(
 async fn concurrency(db: Db) {
     // Each stream waits on the gate named in its prompt (g0…g19, then more); it ends when opened.
     let gates: Vec<Gate> = (0..40).map(|_| Gate::new()).collect();
-    let g = gates.clone();
-    let mock = MockUpstream::start(move |req| {
-        let body = String::from_utf8_lossy(&req.body);
-        let i: usize = body
-            .split("\"content\":\"g")
-            .nth(1)
-            .and_then(|s| s.split('"').next())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        Reply::Sse {
-            first: fixture("chat_stream_1.sse"),
-            rest: vec![fixture("chat_stream_2.sse")],
-            gate: g[i].clone(),
-        }
-    })
-    .await;
+    let mock = MockUpstream::gated_sse(gates.clone()).await;
     let mut gw = Gateway::new(db, "", "[metering]\nabort_drain_secs = 1\n")
         .await
         .unwrap();

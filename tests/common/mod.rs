@@ -631,8 +631,22 @@ impl Gateway {
         priority: i32,
         weight: i32,
     ) -> i64 {
-        let (p, w) = (priority.to_string(), weight.to_string());
-        self.cli_ok(&[
+        let w = weight.to_string();
+        self.add_account_with(name, kind, url, secret, priority, &["--weight", &w])
+    }
+
+    /// `accounts add` with more flags (`--weight`, limits); returns the account's id.
+    pub fn add_account_with(
+        &self,
+        name: &str,
+        kind: &str,
+        url: &str,
+        secret: &str,
+        priority: i32,
+        extra: &[&str],
+    ) -> i64 {
+        let p = priority.to_string();
+        let mut args = vec![
             "accounts",
             "add",
             "--name",
@@ -645,11 +659,9 @@ impl Gateway {
             secret,
             "--priority",
             &p,
-            "--weight",
-            &w,
-        ])
-        .parse()
-        .unwrap()
+        ];
+        args.extend_from_slice(extra);
+        self.cli_ok(&args).parse().unwrap()
     }
 
     /// Starts `tollgate serve` and waits for its ready line, which names the ports it bound
@@ -1163,5 +1175,35 @@ pub async fn rows(gw: &Gateway, n: usize) -> Vec<Row> {
             return rows;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// POSTs a streaming chat request whose prompt is `tag` (a gated mock holds it on that tag).
+pub async fn stream(gw: &Gateway, c: &reqwest::Client, key: &str, tag: &str) -> reqwest::Response {
+    let body = format!(
+        r#"{{"model":"gpt-4o-mini","stream":true,"stream_options":{{"include_usage":true}},"messages":[{{"role":"user","content":"{tag}"}}]}}"#
+    );
+    post(gw, c, key, &body).await
+}
+
+impl MockUpstream {
+    /// Streams SSE; a request whose prompt is `gN` sends its first chunk at once and the rest
+    /// when `gates[N]` opens (any other prompt waits on `gates[0]`).
+    pub async fn gated_sse(gates: Vec<Gate>) -> MockUpstream {
+        MockUpstream::start(move |req| {
+            let body = String::from_utf8_lossy(&req.body);
+            let i: usize = body
+                .split("\"content\":\"g")
+                .nth(1)
+                .and_then(|s| s.split('"').next())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            Reply::Sse {
+                first: fixture("chat_stream_1.sse"),
+                rest: vec![fixture("chat_stream_2.sse")],
+                gate: gates[i].clone(),
+            }
+        })
+        .await
     }
 }
