@@ -32,18 +32,15 @@ pub fn model(body: &[u8]) -> Option<String> {
 pub fn max_tokens(body: &[u8]) -> Option<u64> {
     // A key naming the completion is either spelled out (`"max_…`) or written with `\u` escapes.
     // Without an escape, members that start after the last `"max_` cannot be one: the walk stops
-    // there (often before the messages), and a body without any is not walked at all.
-    // The searcher is built once (building one costs more than searching a short body); a forward
-    // one, vectorised (memchr's reverse search is not).
-    static CANDIDATE: LazyLock<memmem::Finder<'static>> =
-        LazyLock::new(|| memmem::Finder::new(b"\"max_"));
-    let escaped = memchr::memchr_iter(b'\\', body).any(|i| body.get(i + 1) == Some(&b'u'));
-    let last = if escaped {
-        body.len()
-    } else {
-        CANDIDATE.find_iter(body).last()?
+    // there (often before the messages), and a body without any is not walked at all. With an
+    // escape anywhere, every member is walked: those after the last candidate were searched
+    // for one below, those before it are seen by the walk.
+    let mut last = match last_candidate(body)? {
+        Bound::Candidate(i) => i,
+        Bound::Escape => body.len(),
     };
     // The members are walked in place (no list of them is built): this runs on the hot path.
+    let mut seen = Seen::default();
     let mut i = skip_ws(body, 0);
     if body.get(i) != Some(&b'{') {
         return None;
@@ -51,31 +48,32 @@ pub fn max_tokens(body: &[u8]) -> Option<u64> {
     i = skip_ws(body, i + 1);
     let mut found = None;
     while body.get(i) != Some(&b'}') && i <= last {
-        let key_end = skip_string(body, i)?;
-        let member = Member {
-            key: (i, key_end),
-            value: (0, 0),
-        };
-        i = skip_ws(body, key_end);
+        seen.backslash = false;
+        let key = (i, seen.string(body, i)?);
+        // Only a key with a backslash can spell a name with escapes.
+        let key_escaped = seen.backslash;
+        i = skip_ws(body, key.1);
         if body.get(i) != Some(&b':') {
             return None;
         }
         i = skip_ws(body, i + 1);
-        let value_end = skip_value(body, i)?;
-        let named = match &body[member.key.0..member.key.1] {
+        let value_end = seen.value(body, i)?;
+        let named = match &body[key.0..key.1] {
             br#""max_tokens""# | br#""max_completion_tokens""# | br#""max_output_tokens""# => true,
-            _ => {
-                escaped
-                    && ["max_tokens", "max_completion_tokens", "max_output_tokens"]
-                        .iter()
-                        .any(|k| member.key_is(body, k))
+            _ if key_escaped => {
+                let member = Member { key, value: (0, 0) };
+                ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+                    .iter()
+                    .any(|k| member.key_is(body, k))
             }
+            _ => false,
         };
         if named {
             // The last one wins, as a JSON parser would have it.
-            found = std::str::from_utf8(&body[i..value_end])
-                .ok()
-                .and_then(|v| v.parse().ok());
+            found = parse_u64(&body[i..value_end]);
+        }
+        if seen.u_escape {
+            last = body.len();
         }
         i = skip_ws(body, value_end);
         match body.get(i) {
@@ -85,6 +83,68 @@ pub fn max_tokens(body: &[u8]) -> Option<u64> {
         }
     }
     found
+}
+
+/// How far [`max_tokens`] walks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bound {
+    /// Up to the member at or after this index: the last `"max_`, with no `\u` escape after it.
+    Candidate(usize),
+    /// To the end: a `\u` escape follows the last `"max_`, or (the search that gave up from the
+    /// end) precedes it.
+    Escape,
+}
+
+/// Where the last `"max_` is, unless a `\u` escape follows it; `None` when the body has neither.
+/// Searched from the end for `_` and `\` at once (vectorised), so a body whose last member names
+/// the completion (the order OpenAI's SDKs write) costs one short search whatever its length.
+/// After a few other hits (snake_case keys, `\n` in text) the rest is searched forwards: one
+/// search for the escape, one for the candidates.
+fn last_candidate(body: &[u8]) -> Option<Bound> {
+    const HITS: usize = 8;
+    let mut hits = memchr::memrchr2_iter(b'_', b'\\', body);
+    let mut end = body.len();
+    for _ in 0..HITS {
+        let j = hits.next()?; // no more: neither is in the body
+        if body[j] == b'\\' {
+            if body.get(j + 1) == Some(&b'u') {
+                return Some(Bound::Escape);
+            }
+        } else if j >= 4 && &body[j - 4..j] == b"\"max" {
+            return Some(Bound::Candidate(j - 4));
+        }
+        end = j;
+    }
+    // The searcher is built once (building one costs more than searching a short body); a
+    // forward one, vectorised (memchr's reverse search is not).
+    static CANDIDATE: LazyLock<memmem::Finder<'static>> =
+        LazyLock::new(|| memmem::Finder::new(b"\"max_"));
+    let head = &body[..end];
+    if memchr::memchr_iter(b'\\', head).any(|i| body.get(i + 1) == Some(&b'u')) {
+        return Some(Bound::Escape);
+    }
+    CANDIDATE.find_iter(head).last().map(Bound::Candidate)
+}
+
+/// A JSON integer as `u64::from_str` reads it (an optional `+`, then digits; `None` on
+/// anything else or on overflow), without the UTF-8 check and the generic parser.
+fn parse_u64(v: &[u8]) -> Option<u64> {
+    let digits = match v {
+        [b'+', rest @ ..] => rest,
+        _ => v,
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for &c in digits {
+        let d = c.wrapping_sub(b'0');
+        if d > 9 {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add(u64::from(d))?;
+    }
+    Some(n)
 }
 
 /// Whether a JSON request body has a top-level `"stream": true`.
@@ -252,54 +312,89 @@ fn scan_object(b: &[u8], start: usize) -> Option<ObjectScan> {
 
 /// `b[i]` must be `"`; returns the index after the closing quote.
 fn skip_string(b: &[u8], i: usize) -> Option<usize> {
-    if b.get(i) != Some(&b'"') {
-        return None;
-    }
-    let mut j = i + 1;
-    loop {
-        j += memchr::memchr2(b'"', b'\\', b.get(j..)?)?;
-        if b[j] == b'\\' {
-            j += 2;
-        } else {
-            return Some(j + 1);
-        }
-    }
+    Seen::default().string(b, i)
 }
 
 /// Returns the index just after the value starting at `b[i]`.
 fn skip_value(b: &[u8], i: usize) -> Option<usize> {
-    match *b.get(i)? {
-        b'"' => skip_string(b, i),
-        b'{' | b'[' => {
-            let mut depth = 0usize;
-            let mut j = i;
-            loop {
-                match *b.get(j)? {
-                    b'"' => {
-                        j = skip_string(b, j)?;
-                        continue;
-                    }
-                    b'{' | b'[' => depth += 1,
-                    b'}' | b']' => {
-                        depth -= 1;
-                        if depth == 0 {
-                            return Some(j + 1);
-                        }
-                    }
-                    _ => {}
-                }
-                j += 1;
+    Seen::default().value(b, i)
+}
+
+/// The backslashes a skip went over, for [`max_tokens`]: each one is looked at anyway.
+#[derive(Debug, Default)]
+struct Seen {
+    /// A backslash (since the caller last reset it).
+    backslash: bool,
+    /// A backslash followed by `u`, as a search of the whole body for one would find it.
+    u_escape: bool,
+}
+
+impl Seen {
+    fn note(&mut self, b: &[u8], j: usize) {
+        self.backslash = true;
+        // An escape's backslash, and the escaped one of `\\`.
+        let next = b.get(j + 1);
+        if next == Some(&b'u') || (next == Some(&b'\\') && b.get(j + 2) == Some(&b'u')) {
+            self.u_escape = true;
+        }
+    }
+
+    /// `b[i]` must be `"`; returns the index after the closing quote.
+    fn string(&mut self, b: &[u8], i: usize) -> Option<usize> {
+        if b.get(i) != Some(&b'"') {
+            return None;
+        }
+        let mut j = i + 1;
+        loop {
+            j += memchr::memchr2(b'"', b'\\', b.get(j..)?)?;
+            if b[j] == b'\\' {
+                self.note(b, j);
+                j += 2;
+            } else {
+                return Some(j + 1);
             }
         }
-        _ => {
-            let mut j = i;
-            while b
-                .get(j)
-                .is_some_and(|c| !matches!(c, b',' | b'}' | b']') && !c.is_ascii_whitespace())
-            {
-                j += 1;
+    }
+
+    /// Returns the index just after the value starting at `b[i]`.
+    fn value(&mut self, b: &[u8], i: usize) -> Option<usize> {
+        match *b.get(i)? {
+            b'"' => self.string(b, i),
+            b'{' | b'[' => {
+                let mut depth = 0usize;
+                let mut j = i;
+                loop {
+                    match *b.get(j)? {
+                        b'"' => {
+                            j = self.string(b, j)?;
+                            continue;
+                        }
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                return Some(j + 1);
+                            }
+                        }
+                        b'\\' => self.note(b, j),
+                        _ => {}
+                    }
+                    j += 1;
+                }
             }
-            (j > i).then_some(j)
+            _ => {
+                let mut j = i;
+                while let Some(&c) = b.get(j) {
+                    if matches!(c, b',' | b'}' | b']') || c.is_ascii_whitespace() {
+                        break;
+                    }
+                    if c == b'\\' {
+                        self.note(b, j);
+                    }
+                    j += 1;
+                }
+                (j > i).then_some(j)
+            }
         }
     }
 }
@@ -436,6 +531,191 @@ mod tests {
                 );
                 assert!(inject_include_usage(out.as_bytes()).is_none());
             }
+        }
+    }
+
+    /// `max_tokens` as it was before the search from the end and the walk's own escape check
+    /// (two forward searches of the whole body): the new one must answer the same everywhere.
+    fn max_tokens_reference(body: &[u8]) -> Option<u64> {
+        let escaped = memchr::memchr_iter(b'\\', body).any(|i| body.get(i + 1) == Some(&b'u'));
+        let last = if escaped {
+            body.len()
+        } else {
+            memmem::find_iter(body, b"\"max_").last()?
+        };
+        let mut i = skip_ws(body, 0);
+        if body.get(i) != Some(&b'{') {
+            return None;
+        }
+        i = skip_ws(body, i + 1);
+        let mut found = None;
+        while body.get(i) != Some(&b'}') && i <= last {
+            let key_end = skip_string(body, i)?;
+            let member = Member {
+                key: (i, key_end),
+                value: (0, 0),
+            };
+            i = skip_ws(body, key_end);
+            if body.get(i) != Some(&b':') {
+                return None;
+            }
+            i = skip_ws(body, i + 1);
+            let value_end = skip_value(body, i)?;
+            let named = match &body[member.key.0..member.key.1] {
+                br#""max_tokens""# | br#""max_completion_tokens""# | br#""max_output_tokens""# => {
+                    true
+                }
+                _ => {
+                    escaped
+                        && ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+                            .iter()
+                            .any(|k| member.key_is(body, k))
+                }
+            };
+            if named {
+                found = std::str::from_utf8(&body[i..value_end])
+                    .ok()
+                    .and_then(|v| v.parse().ok());
+            }
+            i = skip_ws(body, value_end);
+            match body.get(i) {
+                Some(b',') => i = skip_ws(body, i + 1),
+                Some(b'}') => break,
+                _ => return None,
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn max_tokens_answers_as_the_forward_search_did() {
+        let snake = r#""a_b":1,"c_d":2,"e_f":3,"g_h":4,"i_j":5,"k_l":6,"m_n":7,"o_p":8,"q_r":9"#;
+        let newlines = r#""t":"a\nb\nc\nd\ne\nf\ng\nh\ni\nj\nk""#;
+        let mut bodies: Vec<String> = [
+            r#"{"model":"gpt-4o-mini","max_tokens":64,"messages":[{"role":"user","content":"Say hello."}]}"#,
+            r#"{"messages":[{"role":"user","content":"hi"}],"model":"m","max_tokens":9}"#,
+            r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":9,"top_p":1}"#,
+            r#"{"m\u0061x_tokens":9,"x":"max_tokens"}"#,
+            r#"{"x":"max_tokens","m\u0061x_tokens":9}"#,
+            r#"{"a":"\u00e9","max_tokens":4,"messages":[{"#,
+            r#"{"a":"\\u","max_tokens":4,"messages":[{"#,
+            r#"{"a":"\\","max_tokens":4,"b":"\u0020","c":[{"#,
+            r#"{"a":[1,\u2],"max_tokens":4,"messages":[{"#,
+            r#"{"a":\u1,"max_tokens":4,"messages":[{"#,
+            r#"{"max_tokens":4,"b":\u1,"c":[{"#,
+            r#"{"max_tokens":4,"b":"\u0041","c":[{"#,
+            r#"{"max_tokens":4,"messages":[{"#,
+            r#"{"max\ttokens":4}"#,
+            r#"{"max_tokens":+5}"#,
+            r#"{"max_tokens":"5"}"#,
+            r#"{"max_tokens":5.0}"#,
+            r#"{"max_tokens":18446744073709551615}"#,
+            r#"{"max_tokens":18446744073709551616}"#,
+            r#"{"max_tokens":007,"max_output_tokens":-1}"#,
+            r#"{"max_":1}"#,
+            r#"{"max":1,"_":2}"#,
+            r#"_max_tokens"#,
+            r#"\u"#,
+            "",
+            "{",
+            "{}",
+            r#"{"max_tokens":1,"#,
+            "[\"max_tokens\",1]",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        // More than the hits searched from the end: the rest is searched forwards.
+        for tail in [snake, newlines] {
+            for head in [
+                r#""max_tokens":3"#,
+                r#""m\u0061x_tokens":3"#,
+                r#""a":"\u0041","max_tokens":3"#,
+                r#""a":1"#,
+            ] {
+                bodies.push(format!("{{{head},{tail}}}"));
+                bodies.push(format!("{{{tail},{head}}}"));
+                bodies.push(format!("{{{head},{tail},\"z\":\"\\u0041\"}}"));
+                bodies.push(format!("{{{head},{tail},\"z\":[{{"));
+            }
+        }
+        for body in &bodies {
+            assert_eq!(
+                max_tokens(body.as_bytes()),
+                max_tokens_reference(body.as_bytes()),
+                "{body}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        /// Objects made of members that name the completion or not, with escapes, underscores
+        /// and broken pieces in any order: the same answer as the forward search.
+        #[test]
+        fn max_tokens_on_member_soup(
+            members in proptest::collection::vec(0usize..18, 0..24),
+            close in proptest::bool::ANY,
+        ) {
+            const MEMBERS: [&str; 18] = [
+                r#""max_tokens":7"#,
+                r#""max_output_tokens":+8"#,
+                r#""m\u0061x_tokens":9"#,
+                r#""max_completion_tokens":"3""#,
+                r#""a":"\u0041""#,
+                r#""a":"\\u""#,
+                r#""a_b":1"#,
+                r#""t":"x\ny\"_""#,
+                r#""m":[{"max_tokens":1}]"#,
+                r#""s":"max_tokens""#,
+                r#""v":\u1"#,
+                r#""w":[1,\u2,{"_":"\\"}]"#,
+                r#""bad" 1"#,
+                r#""open":[{"#,
+                r#""x_y":"_\\_""#,
+                r#" "max_tokens" : 10 "#,
+                r#""max\u005ftokens":11"#,
+                r#""n":null"#,
+            ];
+            let mut body = String::from("{");
+            for (n, &m) in members.iter().enumerate() {
+                if n > 0 {
+                    body.push(',');
+                }
+                body.push_str(MEMBERS[m]);
+            }
+            if close {
+                body.push('}');
+            }
+            proptest::prop_assert_eq!(
+                max_tokens(body.as_bytes()),
+                max_tokens_reference(body.as_bytes()),
+                "{}",
+                body
+            );
+        }
+    }
+
+    #[test]
+    fn integers_as_from_str_reads_them() {
+        for v in [
+            "0",
+            "64",
+            "+64",
+            "-1",
+            "+",
+            "++1",
+            "",
+            "1e3",
+            "1.0",
+            "0x10",
+            "18446744073709551615",
+            "18446744073709551616",
+            "99999999999999999999",
+            "0018446744073709551615",
+            "\"5\"",
+            "١",
+        ] {
+            assert_eq!(parse_u64(v.as_bytes()), v.parse::<u64>().ok(), "{v}");
         }
     }
 
