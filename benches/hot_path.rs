@@ -553,9 +553,10 @@ fn rate_limit_check(c: &mut Criterion) {
                 .allowed
         })
     });
-    // The whole local admission of one request: the key's entry looked up, its rpm, tpm (on the
-    // body's estimate) and concurrency slot taken, the slot given back when the hold drops.
-    use tollgate::limits::{Caller, Defaults, Limiter, Limits, Overrides};
+    // The whole local admission of one request: the key's entry (held by the cached key after
+    // its first request), its rpm, tpm (on the body's estimate) and concurrency slot taken, the
+    // slot given back when the hold drops.
+    use tollgate::limits::{Caller, Defaults, Entries, Limiter, Limits, Overrides};
     let limiter = Limiter::new(
         Defaults {
             key: Limits {
@@ -568,11 +569,14 @@ fn rate_limit_check(c: &mut Criterion) {
         },
         None,
     );
+    // One cached key's entries, as `auth::KeyInfo` keeps them across its requests.
+    let entries = Entries::default();
     let caller = Caller {
         key_id: 7,
         user_id: 3,
         key: Overrides::default(),
         user: Overrides::default(),
+        entries: &entries,
     };
     let body: &[u8] =
         br#"{"model":"gpt-4o-mini","max_tokens":64,"messages":[{"role":"user","content":"Say hello."}]}"#;

@@ -19,7 +19,7 @@ use moka::sync::Cache;
 use tokio::sync::OnceCell;
 
 use crate::keys::{self, KeyHash};
-use crate::limits::Overrides;
+use crate::limits::{Entries, Overrides};
 use crate::store::{KeyRow, LimitColumns, Store};
 
 /// Why a request was refused before reaching an upstream. `label()` is the metric label.
@@ -130,6 +130,8 @@ pub struct KeyInfo {
     /// The key's own rate limits (`None` = `[limits]`) and its user's (`None` = none).
     pub key_limits: Overrides,
     pub user_limits: Overrides,
+    /// This key's and its user's limit state, held once the rate-limit stage has looked it up.
+    pub limit_entries: Entries,
 }
 
 /// Stored limits as the stage reads them. A negative value (only writable by hand: the CLI and
@@ -161,6 +163,7 @@ impl KeyInfo {
             permissions,
             key_limits: overrides(row.key_limits),
             user_limits: overrides(row.user_limits),
+            limit_entries: Entries::default(),
         }
     }
 

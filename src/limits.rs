@@ -26,8 +26,8 @@
 
 use std::fmt;
 use std::num::NonZeroU64;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -455,11 +455,31 @@ pub enum Denied {
 
 /// Who is asking, as the stage needs it (from the cached key).
 #[derive(Debug, Clone, Copy)]
-pub struct Caller {
+pub struct Caller<'a> {
     pub key_id: i64,
     pub user_id: i64,
     pub key: Overrides,
     pub user: Overrides,
+    /// The key's and its user's entries, kept with the cached key.
+    pub entries: &'a Entries,
+}
+
+/// A cached key's hold on its own and its user's [`Buckets`] (kept in `auth::KeyInfo`), so only
+/// the first limited request of each cached copy looks them up in the [`Limiter`]'s maps; the
+/// others read them here with one atomic load. Entries are never removed from the maps, so what
+/// is held here is what the map holds.
+#[derive(Debug, Default)]
+pub struct Entries {
+    key: OnceLock<Entry>,
+    user: OnceLock<Entry>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// Which limiter's map, and whose id in it: held entries of another are not used.
+    limiter: u64,
+    id: i64,
+    buckets: Arc<Buckets>,
 }
 
 /// Hashes the map's keys, database ids: one multiplication (Fibonacci hashing). The ids are
@@ -487,6 +507,8 @@ type Map = DashMap<i64, Arc<Buckets>, std::hash::BuildHasherDefault<IdHasher>>;
 
 /// The limit state of this instance, and the shared limits' client when there is one.
 pub struct Limiter {
+    /// Tells this limiter's entries held in [`Entries`] from another's (tests run several).
+    id: u64,
     defaults: Defaults,
     keys: Map,
     users: Map,
@@ -501,7 +523,9 @@ const DAY_US: u64 = 86_400_000_000;
 
 impl Limiter {
     pub fn new(defaults: Defaults, shared: Option<Arc<Redis>>) -> Limiter {
+        static IDS: AtomicU64 = AtomicU64::new(0);
         Limiter {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
             defaults,
             keys: Map::default(),
             users: Map::default(),
@@ -516,7 +540,7 @@ impl Limiter {
     }
 
     /// The limits of a caller: its key's and its user's.
-    fn limits_of(&self, caller: &Caller) -> (Limits, Limits) {
+    fn limits_of(&self, caller: &Caller<'_>) -> (Limits, Limits) {
         (
             Limits::resolve(caller.key, self.defaults.key),
             Limits::resolve(caller.user, Limits::default()),
@@ -536,7 +560,7 @@ impl Limiter {
     /// trip.
     pub async fn admit(
         &self,
-        caller: &Caller,
+        caller: &Caller<'_>,
         body: &[u8],
         request_id: &str,
     ) -> Result<Option<Admitted>, Denied> {
@@ -571,7 +595,7 @@ impl Limiter {
     /// `Ok(None)`: no limit applies to the caller.
     pub fn admit_at(
         &self,
-        caller: &Caller,
+        caller: &Caller<'_>,
         body: &[u8],
         now_ns: u64,
     ) -> Result<Option<Admitted>, Refused> {
@@ -585,7 +609,7 @@ impl Limiter {
 
     fn take_local(
         &self,
-        caller: &Caller,
+        caller: &Caller<'_>,
         key: Limits,
         user: Limits,
         estimate: u64,
@@ -593,10 +617,10 @@ impl Limiter {
     ) -> Result<Option<Admitted>, Refused> {
         let mut headers = Headers::default();
         let mut refusal: Option<Refusal> = None;
-        let mut take_from = |map: &Map, id: i64, limits: Limits, scope| {
+        let mut take_from = |map: &Map, id: i64, held: &OnceLock<Entry>, limits: Limits, scope| {
             (!limits.is_none()).then(|| {
                 let (held, refused) = take(
-                    buckets(map, id),
+                    self.buckets(map, id, held),
                     limits,
                     scope,
                     estimate,
@@ -611,8 +635,15 @@ impl Limiter {
                 held
             })
         };
-        let mut key_held = take_from(&self.keys, caller.key_id, key, Scope::Key);
-        let mut user_held = take_from(&self.users, caller.user_id, user, Scope::User);
+        let entries = caller.entries;
+        let mut key_held = take_from(&self.keys, caller.key_id, &entries.key, key, Scope::Key);
+        let mut user_held = take_from(
+            &self.users,
+            caller.user_id,
+            &entries.user,
+            user,
+            Scope::User,
+        );
         match refusal {
             None => Ok(Some(Admitted {
                 hold: Hold::Local {
@@ -645,7 +676,7 @@ struct Meta {
 /// A request's limits as Redis slots (keys under `prefix`), with what each counts.
 fn plan(
     prefix: &str,
-    caller: &Caller,
+    caller: &Caller<'_>,
     key: Limits,
     user: Limits,
     estimate: u64,
@@ -793,6 +824,26 @@ fn buckets(map: &Map, id: i64) -> Arc<Buckets> {
         return b.clone();
     }
     map.entry(id).or_default().clone()
+}
+
+impl Limiter {
+    /// The entry for `id` in `map`: the one `held` keeps when it is this limiter's, else from
+    /// the map (and kept in `held` when it is empty).
+    fn buckets(&self, map: &Map, id: i64, held: &OnceLock<Entry>) -> Arc<Buckets> {
+        if let Some(e) = held.get() {
+            if e.limiter == self.id && e.id == id {
+                return e.buckets.clone();
+            }
+            return buckets(map, id);
+        }
+        let b = buckets(map, id);
+        let _ = held.set(Entry {
+            limiter: self.id,
+            id,
+            buckets: b.clone(),
+        });
+        b
+    }
 }
 
 /// Takes one request (and `estimate` tokens) from one scope's limits; reports into `headers`.
@@ -981,20 +1032,57 @@ mod tests {
         }
     }
 
-    fn caller(key: Overrides, user: Overrides) -> Caller {
+    fn caller(key: Overrides, user: Overrides) -> Caller<'static> {
         Caller {
             key_id: 1,
             user_id: 10,
             key,
             user,
+            entries: Box::leak(Box::default()),
         }
+    }
+
+    #[test]
+    fn entries_held_with_the_key_are_the_maps() {
+        let new = || {
+            Limiter::new(
+                Defaults {
+                    key: limits(2, 0, 0, 0),
+                    default_max_tokens: NonZeroU64::new(100).unwrap(),
+                },
+                None,
+            )
+        };
+        let (l, other) = (new(), new());
+        let c = caller(Overrides::default(), own(Some(3), None, None));
+        // The first request keeps the entries; later ones (and another copy of the key, which
+        // reads the map) count on the same buckets.
+        assert!(l.admit_at(&c, b"", 0).is_ok());
+        let held = c.entries.key.get().map(|e| e.buckets.clone()).unwrap();
+        assert!(Arc::ptr_eq(&held, &l.keys.get(&1).unwrap()));
+        let copy = caller(Overrides::default(), own(Some(3), None, None));
+        assert!(l.admit_at(&copy, b"", 0).is_ok());
+        assert!(l.admit_at(&c, b"", 0).is_err());
+        // Another limiter does not use them: its own buckets are full.
+        assert!(other.admit_at(&c, b"", 0).is_ok());
+        assert!(other.admit_at(&c, b"", 0).is_ok());
+        assert!(other.admit_at(&c, b"", 0).is_err());
+        // Nor does a caller with another id.
+        let mut moved = c;
+        moved.key_id = 2;
+        assert!(l.admit_at(&moved, b"", 0).is_ok());
+        assert!(Arc::ptr_eq(
+            &c.entries.key.get().unwrap().buckets,
+            &l.keys.get(&1).unwrap()
+        ));
+        assert_eq!(l.keys.len(), 2);
     }
 
     /// Runs (time in ms, body) steps against one limiter; each expects admitted, or refused by
     /// (scope, kind) with Retry-After in seconds.
     type Expect = Result<(), (Scope, Kind, u64)>;
 
-    fn check(defaults: Limits, c: Caller, steps: &[(u64, &str, Expect)]) -> Vec<Headers> {
+    fn check(defaults: Limits, c: Caller<'_>, steps: &[(u64, &str, Expect)]) -> Vec<Headers> {
         let l = Limiter::new(
             Defaults {
                 key: defaults,

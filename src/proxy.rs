@@ -272,6 +272,7 @@ impl Gateway {
             user_id: key.user_id,
             key: key.key_limits,
             user: key.user_limits,
+            entries: &key.limit_entries,
         };
         match self
             .limiter
