@@ -322,21 +322,22 @@ fn rate(limit: u64, period: Duration) -> Option<Rate> {
 #[derive(Debug)]
 struct Held {
     buckets: Arc<Buckets>,
-    limits: Limits,
-    rpm: bool,
-    rpd: bool,
+    /// The token limit the estimate was taken on.
+    tpm: u64,
     /// Tokens taken on the estimate (0 = none).
     tokens: u64,
+    rpm: bool,
+    rpd: bool,
     slot: bool,
 }
 
 impl Held {
-    /// Gives back what was taken (the request is refused by another limit).
-    fn undo(&mut self, now_ns: u64) {
-        if let (true, Some(r)) = (self.rpm, rate(self.limits.rpm, MINUTE)) {
+    /// Gives back what was taken on `limits` (the request is refused by another limit).
+    fn undo(&mut self, limits: &Limits, now_ns: u64) {
+        if let (true, Some(r)) = (self.rpm, rate(limits.rpm, MINUTE)) {
             self.buckets.rpm.settle(r, now_ns, 1, 0);
         }
-        if let (true, Some(r)) = (self.rpd, rate(self.limits.rpd, DAY)) {
+        if let (true, Some(r)) = (self.rpd, rate(limits.rpd, DAY)) {
             self.buckets.rpd.settle(r, now_ns, 1, 0);
         }
         self.settle(now_ns, 0);
@@ -344,7 +345,7 @@ impl Held {
     }
 
     fn settle(&mut self, now_ns: u64, actual: u64) {
-        if let (true, Some(r)) = (self.tokens > 0, rate(self.limits.tpm, MINUTE)) {
+        if let (true, Some(r)) = (self.tokens > 0, rate(self.tpm, MINUTE)) {
             self.buckets.tpm.settle(r, now_ns, self.tokens, actual);
             self.tokens = 0;
         }
@@ -616,34 +617,31 @@ impl Limiter {
         now_ns: u64,
     ) -> Result<Option<Admitted>, Refused> {
         let mut headers = Headers::default();
+        // The longest wait of any limit that refuses.
         let mut refusal: Option<Refusal> = None;
-        let mut take_from = |map: &Map, id: i64, held: &OnceLock<Entry>, limits: Limits, scope| {
-            (!limits.is_none()).then(|| {
-                let (held, refused) = take(
-                    self.buckets(map, id, held),
-                    limits,
-                    scope,
-                    estimate,
-                    now_ns,
-                    &mut headers,
-                );
-                if let Some(r) = refused {
-                    if refusal.is_none_or(|old| r.retry_after > old.retry_after) {
-                        refusal = Some(r);
-                    }
-                }
-                held
-            })
-        };
         let entries = caller.entries;
-        let mut key_held = take_from(&self.keys, caller.key_id, &entries.key, key, Scope::Key);
-        let mut user_held = take_from(
-            &self.users,
-            caller.user_id,
-            &entries.user,
-            user,
-            Scope::User,
-        );
+        let mut key_held = (!key.is_none()).then(|| {
+            take(
+                self.buckets(&self.keys, caller.key_id, &entries.key),
+                &key,
+                Scope::Key,
+                estimate,
+                now_ns,
+                &mut headers,
+                &mut refusal,
+            )
+        });
+        let mut user_held = (!user.is_none()).then(|| {
+            take(
+                self.buckets(&self.users, caller.user_id, &entries.user),
+                &user,
+                Scope::User,
+                estimate,
+                now_ns,
+                &mut headers,
+                &mut refusal,
+            )
+        });
         match refusal {
             None => Ok(Some(Admitted {
                 hold: Hold::Local {
@@ -653,8 +651,10 @@ impl Limiter {
                 headers,
             })),
             Some(refusal) => {
-                for held in [&mut key_held, &mut user_held].into_iter().flatten() {
-                    held.undo(now_ns);
+                for (held, limits) in [(&mut key_held, &key), (&mut user_held, &user)] {
+                    if let Some(held) = held {
+                        held.undo(limits, now_ns);
+                    }
                 }
                 Err(Refused { refusal, headers })
             }
@@ -846,28 +846,29 @@ impl Limiter {
     }
 }
 
-/// Takes one request (and `estimate` tokens) from one scope's limits; reports into `headers`.
-/// Returns what was taken and the longest-waiting refusal, if any limit refused.
+/// Takes one request (and `estimate` tokens) from one scope's limits at `now_ns`; reports into
+/// `headers`, and into `refusal` when a limit refuses with a longer wait than it holds.
+/// Returns what was taken.
 fn take(
     buckets: Arc<Buckets>,
-    limits: Limits,
+    limits: &Limits,
     scope: Scope,
     estimate: u64,
     now_ns: u64,
     headers: &mut Headers,
-) -> (Held, Option<Refusal>) {
+    refusal: &mut Option<Refusal>,
+) -> Held {
     let mut held = Held {
         buckets,
-        limits,
+        tpm: limits.tpm,
+        tokens: 0,
         rpm: false,
         rpd: false,
-        tokens: 0,
         slot: false,
     };
-    let mut refusal: Option<Refusal> = None;
     let mut refuse = |r: Refusal| {
         if refusal.is_none_or(|old| r.retry_after > old.retry_after) {
-            refusal = Some(r);
+            *refusal = Some(r);
         }
     };
     if limits.max_concurrent > 0 {
@@ -940,7 +941,7 @@ fn take(
             });
         }
     }
-    (held, refusal)
+    held
 }
 
 #[cfg(test)]
