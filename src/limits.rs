@@ -16,8 +16,10 @@
 //!   context and given back when it drops, whatever way the request ended.
 //! - **State**: one [`Buckets`] per key and per user with a limit, made on first use (one
 //!   allocation per key, none per request) in a sharded map whose shard lock is held only for the
-//!   lookup. Entries are not swept: they are bounded by the keys and users that exist (≈ 100 bytes
-//!   each), and dropping one would forget its use.
+//!   lookup; the cached key keeps what it found ([`Entries`]), so its later requests skip the map.
+//!   Entries are not swept: they are bounded by the keys and users that exist (≈ 100 bytes
+//!   each), and dropping one would forget its use. So they are never freed, and a request holds
+//!   them by reference (no reference count).
 //! - **Many instances**: with `[limits] redis_url`, the same limits are checked in Redis instead
 //!   (`shared_limits.rs`: one atomic script per admission, all of a request's limits taken or
 //!   none) and shared by every instance using that Redis and key prefix. While Redis cannot be
@@ -305,7 +307,9 @@ pub fn estimate_tokens(body: &[u8], default_max_tokens: NonZeroU64) -> u64 {
     prompt.saturating_add(completion)
 }
 
-/// One key's or user's limit state.
+/// One key's or user's limit state. Made once per key or user and never freed (entries are not
+/// swept, so each lives as long as the process's limiter anyway): a request's hold is a plain
+/// reference, not a reference count to raise and drop.
 #[derive(Debug, Default)]
 pub struct Buckets {
     rpm: Gcra,
@@ -321,7 +325,7 @@ fn rate(limit: u64, period: Duration) -> Option<Rate> {
 /// What one scope took for an admitted request; gives back its concurrency slot when dropped.
 #[derive(Debug)]
 struct Held {
-    buckets: Arc<Buckets>,
+    buckets: &'static Buckets,
     /// The token limit the estimate was taken on.
     tpm: u64,
     /// Tokens taken on the estimate (0 = none).
@@ -480,7 +484,7 @@ struct Entry {
     /// Which limiter's map, and whose id in it: held entries of another are not used.
     limiter: u64,
     id: i64,
-    buckets: Arc<Buckets>,
+    buckets: &'static Buckets,
 }
 
 /// Hashes the map's keys, database ids: one multiplication (Fibonacci hashing). The ids are
@@ -504,7 +508,7 @@ impl std::hash::Hasher for IdHasher {
     }
 }
 
-type Map = DashMap<i64, Arc<Buckets>, std::hash::BuildHasherDefault<IdHasher>>;
+type Map = DashMap<i64, &'static Buckets, std::hash::BuildHasherDefault<IdHasher>>;
 
 /// The limit state of this instance, and the shared limits' client when there is one.
 pub struct Limiter {
@@ -818,21 +822,21 @@ fn shared_decision(
     }))
 }
 
-/// The entry for `id`, made on first use.
-fn buckets(map: &Map, id: i64) -> Arc<Buckets> {
+/// The entry for `id`, made on first use (under the shard's write lock: once).
+fn buckets(map: &Map, id: i64) -> &'static Buckets {
     if let Some(b) = map.get(&id) {
-        return b.clone();
+        return *b;
     }
-    map.entry(id).or_default().clone()
+    *map.entry(id).or_insert_with(|| Box::leak(Box::default()))
 }
 
 impl Limiter {
     /// The entry for `id` in `map`: the one `held` keeps when it is this limiter's, else from
     /// the map (and kept in `held` when it is empty).
-    fn buckets(&self, map: &Map, id: i64, held: &OnceLock<Entry>) -> Arc<Buckets> {
+    fn buckets(&self, map: &Map, id: i64, held: &OnceLock<Entry>) -> &'static Buckets {
         if let Some(e) = held.get() {
             if e.limiter == self.id && e.id == id {
-                return e.buckets.clone();
+                return e.buckets;
             }
             return buckets(map, id);
         }
@@ -840,7 +844,7 @@ impl Limiter {
         let _ = held.set(Entry {
             limiter: self.id,
             id,
-            buckets: b.clone(),
+            buckets: b,
         });
         b
     }
@@ -850,7 +854,7 @@ impl Limiter {
 /// `headers`, and into `refusal` when a limit refuses with a longer wait than it holds.
 /// Returns what was taken.
 fn take(
-    buckets: Arc<Buckets>,
+    buckets: &'static Buckets,
     limits: &Limits,
     scope: Scope,
     estimate: u64,
@@ -1059,8 +1063,8 @@ mod tests {
         // The first request keeps the entries; later ones (and another copy of the key, which
         // reads the map) count on the same buckets.
         assert!(l.admit_at(&c, b"", 0).is_ok());
-        let held = c.entries.key.get().map(|e| e.buckets.clone()).unwrap();
-        assert!(Arc::ptr_eq(&held, &l.keys.get(&1).unwrap()));
+        let held = c.entries.key.get().map(|e| e.buckets).unwrap();
+        assert!(std::ptr::eq(held, *l.keys.get(&1).unwrap()));
         let copy = caller(Overrides::default(), own(Some(3), None, None));
         assert!(l.admit_at(&copy, b"", 0).is_ok());
         assert!(l.admit_at(&c, b"", 0).is_err());
@@ -1072,9 +1076,9 @@ mod tests {
         let mut moved = c;
         moved.key_id = 2;
         assert!(l.admit_at(&moved, b"", 0).is_ok());
-        assert!(Arc::ptr_eq(
-            &c.entries.key.get().unwrap().buckets,
-            &l.keys.get(&1).unwrap()
+        assert!(std::ptr::eq(
+            c.entries.key.get().unwrap().buckets,
+            *l.keys.get(&1).unwrap()
         ));
         assert_eq!(l.keys.len(), 2);
     }
