@@ -470,6 +470,7 @@ fn sample_record() -> UsageRecord {
         requested_model: None,
         usage_source: None,
         upstream_error: None,
+        charges: Vec::new(),
     }
 }
 

@@ -125,6 +125,7 @@ fn batch(f: &Fixture, n: usize) -> Vec<UsageRecord> {
                 requested_model: None,
                 usage_source: None,
                 upstream_error: None,
+                charges: Vec::new(),
             }
         })
         .collect()

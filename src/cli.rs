@@ -10,7 +10,7 @@ use crate::config;
 use crate::keyring;
 use crate::ops;
 use crate::settings::{self, Settings};
-use crate::store::{AccountLimitColumns, GroupBy, LimitColumns, LimitPatch, Store};
+use crate::store::{AccountLimitColumns, GrantOutcome, GroupBy, LimitColumns, LimitPatch, Store};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -41,6 +41,12 @@ pub enum Command {
     /// Manage upstream accounts.
     #[command(subcommand)]
     Accounts(AccountsCmd),
+    /// Prepaid credits: grants, balances, the ledger.
+    #[command(subcommand)]
+    Credits(CreditsCmd),
+    /// Budgets on keys and users: cost, tokens or requests per day, week, month or in total.
+    #[command(subcommand)]
+    Budgets(BudgetsCmd),
     /// Usage totals over a time range: requests, errors, tokens, cost.
     Usage(UsageArgs),
     /// Tell a running gateway to re-read its config (through its admin API).
@@ -266,6 +272,73 @@ pub enum AccountsCmd {
         #[arg(long = "old-key-file")]
         old_key_files: Vec<PathBuf>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CreditsCmd {
+    /// Grant credit (USD) to a user; from the first grant on, the user's requests are admitted
+    /// only against their balance.
+    Grant {
+        /// The user's email.
+        #[arg(long)]
+        user: String,
+        /// USD, exact: e.g. 10 or 0.25.
+        #[arg(long)]
+        amount: String,
+        /// Lifetime of this grant such as 30d (default: never expires).
+        #[arg(long)]
+        expires_in: Option<String>,
+        /// The same key with the same request grants once; with another request it is refused.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Record it as a refund instead of a grant.
+        #[arg(long)]
+        refund: bool,
+        /// Kept in the ledger row's metadata.
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// A user's balance: details on stderr, the balance alone on stdout's last line.
+    Balance {
+        #[arg(long)]
+        user: String,
+    },
+    /// A user's ledger, newest first.
+    History {
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BudgetsCmd {
+    /// Set (or replace) a budget of a key or a user; running gateways apply it within a second.
+    Set {
+        /// The key's id.
+        #[arg(long, conflicts_with = "user", required_unless_present = "user")]
+        key: Option<i64>,
+        /// The user's email (the budget covers all of their keys together).
+        #[arg(long)]
+        user: Option<String>,
+        /// What is counted: cost (USD), tokens or requests.
+        #[arg(long)]
+        metric: String,
+        /// The most allowed in a period (0 refuses everything).
+        #[arg(long)]
+        limit: String,
+        /// day, week, month (calendar, UTC) or total.
+        #[arg(long)]
+        period: String,
+    },
+    /// List budgets with what each subject spent in its current period.
+    List(ListArgs),
+    /// Delete a budget.
+    Delete { id: i64 },
 }
 
 #[derive(Args, Debug)]
@@ -557,21 +630,161 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
                 "{n} upstream credentials re-sealed under master key id {key_id}; restart running gateways with this key (until then they keep the accounts they have loaded)"
             );
         }
+        Command::Credits(CreditsCmd::Grant {
+            user,
+            amount,
+            expires_in,
+            idempotency_key,
+            refund,
+            note,
+        }) => {
+            let input = ops::GrantInput {
+                user: user.clone(),
+                amount,
+                expires_in,
+                refund,
+                note,
+            };
+            let (receipt, replayed) =
+                match ops::grant_credits(store, &input, idempotency_key.as_deref())
+                    .await
+                    .map_err(flag)?
+                {
+                    GrantOutcome::Granted(r) => (r, false),
+                    GrantOutcome::Replayed(r) => (r, true),
+                };
+            if replayed {
+                eprintln!(
+                    "already granted with this idempotency key (transaction {}): nothing granted again",
+                    receipt.transaction_id
+                );
+            } else {
+                eprintln!(
+                    "granted {} to {user} (transaction {}{})",
+                    receipt.amount,
+                    receipt.transaction_id,
+                    receipt
+                        .expires_at
+                        .map_or(String::new(), |e| format!(", expires {}", e.to_rfc3339()))
+                );
+            }
+            println!("{}", receipt.balance.normalize());
+        }
+        Command::Credits(CreditsCmd::Balance { user }) => {
+            let b = ops::credit_balance(store, &user).await.map_err(flag)?;
+            if b.prepaid {
+                eprintln!(
+                    "{user}: balance {} (held in leases by running gateways: {}, overdraft allowed: {})",
+                    b.balance.normalize(),
+                    b.leased.normalize(),
+                    b.overdraft.normalize()
+                );
+            } else {
+                eprintln!("{user} was never granted credits: requests are not limited by credits");
+            }
+            println!("{}", b.balance.normalize());
+        }
+        Command::Credits(CreditsCmd::History { user, limit, json }) => {
+            let rows = ops::credit_history(store, &user, limit)
+                .await
+                .map_err(flag)?;
+            print_list(&ListArgs { json }, &rows, "no ledger entries", |t| {
+                format!(
+                    "{:>8}  {} {:<7} {:>22} {:>22} -> {:<22} {}",
+                    t.id,
+                    t.created_at
+                        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                    t.action,
+                    t.amount,
+                    t.balance_before,
+                    t.balance_after,
+                    t.request_id
+                        .as_deref()
+                        .or(t.idempotency_key.as_deref())
+                        .unwrap_or("-")
+                )
+            })?;
+        }
+        Command::Budgets(BudgetsCmd::Set {
+            key,
+            user,
+            metric,
+            limit,
+            period,
+        }) => {
+            let b = ops::set_budget(
+                store,
+                &ops::BudgetInput {
+                    key,
+                    user: user.clone(),
+                    metric,
+                    limit,
+                    period,
+                },
+            )
+            .await
+            .map_err(flag)?;
+            let owner = key.map_or_else(|| user.unwrap_or_default(), |k| format!("key {k}"));
+            eprintln!(
+                "budget {} set: {owner} may use {} {} per {}; running gateways apply it within a second",
+                b.id,
+                b.limit,
+                b.metric.as_str(),
+                b.period.as_str()
+            );
+            println!("{}", b.id);
+        }
+        Command::Budgets(BudgetsCmd::List(args)) => {
+            let budgets = ops::list_budgets(store).await?;
+            print_list(&args, &budgets, "no budgets", |b| {
+                let periods: Vec<String> = b
+                    .periods
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{}:{} spent {} leased {}",
+                            p.subject_id,
+                            p.period_start.date_naive(),
+                            p.spent,
+                            p.leased
+                        )
+                    })
+                    .collect();
+                format!(
+                    "{:>6}  {:<30} {:<8} {:>20} per {:<6} {}",
+                    b.budget.id,
+                    b.owner,
+                    b.budget.metric.as_str(),
+                    b.budget.limit,
+                    b.budget.period.as_str(),
+                    periods.join(", ")
+                )
+            })?;
+        }
+        Command::Budgets(BudgetsCmd::Delete { id }) => {
+            ops::delete_budget(store, id).await.map_err(flag)?;
+            eprintln!("budget {id} deleted; running gateways apply it within a second");
+        }
         Command::Usage(args) => {
             let report = ops::usage(store, &args.since, args.until.as_deref(), args.by.into())
                 .await
                 .map_err(flag)?;
             let check = if args.check {
-                Some(store.usage_invariants().await?)
+                Some((
+                    store.usage_invariants().await?,
+                    store.spend_invariants().await?,
+                ))
             } else {
                 None
             };
             if args.json {
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(
-                        &serde_json::json!({ "report": report, "invariants": check })
-                    )?
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "report": report,
+                        "invariants": check.map(|c| c.0),
+                        "spend_invariants": check.map(|c| c.1),
+                    }))?
                 );
             } else {
                 let by = format!("{:?}", args.by).to_lowercase();
@@ -600,7 +813,7 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
                     );
                 }
             }
-            if let Some(c) = check {
+            if let Some((c, s)) = check {
                 eprintln!(
                     "invariants {}: rows={} duplicate_request_ids={} keys_mismatched={} accounts_mismatched={}",
                     if c.holds() { "hold" } else { "VIOLATED" },
@@ -609,8 +822,24 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
                     c.keys_mismatched,
                     c.accounts_mismatched
                 );
+                eprintln!(
+                    "spend invariants {}: balances={} balances_mismatched={} balances_overdrawn={} ledger_orphans={} \
+                     charges_missing={} budget_periods={} budget_periods_mismatched={} leases_mismatched={}",
+                    if s.holds() { "hold" } else { "VIOLATED" },
+                    s.balances,
+                    s.balances_mismatched,
+                    s.balances_overdrawn,
+                    s.ledger_orphans,
+                    s.charges_missing,
+                    s.budget_periods,
+                    s.budget_periods_mismatched,
+                    s.leases_mismatched
+                );
                 if !c.holds() {
                     bail!("metering invariants violated");
+                }
+                if !s.holds() {
+                    bail!("spend invariants violated");
                 }
             }
         }

@@ -2,15 +2,18 @@
 //! their input validation. Each returns typed data; the callers print it or send it as JSON.
 
 use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Permissions;
+use crate::budget::{Metric, Period};
 use crate::keys;
 use crate::limits::{MAX_CONCURRENT, MAX_RATE};
 use crate::secrets::{self, Keyring};
 use crate::store::{
-    AccountLimitColumns, AccountLimitPatch, AccountPatch, AccountRow, GroupBy, KeyListing,
-    KeyPatch, LimitColumns, LimitPatch, NewAccount, Store, StoreError, UsageTotals, UserRow,
+    AccountLimitColumns, AccountLimitPatch, AccountPatch, AccountRow, BudgetListing, BudgetOwner,
+    BudgetRow, CreditBalance, Grant, GrantOutcome, GroupBy, KeyListing, KeyPatch, LedgerEntry,
+    LimitColumns, LimitPatch, NewAccount, Store, StoreError, UsageTotals, UserRow,
 };
 use crate::upstream::{AccountType, Endpoint};
 
@@ -763,6 +766,176 @@ pub async fn usage(
         by,
         groups,
     })
+}
+
+// ---------------------------------------------------------------- credits and budgets
+
+/// Largest amount of credit granted at once, and largest budget limit: far above any real one,
+/// far below where exact arithmetic could overflow.
+const MAX_AMOUNT: i64 = 1_000_000_000;
+
+/// An exact, non-negative amount with at most 10 decimal places (`positive`: above 0).
+pub fn parse_amount(field: &'static str, s: &str, positive: bool) -> Result<Decimal, OpsError> {
+    let d = Decimal::from_str_exact(s.trim())
+        .map_err(|_| invalid(field, format!("{s:?} is not a decimal number")))?;
+    if d.scale() > crate::cost::COST_DP {
+        return Err(invalid(
+            field,
+            format!("{s:?} has more than 10 decimal places"),
+        ));
+    }
+    if d.is_sign_negative() || (positive && d.is_zero()) {
+        let what = if positive { "positive" } else { "0 or more" };
+        return Err(invalid(field, format!("{s:?} must be {what}")));
+    }
+    if d > Decimal::from(MAX_AMOUNT) {
+        return Err(invalid(field, format!("{s:?} is above {MAX_AMOUNT}")));
+    }
+    Ok(d.normalize())
+}
+
+/// A credit grant as asked for (CLI or admin API).
+#[derive(Debug, Clone, Deserialize)]
+pub struct GrantInput {
+    /// The user's email.
+    pub user: String,
+    /// USD, a decimal string.
+    pub amount: String,
+    /// Lifetime such as 30d; none = never expires.
+    #[serde(default)]
+    pub expires_in: Option<String>,
+    /// `refund` instead of a `grant` in the ledger.
+    #[serde(default)]
+    pub refund: bool,
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+/// How long an idempotency record is kept (Stripe keeps them 24 hours).
+pub const IDEMPOTENCY_TTL: chrono::Duration = chrono::Duration::hours(24);
+
+/// Grants credit to a user. With an idempotency key, the same key and the same request answer
+/// the first grant again (nothing granted twice); the same key with another request is refused.
+pub async fn grant_credits(
+    store: &Store,
+    g: &GrantInput,
+    idempotency_key: Option<&str>,
+) -> Result<GrantOutcome, OpsError> {
+    let amount = parse_amount("amount", &g.amount, true)?;
+    let now = Utc::now();
+    let expires_at = match &g.expires_in {
+        Some(e) => Some(clamp_to_rfc3339(
+            now + chrono::Duration::from_std(
+                parse_duration(e).map_err(|m| invalid("expires_in", m))?,
+            )
+            .map_err(|_| invalid("expires_in", "too long"))?,
+        )),
+        None => None,
+    };
+    if let Some(k) = idempotency_key {
+        if k.is_empty() || k.len() > 255 {
+            return Err(invalid("idempotency_key", "must be 1 to 255 characters"));
+        }
+    }
+    if g.note.as_ref().is_some_and(|n| n.len() > 1000) {
+        return Err(invalid("note", "at most 1000 characters"));
+    }
+    let user_id = store.user_id_by_email(&g.user).await?;
+    // What the key stands for: the request as asked (a lifetime, not the time it ends).
+    let digest = {
+        use sha2::{Digest, Sha256};
+        let canonical = serde_json::json!({
+            "user": g.user, "amount": amount.to_string(), "expires_in": g.expires_in,
+            "refund": g.refund, "note": g.note,
+        });
+        hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+    };
+    let grant = Grant {
+        user_id,
+        amount,
+        expires_at,
+        action: if g.refund { "refund" } else { "grant" },
+        note: g.note.as_deref(),
+        idempotency: idempotency_key.map(|k| (k, digest.as_str())),
+        idempotency_ttl: IDEMPOTENCY_TTL,
+    };
+    Ok(store.grant_credits(&grant, now).await?)
+}
+
+pub async fn credit_balance(store: &Store, email: &str) -> Result<CreditBalance, OpsError> {
+    let user_id = store.user_id_by_email(email).await?;
+    Ok(store.credit_balance(user_id, Utc::now()).await?)
+}
+
+pub async fn credit_history(
+    store: &Store,
+    email: &str,
+    limit: i64,
+) -> Result<Vec<LedgerEntry>, OpsError> {
+    if !(1..=100_000).contains(&limit) {
+        return Err(invalid("limit", "must be between 1 and 100000"));
+    }
+    let user_id = store.user_id_by_email(email).await?;
+    Ok(store.credit_history(user_id, limit).await?)
+}
+
+/// A budget as asked for: exactly one owner.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BudgetInput {
+    #[serde(default)]
+    pub key: Option<i64>,
+    /// The user's email.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// `cost`, `tokens` or `requests`.
+    pub metric: String,
+    /// A decimal (cost, USD) or a count (tokens, requests); 0 refuses everything.
+    pub limit: String,
+    /// `day`, `week`, `month` or `total`.
+    pub period: String,
+}
+
+pub fn parse_metric(s: &str) -> Result<Metric, OpsError> {
+    Metric::ALL
+        .into_iter()
+        .find(|m| m.as_str() == s)
+        .ok_or_else(|| invalid("metric", format!("{s:?}: want cost, tokens or requests")))
+}
+
+pub fn parse_period(s: &str) -> Result<Period, OpsError> {
+    Period::ALL
+        .into_iter()
+        .find(|p| p.as_str() == s)
+        .ok_or_else(|| invalid("period", format!("{s:?}: want day, week, month or total")))
+}
+
+/// Sets (or replaces) a budget; running gateways apply it within a second.
+pub async fn set_budget(store: &Store, b: &BudgetInput) -> Result<BudgetRow, OpsError> {
+    let metric = parse_metric(&b.metric)?;
+    let period = parse_period(&b.period)?;
+    let limit = parse_amount("limit", &b.limit, false)?;
+    if metric != Metric::Cost && !limit.fract().is_zero() {
+        return Err(invalid(
+            "limit",
+            format!("{} are counted whole", metric.as_str()),
+        ));
+    }
+    let owner = match (&b.key, &b.user) {
+        (Some(k), None) => BudgetOwner::Key(*k),
+        (None, Some(email)) => BudgetOwner::User(store.user_id_by_email(email).await?),
+        _ => return Err(invalid("owner", "give exactly one of key or user")),
+    };
+    Ok(store
+        .set_budget(owner, metric, period, limit, Utc::now())
+        .await?)
+}
+
+pub async fn list_budgets(store: &Store) -> Result<Vec<BudgetListing>, OpsError> {
+    Ok(store.list_budgets(None, Utc::now()).await?)
+}
+
+pub async fn delete_budget(store: &Store, id: i64) -> Result<(), OpsError> {
+    Ok(store.delete_budget(id, Utc::now()).await?)
 }
 
 #[cfg(test)]

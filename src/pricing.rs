@@ -56,6 +56,15 @@ impl Pricing {
         }
     }
 
+    /// The price a request for `model` on an account of `kind` is charged at, as [`Pricing::price`]
+    /// finds it; for reserving its worst case before it is sent (`spend.rs`).
+    pub fn price_of(&self, kind: AccountType, model: Option<&str>) -> Option<&Price> {
+        if let Some((_, p)) = model.and_then(|m| self.models.lookup(m)) {
+            return Some(p);
+        }
+        self.defaults.get(&kind).map(|(p, _)| p)
+    }
+
     /// Cost of `usage` for `model` on an account of `kind`. Unknown model and no default for the
     /// type: cost 0 and no counter (counted as unpriced), never a guess.
     pub fn price(&self, kind: AccountType, model: Option<&str>, usage: &Usage) -> Priced<'_> {

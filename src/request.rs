@@ -87,6 +87,42 @@ pub fn max_tokens(body: &[u8]) -> Option<u64> {
     found
 }
 
+/// How many choices a JSON request body asks for: its top-level `n` (OpenAI), at least 1. A
+/// value that is not a positive integer counts as 1 (the upstream refuses it).
+pub fn choices(body: &[u8]) -> u64 {
+    let Some(top) = scan_object(body, skip_ws(body, 0)) else {
+        return 1;
+    };
+    top.members
+        .iter()
+        .rev()
+        .find(|m| m.key_is(body, "n"))
+        .and_then(|m| std::str::from_utf8(&body[m.value.0..m.value.1]).ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// Image and audio parts in a request body, counted generously (an over-count only makes a
+/// reservation larger): every JSON string that starts with `image`, `input_image`, `audio`,
+/// `input_audio` or `file` (a key such as `"image_url"` or a `"type": "image"` value; PDFs are
+/// sized per page by their providers).
+pub fn media_parts(body: &[u8]) -> u64 {
+    static FINDERS: LazyLock<[memmem::Finder<'static>; 5]> = LazyLock::new(|| {
+        [
+            memmem::Finder::new(b"\"image"),
+            memmem::Finder::new(b"\"input_image"),
+            memmem::Finder::new(b"\"audio"),
+            memmem::Finder::new(b"\"input_audio"),
+            memmem::Finder::new(b"\"file"),
+        ]
+    });
+    FINDERS
+        .iter()
+        .map(|f| f.find_iter(body).count() as u64)
+        .sum()
+}
+
 /// Whether a JSON request body has a top-level `"stream": true`.
 pub fn wants_stream(body: &[u8]) -> bool {
     parse_stream_req(body).is_some_and(|r| r.stream == Some(true))

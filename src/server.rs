@@ -115,6 +115,14 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
         None => None,
     };
 
+    let spend = Arc::new(crate::spend::Spend::new(
+        cfg.spend.clone(),
+        store.clone(),
+        db_rt.handle().clone(),
+        crate::spend::Spend::instance_name(),
+        Arc::new(chrono::Utc::now),
+    ));
+
     let drain = Arc::new(Drain::default());
     let body_budget = body::Budget::new(cfg.server.max_buffered_body_bytes.get());
     let router = Arc::new(ArcSwap::from_pointee(reload::router_of(&cfg)));
@@ -157,6 +165,7 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
             cfg.auth.failures_per_minute_per_address,
             cfg.auth.address_table_capacity.get(),
         ),
+        spend: spend.clone(),
     };
     let reload = Arc::new(Reloader {
         path: config_path,
@@ -198,6 +207,7 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
     if let Some((_, worker)) = shared_limits {
         tasks.spawn("rate-limit-redis", |stop| worker.run(stop));
     }
+    tasks.spawn("spend-leases", |stop| spend.run(stop));
     let r = reload.clone();
     tasks.spawn("sighup", |stop| reload::on_sighup(r, stop));
     let m = metrics.clone();

@@ -34,6 +34,8 @@ pub struct Settings {
     pub limits: crate::limits::Defaults,
     /// `[limits] redis_*`: where limits are shared across instances (`None`: per instance).
     pub shared_limits: Option<crate::shared_limits::Settings>,
+    /// `[spend]`: reservations and leases of budgets and credits.
+    pub spend: crate::spend::SpendSettings,
     pub writer: Writer,
     pub metrics: Metrics,
     pub admin: Admin,
@@ -509,6 +511,7 @@ impl Settings {
         };
 
         let shared_limits = shared_limits(l)?;
+        let spend = spend(&file.spend)?;
 
         let w = &file.writer;
         let queue_capacity =
@@ -601,6 +604,7 @@ impl Settings {
             metering,
             limits,
             shared_limits,
+            spend,
             writer,
             metrics,
             admin,
@@ -608,6 +612,52 @@ impl Settings {
             default_prices: file.default_prices.clone(),
         })
     }
+}
+
+/// `[spend]`.
+fn spend(c: &crate::config::SpendConfig) -> Result<crate::spend::SpendSettings, Invalid> {
+    use crate::spend::FailPolicy;
+    let fail = match c.fail.as_str() {
+        "closed" => FailPolicy::Closed,
+        "open" => FailPolicy::Open,
+        other => {
+            return Err(invalid(
+                Place::Key("spend", "fail"),
+                format!("[spend] fail = {other:?}: it must be \"closed\" or \"open\""),
+            ))
+        }
+    };
+    let ttl = secs("spend", "lease_ttl_secs", c.lease_ttl_secs, 3600)?;
+    let idle = secs("spend", "idle_return_secs", c.idle_return_secs, 3600)?;
+    Ok(crate::spend::SpendSettings {
+        sizing: crate::budget::Sizing {
+            default_max_output_tokens: within(
+                "spend",
+                "default_max_output_tokens",
+                c.default_max_output_tokens,
+                1,
+                10_000_000,
+            )?,
+            tokens_per_media_part: within(
+                "spend",
+                "tokens_per_media_part",
+                c.tokens_per_media_part,
+                1,
+                1_000_000,
+            )?,
+        },
+        reservations_per_lease: within(
+            "spend",
+            "reservations_per_lease",
+            c.reservations_per_lease,
+            1,
+            100_000,
+        )? as i64,
+        lease_ttl: ttl,
+        lease_wait: millis("spend", "lease_wait_ms", c.lease_wait_ms, 10, 60_000)?,
+        idle_return: idle,
+        fail,
+    })
 }
 
 /// `[limits] redis_url` and what goes with it.

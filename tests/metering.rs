@@ -326,6 +326,7 @@ async fn replay_is_idempotent(db: Db) {
         requested_model: None,
         usage_source: None,
         upstream_error: None,
+        charges: Vec::new(),
     };
     let batch: Vec<_> = (0..100)
         .map(|i| record(i, if i % 10 == 0 { 502 } else { 200 }))

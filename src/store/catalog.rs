@@ -41,6 +41,9 @@ macro_rules! key_row {
                 tpm: $r.try_get("user_tpm")?,
                 max_concurrent: $r.try_get("user_max_concurrent")?,
             },
+            user_role: $r.try_get("user_role")?,
+            budgets: Vec::new(),
+            prepaid: false,
         }
     };
 }
@@ -48,7 +51,7 @@ macro_rules! key_row {
 /// The columns of the key lookup that [`key_row!`] reads, besides the key's own.
 const KEY_ROW_COLUMNS: &str = "k.id, k.user_id, k.name, k.permissions, k.is_active, k.expires_at, \
      k.rpm, k.rpd, k.tpm, k.max_concurrent, u.is_active AS user_active, u.rpm AS user_rpm, \
-     u.rpd AS user_rpd, u.tpm AS user_tpm, u.max_concurrent AS user_max_concurrent";
+     u.rpd AS user_rpd, u.tpm AS user_tpm, u.max_concurrent AS user_max_concurrent, u.role AS user_role";
 
 /// Rate limits as stored on a key or a user (migration 0006): `None` = the default (for a key the
 /// `[limits]` section, for a user none), `Some(0)` = explicitly unlimited.
@@ -142,6 +145,12 @@ pub struct KeyRow {
     pub expires_at: Option<DateTime<Utc>>,
     pub key_limits: LimitColumns,
     pub user_limits: LimitColumns,
+    /// `users.role`; `banned` (any case) refuses every key of the user.
+    pub user_role: String,
+    /// The budgets that apply to the key (its own, its user's, its user's plan's, with the
+    /// subscription start a plan's periods run from), and whether the user is prepaid.
+    pub budgets: Vec<(super::BudgetRow, Option<DateTime<Utc>>)>,
+    pub prepaid: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -330,7 +339,7 @@ impl Store {
     /// The hashes of a user's keys, after a change to the user that affects them all: each is
     /// announced on the keys channel (other instances drop it from their caches) and returned
     /// (for this instance's cache).
-    async fn user_keys_changed(&self, id: i64) -> Result<Vec<String>, StoreError> {
+    pub(super) async fn user_keys_changed(&self, id: i64) -> Result<Vec<String>, StoreError> {
         let hashes: Vec<String> = dispatch!(self, p => sqlx::query_scalar("SELECT key_hash FROM api_keys WHERE user_id = $1").bind(id).fetch_all(p).await)?;
         for h in &hashes {
             self.notify(KEYS_CHANNEL, h).await;
@@ -398,7 +407,27 @@ impl Store {
             None => None,
             Some(r) => Some(key_row!(r)),
         });
-        Ok(row)
+        match row {
+            Some(mut row) => {
+                self.attach_spend(std::iter::once(&mut row)).await?;
+                Ok(Some(row))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The spend side of key lookups: their budgets and whether their users are prepaid.
+    async fn attach_spend<'a>(
+        &self,
+        rows: impl Iterator<Item = &'a mut KeyRow>,
+    ) -> Result<(), StoreError> {
+        let mut rows: Vec<&mut KeyRow> = rows.collect();
+        let ids: Vec<(i64, i64)> = rows.iter().map(|r| (r.id, r.user_id)).collect();
+        for (row, spend) in rows.iter_mut().zip(self.spend_of_keys(&ids).await?) {
+            row.budgets = spend.budgets;
+            row.prepaid = spend.prepaid;
+        }
+        Ok(())
     }
 
     pub async fn list_keys(&self) -> Result<Vec<KeyListing>, StoreError> {
@@ -653,6 +682,10 @@ impl Store {
             r.try_get("key_hash")?,
             key_row!(r),
         ))).collect::<Result<Vec<_>, sqlx::Error>>()))?;
+        let mut rows: Vec<(String, KeyRow)> = rows;
+        for chunk in rows.chunks_mut(1000) {
+            self.attach_spend(chunk.iter_mut().map(|(_, r)| r)).await?;
+        }
         Ok(rows)
     }
 }

@@ -31,10 +31,15 @@ macro_rules! dispatch {
 
 mod catalog;
 mod report;
+mod spend;
 mod usage;
 
 pub use catalog::*;
 pub use report::*;
+pub use spend::{
+    BudgetListing, BudgetOwner, BudgetPeriod, BudgetRow, CreditBalance, Grant, GrantOutcome,
+    GrantReceipt, KeySpend, LeaseOutcome, LedgerEntry, SpendReport,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -1,0 +1,679 @@
+//! The spend admission stage: before a request is forwarded, its worst-case use (`budget.rs`)
+//! is reserved against every budget that applies to it (its key's, its user's, its user's
+//! plan's) and, for a prepaid user, against the credit balance; a request that does not fit is
+//! refused at once and never reaches an upstream. Reservations come out of **leases**, slices
+//! of a budget period or a balance this instance took from the database with one conditional
+//! update (`store/spend.rs`), so the steady path touches no database and N instances together
+//! can never lease more than the limit. When the request ends, `logging` settles its hold with
+//! the usage record: the unused part of each reservation goes back to the local lease, and the
+//! record names the leases, so the usage writer shrinks them by what was charged in the same
+//! transaction as the row.
+//!
+//! - **State**: one [`LocalPool`] per pool this instance serves (budget period × subject, or a
+//!   balance) in a sharded map: units it may still reserve (`free`, an atomic), the lease's id,
+//!   and what the database last said was left when a lease was refused. A request takes its
+//!   reservation with one compare-and-swap per pool; all of its pools or none.
+//! - **Refills**: a pool without enough free units takes a lease on the database runtime
+//!   (coalesced: one request per pool asks, the others wait for it, ≤ `[spend] lease_wait_ms`).
+//!   A refill is started ahead of need when a pool falls below a quarter of its last slice.
+//! - **The `spend-leases` task** renews this instance's leases (they expire after
+//!   `lease_ttl_secs` unless renewed: a dead instance's come back then), returns the unused part
+//!   of idle pools' leases and of periods that ended, takes back other instances' expired
+//!   leases, and returns everything at shutdown.
+//! - **Database away**: admission goes on from the leases held; a pool that needs a new lease
+//!   then follows `[spend] fail`: `closed` refuses (503 `spend_unavailable`), `open` admits
+//!   without a reservation (the charge is still settled when the row is written).
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use dashmap::DashMap;
+use metrics::{counter, Counter};
+use tokio::sync::{watch, Notify};
+
+use crate::budget::{
+    self, from_units, period_bounds, to_units, Metric, Period, RequestShape, Sizing, WorstCase,
+};
+use crate::cost::Price;
+use crate::record::{Charge, Pool, UsageRecord};
+use crate::request;
+use crate::store::{LeaseOutcome, Store};
+
+/// What the stage does when a pool needs a lease and the database cannot answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailPolicy {
+    /// Refuse (503 `spend_unavailable`, `Retry-After: 1`).
+    Closed,
+    /// Admit without a reservation.
+    Open,
+}
+
+impl FailPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailPolicy::Closed => "closed",
+            FailPolicy::Open => "open",
+        }
+    }
+}
+
+/// `[spend]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpendSettings {
+    pub sizing: Sizing,
+    /// A lease holds this many reservations like the one that asked for it (at most what is
+    /// left in the pool).
+    pub reservations_per_lease: i64,
+    pub lease_ttl: Duration,
+    pub lease_wait: Duration,
+    pub idle_return: Duration,
+    pub fail: FailPolicy,
+}
+
+/// One budget that applies to a key, as its cached key carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetRef {
+    pub budget_id: i64,
+    /// The key's id for a key's budget; the user's for a user's or a plan's.
+    pub subject_id: i64,
+    pub metric: Metric,
+    pub period: Period,
+    /// A plan's budget: the subscription's start (its periods run from it).
+    pub anchor: Option<DateTime<Utc>>,
+    /// Whose budget it is, for the refusal's message: `key`, `user` or `plan`.
+    pub owner: &'static str,
+}
+
+/// The budgets and balance a key's requests are reserved against; loaded with the key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpendPolicy {
+    pub budgets: Vec<BudgetRef>,
+    /// The user, when prepaid (granted credits at least once).
+    pub credit_user: Option<i64>,
+}
+
+impl SpendPolicy {
+    pub fn is_empty(&self) -> bool {
+        self.budgets.is_empty() && self.credit_user.is_none()
+    }
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// A prepaid user's balance cannot cover the request.
+    OutOfCredits,
+    /// A budget cannot cover it; `resets_at` = the end of its period (`None` for `total`).
+    Budget {
+        metric: Metric,
+        period: Period,
+        owner: &'static str,
+        resets_at: Option<DateTime<Utc>>,
+    },
+    /// A pool needed a lease, the database did not answer and `[spend] fail = "closed"`.
+    Unavailable,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::OutOfCredits => f.write_str(
+                "You exceeded your current quota: the credit balance cannot cover this request's \
+                 maximum cost. Add credits, or lower max_tokens.",
+            ),
+            Refusal::Budget {
+                metric,
+                period,
+                owner,
+                resets_at,
+            } => {
+                let whose = match *owner {
+                    "key" => "this API key",
+                    "plan" => "your plan",
+                    _ => "your user",
+                };
+                let per = match period {
+                    Period::Day => "daily ",
+                    Period::Week => "weekly ",
+                    Period::Month => "monthly ",
+                    Period::Total => "",
+                };
+                write!(
+                    f,
+                    "The {per}{} budget of {whose} cannot cover this request",
+                    metric.as_str()
+                )?;
+                match resets_at {
+                    Some(t) => write!(
+                        f,
+                        "; it resets at {}.",
+                        t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                    ),
+                    None => f.write_str("."),
+                }
+            }
+            Refusal::Unavailable => {
+                f.write_str("Budgets and credits cannot be checked right now; retry shortly.")
+            }
+        }
+    }
+}
+
+impl Refusal {
+    /// Seconds until the refusal can change (`Retry-After`), where that is known.
+    pub fn retry_after(&self, now: DateTime<Utc>) -> Option<u64> {
+        match self {
+            Refusal::Budget {
+                resets_at: Some(t), ..
+            } => Some(u64::try_from((*t - now).num_seconds().max(0) + 1).unwrap_or(1)),
+            Refusal::Unavailable => Some(1),
+            _ => None,
+        }
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            Refusal::OutOfCredits => "insufficient_quota",
+            Refusal::Budget { .. } => "budget_exceeded",
+            Refusal::Unavailable => "spend_unavailable",
+        }
+    }
+}
+
+/// This instance's share of one pool.
+pub struct LocalPool {
+    pool: Pool,
+    /// Units this instance may still reserve from its lease (may go below 0 when a request
+    /// spent more than its reservation).
+    free: AtomicI64,
+    /// `spend_leases.id`, 0 before the first lease.
+    lease_id: AtomicI64,
+    /// The size of the last lease granted, for the refill-ahead mark.
+    last_slice: AtomicI64,
+    /// Reservations taken and not yet settled or dropped.
+    outstanding: AtomicI64,
+    /// When a lease was last refused for want of room (ms since the stage's epoch; 0 = never)
+    /// and how many units the database said were left then.
+    exhausted_at_ms: AtomicU64,
+    exhausted_left: AtomicI64,
+    /// Last reservation (ms), for returning idle leases.
+    used_at_ms: AtomicU64,
+    refilling: AtomicBool,
+    refilled: Notify,
+}
+
+impl LocalPool {
+    fn new(pool: Pool) -> LocalPool {
+        LocalPool {
+            pool,
+            free: AtomicI64::new(0),
+            lease_id: AtomicI64::new(0),
+            last_slice: AtomicI64::new(0),
+            outstanding: AtomicI64::new(0),
+            exhausted_at_ms: AtomicU64::new(0),
+            exhausted_left: AtomicI64::new(0),
+            used_at_ms: AtomicU64::new(0),
+            refilling: AtomicBool::new(false),
+            refilled: Notify::new(),
+        }
+    }
+
+    /// Takes `units` if free holds them.
+    fn try_take(&self, units: i64) -> bool {
+        self.free
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| {
+                (f >= units).then(|| f - units)
+            })
+            .is_ok()
+    }
+}
+
+/// One reservation held by a request.
+struct Held {
+    pool: Arc<LocalPool>,
+    units: i64,
+    /// 0: admitted without a lease (`fail = "open"`).
+    lease_id: i64,
+}
+
+/// A request's reservations: settled by `logging` with its usage record; dropped unsettled (the
+/// request never became a record) they all go back.
+pub struct SpendHold {
+    held: Vec<Held>,
+}
+
+impl SpendHold {
+    /// Gives back what the request did not use and names its leases on the record, for the
+    /// usage writer to settle in the row's transaction.
+    pub fn settle(&mut self, record: &mut UsageRecord) {
+        for h in self.held.drain(..) {
+            let metric = h.pool.pool.metric();
+            let used = to_units(metric, record.amount(metric));
+            h.pool.free.fetch_add(h.units - used, Ordering::AcqRel);
+            h.pool.outstanding.fetch_sub(1, Ordering::AcqRel);
+            if h.lease_id != 0 {
+                record.charges.push(Charge {
+                    pool: h.pool.pool,
+                    lease_id: h.lease_id,
+                });
+            }
+        }
+    }
+}
+
+impl Drop for SpendHold {
+    fn drop(&mut self) {
+        for h in self.held.drain(..) {
+            h.pool.free.fetch_add(h.units, Ordering::AcqRel);
+            h.pool.outstanding.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// The clock the stage reads (injected by tests).
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+struct Handles {
+    refused_credits: Counter,
+    refused_budget: Counter,
+    refused_unavailable: Counter,
+    fail_open: Counter,
+    leases_granted: Counter,
+    leases_exhausted: Counter,
+    lease_errors: Counter,
+}
+
+/// The stage: this instance's pools and the way to the database.
+pub struct Spend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pools: DashMap<Pool, Arc<LocalPool>>,
+    settings: SpendSettings,
+    store: Store,
+    /// The database runtime, where leases are taken.
+    db: tokio::runtime::Handle,
+    /// This process's name on its leases.
+    instance: String,
+    clock: Clock,
+    epoch: std::time::Instant,
+    metrics: Handles,
+}
+
+impl Spend {
+    pub fn new(
+        settings: SpendSettings,
+        store: Store,
+        db: tokio::runtime::Handle,
+        instance: String,
+        clock: Clock,
+    ) -> Spend {
+        let refused =
+            |reason: &'static str| counter!("tollgate_spend_refused_total", "reason" => reason);
+        let leases =
+            |outcome: &'static str| counter!("tollgate_spend_leases_total", "outcome" => outcome);
+        Spend {
+            inner: Arc::new(Inner {
+                pools: DashMap::new(),
+                store,
+                db,
+                instance,
+                clock,
+                epoch: std::time::Instant::now(),
+                metrics: Handles {
+                    refused_credits: refused("insufficient_quota"),
+                    refused_budget: refused("budget_exceeded"),
+                    refused_unavailable: refused("spend_unavailable"),
+                    fail_open: counter!("tollgate_spend_fail_open_total"),
+                    leases_granted: leases("granted"),
+                    leases_exhausted: leases("exhausted"),
+                    lease_errors: leases("error"),
+                },
+                settings,
+            }),
+        }
+    }
+
+    /// A name for this process's leases: host, pid and a random suffix (a restarted process
+    /// never takes over its predecessor's leases; those expire).
+    pub fn instance_name() -> String {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "tollgate".into());
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        format!("{host}-{}-{}", std::process::id(), &id[id.len() - 8..])
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        (self.inner.clock)()
+    }
+
+    /// Reserves a request's worst case against every pool of `policy`: all or none. `price` is
+    /// the requested model's (`None`: unpriced, reserved at 0 cost).
+    pub async fn admit(
+        &self,
+        policy: &SpendPolicy,
+        body: &[u8],
+        price: Option<&Price>,
+    ) -> Result<SpendHold, Refusal> {
+        let now = self.now();
+        let worst = WorstCase::of(shape(body), self.inner.settings.sizing);
+        let mut hold = SpendHold {
+            held: Vec::with_capacity(policy.budgets.len() + 1),
+        };
+        for b in &policy.budgets {
+            let (start, end) = period_bounds(b.period, b.anchor, now);
+            let pool = Pool::Budget {
+                budget_id: b.budget_id,
+                subject_id: b.subject_id,
+                metric: b.metric,
+                period_start: start,
+            };
+            let units = worst.units(b.metric, price);
+            self.reserve(&mut hold, pool, units)
+                .await
+                .map_err(|r| match r {
+                    Refusal::OutOfCredits => Refusal::Budget {
+                        metric: b.metric,
+                        period: b.period,
+                        owner: b.owner,
+                        resets_at: end,
+                    },
+                    r => r,
+                })?;
+        }
+        if let Some(user_id) = policy.credit_user {
+            let units = worst.units(Metric::Cost, price);
+            self.reserve(&mut hold, Pool::Credit { user_id }, units)
+                .await?;
+        }
+        Ok(hold)
+    }
+
+    /// One pool's reservation into `hold` (`Err(OutOfCredits)` stands for "does not fit").
+    async fn reserve(&self, hold: &mut SpendHold, pool: Pool, units: i64) -> Result<(), Refusal> {
+        let inner = &self.inner;
+        let lp = inner
+            .pools
+            .entry(pool)
+            .or_insert_with(|| Arc::new(LocalPool::new(pool)))
+            .clone();
+        let now_ms = self.ms();
+        lp.used_at_ms.store(now_ms, Ordering::Relaxed);
+        let mut waits = 0;
+        loop {
+            if lp.try_take(units) {
+                lp.outstanding.fetch_add(1, Ordering::AcqRel);
+                let lease_id = lp.lease_id.load(Ordering::Acquire);
+                // Refill ahead of need: below a quarter of the last slice.
+                let low = lp.last_slice.load(Ordering::Relaxed) / 4;
+                if lp.free.load(Ordering::Relaxed) < low.max(units) {
+                    self.refill_in_background(&lp, units);
+                }
+                hold.held.push(Held {
+                    pool: lp,
+                    units,
+                    lease_id,
+                });
+                return Ok(());
+            }
+            // The database said a moment ago that this does not fit: do not ask again yet.
+            let at = lp.exhausted_at_ms.load(Ordering::Acquire);
+            if at != 0
+                && now_ms.saturating_sub(at) < 1000
+                && units
+                    > lp.exhausted_left.load(Ordering::Acquire) + lp.free.load(Ordering::Acquire)
+            {
+                return Err(self.refused(Refusal::OutOfCredits));
+            }
+            if waits > 3 {
+                return Err(self.refused(Refusal::OutOfCredits));
+            }
+            waits += 1;
+            if lp
+                .refilling
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                let outcome = self.refill(&lp, units).await;
+                lp.refilling.store(false, Ordering::Release);
+                lp.refilled.notify_waiters();
+                match outcome {
+                    Ok(LeaseOutcome::Granted { .. }) => continue,
+                    Ok(LeaseOutcome::Exhausted { .. }) => {
+                        if lp.free.load(Ordering::Acquire) >= units {
+                            continue; // a request settled meanwhile
+                        }
+                        return Err(self.refused(Refusal::OutOfCredits));
+                    }
+                    Ok(LeaseOutcome::Gone) => return Ok(()), // nothing to hold against any more
+                    Err(()) => return self.unavailable(hold, &lp, units),
+                }
+            } else {
+                let notified = lp.refilled.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if lp.refilling.load(Ordering::Acquire)
+                    && tokio::time::timeout(inner.settings.lease_wait, notified)
+                        .await
+                        .is_err()
+                {
+                    return self.unavailable(hold, &lp, units);
+                }
+            }
+        }
+    }
+
+    /// The fail policy for a pool that needed a lease the database could not give.
+    fn unavailable(
+        &self,
+        hold: &mut SpendHold,
+        lp: &Arc<LocalPool>,
+        units: i64,
+    ) -> Result<(), Refusal> {
+        match self.inner.settings.fail {
+            FailPolicy::Closed => Err(self.refused(Refusal::Unavailable)),
+            FailPolicy::Open => {
+                self.inner.metrics.fail_open.increment(1);
+                // Held without a lease: settled by the writer all the same, counted locally.
+                lp.free.fetch_sub(units, Ordering::AcqRel);
+                lp.outstanding.fetch_add(1, Ordering::AcqRel);
+                hold.held.push(Held {
+                    pool: lp.clone(),
+                    units,
+                    lease_id: 0,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    fn refused(&self, r: Refusal) -> Refusal {
+        let m = &self.inner.metrics;
+        match r {
+            Refusal::OutOfCredits => m.refused_credits.increment(1),
+            Refusal::Budget { .. } => m.refused_budget.increment(1),
+            Refusal::Unavailable => m.refused_unavailable.increment(1),
+        }
+        r
+    }
+
+    fn ms(&self) -> u64 {
+        u64::try_from(self.inner.epoch.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// Takes a lease for `lp` on the database runtime and adds it to `free`. `Err` = the
+    /// database did not answer within `lease_wait`.
+    async fn refill(&self, lp: &Arc<LocalPool>, units: i64) -> Result<LeaseOutcome, ()> {
+        let inner = self.inner.clone();
+        let lp2 = lp.clone();
+        let task = self
+            .inner
+            .db
+            .spawn(async move { take(&inner, &lp2, units).await });
+        match tokio::time::timeout(self.inner.settings.lease_wait, task).await {
+            Ok(Ok(Ok(outcome))) => Ok(outcome),
+            _ => Err(()),
+        }
+    }
+
+    fn refill_in_background(&self, lp: &Arc<LocalPool>, units: i64) {
+        if lp
+            .refilling
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        let inner = self.inner.clone();
+        let lp = lp.clone();
+        self.inner.db.spawn(async move {
+            let _ = take(&inner, &lp, units).await;
+            lp.refilling.store(false, Ordering::Release);
+            lp.refilled.notify_waiters();
+        });
+    }
+
+    /// The `spend-leases` task: renews this instance's leases, returns idle ones, takes back
+    /// expired ones of dead instances, and returns everything when stopped.
+    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let inner = &self.inner;
+        let tick = Duration::from_secs(1);
+        let renew_every = inner.settings.lease_ttl / 3;
+        let mut last_renew = std::time::Instant::now();
+        let mut last_reclaim = std::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = stop.changed() => break,
+                _ = tokio::time::sleep(tick) => {}
+            }
+            let now = self.now();
+            if last_renew.elapsed() >= renew_every {
+                last_renew = std::time::Instant::now();
+                let until =
+                    now + chrono::Duration::from_std(inner.settings.lease_ttl).unwrap_or_default();
+                if let Err(e) = inner.store.renew_leases(&inner.instance, until).await {
+                    tracing::warn!(error = %e, "spend: renewing leases failed; retrying");
+                }
+            }
+            self.return_idle(now, false).await;
+            if last_reclaim.elapsed() >= inner.settings.lease_ttl {
+                last_reclaim = std::time::Instant::now();
+                match inner.store.reclaim_expired_leases(now).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(leases = n, "spend: took back expired leases"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "spend: taking back expired leases failed")
+                    }
+                }
+            }
+        }
+        self.return_idle(self.now(), true).await;
+    }
+
+    /// Returns the free part of leases idle for `idle_return` (or of periods that ended), or of
+    /// all (`all`, at shutdown); forgets pools nobody holds.
+    async fn return_idle(&self, now: DateTime<Utc>, all: bool) {
+        let inner = &self.inner;
+        let idle_ms = u64::try_from(inner.settings.idle_return.as_millis()).unwrap_or(u64::MAX);
+        let now_ms = self.ms();
+        let candidates: Vec<Arc<LocalPool>> = inner
+            .pools
+            .iter()
+            // A period that ended is idle from then on (no request maps to it any more).
+            .filter(|e| {
+                all || now_ms.saturating_sub(e.value().used_at_ms.load(Ordering::Relaxed))
+                    >= idle_ms
+            })
+            .map(|e| e.value().clone())
+            .collect();
+        for lp in candidates {
+            if lp.refilling.load(Ordering::Acquire) {
+                continue;
+            }
+            let lease_id = lp.lease_id.load(Ordering::Acquire);
+            let free = lp.free.swap(0, Ordering::AcqRel);
+            if free > 0 && lease_id != 0 {
+                let metric = lp.pool.metric();
+                if let Err(e) = inner
+                    .store
+                    .return_lease(&lp.pool, lease_id, from_units(metric, free), now)
+                    .await
+                {
+                    // Kept: it expires with the lease if the database stays away.
+                    lp.free.fetch_add(free, Ordering::AcqRel);
+                    tracing::warn!(error = %e, "spend: returning a lease failed; it will expire");
+                    continue;
+                }
+            } else if free != 0 {
+                lp.free.fetch_add(free, Ordering::AcqRel);
+            }
+            inner.pools.remove_if(&lp.pool, |_, v| {
+                Arc::strong_count(v) <= 2
+                    && v.outstanding.load(Ordering::Acquire) == 0
+                    && v.free.load(Ordering::Acquire) == 0
+            });
+        }
+    }
+}
+
+/// Takes a lease for `lp` (on the database runtime).
+async fn take(inner: &Inner, lp: &LocalPool, units: i64) -> Result<LeaseOutcome, ()> {
+    let metric = lp.pool.metric();
+    let slice = budget::lease_slice(units, inner.settings.reservations_per_lease, i64::MAX)
+        .unwrap_or(units);
+    let ttl = chrono::Duration::from_std(inner.settings.lease_ttl).unwrap_or_default();
+    match inner
+        .store
+        .take_lease(
+            &inner.instance,
+            &lp.pool,
+            from_units(metric, units),
+            from_units(metric, slice),
+            ttl,
+            (inner.clock)(),
+        )
+        .await
+    {
+        Ok(LeaseOutcome::Granted { lease_id, amount }) => {
+            let got = to_units(metric, amount);
+            lp.lease_id.store(lease_id, Ordering::Release);
+            lp.last_slice.store(got, Ordering::Relaxed);
+            lp.exhausted_at_ms.store(0, Ordering::Release);
+            lp.free.fetch_add(got, Ordering::AcqRel);
+            inner.metrics.leases_granted.increment(1);
+            Ok(LeaseOutcome::Granted { lease_id, amount })
+        }
+        Ok(LeaseOutcome::Exhausted { available }) => {
+            lp.exhausted_left
+                .store(to_units(metric, available), Ordering::Release);
+            lp.exhausted_at_ms.store(
+                u64::try_from(inner.epoch.elapsed().as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+                Ordering::Release,
+            );
+            inner.metrics.leases_exhausted.increment(1);
+            Ok(LeaseOutcome::Exhausted { available })
+        }
+        Ok(LeaseOutcome::Gone) => Ok(LeaseOutcome::Gone),
+        Err(e) => {
+            inner.metrics.lease_errors.increment(1);
+            tracing::warn!(error = %e, "spend: taking a lease failed");
+            Err(())
+        }
+    }
+}
+
+/// What the reservation of a request rests on, read from its body.
+pub fn shape(body: &[u8]) -> RequestShape {
+    RequestShape {
+        body_bytes: body.len() as u64,
+        media_parts: request::media_parts(body),
+        max_tokens: request::max_tokens(body),
+        choices: request::choices(body),
+    }
+}
