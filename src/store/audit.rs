@@ -190,6 +190,72 @@ mod tests {
         }
     }
 
+    /// A transaction that wrote no audit row does not commit, and what it wrote is gone; with
+    /// its row it commits, and the row reads back.
+    #[tokio::test]
+    async fn no_commit_without_an_audit_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let store = Store::connect(&url, 1).await.unwrap();
+        let users = |store: Store| async move { store.list_users().await.unwrap().len() };
+
+        let mut tx = store.begin().await.unwrap();
+        tx.create_user("a@example.com", "a", "user").await.unwrap();
+        assert!(matches!(tx.commit().await, Err(StoreError::Unaudited)));
+        assert_eq!(users(store.clone()).await, 0);
+
+        let mut tx = store.begin().await.unwrap();
+        let id = tx.create_user("a@example.com", "a", "user").await.unwrap();
+        let after = tx.user_snapshot(id).await.unwrap();
+        let actor = Actor::cli("alice");
+        tx.audit(
+            &actor,
+            "user.create",
+            &Target::user(id),
+            None,
+            after.clone(),
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(users(store.clone()).await, 1);
+        let query = |t: Option<&str>, i: Option<&str>| AuditQuery {
+            limit: 10,
+            target_type: t.map(str::to_string),
+            target_id: i.map(str::to_string),
+        };
+        let rows = store
+            .audit_log(&query(Some("user"), Some("1")))
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 1);
+        let r = &rows[0];
+        assert_eq!(
+            (
+                r.actor.as_str(),
+                r.action.as_str(),
+                r.target_type.as_str(),
+                r.target_id.as_str()
+            ),
+            ("cli:alice", "user.create", "user", "1")
+        );
+        assert_eq!((r.before.clone(), r.after.clone()), (None, after));
+        assert!(store
+            .audit_log(&query(Some("key"), None))
+            .await
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            store
+                .audit_log(&query(None, Some("1")))
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        store.close().await;
+    }
+
     #[test]
     fn actors() {
         assert_eq!(Actor::admin_token("ops").as_str(), "admin-token:ops");

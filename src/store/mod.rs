@@ -254,9 +254,9 @@ impl Tx {
         self.commit_unaudited().await
     }
 
-    /// Commits writes that are not admin actions: the fixtures of benches. (Everything tollgate
-    /// itself writes to users, keys and accounts is audited, config accounts saved at start and
-    /// credentials sealed in place too, as `system:start`.)
+    /// Commits writes that are not admin actions: the fixtures of benches. (Every admin change
+    /// is audited, and so are config accounts saved and credentials sealed at start, as
+    /// `system:start`; the usage counters are the usage writer's and never go through a `Tx`.)
     pub async fn commit_unaudited(self) -> Result<(), StoreError> {
         match self.conn {
             TxConn::Postgres(t) => t.commit().await?,
