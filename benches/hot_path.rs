@@ -51,22 +51,24 @@ fn key_check(c: &mut Criterion) {
     let hash = keys::hash(&key);
     let store = rt.block_on(async {
         let store = Store::connect(&url, 2).await.expect("sqlite store");
-        let user = store
+        // A fixture, not an admin action: committed without an audit row.
+        let mut tx = store.begin().await.expect("transaction");
+        let user = tx
             .create_user("bench@example.com", "bench", "user")
             .await
             .expect("user");
-        store
-            .create_key(
-                user,
-                "bench",
-                &keys::hash_hex(&key),
-                keys::display_prefix(&key),
-                &serde_json::json!([]),
-                None,
-                &Default::default(),
-            )
-            .await
-            .expect("key");
+        tx.create_key(
+            user,
+            "bench",
+            &keys::hash_hex(&key),
+            keys::display_prefix(&key),
+            &serde_json::json!([]),
+            None,
+            &Default::default(),
+        )
+        .await
+        .expect("key");
+        tx.commit_unaudited().await.expect("commit");
         store
     });
     let cache = std::sync::Arc::new(KeyCache::new(

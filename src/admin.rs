@@ -2,7 +2,8 @@
 //! `Authorization: Bearer $TOLLGATE_ADMIN_TOKEN` (compared in constant time). The actions are the
 //! CLI's (`ops.rs`); this module adds routing, the token, and the effects on this running
 //! instance: a changed key is dropped from the key cache at once, a changed account reloads the
-//! account set.
+//! account set. Every change is audited as done by `admin-token:<[admin] token_name>`, and
+//! `GET /admin/audit` reads the log.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,16 +16,16 @@ use crate::auth::KeyCache;
 use crate::httpd::{query_param, Handler, Request, Response};
 use crate::ops::{self, OpsError};
 use crate::secrets::Keyring;
-use crate::store::{GroupBy, KeyPatch, Store};
+use crate::store::{Actor, GroupBy, KeyPatch, Store};
 
 pub const TOKEN_ENV: &str = "TOLLGATE_ADMIN_TOKEN";
 
 /// The OpenAPI document, kept in the repo next to the code it describes.
 pub const OPENAPI: &str = include_str!("../openapi.json");
 
-/// Re-reads the config; returns what was wrong when it is refused.
+/// Re-reads the config on behalf of the actor (audited); returns what was wrong when it is refused.
 pub type ReloadFn =
-    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+    Arc<dyn Fn(Actor) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
 pub struct Admin {
     pub store: Store,
@@ -34,6 +35,8 @@ pub struct Admin {
     /// Wakes the account refresher.
     pub accounts_changed: Arc<Notify>,
     pub reload: ReloadFn,
+    /// Who the token's holder is in the audit log: `admin-token:<[admin] token_name>`.
+    pub actor: Actor,
     /// SHA-256 of the token: comparing digests keeps the comparison constant-time in length too.
     token_digest: [u8; 32],
 }
@@ -46,6 +49,7 @@ impl Admin {
         accounts_changed: Arc<Notify>,
         reload: ReloadFn,
         token: &str,
+        actor: Actor,
     ) -> Admin {
         Admin {
             store,
@@ -53,6 +57,7 @@ impl Admin {
             keys,
             accounts_changed,
             reload,
+            actor,
             token_digest: Sha256::digest(token.as_bytes()).into(),
         }
     }
@@ -89,6 +94,7 @@ impl Admin {
             s.parse::<i64>()
                 .map_err(|_| bad("id", "must be an integer"))
         };
+        let actor = &self.actor;
         let result: Result<Response, OpsError> = async {
             use http::Method as M;
             Ok(match (&req.method, segments.as_slice()) {
@@ -97,22 +103,23 @@ impl Admin {
                     Response::json(200, &ops::list_users(&self.store).await?)
                 }
                 (&M::POST, ["admin", "users"]) => {
-                    Response::json(201, &ops::add_user(&self.store, &body(&req)?).await?)
+                    Response::json(201, &ops::add_user(&self.store, actor, &body(&req)?).await?)
                 }
                 (&M::POST, ["admin", "users", uid, "deactivate"]) => {
-                    for hash in ops::deactivate_user(&self.store, id(uid)?).await? {
+                    for hash in ops::deactivate_user(&self.store, actor, id(uid)?).await? {
                         self.keys.invalidate_hex(&hash);
                     }
                     Response::json(200, &serde_json::json!({ "deactivated": true }))
                 }
                 (&M::POST, ["admin", "users", uid, "activate"]) => {
-                    for hash in ops::activate_user(&self.store, id(uid)?).await? {
+                    for hash in ops::activate_user(&self.store, actor, id(uid)?).await? {
                         self.keys.invalidate_hex(&hash);
                     }
                     Response::json(200, &serde_json::json!({ "activated": true }))
                 }
                 (&M::PATCH, ["admin", "users", uid]) => {
-                    for hash in ops::update_user(&self.store, id(uid)?, &body(&req)?).await? {
+                    for hash in ops::update_user(&self.store, actor, id(uid)?, &body(&req)?).await?
+                    {
                         self.keys.invalidate_hex(&hash);
                     }
                     Response::json(200, &serde_json::json!({ "updated": true }))
@@ -120,17 +127,18 @@ impl Admin {
                 (&M::GET, ["admin", "keys"]) => {
                     Response::json(200, &ops::list_keys(&self.store).await?)
                 }
-                (&M::POST, ["admin", "keys"]) => {
-                    Response::json(201, &ops::create_key(&self.store, &body(&req)?).await?)
-                }
+                (&M::POST, ["admin", "keys"]) => Response::json(
+                    201,
+                    &ops::create_key(&self.store, actor, &body(&req)?).await?,
+                ),
                 (&M::POST, ["admin", "keys", kid, "revoke"]) => {
-                    let hash = ops::revoke_key(&self.store, id(kid)?).await?;
+                    let hash = ops::revoke_key(&self.store, actor, id(kid)?).await?;
                     self.keys.invalidate_hex(&hash);
                     Response::json(200, &serde_json::json!({ "revoked": true }))
                 }
                 (&M::PATCH, ["admin", "keys", kid]) => {
                     let patch: KeyPatch = body(&req)?;
-                    let hash = ops::update_key(&self.store, id(kid)?, &patch).await?;
+                    let hash = ops::update_key(&self.store, actor, id(kid)?, &patch).await?;
                     self.keys.invalidate_hex(&hash);
                     Response::json(200, &serde_json::json!({ "updated": true }))
                 }
@@ -138,17 +146,20 @@ impl Admin {
                     Response::json(200, &ops::list_accounts(&self.store).await?)
                 }
                 (&M::POST, ["admin", "accounts"]) => {
-                    let new_id = ops::add_account(&self.store, &self.sealing, &body(&req)?).await?;
+                    let new_id =
+                        ops::add_account(&self.store, &self.sealing, actor, &body(&req)?).await?;
                     self.accounts_changed.notify_one();
                     Response::json(201, &serde_json::json!({ "id": new_id }))
                 }
                 (&M::PATCH, ["admin", "accounts", aid]) => {
-                    ops::update_account(&self.store, &self.sealing, id(aid)?, &body(&req)?).await?;
+                    let update = body(&req)?;
+                    ops::update_account(&self.store, &self.sealing, actor, id(aid)?, &update)
+                        .await?;
                     self.accounts_changed.notify_one();
                     Response::json(200, &serde_json::json!({ "updated": true }))
                 }
                 (&M::DELETE, ["admin", "accounts", aid]) => {
-                    ops::delete_account(&self.store, id(aid)?).await?;
+                    ops::delete_account(&self.store, actor, id(aid)?).await?;
                     self.accounts_changed.notify_one();
                     Response::json(200, &serde_json::json!({ "deleted": true }))
                 }
@@ -171,7 +182,27 @@ impl Admin {
                         &ops::usage(&self.store, &since, until.as_deref(), by).await?,
                     )
                 }
-                (&M::POST, ["admin", "reload"]) => match (self.reload)().await {
+                (&M::GET, ["admin", "audit"]) => {
+                    let q = req.query.as_deref();
+                    let limit =
+                        match query_param(q, "limit") {
+                            Some(l) => Some(l.parse::<i64>().map_err(|_| {
+                                bad("limit", "must be an integer between 1 and 10000")
+                            })?),
+                            None => None,
+                        };
+                    let target_type = query_param(q, "target_type");
+                    let target_id = query_param(q, "target_id");
+                    let rows = ops::audit_log(
+                        &self.store,
+                        limit,
+                        target_type.as_deref(),
+                        target_id.as_deref(),
+                    )
+                    .await?;
+                    Response::json(200, &rows)
+                }
+                (&M::POST, ["admin", "reload"]) => match (self.reload)(actor.clone()).await {
                     Ok(()) => Response::json(200, &serde_json::json!({ "reloaded": true })),
                     Err(e) => Response::error(400, "invalid_config", &e),
                 },
@@ -256,6 +287,7 @@ mod tests {
             "/admin/accounts/{id}",
             "/admin/usage",
             "/admin/reload",
+            "/admin/audit",
         ] {
             assert!(paths.contains_key(p), "{p} missing from openapi.json");
         }

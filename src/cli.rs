@@ -1,5 +1,6 @@
 //! The command line: `serve`, `migrate`, and the operator commands for users, keys and accounts.
-//! Listings go to stdout; `keys create` prints the new key alone on stdout's last line.
+//! Listings go to stdout; `keys create` prints the new key alone on stdout's last line. Every
+//! change is audited as done by `cli:<OS user>`; `tollgate audit` reads the log.
 
 use std::path::PathBuf;
 
@@ -10,7 +11,9 @@ use crate::config;
 use crate::keyring;
 use crate::ops;
 use crate::settings::{self, Settings};
-use crate::store::{AccountLimitColumns, GrantOutcome, GroupBy, LimitColumns, LimitPatch, Store};
+use crate::store::{
+    AccountLimitColumns, Actor, AuditRow, GrantOutcome, GroupBy, LimitColumns, LimitPatch, Store,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -49,6 +52,8 @@ pub enum Command {
     Budgets(BudgetsCmd),
     /// Usage totals over a time range: requests, errors, tokens, cost.
     Usage(UsageArgs),
+    /// The audit log: every admin action (CLI or admin API), newest first.
+    Audit(AuditArgs),
     /// Tell a running gateway to re-read its config (through its admin API).
     Reload {
         /// The admin API's address, when `[admin] listen` does not say it (port 0: the gateway's
@@ -75,6 +80,19 @@ pub struct UsageArgs {
     /// Also check the metering invariants (every request id once, counters equal to row counts).
     #[arg(long)]
     pub check: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct AuditArgs {
+    /// How many rows, newest first (1 to 10000).
+    #[arg(long, default_value_t = ops::AUDIT_LIMIT.0)]
+    pub limit: i64,
+    /// Only rows about this target: TYPE (user, key, account, config, keyring) or TYPE:ID.
+    #[arg(long, value_name = "TYPE[:ID]")]
+    pub target: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `--by`: the command-line spelling of [`GroupBy`] (storage knows nothing of clap).
@@ -377,7 +395,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     crate::store::redact_url(&cfg.database.url)
                 )
             })?;
-        let result = admin(&store, &cfg.database, cli.command).await;
+        let result = admin(&store, &cfg.database, &cli_actor(), cli.command).await;
         store.close().await;
         result
     })
@@ -385,7 +403,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Account commands that write first open the credentials (`keyring::unlock`: the key checked,
 /// plaintext credentials from before encryption sealed in place).
-async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyhow::Result<()> {
+async fn admin(
+    store: &Store,
+    db: &settings::Database,
+    actor: &Actor,
+    command: Command,
+) -> anyhow::Result<()> {
     match command {
         Command::Serve | Command::Reload { .. } => unreachable!("handled by run"),
         Command::Migrate => eprintln!("migrations applied"),
@@ -396,6 +419,7 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
         }) => {
             let u = ops::add_user(
                 store,
+                actor,
                 &ops::NewUser {
                     email,
                     username,
@@ -422,11 +446,11 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
             })?;
         }
         Command::Users(UsersCmd::Deactivate { id }) => {
-            ops::deactivate_user(store, id).await?;
+            ops::deactivate_user(store, actor, id).await?;
             eprintln!("user {id} deactivated; running gateways refuse their keys within a second");
         }
         Command::Users(UsersCmd::Activate { id }) => {
-            ops::activate_user(store, id).await?;
+            ops::activate_user(store, actor, id).await?;
             eprintln!("user {id} activated; running gateways accept their keys within a second");
         }
         Command::Users(UsersCmd::Update { email, limits }) => {
@@ -435,7 +459,9 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
                 bail!("nothing to change: give --rpm, --rpd, --tpm or --max-concurrent");
             }
             let id = store.user_id_by_email(&email).await?;
-            ops::update_user(store, id, &patch).await.map_err(flag)?;
+            ops::update_user(store, actor, id, &patch)
+                .await
+                .map_err(flag)?;
             eprintln!("user {email} updated; running gateways apply it within a second");
         }
         Command::Keys(KeysCmd::Create {
@@ -449,6 +475,7 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
                 .map_err(|e| anyhow::anyhow!("--permissions is not JSON: {e}"))?;
             let k = ops::create_key(
                 store,
+                actor,
                 &ops::NewKey {
                     user: user.clone(),
                     name,
@@ -483,7 +510,7 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
             })?;
         }
         Command::Keys(KeysCmd::Revoke { id }) => {
-            ops::revoke_key(store, id).await?;
+            ops::revoke_key(store, actor, id).await?;
             eprintln!("key {id} revoked; running gateways refuse it within a second");
         }
         Command::Keys(KeysCmd::Update { id, limits }) => {
@@ -493,6 +520,7 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
             }
             ops::update_key(
                 store,
+                actor,
                 id,
                 &crate::store::KeyPatch {
                     limits: patch,
@@ -529,8 +557,8 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
             };
             // Bad input is refused before the keyring is opened (or its file created).
             ops::check_account(&input).map_err(flag)?;
-            let sealing = keyring::unlock(store, db).await?;
-            let id = ops::add_account(store, &sealing, &input)
+            let sealing = keyring::unlock(store, db, actor).await?;
+            let id = ops::add_account(store, &sealing, actor, &input)
                 .await
                 .map_err(flag)?;
             eprintln!("created account {id} ({name})");
@@ -566,8 +594,8 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
                     Err(_) => bail!("no account named {account:?}"),
                 },
             };
-            let sealing = keyring::unlock(store, db).await?;
-            ops::update_account(store, &sealing, id, &update)
+            let sealing = keyring::unlock(store, db, actor).await?;
+            ops::update_account(store, &sealing, actor, id, &update)
                 .await
                 .map_err(flag)?;
             eprintln!("account {account} updated; running gateways apply it within a second");
@@ -592,10 +620,11 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
             })?;
         }
         Command::Accounts(AccountsCmd::Disable { id }) => {
-            let sealing = keyring::unlock(store, db).await?;
+            let sealing = keyring::unlock(store, db, actor).await?;
             ops::update_account(
                 store,
                 &sealing,
+                actor,
                 id,
                 &ops::AccountUpdate {
                     is_active: Some(false),
@@ -606,10 +635,11 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
             eprintln!("account {id} disabled");
         }
         Command::Accounts(AccountsCmd::Enable { id }) => {
-            let sealing = keyring::unlock(store, db).await?;
+            let sealing = keyring::unlock(store, db, actor).await?;
             ops::update_account(
                 store,
                 &sealing,
+                actor,
                 id,
                 &ops::AccountUpdate {
                     is_active: Some(true),
@@ -620,12 +650,12 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
             eprintln!("account {id} enabled");
         }
         Command::Accounts(AccountsCmd::Delete { id }) => {
-            keyring::unlock(store, db).await?;
-            ops::delete_account(store, id).await?;
+            keyring::unlock(store, db, actor).await?;
+            ops::delete_account(store, actor, id).await?;
             eprintln!("account {id} deleted");
         }
         Command::Accounts(AccountsCmd::RotateEncryption { old_key_files }) => {
-            let (n, key_id) = keyring::rotate(store, db, &old_key_files).await?;
+            let (n, key_id) = keyring::rotate(store, db, &old_key_files, actor).await?;
             eprintln!(
                 "{n} upstream credentials re-sealed under master key id {key_id}; restart running gateways with this key (until then they keep the accounts they have loaded)"
             );
@@ -646,7 +676,7 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
                 note,
             };
             let (receipt, replayed) =
-                match ops::grant_credits(store, &input, idempotency_key.as_deref())
+                match ops::grant_credits(store, actor, &input, idempotency_key.as_deref())
                     .await
                     .map_err(flag)?
                 {
@@ -714,6 +744,7 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
         }) => {
             let b = ops::set_budget(
                 store,
+                actor,
                 &ops::BudgetInput {
                     key,
                     user: user.clone(),
@@ -762,8 +793,31 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
             })?;
         }
         Command::Budgets(BudgetsCmd::Delete { id }) => {
-            ops::delete_budget(store, id).await.map_err(flag)?;
+            ops::delete_budget(store, actor, id).await.map_err(flag)?;
             eprintln!("budget {id} deleted; running gateways apply it within a second");
+        }
+        Command::Audit(args) => {
+            let (target_type, target_id) = match &args.target {
+                Some(t) => match t.split_once(':') {
+                    Some((kind, id)) => (Some(kind), Some(id)),
+                    None => (Some(t.as_str()), None),
+                },
+                None => (None, None),
+            };
+            let rows = ops::audit_log(store, Some(args.limit), target_type, target_id)
+                .await
+                .map_err(|e| match e {
+                    ops::OpsError::Invalid { field, message } if field.starts_with("target") => {
+                        anyhow::anyhow!("--target: {message}")
+                    }
+                    other => flag(other),
+                })?;
+            print_list(
+                &ListArgs { json: args.json },
+                &rows,
+                "no audit rows",
+                audit_line,
+            )?;
         }
         Command::Usage(args) => {
             let report = ops::usage(store, &args.since, args.until.as_deref(), args.by.into())
@@ -874,6 +928,62 @@ fn reload(addr: std::net::SocketAddr) -> anyhow::Result<()> {
                 body
             }
         )
+    }
+}
+
+/// The local CLI's actor: `cli:<login name>` of the real user id (`cli:uid-<n>` without a
+/// passwd entry). Not `$USER`, which any caller can set.
+fn cli_actor() -> Actor {
+    let uid = nix::unistd::getuid();
+    let name = nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| format!("uid-{uid}"));
+    Actor::cli(&name)
+}
+
+/// One audit row in a listing: when, who, what, to what, and what changed (`field: before →
+/// after` for an update; the new state for a creation).
+fn audit_line(r: &AuditRow) -> String {
+    let target = format!("{}:{}", r.target_type, r.target_id);
+    format!(
+        "{:>6}  {}  {:<28} {:<24} {:<16} {}",
+        r.id,
+        r.created_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        r.actor,
+        r.action,
+        target,
+        changes(r.before.as_ref(), r.after.as_ref())
+    )
+}
+
+/// What changed between two snapshots, compactly.
+fn changes(before: Option<&serde_json::Value>, after: Option<&serde_json::Value>) -> String {
+    match (before, after) {
+        (Some(serde_json::Value::Object(b)), Some(serde_json::Value::Object(a))) => {
+            let null = serde_json::Value::Null;
+            let mut keys: Vec<&String> = b.keys().chain(a.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            let changed: Vec<String> = keys
+                .into_iter()
+                .filter_map(|k| {
+                    let (was, is) = (b.get(k).unwrap_or(&null), a.get(k).unwrap_or(&null));
+                    (was != is).then(|| format!("{k}: {was} → {is}"))
+                })
+                .collect();
+            if changed.is_empty() {
+                "no change".to_string()
+            } else {
+                changed.join(", ")
+            }
+        }
+        (None, Some(a)) => format!("new {a}"),
+        (Some(_), None) => "gone".to_string(),
+        (Some(b), Some(a)) => format!("{b} → {a}"),
+        (None, None) => String::new(),
     }
 }
 

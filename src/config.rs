@@ -338,6 +338,9 @@ pub struct AdminConfig {
     /// How often every instance re-checks keys and users changed in the database (the safety net
     /// behind PostgreSQL LISTEN/NOTIFY, and the only mechanism on SQLite).
     pub key_refresh_ms: u64,
+    /// The admin token's name in the audit log: its actions are by `admin-token:<token_name>`
+    /// (never the token itself). Letters, digits, `.`, `_`, `-`; at most 64.
+    pub token_name: String,
 }
 
 impl Default for AdminConfig {
@@ -345,6 +348,7 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9091)),
             key_refresh_ms: 1000,
+            token_name: "default".into(),
         }
     }
 }

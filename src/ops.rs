@@ -1,5 +1,9 @@
-//! Operator actions — users, keys, accounts, usage — shared by the CLI and the admin API, with
-//! their input validation. Each returns typed data; the callers print it or send it as JSON.
+//! Operator actions — users, keys, accounts, usage, the audit log — shared by the CLI and the
+//! admin API, with their input validation. Each returns typed data; the callers print it or send
+//! it as JSON. Every action that changes something takes the [`Actor`] doing it and writes its
+//! `admin_log` row in the transaction of the change: validate, `store.begin()`, snapshot
+//! `before`, change, snapshot `after`, `tx.audit(actor, "thing.verb", target, before, after)`,
+//! `tx.commit()` (which refuses a change without its row).
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -11,9 +15,10 @@ use crate::keys;
 use crate::limits::{MAX_CONCURRENT, MAX_RATE};
 use crate::secrets::{self, Keyring};
 use crate::store::{
-    AccountLimitColumns, AccountLimitPatch, AccountPatch, AccountRow, BudgetListing, BudgetOwner,
-    BudgetRow, CreditBalance, Grant, GrantOutcome, GroupBy, KeyListing, KeyPatch, LedgerEntry,
-    LimitColumns, LimitPatch, NewAccount, Store, StoreError, UsageTotals, UserRow,
+    AccountLimitColumns, AccountLimitPatch, AccountPatch, AccountRow, Actor, AuditQuery, AuditRow,
+    BudgetListing, BudgetOwner, BudgetRow, CreditBalance, Grant, GrantOutcome, GroupBy, KeyListing,
+    KeyPatch, LedgerEntry, LimitColumns, LimitPatch, NewAccount, Store, StoreError, Target,
+    UsageTotals, UserRow,
 };
 use crate::upstream::{AccountType, Endpoint};
 
@@ -200,7 +205,7 @@ fn default_role() -> String {
     "user".into()
 }
 
-pub async fn add_user(store: &Store, u: &NewUser) -> Result<UserRow, OpsError> {
+pub async fn add_user(store: &Store, actor: &Actor, u: &NewUser) -> Result<UserRow, OpsError> {
     let email = u.email.trim();
     if !email.contains('@') || email.len() > 320 {
         return Err(invalid(
@@ -216,7 +221,12 @@ pub async fn add_user(store: &Store, u: &NewUser) -> Result<UserRow, OpsError> {
     }
     let username = label("username", &u.username)?;
     let role = label("role", &u.role)?;
-    let id = store.create_user(email, username, role).await?;
+    let mut tx = store.begin().await?;
+    let id = tx.create_user(email, username, role).await?;
+    let after = tx.user_snapshot(id).await?;
+    tx.audit(actor, "user.create", &Target::user(id), None, after)
+        .await?;
+    tx.commit().await?;
     Ok(UserRow {
         id,
         email: email.into(),
@@ -232,8 +242,36 @@ pub async fn list_users(store: &Store) -> Result<Vec<UserRow>, OpsError> {
 }
 
 /// Returns the hashes of the user's keys, to drop from caches.
-pub async fn deactivate_user(store: &Store, id: i64) -> Result<Vec<String>, OpsError> {
-    Ok(store.set_user_active(id, false).await?)
+pub async fn deactivate_user(
+    store: &Store,
+    actor: &Actor,
+    id: i64,
+) -> Result<Vec<String>, OpsError> {
+    set_user_active(store, actor, id, false).await
+}
+
+async fn set_user_active(
+    store: &Store,
+    actor: &Actor,
+    id: i64,
+    active: bool,
+) -> Result<Vec<String>, OpsError> {
+    let mut tx = store.begin().await?;
+    let before = tx
+        .user_snapshot(id)
+        .await?
+        .ok_or_else(|| OpsError::NotFound(format!("user {id}")))?;
+    let hashes = tx.set_user_active(id, active).await?;
+    let after = tx.user_snapshot(id).await?;
+    let action = if active {
+        "user.activate"
+    } else {
+        "user.deactivate"
+    };
+    tx.audit(actor, action, &Target::user(id), Some(before), after)
+        .await?;
+    tx.commit().await?;
+    Ok(hashes)
 }
 
 /// One limit as given: 0 (no limit) up to [`MAX_RATE`] ([`MAX_CONCURRENT`] for
@@ -280,17 +318,28 @@ fn check_limit_columns(c: &LimitColumns) -> Result<(), OpsError> {
 /// Returns the hashes of the user's keys, to drop from caches.
 pub async fn update_user(
     store: &Store,
+    actor: &Actor,
     id: i64,
     patch: &LimitPatch,
 ) -> Result<Vec<String>, OpsError> {
     check_limit_patch(patch)?;
-    Ok(store.update_user_limits(id, patch).await?)
+    let mut tx = store.begin().await?;
+    let before = tx
+        .user_snapshot(id)
+        .await?
+        .ok_or_else(|| OpsError::NotFound(format!("user {id}")))?;
+    let hashes = tx.update_user_limits(id, patch).await?;
+    let after = tx.user_snapshot(id).await?;
+    tx.audit(actor, "user.update", &Target::user(id), Some(before), after)
+        .await?;
+    tx.commit().await?;
+    Ok(hashes)
 }
 
 /// Undoes [`deactivate_user`]: the user's keys work again (unless revoked or expired).
 /// Returns the hashes of the user's keys, to drop from caches.
-pub async fn activate_user(store: &Store, id: i64) -> Result<Vec<String>, OpsError> {
-    Ok(store.set_user_active(id, true).await?)
+pub async fn activate_user(store: &Store, actor: &Actor, id: i64) -> Result<Vec<String>, OpsError> {
+    set_user_active(store, actor, id, true).await
 }
 
 // ---------------------------------------------------------------- keys
@@ -366,7 +415,7 @@ pub fn check_permissions(v: &serde_json::Value) -> Result<(), OpsError> {
     Ok(())
 }
 
-pub async fn create_key(store: &Store, k: &NewKey) -> Result<CreatedKey, OpsError> {
+pub async fn create_key(store: &Store, actor: &Actor, k: &NewKey) -> Result<CreatedKey, OpsError> {
     check_permissions(&k.permissions)?;
     let limits = LimitColumns {
         rpm: k.rpm,
@@ -387,7 +436,8 @@ pub async fn create_key(store: &Store, k: &NewKey) -> Result<CreatedKey, OpsErro
     let key = keys::generate()
         .map_err(|e| OpsError::Store(StoreError::Invalid(format!("OS random source: {e}"))))?;
     let key_prefix = keys::display_prefix(&key).to_string();
-    let id = store
+    let mut tx = store.begin().await?;
+    let id = tx
         .create_key(
             user_id,
             name,
@@ -398,6 +448,10 @@ pub async fn create_key(store: &Store, k: &NewKey) -> Result<CreatedKey, OpsErro
             &limits,
         )
         .await?;
+    let after = tx.key_snapshot(id).await?;
+    tx.audit(actor, "key.create", &Target::key(id), None, after)
+        .await?;
+    tx.commit().await?;
     Ok(CreatedKey {
         id,
         key,
@@ -418,12 +472,21 @@ pub async fn list_keys(store: &Store) -> Result<Vec<KeyListing>, OpsError> {
 }
 
 /// Returns the key's hash, to drop from caches.
-pub async fn revoke_key(store: &Store, id: i64) -> Result<String, OpsError> {
-    Ok(store.revoke_key(id).await?)
+pub async fn revoke_key(store: &Store, actor: &Actor, id: i64) -> Result<String, OpsError> {
+    let patch = KeyPatch {
+        is_active: Some(false),
+        ..KeyPatch::default()
+    };
+    change_key(store, actor, "key.revoke", id, &patch).await
 }
 
 /// Returns the key's hash, to drop from caches.
-pub async fn update_key(store: &Store, id: i64, patch: &KeyPatch) -> Result<String, OpsError> {
+pub async fn update_key(
+    store: &Store,
+    actor: &Actor,
+    id: i64,
+    patch: &KeyPatch,
+) -> Result<String, OpsError> {
     if let Some(p) = &patch.permissions {
         check_permissions(p)?;
     }
@@ -432,7 +495,27 @@ pub async fn update_key(store: &Store, id: i64, patch: &KeyPatch) -> Result<Stri
     if let Some(Some(t)) = patch.expires_at.as_mut() {
         *t = clamp_to_rfc3339(*t);
     }
-    Ok(store.update_key(id, &patch).await?)
+    change_key(store, actor, "key.update", id, &patch).await
+}
+
+async fn change_key(
+    store: &Store,
+    actor: &Actor,
+    action: &'static str,
+    id: i64,
+    patch: &KeyPatch,
+) -> Result<String, OpsError> {
+    let mut tx = store.begin().await?;
+    let before = tx
+        .key_snapshot(id)
+        .await?
+        .ok_or_else(|| OpsError::NotFound(format!("key {id}")))?;
+    let hash = tx.update_key(id, patch).await?;
+    let after = tx.key_snapshot(id).await?;
+    tx.audit(actor, action, &Target::key(id), Some(before), after)
+        .await?;
+    tx.commit().await?;
+    Ok(hash)
 }
 
 // ---------------------------------------------------------------- accounts
@@ -641,11 +724,13 @@ pub fn check_account(a: &NewAccountInput) -> Result<(), OpsError> {
 pub async fn add_account(
     store: &Store,
     sealing: &Keyring,
+    actor: &Actor,
     a: &NewAccountInput,
 ) -> Result<i64, OpsError> {
     let (kind, name, email, creds) = check_new_account(a)?;
     let creds = seal(sealing, creds)?;
-    Ok(store
+    let mut tx = store.begin().await?;
+    let id = tx
         .create_account(&NewAccount {
             name,
             kind,
@@ -661,7 +746,12 @@ pub async fn add_account(
                 max_concurrent: a.max_concurrent,
             },
         })
-        .await?)
+        .await?;
+    let after = tx.account_snapshot(id).await?;
+    tx.audit(actor, "account.create", &Target::account(id), None, after)
+        .await?;
+    tx.commit().await?;
+    Ok(id)
 }
 
 pub async fn list_accounts(store: &Store) -> Result<Vec<AccountRow>, OpsError> {
@@ -701,6 +791,7 @@ impl AccountUpdate {
 pub async fn update_account(
     store: &Store,
     sealing: &Keyring,
+    actor: &Actor,
     id: i64,
     u: &AccountUpdate,
 ) -> Result<(), OpsError> {
@@ -724,11 +815,54 @@ pub async fn update_account(
         base_url: u.base_url.clone(),
         limits: u.limits(),
     };
-    Ok(store.update_account(id, &patch).await?)
+    let mut tx = store.begin().await?;
+    let before = tx
+        .account_snapshot(id)
+        .await?
+        .ok_or_else(|| OpsError::NotFound(format!("account {id}")))?;
+    tx.update_account(id, &patch).await?;
+    let mut after = tx.account_snapshot(id).await?;
+    if let Some(credentials) = after
+        .as_mut()
+        .and_then(|a| a.get_mut("credentials"))
+        .and_then(|c| c.as_object_mut())
+        .filter(|_| patch.credentials.is_some())
+    {
+        // Both sides say "[sealed]": say that the credential was replaced, not what it is.
+        credentials.insert("api_key".into(), REPLACED.into());
+    }
+    tx.audit(
+        actor,
+        "account.update",
+        &Target::account(id),
+        Some(before),
+        after,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
 }
 
-pub async fn delete_account(store: &Store, id: i64) -> Result<(), OpsError> {
-    Ok(store.delete_account(id).await?)
+/// An account's credential in the `after` of an update that replaced it.
+pub const REPLACED: &str = "[sealed, replaced]";
+
+pub async fn delete_account(store: &Store, actor: &Actor, id: i64) -> Result<(), OpsError> {
+    let mut tx = store.begin().await?;
+    let before = tx
+        .account_snapshot(id)
+        .await?
+        .ok_or_else(|| OpsError::NotFound(format!("account {id}")))?;
+    tx.delete_account(id).await?;
+    tx.audit(
+        actor,
+        "account.delete",
+        &Target::account(id),
+        Some(before),
+        None,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------- usage
@@ -818,6 +952,7 @@ pub const IDEMPOTENCY_TTL: chrono::Duration = chrono::Duration::hours(24);
 /// the first grant again (nothing granted twice); the same key with another request is refused.
 pub async fn grant_credits(
     store: &Store,
+    actor: &Actor,
     g: &GrantInput,
     idempotency_key: Option<&str>,
 ) -> Result<GrantOutcome, OpsError> {
@@ -859,7 +994,7 @@ pub async fn grant_credits(
         idempotency: idempotency_key.map(|k| (k, digest.as_str())),
         idempotency_ttl: IDEMPOTENCY_TTL,
     };
-    Ok(store.grant_credits(&grant, now).await?)
+    Ok(store.grant_credits(actor, &grant, now).await?)
 }
 
 pub async fn credit_balance(store: &Store, email: &str) -> Result<CreditBalance, OpsError> {
@@ -910,7 +1045,11 @@ pub fn parse_period(s: &str) -> Result<Period, OpsError> {
 }
 
 /// Sets (or replaces) a budget; running gateways apply it within a second.
-pub async fn set_budget(store: &Store, b: &BudgetInput) -> Result<BudgetRow, OpsError> {
+pub async fn set_budget(
+    store: &Store,
+    actor: &Actor,
+    b: &BudgetInput,
+) -> Result<BudgetRow, OpsError> {
     let metric = parse_metric(&b.metric)?;
     let period = parse_period(&b.period)?;
     let limit = parse_amount("limit", &b.limit, false)?;
@@ -926,7 +1065,7 @@ pub async fn set_budget(store: &Store, b: &BudgetInput) -> Result<BudgetRow, Ops
         _ => return Err(invalid("owner", "give exactly one of key or user")),
     };
     Ok(store
-        .set_budget(owner, metric, period, limit, Utc::now())
+        .set_budget(actor, owner, metric, period, limit, Utc::now())
         .await?)
 }
 
@@ -934,8 +1073,39 @@ pub async fn list_budgets(store: &Store) -> Result<Vec<BudgetListing>, OpsError>
     Ok(store.list_budgets(None, Utc::now()).await?)
 }
 
-pub async fn delete_budget(store: &Store, id: i64) -> Result<(), OpsError> {
-    Ok(store.delete_budget(id, Utc::now()).await?)
+pub async fn delete_budget(store: &Store, actor: &Actor, id: i64) -> Result<(), OpsError> {
+    Ok(store.delete_budget(actor, id, Utc::now()).await?)
+}
+
+// ---------------------------------------------------------------- the audit log
+
+/// Rows [`audit_log`] returns when no limit is given, and the most it returns.
+pub const AUDIT_LIMIT: (i64, i64) = (100, 10_000);
+
+/// The newest `admin_log` rows (newest first), optionally only those of one target type and/or
+/// target id.
+pub async fn audit_log(
+    store: &Store,
+    limit: Option<i64>,
+    target_type: Option<&str>,
+    target_id: Option<&str>,
+) -> Result<Vec<AuditRow>, OpsError> {
+    let limit = limit.unwrap_or(AUDIT_LIMIT.0);
+    if !(1..=AUDIT_LIMIT.1).contains(&limit) {
+        return Err(invalid(
+            "limit",
+            format!("{limit} is not between 1 and {}", AUDIT_LIMIT.1),
+        ));
+    }
+    let target_type = target_type.map(|t| label("target_type", t)).transpose()?;
+    let target_id = target_id.map(|t| label("target_id", t)).transpose()?;
+    Ok(store
+        .audit_log(&AuditQuery {
+            limit,
+            target_type: target_type.map(str::to_string),
+            target_id: target_id.map(str::to_string),
+        })
+        .await?)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use chrono::{DateTime, Duration, Utc};
 use common::{client, header, post, rows, Db, Gateway, MockUpstream, Reply};
 use rust_decimal::Decimal;
 use tollgate::record::{Charge, Metric, Period, Pool, UsageRecord, UsageSource};
-use tollgate::store::{BudgetOwner, LeaseOutcome, Store};
+use tollgate::store::{Actor, BudgetOwner, LeaseOutcome, Store};
 
 /// USD per million tokens that make the mock's usage (12 + 3 tokens) cost exactly $0.015.
 const PRICES: &str = "[prices.\"gpt-4o-mini\"]\ninput = \"1000\"\noutput = \"1000\"\n";
@@ -425,6 +425,7 @@ async fn daily_rollover(db: Db) {
     let before = at("2026-12-01T23:59:00Z");
     let budget = store
         .set_budget(
+            &Actor::system("test"),
             BudgetOwner::User(user),
             Metric::Tokens,
             Period::Day,

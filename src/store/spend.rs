@@ -18,7 +18,7 @@ use rust_decimal::Decimal;
 use sqlx::types::Json;
 use sqlx::Row;
 
-use super::{sqlite_cost, sqlite_time, Store, StoreError};
+use super::{sqlite_cost, sqlite_time, Actor, Store, StoreError, Target, Tx, TxConn};
 use crate::budget::{period_bounds, Metric, Period};
 use crate::record::{Pool, UsageRecord, BILLABLE_SQL};
 
@@ -33,12 +33,6 @@ pub(super) enum V {
     Ts(DateTime<Utc>),
     OTs(Option<DateTime<Utc>>),
     J(serde_json::Value),
-}
-
-/// An open transaction on either backend.
-pub(super) enum Tx<'c> {
-    Pg(sqlx::Transaction<'c, sqlx::Postgres>),
-    Lite(sqlx::Transaction<'c, sqlx::Sqlite>),
 }
 
 /// A row read through [`Tx`].
@@ -147,33 +141,15 @@ macro_rules! bind_lite {
     }};
 }
 
-impl Tx<'static> {
-    pub(super) async fn begin(store: &Store) -> Result<Tx<'static>, StoreError> {
-        Ok(match store {
-            Store::Postgres(p) => Tx::Pg(p.begin().await?),
-            // The write lock from the first statement: a read-then-write cannot be overtaken.
-            Store::Sqlite(p) => Tx::Lite(p.begin_with("BEGIN IMMEDIATE").await?),
-        })
-    }
-}
-
-impl Tx<'_> {
-    /// `FOR UPDATE` where the backend has row locks.
-    pub(super) fn lock(&self) -> &'static str {
-        match self {
-            Tx::Pg(_) => " FOR UPDATE",
-            Tx::Lite(_) => "",
-        }
-    }
-
+impl Tx {
     pub(super) async fn exec(&mut self, sql: &str, args: &[V]) -> Result<u64, StoreError> {
         let sql = sqlx::AssertSqlSafe(sql.to_string());
-        Ok(match self {
-            Tx::Pg(tx) => bind_pg!(sqlx::query(sql), args)
+        Ok(match &mut self.conn {
+            TxConn::Postgres(tx) => bind_pg!(sqlx::query(sql), args)
                 .execute(&mut **tx)
                 .await?
                 .rows_affected(),
-            Tx::Lite(tx) => bind_lite!(sqlx::query(sql), args)
+            TxConn::Sqlite(tx) => bind_lite!(sqlx::query(sql), args)
                 .execute(&mut **tx)
                 .await?
                 .rows_affected(),
@@ -182,14 +158,14 @@ impl Tx<'_> {
 
     pub(super) async fn rows(&mut self, sql: &str, args: &[V]) -> Result<Vec<R>, StoreError> {
         let sql = sqlx::AssertSqlSafe(sql.to_string());
-        Ok(match self {
-            Tx::Pg(tx) => bind_pg!(sqlx::query(sql), args)
+        Ok(match &mut self.conn {
+            TxConn::Postgres(tx) => bind_pg!(sqlx::query(sql), args)
                 .fetch_all(&mut **tx)
                 .await?
                 .into_iter()
                 .map(R::Pg)
                 .collect(),
-            Tx::Lite(tx) => bind_lite!(sqlx::query(sql), args)
+            TxConn::Sqlite(tx) => bind_lite!(sqlx::query(sql), args)
                 .fetch_all(&mut **tx)
                 .await?
                 .into_iter()
@@ -202,12 +178,32 @@ impl Tx<'_> {
         Ok(self.rows(sql, args).await?.into_iter().next())
     }
 
-    pub(super) async fn commit(self) -> Result<(), StoreError> {
-        match self {
-            Tx::Pg(tx) => tx.commit().await?,
-            Tx::Lite(tx) => tx.commit().await?,
+    /// Where the transaction's backend locks rows: ` FOR UPDATE` on PostgreSQL.
+    fn lock(&self) -> &'static str {
+        self.for_update()
+    }
+}
+
+impl Tx {
+    /// A transaction already begun (the usage write's).
+    pub(super) fn wrap(conn: TxConn, store: &Store) -> Tx {
+        Tx {
+            conn,
+            store: store.clone(),
+            notes: Vec::new(),
+            audited: false,
         }
-        Ok(())
+    }
+}
+
+impl Store {
+    /// A transaction for reading only (SQLite: deferred, so it takes no write lock).
+    pub(super) async fn begin_read(&self) -> Result<Tx, StoreError> {
+        let conn = match self {
+            Store::Postgres(p) => TxConn::Postgres(p.begin().await?),
+            Store::Sqlite(p) => TxConn::Sqlite(p.begin().await?),
+        };
+        Ok(Tx::wrap(conn, self))
     }
 }
 
@@ -272,7 +268,7 @@ impl PoolKey {
 /// A budget period row, made if missing (spent 0), locked; with the budget's limit. `None`: the
 /// budget is gone.
 async fn lock_budget_period(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     budget_id: i64,
     subject_id: i64,
     period_start: DateTime<Utc>,
@@ -308,7 +304,7 @@ async fn lock_budget_period(
 }
 
 async fn write_budget_period(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     budget_id: i64,
     subject_id: i64,
     period_start: DateTime<Utc>,
@@ -332,7 +328,7 @@ async fn write_budget_period(
 
 /// A balance as locked: (balance, leased, overdraft). `None`: the user is not prepaid.
 async fn lock_balance(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     user_id: i64,
 ) -> Result<Option<(Decimal, Decimal, Decimal)>, StoreError> {
     let sql = format!(
@@ -350,7 +346,7 @@ async fn lock_balance(
 }
 
 async fn write_balance(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     user_id: i64,
     balance: Decimal,
     leased: Decimal,
@@ -367,7 +363,7 @@ async fn write_balance(
 /// One ledger row.
 #[allow(clippy::too_many_arguments)]
 async fn ledger(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     user_id: i64,
     action: &str,
     amount: Decimal,
@@ -403,7 +399,7 @@ async fn ledger(
 
 /// A user's grants with something left, earliest-expiring first (never-expiring last).
 async fn open_grants(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     user_id: i64,
 ) -> Result<Vec<(i64, Decimal, Option<DateTime<Utc>>)>, StoreError> {
     let rows = tx
@@ -426,7 +422,7 @@ async fn open_grants(
 /// Takes `amount` from the grants, earliest-expiring first; what no grant covers (an
 /// overdraft) is taken from none.
 async fn consume_grants(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     grants: &mut [(i64, Decimal, Option<DateTime<Utc>>)],
     mut amount: Decimal,
 ) -> Result<(), StoreError> {
@@ -454,7 +450,7 @@ async fn consume_grants(
 /// spend it); it expires at a later pass, once the leases are spent or returned. Returns the
 /// new balance.
 async fn expire_grants(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     user_id: i64,
     mut balance: Decimal,
     leased: Decimal,
@@ -531,7 +527,7 @@ fn pool_args(pool: &Pool) -> Vec<V> {
 
 /// Locks a pool; `None` when it is gone.
 async fn lock_pool(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     pool: &Pool,
     now: DateTime<Utc>,
 ) -> Result<Option<PoolState>, StoreError> {
@@ -565,7 +561,7 @@ async fn lock_pool(
 
 /// Writes a locked pool's leased amount back.
 async fn write_pool_leased(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     pool: &Pool,
     state: PoolState,
     now: DateTime<Utc>,
@@ -600,7 +596,7 @@ async fn write_pool_leased(
 
 /// Takes back a locked pool's expired leases (instances that died without returning them).
 async fn reclaim_in_pool(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     pool: &Pool,
     state: &mut PoolState,
     now: DateTime<Utc>,
@@ -641,16 +637,16 @@ impl Store {
         ttl: Duration,
         now: DateTime<Utc>,
     ) -> Result<LeaseOutcome, StoreError> {
-        let mut tx = Tx::begin(self).await?;
+        let mut tx = self.begin().await?;
         let Some(mut state) = lock_pool(&mut tx, pool, now).await? else {
-            tx.commit().await?;
+            tx.commit_unaudited().await?;
             return Ok(LeaseOutcome::Gone);
         };
         reclaim_in_pool(&mut tx, pool, &mut state, now).await?;
         let available = state.available();
         if available < reservation {
             write_pool_leased(&mut tx, pool, state, now).await?;
-            tx.commit().await?;
+            tx.commit_unaudited().await?;
             return Ok(LeaseOutcome::Exhausted {
                 available: available.max(Decimal::ZERO),
             });
@@ -713,7 +709,7 @@ impl Store {
         };
         state.leased += amount;
         write_pool_leased(&mut tx, pool, state, now).await?;
-        tx.commit().await?;
+        tx.commit_unaudited().await?;
         Ok(LeaseOutcome::Granted { lease_id, amount })
     }
 
@@ -726,16 +722,16 @@ impl Store {
         amount: Decimal,
         now: DateTime<Utc>,
     ) -> Result<Decimal, StoreError> {
-        let mut tx = Tx::begin(self).await?;
+        let mut tx = self.begin().await?;
         let Some(mut state) = lock_pool(&mut tx, pool, now).await? else {
             tx.exec("DELETE FROM spend_leases WHERE id = $1", &[V::I(lease_id)])
                 .await?;
-            tx.commit().await?;
+            tx.commit_unaudited().await?;
             return Ok(Decimal::ZERO);
         };
         let sql = format!("SELECT amount FROM spend_leases WHERE id = $1{}", tx.lock());
         let Some(row) = tx.row(&sql, &[V::I(lease_id)]).await? else {
-            tx.commit().await?;
+            tx.commit_unaudited().await?;
             return Ok(Decimal::ZERO);
         };
         let held = row.dec("amount")?;
@@ -752,7 +748,7 @@ impl Store {
         }
         state.leased = (state.leased - back).max(Decimal::ZERO);
         write_pool_leased(&mut tx, pool, state, now).await?;
-        tx.commit().await?;
+        tx.commit_unaudited().await?;
         Ok(back)
     }
 
@@ -762,20 +758,20 @@ impl Store {
         instance: &str,
         expires_at: DateTime<Utc>,
     ) -> Result<u64, StoreError> {
-        let mut tx = Tx::begin(self).await?;
+        let mut tx = self.begin().await?;
         let n = tx
             .exec(
                 "UPDATE spend_leases SET expires_at = $2 WHERE instance = $1",
                 &[V::T(instance.into()), V::Ts(expires_at)],
             )
             .await?;
-        tx.commit().await?;
+        tx.commit_unaudited().await?;
         Ok(n)
     }
 
     /// Takes back every expired lease (any instance's), pool by pool; returns how many.
     pub async fn reclaim_expired_leases(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
-        let mut tx = Tx::begin(self).await?;
+        let mut tx = self.begin().await?;
         let rows = tx
             .rows(
                 "SELECT DISTINCT pool, budget_id, subject_id, period_start, user_id FROM spend_leases \
@@ -783,7 +779,7 @@ impl Store {
                 &[V::Ts(now)],
             )
             .await?;
-        tx.commit().await?;
+        tx.commit_unaudited().await?;
         let mut pools = Vec::new();
         for r in rows {
             pools.push(match r.text("pool")?.as_str() {
@@ -800,7 +796,7 @@ impl Store {
         }
         let mut total = 0;
         for pool in pools {
-            let mut tx = Tx::begin(self).await?;
+            let mut tx = self.begin().await?;
             match lock_pool(&mut tx, &pool, now).await? {
                 Some(mut state) => {
                     total += reclaim_in_pool(&mut tx, &pool, &mut state, now).await?;
@@ -818,7 +814,7 @@ impl Store {
                     total += tx.exec(&sql, &args).await?;
                 }
             }
-            tx.commit().await?;
+            tx.commit_unaudited().await?;
         }
         Ok(total)
     }
@@ -871,7 +867,7 @@ const BUDGET_COLUMNS: &str =
 /// The budgets that apply to rows of these keys and users, each with the subscriber and
 /// subscription start a plan's budget applies through (`None` for a key's or user's own).
 async fn applicable_budgets(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     keys: &BTreeSet<i64>,
     users: &BTreeSet<i64>,
 ) -> Result<Vec<(BudgetRow, Option<(i64, DateTime<Utc>)>)>, StoreError> {
@@ -913,7 +909,7 @@ async fn applicable_budgets(
 /// - each lease a row's reservations came from shrinks by the row's amount, and so does its
 ///   pool's `leased`.
 pub(super) async fn settle(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     rows: &[&UsageRecord],
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
@@ -1249,13 +1245,14 @@ impl Store {
     /// every instance as a change to the user does.
     pub async fn grant_credits(
         &self,
+        actor: &Actor,
         g: &Grant<'_>,
         now: DateTime<Utc>,
     ) -> Result<GrantOutcome, StoreError> {
         if g.amount <= Decimal::ZERO {
             return Err(StoreError::Invalid("the amount must be positive".into()));
         }
-        let mut tx = Tx::begin(self).await?;
+        let mut tx = self.begin().await?;
         if let Some((key, digest)) = g.idempotency {
             tx.exec(
                 "DELETE FROM idempotency_records WHERE key = $1 AND expires_at <= $2",
@@ -1274,7 +1271,7 @@ impl Store {
                 }
                 let receipt: GrantReceipt = serde_json::from_value(r.json("response")?)
                     .map_err(|e| StoreError::Invalid(format!("stored idempotent answer: {e}")))?;
-                tx.commit().await?;
+                tx.commit_unaudited().await?;
                 return Ok(GrantOutcome::Replayed(receipt));
             }
         }
@@ -1329,7 +1326,7 @@ impl Store {
         )
         .await?;
         write_balance(&mut tx, g.user_id, balance + g.amount, leased, now).await?;
-        // Every instance learns the user is prepaid (its keys leave the caches).
+        // The change poll of every instance watches users.updated_at.
         tx.exec(
             "UPDATE users SET updated_at = $2 WHERE id = $1",
             &[V::I(g.user_id), V::Ts(now)],
@@ -1357,8 +1354,17 @@ impl Store {
             )
             .await?;
         }
+        // Every instance learns the user is prepaid (its keys leave the caches).
+        tx.user_keys_changed(g.user_id).await?;
+        tx.audit(
+            actor,
+            if g.action == "refund" { "credits.refund" } else { "credits.grant" },
+            &Target::new("user", g.user_id),
+            Some(serde_json::json!({ "balance": balance })),
+            Some(serde_json::to_value(&receipt).unwrap_or_default()),
+        )
+        .await?;
         tx.commit().await?;
-        self.user_keys_changed(g.user_id).await?;
         Ok(GrantOutcome::Granted(receipt))
     }
 
@@ -1368,9 +1374,9 @@ impl Store {
         user_id: i64,
         now: DateTime<Utc>,
     ) -> Result<CreditBalance, StoreError> {
-        let mut tx = Tx::begin(self).await?;
+        let mut tx = self.begin().await?;
         let Some((balance, leased, overdraft)) = lock_balance(&mut tx, user_id).await? else {
-            tx.commit().await?;
+            tx.commit_unaudited().await?;
             return Ok(CreditBalance {
                 user_id,
                 prepaid: false,
@@ -1381,7 +1387,7 @@ impl Store {
         };
         let balance = expire_grants(&mut tx, user_id, balance, leased, now).await?;
         write_balance(&mut tx, user_id, balance, leased, now).await?;
-        tx.commit().await?;
+        tx.commit_unaudited().await?;
         Ok(CreditBalance {
             user_id,
             prepaid: true,
@@ -1397,7 +1403,7 @@ impl Store {
         user_id: i64,
         limit: i64,
     ) -> Result<Vec<LedgerEntry>, StoreError> {
-        let mut tx = Tx::begin_read(self).await?;
+        let mut tx = self.begin_read().await?;
         let rows = tx
             .rows(
                 "SELECT id, action, amount, balance_before, balance_after, request_id, idempotency_key, \
@@ -1405,7 +1411,7 @@ impl Store {
                 &[V::I(user_id), V::I(limit)],
             )
             .await?;
-        tx.commit().await?;
+        tx.commit_unaudited().await?;
         Ok(rows.iter().map(ledger_entry).collect::<Result<_, _>>()?)
     }
 
@@ -1415,6 +1421,7 @@ impl Store {
     /// locked in SHARE mode for that moment). The owner's keys leave every cache.
     pub async fn set_budget(
         &self,
+        actor: &Actor,
         owner: BudgetOwner,
         metric: Metric,
         period: Period,
@@ -1429,8 +1436,8 @@ impl Store {
             BudgetOwner::User(u) => ("user_id", u),
             BudgetOwner::Plan(p) => ("plan_id", p),
         };
-        let mut tx = Tx::begin(self).await?;
-        if let Tx::Pg(_) = tx {
+        let mut tx = self.begin().await?;
+        if let Store::Postgres(_) = self {
             tx.exec("LOCK TABLE usage_records IN SHARE MODE", &[])
                 .await?;
         }
@@ -1444,6 +1451,10 @@ impl Store {
             V::T(period.as_str().into()),
         ];
         let existing = tx.row(&sql, &args).await?;
+        let before = match &existing {
+            Some(r) => Some(serde_json::to_value(budget_row(r)?).unwrap_or_default()),
+            None => None,
+        };
         let budget_id = match existing {
             Some(r) => {
                 let id = r.i64("id")?;
@@ -1505,18 +1516,27 @@ impl Store {
             .ok_or_else(|| StoreError::NotFound(format!("budget {budget_id}")))?;
         let budget = budget_row(&row)?;
         touch_owner(&mut tx, owner, now).await?;
+        owner_keys_changed(&mut tx, owner).await?;
+        tx.audit(
+            actor,
+            "budget.set",
+            &Target::new("budget", budget.id),
+            before,
+            Some(serde_json::to_value(&budget).unwrap_or_default()),
+        )
+        .await?;
         tx.commit().await?;
-        self.owner_keys_changed(owner).await?;
         Ok(budget)
     }
 
     /// Deletes a budget (its periods and leases go with it).
     pub async fn delete_budget(
         &self,
+        actor: &Actor,
         budget_id: i64,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        let mut tx = Tx::begin(self).await?;
+        let mut tx = self.begin().await?;
         let row = tx
             .row(
                 &format!("SELECT {BUDGET_COLUMNS} FROM budgets b WHERE b.id = $1"),
@@ -1539,8 +1559,16 @@ impl Store {
             .await?;
         let owner = owner_of(&b);
         touch_owner(&mut tx, owner, now).await?;
+        owner_keys_changed(&mut tx, owner).await?;
+        tx.audit(
+            actor,
+            "budget.delete",
+            &Target::new("budget", budget_id),
+            Some(serde_json::to_value(&b).unwrap_or_default()),
+            None,
+        )
+        .await?;
         tx.commit().await?;
-        self.owner_keys_changed(owner).await?;
         Ok(())
     }
 
@@ -1550,7 +1578,7 @@ impl Store {
         owner: Option<BudgetOwner>,
         now: DateTime<Utc>,
     ) -> Result<Vec<BudgetListing>, StoreError> {
-        let mut tx = Tx::begin_read(self).await?;
+        let mut tx = self.begin_read().await?;
         let (filter, args) = match owner {
             None => (String::new(), vec![]),
             Some(BudgetOwner::Key(k)) => (" WHERE b.api_key_id = $1".to_string(), vec![V::I(k)]),
@@ -1597,7 +1625,7 @@ impl Store {
                 periods,
             });
         }
-        tx.commit().await?;
+        tx.commit_unaudited().await?;
         Ok(out)
     }
 
@@ -1607,7 +1635,7 @@ impl Store {
     pub async fn spend_of_keys(&self, keys: &[(i64, i64)]) -> Result<Vec<KeySpend>, StoreError> {
         let key_ids: BTreeSet<i64> = keys.iter().map(|k| k.0).collect();
         let user_ids: BTreeSet<i64> = keys.iter().map(|k| k.1).collect();
-        let mut tx = Tx::begin_read(self).await?;
+        let mut tx = self.begin_read().await?;
         let budgets = applicable_budgets(&mut tx, &key_ids, &user_ids).await?;
         let mut prepaid = BTreeSet::new();
         if !user_ids.is_empty() {
@@ -1620,7 +1648,7 @@ impl Store {
                 prepaid.insert(r.i64("user_id")?);
             }
         }
-        tx.commit().await?;
+        tx.commit_unaudited().await?;
         Ok(keys
             .iter()
             .map(|&(key, user)| KeySpend {
@@ -1643,7 +1671,7 @@ impl Store {
     /// spent equals the sum of its subject's billable rows in the period; every pool's `leased`
     /// equals the sum of its leases.
     pub async fn spend_invariants(&self) -> Result<SpendReport, StoreError> {
-        let mut tx = Tx::begin_read(self).await?;
+        let mut tx = self.begin_read().await?;
         let mut rep = SpendReport::default();
         for b in tx
             .rows(
@@ -1745,43 +1773,40 @@ impl Store {
                 rep.leases_mismatched += 1;
             }
         }
-        tx.commit().await?;
+        tx.commit_unaudited().await?;
         Ok(rep)
     }
+}
 
-    async fn owner_keys_changed(&self, owner: BudgetOwner) -> Result<(), StoreError> {
-        match owner {
-            BudgetOwner::Key(k) => {
-                let mut tx = Tx::begin_read(self).await?;
-                let hash = tx
-                    .row("SELECT key_hash FROM api_keys WHERE id = $1", &[V::I(k)])
-                    .await?
-                    .map(|r| r.text("key_hash"))
-                    .transpose()?;
-                tx.commit().await?;
-                if let Some(h) = hash {
-                    self.notify(super::KEYS_CHANNEL, &h).await;
-                }
-            }
-            BudgetOwner::User(u) => {
-                self.user_keys_changed(u).await?;
-            }
-            BudgetOwner::Plan(p) => {
-                let mut tx = Tx::begin_read(self).await?;
-                let users = tx
-                    .rows(
-                        "SELECT user_id FROM subscriptions WHERE plan_id = $1",
-                        &[V::I(p)],
-                    )
-                    .await?;
-                tx.commit().await?;
-                for u in users {
-                    self.user_keys_changed(u.i64("user_id")?).await?;
-                }
+/// Tells every instance (after the commit) that the keys a budget's owner covers changed.
+async fn owner_keys_changed(tx: &mut Tx, owner: BudgetOwner) -> Result<(), StoreError> {
+    match owner {
+        BudgetOwner::Key(k) => {
+            let hash = tx
+                .row("SELECT key_hash FROM api_keys WHERE id = $1", &[V::I(k)])
+                .await?
+                .map(|r| r.text("key_hash"))
+                .transpose()?;
+            if let Some(h) = hash {
+                tx.notify_after_commit(super::KEYS_CHANNEL, h);
             }
         }
-        Ok(())
+        BudgetOwner::User(u) => {
+            tx.user_keys_changed(u).await?;
+        }
+        BudgetOwner::Plan(p) => {
+            let users = tx
+                .rows(
+                    "SELECT user_id FROM subscriptions WHERE plan_id = $1",
+                    &[V::I(p)],
+                )
+                .await?;
+            for u in users {
+                tx.user_keys_changed(u.i64("user_id")?).await?;
+            }
+        }
     }
+    Ok(())
 }
 
 fn id_of(owner: BudgetOwner) -> i64 {
@@ -1800,7 +1825,7 @@ fn owner_of(b: &BudgetRow) -> BudgetOwner {
 
 /// Bumps `updated_at` of what owns a budget, which every instance's change poll watches.
 async fn touch_owner(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     owner: BudgetOwner,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
@@ -1819,7 +1844,7 @@ async fn touch_owner(
 /// What the billable rows of one key (`col` = `api_key_id`) or user (`user_id`) in
 /// `[start, end)` amount to in `metric`.
 async fn scope_spent(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     col: &str,
     id: i64,
     metric: Metric,
@@ -1843,14 +1868,4 @@ async fn scope_spent(
         };
     }
     Ok(sum)
-}
-
-impl Tx<'static> {
-    /// A transaction for reading only (SQLite: deferred, so it takes no write lock).
-    pub(super) async fn begin_read(store: &Store) -> Result<Tx<'static>, StoreError> {
-        Ok(match store {
-            Store::Postgres(p) => Tx::Pg(p.begin().await?),
-            Store::Sqlite(p) => Tx::Lite(p.begin().await?),
-        })
-    }
 }

@@ -6,7 +6,8 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 
-use super::spend::{settle, Tx};
+use super::spend::settle;
+use super::{Tx, TxConn};
 use super::{sqlite_time, Store, StoreError};
 use crate::record::{UsageRecord, UsageSource};
 
@@ -126,9 +127,10 @@ impl Store {
                     .fetch_all(&mut *tx)
                     .await?;
                 let inserted: HashSet<String> = ids.into_iter().collect();
-                let mut tx = Tx::Pg(tx);
+                let mut tx = Tx::wrap(TxConn::Postgres(tx), self);
                 settle_inserted(&mut tx, rows, &inserted).await?;
-                tx.commit().await?;
+                // Not an admin change: usage rows and their charges are the writer's.
+                tx.commit_unaudited().await?;
                 Ok(inserted.len() as u64)
             }
             Store::Sqlite(p) => {
@@ -209,9 +211,10 @@ impl Store {
                     q.push(") AS d WHERE upstream_accounts.id = d.column1");
                     q.build().execute(&mut *tx).await?;
                 }
-                let mut tx = Tx::Lite(tx);
+                let mut tx = Tx::wrap(TxConn::Sqlite(tx), self);
                 settle_inserted(&mut tx, rows, &inserted).await?;
-                tx.commit().await?;
+                // Not an admin change: usage rows and their charges are the writer's.
+                tx.commit_unaudited().await?;
                 Ok(inserted.len() as u64)
             }
         }
@@ -221,7 +224,7 @@ impl Store {
 /// The spend settlement of the rows this write inserted (a replayed row is skipped with its
 /// charges: a batch written twice charges once).
 async fn settle_inserted(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     rows: &[UsageRecord],
     inserted: &HashSet<String>,
 ) -> Result<(), StoreError> {
