@@ -405,11 +405,12 @@ both_dbs!(a_daily_budget_rolls_over_at_midnight, daily_rollover);
 async fn daily_rollover(db: Db) {
     let test_db = common::TestDb::new(db).await.unwrap();
     let store = Store::connect(&test_db.url, 2).await.unwrap();
-    let user = store
+    let mut tx = store.begin().await.unwrap();
+    let user = tx
         .create_user("alice@example.com", "alice", "user")
         .await
         .unwrap();
-    let key = store
+    let key = tx
         .create_key(
             user,
             "k",
@@ -421,6 +422,7 @@ async fn daily_rollover(db: Db) {
         )
         .await
         .unwrap();
+    tx.commit_unaudited().await.unwrap();
     // The injected clock: a minute before midnight UTC.
     let before = at("2026-12-01T23:59:00Z");
     let budget = store
