@@ -37,9 +37,11 @@ use crate::budget::{
     self, from_units, period_bounds, to_units, Metric, Period, RequestShape, Sizing, WorstCase,
 };
 use crate::cost::Price;
+use crate::pricing::Pricing;
 use crate::record::{Charge, Pool, UsageRecord};
 use crate::request;
 use crate::store::{LeaseOutcome, Store};
+use crate::upstream::AccountType;
 
 /// What the stage does when a pool needs a lease and the database cannot answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -347,6 +349,28 @@ impl Spend {
 
     pub fn now(&self) -> DateTime<Utc> {
         (self.inner.clock)()
+    }
+
+    /// The stage as `request_filter` calls it: the requested model (read from the body unless
+    /// the permission check already did) priced as its response will be, then [`Spend::admit`].
+    pub async fn admit_request(
+        &self,
+        policy: &SpendPolicy,
+        body: &[u8],
+        model: Option<&str>,
+        kind: Option<AccountType>,
+        pricing: &Pricing,
+    ) -> Result<SpendHold, Refusal> {
+        let parsed;
+        let model = match model {
+            Some(m) => Some(m),
+            None => {
+                parsed = request::model(body);
+                parsed.as_deref()
+            }
+        };
+        let price = kind.and_then(|k| pricing.price_of(k, model));
+        self.admit(policy, body, price).await
     }
 
     /// Reserves a request's worst case against every pool of `policy`: all or none. `price` is

@@ -1358,7 +1358,11 @@ impl Store {
         tx.user_keys_changed(g.user_id).await?;
         tx.audit(
             actor,
-            if g.action == "refund" { "credits.refund" } else { "credits.grant" },
+            if g.action == "refund" {
+                "credits.refund"
+            } else {
+                "credits.grant"
+            },
             &Target::new("user", g.user_id),
             Some(serde_json::json!({ "balance": balance })),
             Some(serde_json::to_value(&receipt).unwrap_or_default()),
