@@ -171,8 +171,12 @@ impl Admin {
                         "model" => GroupBy::Model,
                         "served_model" => GroupBy::ServedModel,
                         "day" => GroupBy::Day,
+                        "user" => GroupBy::User,
                         _ => {
-                            return Err(bad("by", "want key, account, model, served_model or day"))
+                            return Err(bad(
+                                "by",
+                                "want key, account, model, served_model, day or user",
+                            ))
                         }
                     };
                     let since = query_param(q, "since").unwrap_or_else(|| "30d".into());

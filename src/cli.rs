@@ -71,7 +71,8 @@ pub struct UsageArgs {
     /// End of the range (exclusive), same forms as --since; default now.
     #[arg(long)]
     pub until: Option<String>,
-    /// Group totals by key, account, model (as requested), served-model or day.
+    /// Group totals by key, account, model (as requested), served-model, day or user (with
+    /// each user's budgets and credit).
     #[arg(long, value_enum, default_value = "key")]
     pub by: By,
     /// Print JSON instead of a table.
@@ -105,6 +106,8 @@ pub enum By {
     /// The model the upstream says served the request.
     ServedModel,
     Day,
+    /// The user (all of their keys), with their budgets and credit below the table.
+    User,
 }
 
 impl From<By> for GroupBy {
@@ -115,6 +118,7 @@ impl From<By> for GroupBy {
             By::Model => GroupBy::Model,
             By::ServedModel => GroupBy::ServedModel,
             By::Day => GroupBy::Day,
+            By::User => GroupBy::User,
         }
     }
 }
@@ -831,6 +835,10 @@ async fn admin(
             } else {
                 None
             };
+            let spend = match args.by {
+                By::User => Some(ops::user_spend(store, &report).await.map_err(flag)?),
+                _ => None,
+            };
             if args.json {
                 println!(
                     "{}",
@@ -857,6 +865,29 @@ async fn admin(
                         t.tokens,
                         t.cost
                     );
+                }
+                for u in spend.iter().flatten() {
+                    if let Some(b) = u.credit_balance {
+                        println!("  {}: credit balance {b}", u.user);
+                    }
+                    for b in &u.budgets {
+                        let whose = b
+                            .budget
+                            .api_key_id
+                            .map_or(String::new(), |k| format!(" (key {k})"));
+                        let spent = b
+                            .periods
+                            .first()
+                            .map_or(rust_decimal::Decimal::ZERO, |p| p.spent);
+                        println!(
+                            "  {}: {} per {}{whose}: {} of {}",
+                            u.user,
+                            b.budget.metric.as_str(),
+                            b.budget.period.as_str(),
+                            spent.normalize(),
+                            b.budget.limit.normalize()
+                        );
+                    }
                 }
                 if report.groups.is_empty() {
                     let secs = chrono::SecondsFormat::Secs;

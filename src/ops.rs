@@ -1069,6 +1069,45 @@ pub async fn set_budget(
         .await?)
 }
 
+/// One user's spend against their budgets and credit, for `tollgate usage --by user`.
+#[derive(Debug, Clone, Serialize)]
+pub struct UserSpend {
+    pub user: String,
+    /// `None`: never granted credits.
+    pub credit_balance: Option<Decimal>,
+    /// The budgets on the user and on each of their keys, with the current period's use.
+    pub budgets: Vec<BudgetListing>,
+}
+
+/// Budgets and credit of the users in `report` (grouped by user: `"ID EMAIL"`).
+pub async fn user_spend(store: &Store, report: &UsageReport) -> Result<Vec<UserSpend>, OpsError> {
+    let budgets = store.list_budgets(None, Utc::now()).await?;
+    let keys = store.list_keys().await?;
+    let mut out = Vec::new();
+    for g in &report.groups {
+        let Some((id, email)) = g.group.split_once(' ') else {
+            continue;
+        };
+        let Ok(user_id) = id.parse::<i64>() else {
+            continue;
+        };
+        let credit = store.credit_balance(user_id, Utc::now()).await?;
+        let theirs = |b: &BudgetListing| {
+            b.budget.user_id == Some(user_id)
+                || b.budget.api_key_id.is_some_and(|k| {
+                    keys.iter()
+                        .any(|key| key.id == k && key.user_email == email)
+                })
+        };
+        out.push(UserSpend {
+            user: email.to_string(),
+            credit_balance: credit.prepaid.then_some(credit.balance.normalize()),
+            budgets: budgets.iter().filter(|b| theirs(b)).cloned().collect(),
+        });
+    }
+    Ok(out)
+}
+
 pub async fn list_budgets(store: &Store) -> Result<Vec<BudgetListing>, OpsError> {
     Ok(store.list_budgets(None, Utc::now()).await?)
 }

@@ -345,6 +345,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn choices_and_media_parts() {
+        let check = |body: &str, n: u64, media: u64| {
+            assert_eq!(choices(body.as_bytes()), n, "{body}");
+            assert_eq!(media_parts(body.as_bytes()), media, "{body}");
+        };
+        check(r#"{"model":"m","messages":[]}"#, 1, 0);
+        check(r#"{"n":3,"messages":[]}"#, 3, 0);
+        check(r#"{"n":0}"#, 1, 0);
+        check(r#"{"n":"3"}"#, 1, 0);
+        check(r#"{"messages":[{"content":"say \"n\": 9"}],"n":2}"#, 2, 0);
+        check("not json", 1, 0);
+        // OpenAI: the part's type and its image_url key; Anthropic: type image.
+        check(
+            r#"{"messages":[{"content":[{"type":"image_url","image_url":{"url":"x"}}]}]}"#,
+            1,
+            2,
+        );
+        check(
+            r#"{"messages":[{"content":[{"type":"image","source":{}}]}]}"#,
+            1,
+            1,
+        );
+        check(
+            r#"{"input":[{"type":"input_audio","input_audio":{}}]}"#,
+            1,
+            2,
+        );
+        // The word in text is not a part.
+        check(r#"{"messages":[{"content":"an image of audio"}]}"#, 1, 0);
+    }
+
+    #[test]
     fn request_fields() {
         let table: &[(&str, Option<&str>, bool)] = &[
             (

@@ -222,8 +222,11 @@ impl LocalPool {
         }
     }
 
-    /// Takes `units` if free holds them.
+    /// Takes `units` if free holds them (a reservation of nothing always fits).
     fn try_take(&self, units: i64) -> bool {
+        if units == 0 {
+            return true;
+        }
         self.free
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| {
                 (f >= units).then(|| f - units)
@@ -699,5 +702,157 @@ pub fn shape(body: &[u8]) -> RequestShape {
         media_parts: request::media_parts(body),
         max_tokens: request::max_tokens(body),
         choices: request::choices(body),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::UsageSource;
+    use rust_decimal::Decimal;
+    use std::str::FromStr;
+
+    fn record(status: i32, cost: &str, tokens: i64) -> UsageRecord {
+        UsageRecord {
+            request_id: "r".into(),
+            user_id: 1,
+            api_key_id: 1,
+            upstream_account_id: None,
+            method: "POST".into(),
+            endpoint: "/v1/chat/completions".into(),
+            model: None,
+            status_code: status,
+            response_time: 1,
+            prompt_tokens: tokens,
+            completion_tokens: 0,
+            cached_tokens: 0,
+            cache_creation_tokens: 0,
+            tokens_used: tokens,
+            cost: Decimal::from_str(cost).unwrap(),
+            error_message: None,
+            created_at: DateTime::<Utc>::UNIX_EPOCH,
+            requested_model: None,
+            usage_source: Some(UsageSource::Provider),
+            upstream_error: None,
+            charges: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn settling_gives_back_what_was_not_used() {
+        // (free before, reserved units, the row, lease id) → (free after, charges named)
+        let check =
+            |free: i64, units: i64, row: UsageRecord, lease: i64, after: i64, named: usize| {
+                let lp = Arc::new(LocalPool::new(Pool::Credit { user_id: 1 }));
+                lp.free.store(free, Ordering::Relaxed);
+                assert!(lp.try_take(units));
+                lp.outstanding.fetch_add(1, Ordering::Relaxed);
+                let mut hold = SpendHold {
+                    held: vec![Held {
+                        pool: lp.clone(),
+                        units,
+                        lease_id: lease,
+                    }],
+                };
+                let mut row = row;
+                hold.settle(&mut row);
+                drop(hold);
+                assert_eq!(lp.free.load(Ordering::Relaxed), after);
+                assert_eq!(row.charges.len(), named);
+                assert_eq!(lp.outstanding.load(Ordering::Relaxed), 0);
+            };
+        // $0.01 reserved (10⁸ units), $0.0015 used: $0.0085 back.
+        check(
+            500_000_000,
+            100_000_000,
+            record(200, "0.0015", 15),
+            7,
+            485_000_000,
+            1,
+        );
+        // An upstream error costs nothing: all of it back.
+        check(
+            500_000_000,
+            100_000_000,
+            record(500, "0", 0),
+            7,
+            500_000_000,
+            1,
+        );
+        // More used than reserved (no max_tokens): free goes down by the difference.
+        check(
+            100_000_000,
+            100_000_000,
+            record(200, "0.02", 15),
+            7,
+            -100_000_000,
+            1,
+        );
+        // Admitted without a lease (fail = open): counted here, no lease named.
+        check(0, 0, record(200, "0", 0), 0, 0, 0);
+    }
+
+    #[test]
+    fn dropped_unsettled_everything_goes_back() {
+        let lp = Arc::new(LocalPool::new(Pool::Credit { user_id: 1 }));
+        lp.free.store(10, Ordering::Relaxed);
+        assert!(lp.try_take(7));
+        assert!(!lp.try_take(7), "3 left");
+        lp.outstanding.fetch_add(1, Ordering::Relaxed);
+        drop(SpendHold {
+            held: vec![Held {
+                pool: lp.clone(),
+                units: 7,
+                lease_id: 1,
+            }],
+        });
+        assert_eq!(lp.free.load(Ordering::Relaxed), 10);
+        assert!(lp.try_take(0), "nothing always fits");
+    }
+
+    #[test]
+    fn refusals() {
+        let now = DateTime::parse_from_rfc3339("2026-12-02T23:59:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let check = |r: Refusal, retry: Option<u64>, label: &str, message: &str| {
+            assert_eq!(r.retry_after(now), retry, "{r:?}");
+            assert_eq!(r.label(), label);
+            assert_eq!(r.to_string(), message);
+        };
+        check(
+            Refusal::OutOfCredits,
+            None,
+            "insufficient_quota",
+            "You exceeded your current quota: the credit balance cannot cover this request's maximum cost. Add credits, or lower max_tokens.",
+        );
+        check(
+            Refusal::Budget {
+                metric: Metric::Cost,
+                period: Period::Day,
+                owner: "key",
+                resets_at: Some(now + chrono::Duration::seconds(60)),
+            },
+            Some(61),
+            "budget_exceeded",
+            "The daily cost budget of this API key cannot cover this request; it resets at 2026-12-03T00:00:00Z.",
+        );
+        check(
+            Refusal::Budget {
+                metric: Metric::Requests,
+                period: Period::Total,
+                owner: "user",
+                resets_at: None,
+            },
+            None,
+            "budget_exceeded",
+            "The requests budget of your user cannot cover this request.",
+        );
+        check(
+            Refusal::Unavailable,
+            Some(1),
+            "spend_unavailable",
+            "Budgets and credits cannot be checked right now; retry shortly.",
+        );
     }
 }

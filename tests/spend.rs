@@ -7,6 +7,7 @@
 mod common;
 
 use std::str::FromStr;
+use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 use common::{client, header, post, rows, Db, Gateway, MockUpstream, Reply};
@@ -523,4 +524,235 @@ async fn daily_rollover(db: Db) {
     ));
     assert!(store.spend_invariants().await.unwrap().holds());
     store.close().await;
+}
+
+/// The user's credit row as (balance, leased).
+async fn credit_row(gw: &Gateway) -> (Decimal, Decimal) {
+    let store = Store::connect(&gw.db.url, 1).await.unwrap();
+    let user = store.user_id_by_email("alice@example.com").await.unwrap();
+    let b = store.credit_balance(user, Utc::now()).await.unwrap();
+    store.close().await;
+    (b.balance, b.leased)
+}
+
+/// Polls until `check` holds (a database state the gateway reaches by itself), failing after 30 s.
+async fn until<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// 16 clients posting until stopped; returns the statuses seen.
+struct Load {
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<u16>>>,
+    served: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Load {
+    fn start(gw: &Gateway, key: &str) -> Load {
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let tasks = (0..16)
+            .map(|_| {
+                let (url, key, rx, served) = (
+                    gw.url("/v1/chat/completions"),
+                    key.to_string(),
+                    rx.clone(),
+                    served.clone(),
+                );
+                tokio::spawn(async move {
+                    let c = client();
+                    let mut seen = Vec::new();
+                    while !*rx.borrow() {
+                        let r = c
+                            .post(&url)
+                            .bearer_auth(&key)
+                            .header("content-type", "application/json")
+                            .body(BODY)
+                            .send()
+                            .await;
+                        match r {
+                            Ok(r) => {
+                                if r.status() == 200 {
+                                    served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                }
+                                seen.push(r.status().as_u16());
+                            }
+                            Err(_) => break, // the gateway was killed
+                        }
+                    }
+                    seen
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            tasks,
+            served,
+        }
+    }
+
+    async fn until_served(&self, n: usize) {
+        let served = self.served.clone();
+        until("responses", || {
+            let served = served.clone();
+            async move { served.load(std::sync::atomic::Ordering::SeqCst) >= n }
+        })
+        .await;
+    }
+
+    async fn stop(self) -> Vec<u16> {
+        let _ = self.stop.send(true);
+        let mut all = Vec::new();
+        for t in self.tasks {
+            all.extend(t.await.unwrap());
+        }
+        all
+    }
+}
+
+both_dbs!(kill_9_under_load_keeps_the_money_invariants, kill_9_credits);
+async fn kill_9_credits(db: Db) {
+    let mock = MockUpstream::json_ok().await;
+    let spend = format!(
+        "{PRICES}\n[spend]\nlease_ttl_secs = 3\nidle_return_secs = 1\nreservations_per_lease = 8\n"
+    );
+    let mut gw = Gateway::new(db, "", &spend).await.unwrap();
+    gw.add_user("alice@example.com");
+    gw.add_account("main", "openai", &mock.url(), "sk-up", 1, 1);
+    let key = gw.create_key("alice@example.com", &[]);
+    gw.cli_ok(&[
+        "credits",
+        "grant",
+        "--user",
+        "alice@example.com",
+        "--amount",
+        "5",
+    ]);
+    gw.start().await;
+    let load = Load::start(&gw, &key);
+    load.until_served(60).await;
+    gw.kill9();
+    load.stop().await;
+    // The dead instance's lease is still held: it has not expired.
+    let (_, leased) = credit_row(&gw).await;
+    assert!(leased > Decimal::ZERO, "a lease was held at the kill");
+
+    // Restarted on the same database and spool: it replays what was spooled, and takes back the
+    // dead instance's lease once it expires (its own unused part goes back when idle).
+    gw.start().await;
+    let load = Load::start(&gw, &key);
+    load.until_served(40).await;
+    let statuses = load.stop().await;
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    until("every lease back", || async {
+        credit_row(&gw).await.1 == Decimal::ZERO
+    })
+    .await;
+    assert!(gw.terminate().success(), "{}", gw.log());
+    let ledger = ledger(&gw).await;
+    let charged: Decimal = ledger
+        .iter()
+        .filter(|t| t.0 == "charge")
+        .map(|t| -t.1)
+        .sum();
+    assert!(charged <= dec("5"), "charged {charged} of $5");
+    let (balance, _) = credit_row(&gw).await;
+    assert_eq!(balance, dec("5") - charged);
+    let check = gw.cli(&["usage", "--check"]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_away_admits_from_leases_then_fails_closed() {
+    if common::postgres_base_url().is_none() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "TEST_DATABASE_URL is not set in CI"
+        );
+        eprintln!("skipped: TEST_DATABASE_URL is not set");
+        return;
+    }
+    let mock = MockUpstream::json_ok().await;
+    // A lease of 4 reservations (4 × $0.094): 1 + (0.376 − 0.094) / 0.015 = 19 requests from it.
+    let spend = format!("{PRICES}\n[spend]\nreservations_per_lease = 4\nlease_wait_ms = 300\n");
+    let mut gw = Gateway::new(Db::Postgres, "", &spend).await.unwrap();
+    gw.set_writer("flush_timeout_ms = 1000\nmax_backoff_ms = 500");
+    gw.add_user("alice@example.com");
+    gw.add_account("main", "openai", &mock.url(), "sk-up", 1, 1);
+    let key = gw.create_key("alice@example.com", &[]);
+    gw.cli_ok(&[
+        "credits",
+        "grant",
+        "--user",
+        "alice@example.com",
+        "--amount",
+        "1",
+    ]);
+    let cutter = gw.through_cutter().await;
+    gw.start().await;
+    let c = client();
+    assert_eq!(
+        post(&gw, &c, &key, BODY).await.status(),
+        200,
+        "the first request takes a lease"
+    );
+
+    cutter.cut();
+    let mut from_leases = 0;
+    let refused = loop {
+        let t = std::time::Instant::now();
+        let r = post(&gw, &c, &key, BODY).await;
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(3),
+            "waited {:?}",
+            t.elapsed()
+        );
+        if r.status() != 200 {
+            break r;
+        }
+        from_leases += 1;
+        assert!(from_leases < 100, "served without a lease");
+    };
+    assert!(
+        from_leases >= 5,
+        "only {from_leases} served from the lease held"
+    );
+    assert_eq!(refused.status(), 503);
+    assert_eq!(header(&refused, "retry-after").as_deref(), Some("1"));
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "spend_unavailable", "{body}");
+
+    cutter.restore();
+    // Back: leases again, and every row (spooled meanwhile) charged once.
+    until("a lease again", || {
+        let (gw, c, key) = (&gw, &c, &key);
+        async move { post(gw, c, key, BODY).await.status() == 200 }
+    })
+    .await;
+    let served = mock.count();
+    until("every charge written", || async {
+        ledger(&gw).await.iter().filter(|t| t.0 == "charge").count() == served
+    })
+    .await;
+    assert!(gw.terminate().success());
+    let check = gw.cli(&["usage", "--check"]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
 }
