@@ -131,7 +131,8 @@ pub struct KeyInfo {
     pub user_active: bool,
     pub expires_at: Option<DateTime<Utc>>,
     pub permissions: Permissions,
-    /// The key's own rate limits (`None` = `[limits]`) and its user's (`None` = none).
+    /// The key's own rate limits (`None` = `[limits]`) and its user's: the user's own, else their
+    /// plan's, limit by limit (`None` = none).
     pub key_limits: Overrides,
     pub user_limits: Overrides,
     /// `users.role` is `banned`: every request of the user's keys is refused (403).

@@ -1,4 +1,5 @@
-//! The command line: `serve`, `migrate`, and the operator commands for users, keys and accounts.
+//! The command line: `serve`, `migrate`, and the operator commands for users, keys, accounts,
+//! credits, budgets and plans.
 //! Listings go to stdout; `keys create` prints the new key alone on stdout's last line. Every
 //! change is audited as done by `cli:<OS user>`; `tollgate audit` reads the log.
 
@@ -47,9 +48,12 @@ pub enum Command {
     /// Prepaid credits: grants, balances, the ledger.
     #[command(subcommand)]
     Credits(CreditsCmd),
-    /// Budgets on keys and users: cost, tokens or requests per day, week, month or in total.
+    /// Budgets on keys, users and plans: cost, tokens or requests per day, week, month or in total.
     #[command(subcommand)]
     Budgets(BudgetsCmd),
+    /// Plans: rate limits and budgets that apply to each subscribed user (`users subscribe`).
+    #[command(subcommand)]
+    Plans(PlansCmd),
     /// Usage totals over a time range: requests, errors, tokens, cost.
     Usage(UsageArgs),
     /// The audit log: every admin action (CLI or admin API), newest first.
@@ -88,7 +92,8 @@ pub struct AuditArgs {
     /// How many rows, newest first (1 to 10000).
     #[arg(long, default_value_t = ops::AUDIT_LIMIT.0)]
     pub limit: i64,
-    /// Only rows about this target: TYPE (user, key, account, config, keyring) or TYPE:ID.
+    /// Only rows about this target: TYPE (user, key, account, budget, plan, config, keyring) or
+    /// TYPE:ID.
     #[arg(long, value_name = "TYPE[:ID]")]
     pub target: Option<String>,
     /// Print JSON instead of a table.
@@ -148,6 +153,65 @@ pub enum UsersCmd {
         #[command(flatten)]
         limits: LimitArgs,
     },
+    /// Subscribe a user to a plan (replacing any subscription they have): its rate limits apply
+    /// where the user has none of their own, its budgets to the user on their own, in periods
+    /// from --period-start.
+    Subscribe {
+        /// The user's email.
+        email: String,
+        /// The plan's name.
+        #[arg(long)]
+        plan: String,
+        /// Where the plan's budget periods start from: RFC 3339 or YYYY-MM-DD (default now).
+        #[arg(long)]
+        period_start: Option<String>,
+        /// The current period's end as your billing system has it (recorded, shown).
+        #[arg(long)]
+        period_end: Option<String>,
+    },
+    /// End a user's subscription: the plan's limits and budgets stop applying to them.
+    Unsubscribe {
+        /// The user's email.
+        email: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PlansCmd {
+    /// Add a plan: rate limits and budgets per subscriber; prints its id.
+    Add {
+        name: String,
+        /// Per subscriber, over all of their keys (0 or none = no limit).
+        #[command(flatten)]
+        limits: LimitArgs,
+        /// A budget of each subscriber, e.g. tokens:2000000:month or cost:50:month (periods
+        /// from the subscriber's period start); repeatable.
+        #[arg(long = "budget", value_name = "METRIC:LIMIT:PERIOD", value_parser = budget_spec)]
+        budgets: Vec<ops::PlanBudgetInput>,
+    },
+    /// List plans with their limits, budgets and subscriber counts.
+    List(ListArgs),
+    /// Change a plan's rate limits (`default` removes one); its budgets change with
+    /// `budgets set --plan NAME`. Running gateways apply it within a second.
+    Update {
+        name: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+}
+
+/// `--budget METRIC:LIMIT:PERIOD` (checked by `ops`).
+fn budget_spec(s: &str) -> Result<ops::PlanBudgetInput, String> {
+    match s.split(':').collect::<Vec<_>>().as_slice() {
+        [metric, limit, period] => Ok(ops::PlanBudgetInput {
+            metric: metric.to_string(),
+            limit: limit.to_string(),
+            period: period.to_string(),
+        }),
+        _ => Err(format!(
+            "{s:?}: want METRIC:LIMIT:PERIOD, e.g. tokens:2000000:month"
+        )),
+    }
 }
 
 /// Rate limits on the command line: a count (0 = no limit), or `default` to remove one (a key
@@ -339,21 +403,27 @@ pub enum CreditsCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum BudgetsCmd {
-    /// Set (or replace) a budget of a key or a user; running gateways apply it within a second.
+    /// Set (or replace) a budget of a key, a user or a plan; running gateways apply it within a
+    /// second.
+    #[command(group(clap::ArgGroup::new("owner").required(true).args(["key", "user", "plan"])))]
     Set {
         /// The key's id.
-        #[arg(long, conflicts_with = "user", required_unless_present = "user")]
+        #[arg(long)]
         key: Option<i64>,
         /// The user's email (the budget covers all of their keys together).
         #[arg(long)]
         user: Option<String>,
+        /// The plan's name (the budget applies to each subscriber on their own, in periods from
+        /// their period start).
+        #[arg(long)]
+        plan: Option<String>,
         /// What is counted: cost (USD), tokens or requests.
         #[arg(long)]
         metric: String,
         /// The most allowed in a period (0 refuses everything).
         #[arg(long)]
         limit: String,
-        /// day, week, month (calendar, UTC) or total.
+        /// day, week, month (calendar, UTC; a plan's from each subscriber's start) or total.
         #[arg(long)]
         period: String,
     },
@@ -467,6 +537,92 @@ async fn admin(
                 .await
                 .map_err(flag)?;
             eprintln!("user {email} updated; running gateways apply it within a second");
+        }
+        Command::Users(UsersCmd::Subscribe {
+            email,
+            plan,
+            period_start,
+            period_end,
+        }) => {
+            let s = ops::subscribe(
+                store,
+                actor,
+                &ops::SubscribeInput {
+                    user: email.clone(),
+                    plan,
+                    period_start,
+                    period_end,
+                },
+            )
+            .await
+            .map_err(flag)?;
+            eprintln!(
+                "user {email} subscribed to plan {} from {}; running gateways apply it within a second",
+                s.plan,
+                s.current_period_start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            );
+        }
+        Command::Users(UsersCmd::Unsubscribe { email }) => {
+            let s = ops::unsubscribe(store, actor, &email).await.map_err(flag)?;
+            eprintln!(
+                "user {email} unsubscribed from plan {}; running gateways apply it within a second",
+                s.plan
+            );
+        }
+        Command::Plans(PlansCmd::Add {
+            name,
+            limits,
+            budgets,
+        }) => {
+            let l = limits.patch();
+            let p = ops::create_plan(
+                store,
+                actor,
+                &ops::PlanInput {
+                    name,
+                    rpm: l.rpm.flatten(),
+                    rpd: l.rpd.flatten(),
+                    tpm: l.tpm.flatten(),
+                    max_concurrent: l.max_concurrent.flatten(),
+                    budgets,
+                },
+            )
+            .await
+            .map_err(flag)?;
+            eprintln!("created plan {} ({})", p.id, p.name);
+            println!("{}", p.id);
+        }
+        Command::Plans(PlansCmd::List(args)) => {
+            let plans = ops::list_plans(store).await?;
+            print_list(&args, &plans, "no plans", |p| {
+                let budgets: Vec<String> = p
+                    .budgets
+                    .iter()
+                    .map(|b| format!("{}:{}:{}", b.metric.as_str(), b.limit, b.period.as_str()))
+                    .collect();
+                format!(
+                    "{:>6}  {:<20} limits={} budgets={} subscribers={}",
+                    p.id,
+                    p.name,
+                    limits(&p.limits, "none"),
+                    if budgets.is_empty() {
+                        "none".to_string()
+                    } else {
+                        budgets.join(",")
+                    },
+                    p.subscribers
+                )
+            })?;
+        }
+        Command::Plans(PlansCmd::Update { name, limits }) => {
+            let patch = limits.patch();
+            if patch.is_empty() {
+                bail!("nothing to change: give --rpm, --rpd, --tpm or --max-concurrent");
+            }
+            ops::update_plan(store, actor, &name, &patch)
+                .await
+                .map_err(flag)?;
+            eprintln!("plan {name} updated; running gateways apply it within a second");
         }
         Command::Keys(KeysCmd::Create {
             user,
@@ -742,6 +898,7 @@ async fn admin(
         Command::Budgets(BudgetsCmd::Set {
             key,
             user,
+            plan,
             metric,
             limit,
             period,
@@ -752,6 +909,7 @@ async fn admin(
                 &ops::BudgetInput {
                     key,
                     user: user.clone(),
+                    plan: plan.clone(),
                     metric,
                     limit,
                     period,
@@ -759,7 +917,11 @@ async fn admin(
             )
             .await
             .map_err(flag)?;
-            let owner = key.map_or_else(|| user.unwrap_or_default(), |k| format!("key {k}"));
+            let owner = match (key, user, plan) {
+                (Some(k), _, _) => format!("key {k}"),
+                (_, Some(u), _) => u,
+                (_, _, p) => format!("each subscriber of plan {}", p.unwrap_or_default()),
+            };
             eprintln!(
                 "budget {} set: {owner} may use {} {} per {}; running gateways apply it within a second",
                 b.id,

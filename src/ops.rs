@@ -1,4 +1,4 @@
-//! Operator actions — users, keys, accounts, usage, the audit log — shared by the CLI and the
+//! Operator actions — users, keys, accounts, usage, credits, budgets, plans, the audit log — shared by the CLI and the
 //! admin API, with their input validation. Each returns typed data; the callers print it or send
 //! it as JSON. Every action that changes something takes the [`Actor`] doing it and writes its
 //! `admin_log` row in the transaction of the change: validate, `store.begin()`, snapshot
@@ -17,8 +17,8 @@ use crate::secrets::{self, Keyring};
 use crate::store::{
     AccountLimitColumns, AccountLimitPatch, AccountPatch, AccountRow, Actor, AuditQuery, AuditRow,
     BudgetListing, BudgetOwner, BudgetRow, CreditBalance, Grant, GrantOutcome, GroupBy, KeyListing,
-    KeyPatch, LedgerEntry, LimitColumns, LimitPatch, NewAccount, Store, StoreError, Target,
-    UsageTotals, UserRow,
+    KeyPatch, LedgerEntry, LimitColumns, LimitPatch, NewAccount, PlanBudget, PlanRow, Store,
+    StoreError, SubscriptionRow, Target, UsageTotals, UserRow,
 };
 use crate::upstream::{AccountType, Endpoint};
 
@@ -1022,6 +1022,9 @@ pub struct BudgetInput {
     /// The user's email.
     #[serde(default)]
     pub user: Option<String>,
+    /// The plan's name (the budget applies to each subscriber on their own).
+    #[serde(default)]
+    pub plan: Option<String>,
     /// `cost`, `tokens` or `requests`.
     pub metric: String,
     /// A decimal (cost, USD) or a count (tokens, requests); 0 refuses everything.
@@ -1044,25 +1047,40 @@ pub fn parse_period(s: &str) -> Result<Period, OpsError> {
         .ok_or_else(|| invalid("period", format!("{s:?}: want day, week, month or total")))
 }
 
-/// Sets (or replaces) a budget; running gateways apply it within a second.
-pub async fn set_budget(
-    store: &Store,
-    actor: &Actor,
-    b: &BudgetInput,
-) -> Result<BudgetRow, OpsError> {
-    let metric = parse_metric(&b.metric)?;
-    let period = parse_period(&b.period)?;
-    let limit = parse_amount("limit", &b.limit, false)?;
+/// A budget's metric, limit and period, checked: a count for tokens and requests.
+fn budget_parts(metric: &str, limit: &str, period: &str) -> Result<PlanBudget, OpsError> {
+    let metric = parse_metric(metric)?;
+    let period = parse_period(period)?;
+    let limit = parse_amount("limit", limit, false)?;
     if metric != Metric::Cost && !limit.fract().is_zero() {
         return Err(invalid(
             "limit",
             format!("{} are counted whole", metric.as_str()),
         ));
     }
-    let owner = match (&b.key, &b.user) {
-        (Some(k), None) => BudgetOwner::Key(*k),
-        (None, Some(email)) => BudgetOwner::User(store.user_id_by_email(email).await?),
-        _ => return Err(invalid("owner", "give exactly one of key or user")),
+    Ok(PlanBudget {
+        metric,
+        period,
+        limit,
+    })
+}
+
+/// Sets (or replaces) a budget; running gateways apply it within a second.
+pub async fn set_budget(
+    store: &Store,
+    actor: &Actor,
+    b: &BudgetInput,
+) -> Result<BudgetRow, OpsError> {
+    let PlanBudget {
+        metric,
+        period,
+        limit,
+    } = budget_parts(&b.metric, &b.limit, &b.period)?;
+    let owner = match (&b.key, &b.user, &b.plan) {
+        (Some(k), None, None) => BudgetOwner::Key(*k),
+        (None, Some(email), None) => BudgetOwner::User(store.user_id_by_email(email).await?),
+        (None, None, Some(name)) => BudgetOwner::Plan(store.plan_id_by_name(name).await?),
+        _ => return Err(invalid("owner", "give exactly one of key, user or plan")),
     };
     Ok(store
         .set_budget(actor, owner, metric, period, limit, Utc::now())
@@ -1114,6 +1132,143 @@ pub async fn list_budgets(store: &Store) -> Result<Vec<BudgetListing>, OpsError>
 
 pub async fn delete_budget(store: &Store, actor: &Actor, id: i64) -> Result<(), OpsError> {
     Ok(store.delete_budget(actor, id, Utc::now()).await?)
+}
+
+// ---------------------------------------------------------------- plans and subscriptions
+
+/// A budget of a plan as asked for.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PlanBudgetInput {
+    /// `cost`, `tokens` or `requests`.
+    pub metric: String,
+    /// A decimal (cost, USD) or a count (tokens, requests).
+    pub limit: String,
+    /// `day`, `week`, `month` (from each subscriber's period start) or `total`.
+    pub period: String,
+}
+
+/// A plan as asked for: rate limits per subscriber (`None` = none, 0 = none) and budgets.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct PlanInput {
+    pub name: String,
+    #[serde(default)]
+    pub rpm: Option<i64>,
+    #[serde(default)]
+    pub rpd: Option<i64>,
+    #[serde(default)]
+    pub tpm: Option<i64>,
+    #[serde(default)]
+    pub max_concurrent: Option<i64>,
+    #[serde(default)]
+    pub budgets: Vec<PlanBudgetInput>,
+}
+
+/// Makes a plan with its rate limits and budgets (one per metric and period).
+pub async fn create_plan(store: &Store, actor: &Actor, p: &PlanInput) -> Result<PlanRow, OpsError> {
+    let name = label("name", &p.name)?;
+    let limits = LimitColumns {
+        rpm: p.rpm,
+        rpd: p.rpd,
+        tpm: p.tpm,
+        max_concurrent: p.max_concurrent,
+    };
+    check_limit_columns(&limits)?;
+    let mut budgets: Vec<PlanBudget> = Vec::new();
+    for b in &p.budgets {
+        let b = budget_parts(&b.metric, &b.limit, &b.period).map_err(|e| match e {
+            OpsError::Invalid { message, .. } => invalid("budget", message),
+            e => e,
+        })?;
+        if budgets
+            .iter()
+            .any(|o| o.metric == b.metric && o.period == b.period)
+        {
+            return Err(invalid(
+                "budget",
+                format!(
+                    "two budgets of {} per {}",
+                    b.metric.as_str(),
+                    b.period.as_str()
+                ),
+            ));
+        }
+        budgets.push(b);
+    }
+    Ok(store
+        .create_plan(actor, name, &limits, &budgets, Utc::now())
+        .await?)
+}
+
+/// Changes a plan's rate limits (`Some(None)` removes one); running gateways apply them to every
+/// subscriber within a second. Its budgets change with [`set_budget`] (`plan`).
+pub async fn update_plan(
+    store: &Store,
+    actor: &Actor,
+    name: &str,
+    patch: &LimitPatch,
+) -> Result<PlanRow, OpsError> {
+    if patch.is_empty() {
+        return Err(invalid("limits", "nothing to change"));
+    }
+    check_limit_patch(patch)?;
+    let id = store.plan_id_by_name(name).await?;
+    Ok(store.update_plan(actor, id, patch, Utc::now()).await?)
+}
+
+pub async fn list_plans(store: &Store) -> Result<Vec<PlanRow>, OpsError> {
+    Ok(store.list_plans().await?)
+}
+
+/// A subscription as asked for.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SubscribeInput {
+    /// The user's email.
+    pub user: String,
+    /// The plan's name.
+    pub plan: String,
+    /// Where the plan's budget periods are anchored (RFC 3339 or YYYY-MM-DD; default now).
+    #[serde(default)]
+    pub period_start: Option<String>,
+    /// The current period's end as the billing system has it (recorded; after `period_start`).
+    #[serde(default)]
+    pub period_end: Option<String>,
+}
+
+/// Subscribes a user to a plan, replacing any subscription they have; running gateways apply
+/// the plan to the user's keys within a second.
+pub async fn subscribe(
+    store: &Store,
+    actor: &Actor,
+    s: &SubscribeInput,
+) -> Result<SubscriptionRow, OpsError> {
+    let now = Utc::now();
+    let start = match &s.period_start {
+        Some(t) => parse_time(t, now).map_err(|m| invalid("period_start", m))?,
+        None => now,
+    };
+    let end = s
+        .period_end
+        .as_deref()
+        .map(|t| parse_time(t, now).map_err(|m| invalid("period_end", m)))
+        .transpose()?;
+    if end.is_some_and(|e| e <= start) {
+        return Err(invalid("period_end", "must be after the period start"));
+    }
+    let user_id = store.user_id_by_email(&s.user).await?;
+    let plan_id = store.plan_id_by_name(&s.plan).await?;
+    Ok(store
+        .subscribe(actor, user_id, plan_id, start, end, now)
+        .await?)
+}
+
+/// Ends a user's subscription: the plan's limits and budgets stop applying to them.
+pub async fn unsubscribe(
+    store: &Store,
+    actor: &Actor,
+    email: &str,
+) -> Result<SubscriptionRow, OpsError> {
+    let user_id = store.user_id_by_email(email).await?;
+    Ok(store.unsubscribe(actor, user_id, Utc::now()).await?)
 }
 
 // ---------------------------------------------------------------- the audit log

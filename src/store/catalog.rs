@@ -49,10 +49,20 @@ macro_rules! key_row {
     };
 }
 
-/// The columns of the key lookup that [`key_row!`] reads, besides the key's own.
+/// The columns of the key lookup that [`key_row!`] reads, besides the key's own. The user's
+/// limits are their own, else their active plan's (limit by limit), so a subscriber's limits
+/// are data in the cached key like any user's.
 const KEY_ROW_COLUMNS: &str = "k.id, k.user_id, k.name, k.permissions, k.is_active, k.expires_at, \
-     k.rpm, k.rpd, k.tpm, k.max_concurrent, u.is_active AS user_active, u.rpm AS user_rpm, \
-     u.rpd AS user_rpd, u.tpm AS user_tpm, u.max_concurrent AS user_max_concurrent, u.role AS user_role";
+     k.rpm, k.rpd, k.tpm, k.max_concurrent, u.is_active AS user_active, \
+     COALESCE(u.rpm, p.rpm) AS user_rpm, COALESCE(u.rpd, p.rpd) AS user_rpd, \
+     COALESCE(u.tpm, p.tpm) AS user_tpm, COALESCE(u.max_concurrent, p.max_concurrent) AS user_max_concurrent, \
+     u.role AS user_role";
+
+/// What [`KEY_ROW_COLUMNS`] are read from: the key, its user, the user's active subscription
+/// (at most one: `subscriptions.user_id` is unique) and its plan.
+const KEY_ROW_FROM: &str = "api_keys k JOIN users u ON u.id = k.user_id \
+     LEFT JOIN subscriptions s ON s.user_id = u.id AND s.status = 'active' \
+     LEFT JOIN plans p ON p.id = s.plan_id";
 
 /// Rate limits as stored on a key or a user (migration 0006): `None` = the default (for a key the
 /// `[limits]` section, for a user none), `Some(0)` = explicitly unlimited.
@@ -145,6 +155,7 @@ pub struct KeyRow {
     pub user_active: bool,
     pub expires_at: Option<DateTime<Utc>>,
     pub key_limits: LimitColumns,
+    /// The user's own limits, else (limit by limit) their active plan's.
     pub user_limits: LimitColumns,
     /// `users.role`; `banned` (any case) refuses every key of the user.
     pub user_role: String,
@@ -317,9 +328,7 @@ impl Store {
 
     /// The one query on the request path (on a key-cache miss).
     pub async fn find_key(&self, key_hash_hex: &str) -> Result<Option<KeyRow>, StoreError> {
-        let sql = format!(
-            "SELECT {KEY_ROW_COLUMNS} FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.key_hash = $1"
-        );
+        let sql = format!("SELECT {KEY_ROW_COLUMNS} FROM {KEY_ROW_FROM} WHERE k.key_hash = $1");
         let row = dispatch!(self, p => match sqlx::query(sqlx::AssertSqlSafe(sql)).bind(key_hash_hex).fetch_optional(p).await? {
             None => None,
             Some(r) => Some(key_row!(r)),
@@ -443,8 +452,7 @@ impl Store {
     /// Recently used active keys, to warm the cache at start.
     pub async fn recent_keys(&self, limit: i64) -> Result<Vec<(String, KeyRow)>, StoreError> {
         let sql = format!(
-            "SELECT k.key_hash, {KEY_ROW_COLUMNS} \
-             FROM api_keys k JOIN users u ON u.id = k.user_id \
+            "SELECT k.key_hash, {KEY_ROW_COLUMNS} FROM {KEY_ROW_FROM} \
              WHERE k.is_active AND u.is_active \
              ORDER BY k.last_used_at DESC, k.id DESC LIMIT $1"
         );

@@ -2,8 +2,9 @@
 //! [`dispatch!`] macro that compiles one query for PostgreSQL and SQLite, errors, clocks). The
 //! queries live by job: `catalog.rs` (users, keys, accounts and their change tracking),
 //! `usage.rs` (the usage write path), `report.rs` (totals and invariant checks), `audit.rs` (the
-//! admin log). Admin changes run in a [`Tx`], which commits only with its audit row. Nothing here
-//! runs on the request path except [`Store::find_key`] on a key-cache miss.
+//! admin log), `spend.rs` (budgets, credits, leases), `plans.rs` (plans and subscriptions).
+//! Admin changes run in a [`Tx`], which commits only with its audit row. Nothing here runs on
+//! the request path except [`Store::find_key`] on a key-cache miss.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -42,12 +43,14 @@ macro_rules! dispatch_tx {
 
 mod audit;
 mod catalog;
+mod plans;
 mod report;
 mod spend;
 mod usage;
 
 pub use audit::*;
 pub use catalog::*;
+pub use plans::{PlanBudget, PlanRow, SubscriptionRow};
 pub use report::*;
 pub use spend::{
     BudgetListing, BudgetOwner, BudgetPeriod, BudgetRow, CreditBalance, Grant, GrantOutcome,

@@ -208,7 +208,7 @@ impl Store {
 }
 
 /// `$first, $first+1, …` for `n` values.
-fn placeholders(first: usize, n: usize) -> String {
+pub(super) fn placeholders(first: usize, n: usize) -> String {
     (first..first + n)
         .map(|i| format!("${i}"))
         .collect::<Vec<_>>()
@@ -849,7 +849,7 @@ fn period_of(s: &str) -> Result<Period, sqlx::Error> {
         .ok_or_else(|| sqlx::Error::Decode(format!("unknown budget period {s:?}").into()))
 }
 
-fn budget_row(r: &R) -> Result<BudgetRow, sqlx::Error> {
+pub(super) fn budget_row(r: &R) -> Result<BudgetRow, sqlx::Error> {
     Ok(BudgetRow {
         id: r.i64("id")?,
         api_key_id: r.oi64("api_key_id")?,
@@ -861,7 +861,7 @@ fn budget_row(r: &R) -> Result<BudgetRow, sqlx::Error> {
     })
 }
 
-const BUDGET_COLUMNS: &str =
+pub(super) const BUDGET_COLUMNS: &str =
     "b.id, b.api_key_id, b.user_id, b.plan_id, b.metric, b.period, b.limit_amount";
 
 /// The budgets that apply to rows of these keys and users, each with the subscriber and
@@ -1421,7 +1421,8 @@ impl Store {
 
     /// Sets (or replaces) the budget of `owner` for `metric` and `period`. A new budget starts
     /// from what its subject already used in the current period (so "$5 a day" set at noon
-    /// counts the morning), summed while no usage row can be written (PostgreSQL: the table is
+    /// counts the morning; a plan's, each active subscriber's current period from their
+    /// subscription's start), summed while no usage row can be written (PostgreSQL: the table is
     /// locked in SHARE mode for that moment). The owner's keys leave every cache.
     pub async fn set_budget(
         &self,
@@ -1432,93 +1433,9 @@ impl Store {
         limit: Decimal,
         now: DateTime<Utc>,
     ) -> Result<BudgetRow, StoreError> {
-        if limit < Decimal::ZERO {
-            return Err(StoreError::Invalid("the limit must not be negative".into()));
-        }
-        let (col, id) = match owner {
-            BudgetOwner::Key(k) => ("api_key_id", k),
-            BudgetOwner::User(u) => ("user_id", u),
-            BudgetOwner::Plan(p) => ("plan_id", p),
-        };
         let mut tx = self.begin().await?;
-        if let Store::Postgres(_) = self {
-            tx.exec("LOCK TABLE usage_records IN SHARE MODE", &[])
-                .await?;
-        }
-        let sql = format!(
-            "SELECT {BUDGET_COLUMNS} FROM budgets b WHERE b.{col} = $1 AND b.metric = $2 AND b.period = $3{}",
-            tx.lock()
-        );
-        let args = [
-            V::I(id),
-            V::T(metric.as_str().into()),
-            V::T(period.as_str().into()),
-        ];
-        let existing = tx.row(&sql, &args).await?;
-        let before = match &existing {
-            Some(r) => Some(serde_json::to_value(budget_row(r)?).unwrap_or_default()),
-            None => None,
-        };
-        let budget_id = match existing {
-            Some(r) => {
-                let id = r.i64("id")?;
-                tx.exec(
-                    "UPDATE budgets SET limit_amount = $2, updated_at = $3 WHERE id = $1",
-                    &[V::I(id), V::D(limit), V::Ts(now)],
-                )
-                .await?;
-                id
-            }
-            None => {
-                let sql = format!(
-                    "INSERT INTO budgets ({col}, metric, period, limit_amount, created_at, updated_at) \
-                     VALUES ($1, $2, $3, $4, $5, $5) RETURNING id"
-                );
-                let id = tx
-                    .row(
-                        &sql,
-                        &[
-                            args[0].clone(),
-                            args[1].clone(),
-                            args[2].clone(),
-                            V::D(limit),
-                            V::Ts(now),
-                        ],
-                    )
-                    .await
-                    .map_err(|e| match e {
-                        StoreError::Db(sqlx::Error::Database(d))
-                            if d.is_foreign_key_violation() =>
-                        {
-                            StoreError::NotFound(format!("{} {id}", col.trim_end_matches("_id")))
-                        }
-                        e => e,
-                    })?
-                    .ok_or_else(|| StoreError::Invalid("budget insert returned nothing".into()))?
-                    .i64("id")?;
-                // What the subject already used this period (a key's or user's own budget; a
-                // plan's starts with each subscriber's period).
-                if let BudgetOwner::Key(_) | BudgetOwner::User(_) = owner {
-                    let (start, end) = period_bounds(period, None, now);
-                    let spent = scope_spent(&mut tx, col, id_of(owner), metric, start, end).await?;
-                    tx.exec(
-                        "INSERT INTO budget_usage (budget_id, subject_id, period_start, spent, leased) \
-                         VALUES ($1, $2, $3, $4, $5)",
-                        &[V::I(id), V::I(id_of(owner)), V::Ts(start), V::D(spent), V::D(Decimal::ZERO)],
-                    )
-                    .await?;
-                }
-                id
-            }
-        };
-        let row = tx
-            .row(
-                &format!("SELECT {BUDGET_COLUMNS} FROM budgets b WHERE b.id = $1"),
-                &[V::I(budget_id)],
-            )
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("budget {budget_id}")))?;
-        let budget = budget_row(&row)?;
+        tx.hold_usage_writes().await?;
+        let (before, budget) = tx.set_budget(owner, metric, period, limit, now).await?;
         touch_owner(&mut tx, owner, now).await?;
         owner_keys_changed(&mut tx, owner).await?;
         tx.audit(
@@ -1782,8 +1699,184 @@ impl Store {
     }
 }
 
+impl Tx {
+    /// PostgreSQL: no usage row can be written until this transaction ends (`LOCK TABLE
+    /// usage_records IN SHARE MODE`), so what a subject used can be summed and stored as a
+    /// period's `spent` without a row slipping between. SQLite: the transaction is already the
+    /// one writer.
+    pub(super) async fn hold_usage_writes(&mut self) -> Result<(), StoreError> {
+        if let TxConn::Postgres(_) = self.conn {
+            self.exec("LOCK TABLE usage_records IN SHARE MODE", &[])
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// [`Store::set_budget`] inside a transaction (call [`Tx::hold_usage_writes`] first):
+    /// returns the budget's snapshot before (`None`: new) and the budget. Touches no owner and
+    /// writes no audit row.
+    pub(super) async fn set_budget(
+        &mut self,
+        owner: BudgetOwner,
+        metric: Metric,
+        period: Period,
+        limit: Decimal,
+        now: DateTime<Utc>,
+    ) -> Result<(Option<serde_json::Value>, BudgetRow), StoreError> {
+        if limit < Decimal::ZERO {
+            return Err(StoreError::Invalid("the limit must not be negative".into()));
+        }
+        let (col, id) = match owner {
+            BudgetOwner::Key(k) => ("api_key_id", k),
+            BudgetOwner::User(u) => ("user_id", u),
+            BudgetOwner::Plan(p) => ("plan_id", p),
+        };
+        let sql = format!(
+            "SELECT {BUDGET_COLUMNS} FROM budgets b WHERE b.{col} = $1 AND b.metric = $2 AND b.period = $3{}",
+            self.lock()
+        );
+        let args = [
+            V::I(id),
+            V::T(metric.as_str().into()),
+            V::T(period.as_str().into()),
+        ];
+        let existing = self.row(&sql, &args).await?;
+        let before = match &existing {
+            Some(r) => Some(serde_json::to_value(budget_row(r)?).unwrap_or_default()),
+            None => None,
+        };
+        let budget_id = match existing {
+            Some(r) => {
+                let id = r.i64("id")?;
+                self.exec(
+                    "UPDATE budgets SET limit_amount = $2, updated_at = $3 WHERE id = $1",
+                    &[V::I(id), V::D(limit), V::Ts(now)],
+                )
+                .await?;
+                id
+            }
+            None => {
+                let sql = format!(
+                    "INSERT INTO budgets ({col}, metric, period, limit_amount, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $5) RETURNING id"
+                );
+                let id = self
+                    .row(
+                        &sql,
+                        &[
+                            args[0].clone(),
+                            args[1].clone(),
+                            args[2].clone(),
+                            V::D(limit),
+                            V::Ts(now),
+                        ],
+                    )
+                    .await
+                    .map_err(|e| match e {
+                        StoreError::Db(sqlx::Error::Database(d))
+                            if d.is_foreign_key_violation() =>
+                        {
+                            StoreError::NotFound(format!("{} {id}", col.trim_end_matches("_id")))
+                        }
+                        e => e,
+                    })?
+                    .ok_or_else(|| StoreError::Invalid("budget insert returned nothing".into()))?
+                    .i64("id")?;
+                // What the subject already used this period: the key's or user's calendar
+                // period, or each subscriber's period from their subscription's start.
+                let subjects = match owner {
+                    BudgetOwner::Key(_) | BudgetOwner::User(_) => vec![(id_of(owner), None)],
+                    BudgetOwner::Plan(p) => {
+                        let mut subs = Vec::new();
+                        for r in self
+                            .rows(
+                                "SELECT user_id, current_period_start FROM subscriptions \
+                                 WHERE plan_id = $1 AND status = 'active' ORDER BY user_id",
+                                &[V::I(p)],
+                            )
+                            .await?
+                        {
+                            subs.push((r.i64("user_id")?, Some(r.ts("current_period_start")?)));
+                        }
+                        subs
+                    }
+                };
+                let subject_col = if col == "api_key_id" { col } else { "user_id" };
+                for (subject, anchor) in subjects {
+                    seed_period(self, id, subject_col, subject, metric, period, anchor, now)
+                        .await?;
+                }
+                id
+            }
+        };
+        let row = self
+            .row(
+                &format!("SELECT {BUDGET_COLUMNS} FROM budgets b WHERE b.id = $1"),
+                &[V::I(budget_id)],
+            )
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("budget {budget_id}")))?;
+        Ok((before, budget_row(&row)?))
+    }
+}
+
+/// Writes the current period (at `now`) of one budget for one subject with what the subject
+/// already used in it (a new budget, or a new subscription), if the period has no row yet.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn seed_period(
+    tx: &mut Tx,
+    budget_id: i64,
+    subject_col: &str,
+    subject: i64,
+    metric: Metric,
+    period: Period,
+    anchor: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let (start, end) = period_bounds(period, anchor, now);
+    let spent = scope_spent(tx, subject_col, subject, metric, start, end).await?;
+    tx.exec(
+        "INSERT INTO budget_usage (budget_id, subject_id, period_start, spent, leased) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (budget_id, subject_id, period_start) DO NOTHING",
+        &[
+            V::I(budget_id),
+            V::I(subject),
+            V::Ts(start),
+            V::D(spent),
+            V::D(Decimal::ZERO),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Forgets a subscriber's periods of a plan's budgets, and the leases instances hold on them
+/// (a subscription that ends, or starts again from another plan or start): pools first, then
+/// leases. An instance still holding a forgotten lease in memory can admit at most what it held
+/// (the bound of a changed budget); its settlement and return find no lease and change nothing.
+pub(super) async fn drop_plan_periods(
+    tx: &mut Tx,
+    plan_id: i64,
+    user_id: i64,
+) -> Result<(), StoreError> {
+    let args = [V::I(plan_id), V::I(user_id)];
+    tx.exec(
+        "DELETE FROM budget_usage WHERE subject_id = $2 \
+         AND budget_id IN (SELECT id FROM budgets WHERE plan_id = $1)",
+        &args,
+    )
+    .await?;
+    tx.exec(
+        "DELETE FROM spend_leases WHERE pool = 'budget' AND subject_id = $2 \
+         AND budget_id IN (SELECT id FROM budgets WHERE plan_id = $1)",
+        &args,
+    )
+    .await?;
+    Ok(())
+}
+
 /// Tells every instance (after the commit) that the keys a budget's owner covers changed.
-async fn owner_keys_changed(tx: &mut Tx, owner: BudgetOwner) -> Result<(), StoreError> {
+pub(super) async fn owner_keys_changed(tx: &mut Tx, owner: BudgetOwner) -> Result<(), StoreError> {
     match owner {
         BudgetOwner::Key(k) => {
             let hash = tx
@@ -1828,7 +1921,7 @@ fn owner_of(b: &BudgetRow) -> BudgetOwner {
 }
 
 /// Bumps `updated_at` of what owns a budget, which every instance's change poll watches.
-async fn touch_owner(
+pub(super) async fn touch_owner(
     tx: &mut Tx,
     owner: BudgetOwner,
     now: DateTime<Utc>,
