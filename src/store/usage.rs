@@ -7,8 +7,8 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 
 use super::spend::settle;
-use super::{Tx, TxConn};
 use super::{sqlite_time, Store, StoreError};
+use super::{Tx, TxConn};
 use crate::record::{UsageRecord, UsageSource};
 
 /// Per-id deltas of one flush, from the rows actually inserted.
