@@ -3,7 +3,9 @@
 //! CLI's (`ops.rs`); this module adds routing, the token, and the effects on this running
 //! instance: a changed key is dropped from the key cache at once, a changed account reloads the
 //! account set. Every change is audited as done by `admin-token:<[admin] token_name>`, and
-//! `GET /admin/audit` reads the log.
+//! `GET /admin/audit` reads the log. Credit grants take an `Idempotency-Key` header (Stripe's
+//! contract: the same key and body answer the first receipt again, marked
+//! `Idempotent-Replayed: true`; the same key with another body is refused, `409`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,9 +16,9 @@ use tokio::sync::Notify;
 
 use crate::auth::KeyCache;
 use crate::httpd::{query_param, Handler, Request, Response};
-use crate::ops::{self, OpsError};
+use crate::ops::{self, OpsError, UserRef};
 use crate::secrets::Keyring;
-use crate::store::{Actor, GroupBy, KeyPatch, Store};
+use crate::store::{Actor, GrantOutcome, GroupBy, KeyPatch, Store};
 
 pub const TOKEN_ENV: &str = "TOLLGATE_ADMIN_TOKEN";
 
@@ -124,6 +126,44 @@ impl Admin {
                     }
                     Response::json(200, &serde_json::json!({ "updated": true }))
                 }
+                (&M::POST, ["admin", "users", uid, "credits"]) => {
+                    let user = UserRef::Id(id(uid)?);
+                    let key = idempotency_key(&req)?;
+                    let input: ops::GrantInput = decimal_body(&req, "amount")?;
+                    match ops::grant_credits(&self.store, actor, user, &input, key.as_deref())
+                        .await?
+                    {
+                        GrantOutcome::Granted(receipt) => Response::json(201, &receipt),
+                        GrantOutcome::Replayed(receipt) => {
+                            Response::json(201, &receipt).with_header(REPLAYED_HEADER, "true")
+                        }
+                    }
+                }
+                (&M::GET, ["admin", "users", uid, "credits"]) => Response::json(
+                    200,
+                    &ops::credit_balance(&self.store, UserRef::Id(id(uid)?)).await?,
+                ),
+                (&M::GET, ["admin", "users", uid, "credits", "history"]) => {
+                    let user = UserRef::Id(id(uid)?);
+                    let limit = match query_param(req.query.as_deref(), "limit") {
+                        Some(l) => l
+                            .parse::<i64>()
+                            .map_err(|_| bad("limit", "must be an integer between 1 and 100000"))?,
+                        None => ops::HISTORY_LIMIT.0,
+                    };
+                    Response::json(200, &ops::credit_history(&self.store, user, limit).await?)
+                }
+                (&M::GET, ["admin", "budgets"]) => {
+                    Response::json(200, &ops::list_budgets(&self.store).await?)
+                }
+                (&M::POST, ["admin", "budgets"]) => {
+                    let input: ops::BudgetInput = decimal_body(&req, "limit")?;
+                    Response::json(200, &ops::set_budget(&self.store, actor, &input).await?)
+                }
+                (&M::DELETE, ["admin", "budgets", bid]) => {
+                    ops::delete_budget(&self.store, actor, id(bid)?).await?;
+                    Response::no_content()
+                }
                 (&M::GET, ["admin", "keys"]) => {
                     Response::json(200, &ops::list_keys(&self.store).await?)
                 }
@@ -215,11 +255,12 @@ impl Admin {
         }
         .await;
         result.unwrap_or_else(|e| {
-            let kind = match e.status() {
-                400 => "invalid_request_error",
-                404 => "not_found",
-                409 => "conflict",
-                _ => "server_error",
+            let kind = match &e {
+                OpsError::Invalid { .. } => "invalid_request_error",
+                OpsError::NotFound(_) => "not_found",
+                OpsError::Conflict(_) => "conflict",
+                OpsError::Idempotency(_) => "idempotency_error",
+                OpsError::Store(_) | OpsError::Sealing(_) => "server_error",
             };
             if e.status() == 500 {
                 tracing::error!(error = %e, "admin request failed");
@@ -236,11 +277,54 @@ fn bad(field: &'static str, message: &str) -> OpsError {
     }
 }
 
+/// Marks a grant answered again from its idempotency record (Stripe's name for it).
+const REPLAYED_HEADER: &str = "idempotent-replayed";
+
+/// The `Idempotency-Key` header, surrounding spaces removed (as HTTP does); at most one.
+fn idempotency_key(req: &Request) -> Result<Option<String>, OpsError> {
+    let mut values = req.headers.get_all("idempotency-key").iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(bad(
+            "idempotency_key",
+            "give the Idempotency-Key header once",
+        ));
+    }
+    let text = value
+        .to_str()
+        .map_err(|_| bad("idempotency_key", "must be printable ASCII"))?;
+    Ok(Some(text.trim().to_string()))
+}
+
+/// [`body`] whose `field` is an amount: a JSON string (`"10.50"`), never a JSON number, which
+/// would not be exact; named in the error.
+fn decimal_body<T: serde::de::DeserializeOwned>(
+    req: &Request,
+    field: &'static str,
+) -> Result<T, OpsError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(&req.body).map_err(|e| bad("body", &e.to_string()))?;
+    match value.get(field) {
+        Some(serde_json::Value::String(_)) | None => {}
+        Some(_) => return Err(bad(
+            field,
+            "must be a decimal string such as \"10.50\" (not a JSON number: it would not be exact)",
+        )),
+    }
+    object(value)
+}
+
 /// Every request body is a JSON object: serde would also read a struct from an array of its
 /// fields in order (`[null, null]`), which no route documents.
 fn body<T: serde::de::DeserializeOwned>(req: &Request) -> Result<T, OpsError> {
     let value: serde_json::Value =
         serde_json::from_slice(&req.body).map_err(|e| bad("body", &e.to_string()))?;
+    object(value)
+}
+
+fn object<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, OpsError> {
     if !value.is_object() {
         return Err(bad("body", "must be a JSON object"));
     }
@@ -292,6 +376,10 @@ mod tests {
             "/admin/usage",
             "/admin/reload",
             "/admin/audit",
+            "/admin/users/{id}/credits",
+            "/admin/users/{id}/credits/history",
+            "/admin/budgets",
+            "/admin/budgets/{id}",
         ] {
             assert!(paths.contains_key(p), "{p} missing from openapi.json");
         }

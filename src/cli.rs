@@ -829,20 +829,24 @@ async fn admin(
             note,
         }) => {
             let input = ops::GrantInput {
-                user: user.clone(),
                 amount,
                 expires_in,
                 refund,
                 note,
             };
-            let (receipt, replayed) =
-                match ops::grant_credits(store, actor, &input, idempotency_key.as_deref())
-                    .await
-                    .map_err(flag)?
-                {
-                    GrantOutcome::Granted(r) => (r, false),
-                    GrantOutcome::Replayed(r) => (r, true),
-                };
+            let (receipt, replayed) = match ops::grant_credits(
+                store,
+                actor,
+                ops::UserRef::Email(&user),
+                &input,
+                idempotency_key.as_deref(),
+            )
+            .await
+            .map_err(flag)?
+            {
+                GrantOutcome::Granted(r) => (r, false),
+                GrantOutcome::Replayed(r) => (r, true),
+            };
             if replayed {
                 eprintln!(
                     "already granted with this idempotency key (transaction {}): nothing granted again",
@@ -861,7 +865,9 @@ async fn admin(
             println!("{}", receipt.balance.normalize());
         }
         Command::Credits(CreditsCmd::Balance { user }) => {
-            let b = ops::credit_balance(store, &user).await.map_err(flag)?;
+            let b = ops::credit_balance(store, ops::UserRef::Email(&user))
+                .await
+                .map_err(flag)?;
             if b.prepaid {
                 eprintln!(
                     "{user}: balance {} (held in leases by running gateways: {}, overdraft allowed: {})",
@@ -875,7 +881,7 @@ async fn admin(
             println!("{}", b.balance.normalize());
         }
         Command::Credits(CreditsCmd::History { user, limit, json }) => {
-            let rows = ops::credit_history(store, &user, limit)
+            let rows = ops::credit_history(store, ops::UserRef::Email(&user), limit)
                 .await
                 .map_err(flag)?;
             print_list(&ListArgs { json }, &rows, "no ledger entries", |t| {

@@ -34,6 +34,9 @@ pub enum OpsError {
     NotFound(String),
     #[error("{0} already exists")]
     Conflict(String),
+    /// An idempotency key used with another request (or by one at the same moment).
+    #[error("{0}")]
+    Idempotency(String),
     #[error("{0}")]
     Store(StoreError),
     /// The credentials could not be sealed (no randomness from the system).
@@ -46,6 +49,7 @@ impl From<StoreError> for OpsError {
         match e {
             StoreError::NotFound(what) => OpsError::NotFound(what),
             StoreError::Conflict(what) => OpsError::Conflict(what),
+            StoreError::Idempotency(what) => OpsError::Idempotency(what),
             StoreError::Invalid(message) => OpsError::Invalid {
                 field: "request",
                 message,
@@ -61,7 +65,7 @@ impl OpsError {
         match self {
             OpsError::Invalid { .. } => 400,
             OpsError::NotFound(_) => 404,
-            OpsError::Conflict(_) => 409,
+            OpsError::Conflict(_) | OpsError::Idempotency(_) => 409,
             OpsError::Store(_) | OpsError::Sealing(_) => 500,
         }
     }
@@ -908,31 +912,64 @@ pub async fn usage(
 /// far below where exact arithmetic could overflow.
 const MAX_AMOUNT: i64 = 1_000_000_000;
 
-/// An exact, non-negative amount with at most 10 decimal places (`positive`: above 0).
+/// An exact, non-negative amount with at most 10 decimal places (`positive`: above 0), at most
+/// [`MAX_AMOUNT`], written plainly: digits, optionally `.` and digits; no sign, exponent,
+/// spaces, `_` or leading zeros (`0.5`, not `00.5` or `.5`). openapi.json's `pattern`s for
+/// `amount` and `limit` say the same.
 pub fn parse_amount(field: &'static str, s: &str, positive: bool) -> Result<Decimal, OpsError> {
-    let d = Decimal::from_str_exact(s.trim())
-        .map_err(|_| invalid(field, format!("{s:?} is not a decimal number")))?;
-    if d.scale() > crate::cost::COST_DP {
+    let (int, frac) = match s.split_once('.') {
+        Some((i, f)) => (i, Some(f)),
+        None => (s, None),
+    };
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    if !digits(int) || frac.is_some_and(|f| !digits(f)) || (int.len() > 1 && int.starts_with('0')) {
+        return Err(invalid(
+            field,
+            format!("{s:?} is not a plain decimal number (write e.g. \"10\" or \"0.25\")"),
+        ));
+    }
+    if frac.is_some_and(|f| f.len() > crate::cost::COST_DP as usize) {
         return Err(invalid(
             field,
             format!("{s:?} has more than 10 decimal places"),
         ));
     }
-    if d.is_sign_negative() || (positive && d.is_zero()) {
-        let what = if positive { "positive" } else { "0 or more" };
-        return Err(invalid(field, format!("{s:?} must be {what}")));
+    let above = || invalid(field, format!("{s:?} is above {MAX_AMOUNT}"));
+    if int.len() > 10 {
+        return Err(above());
+    }
+    let d = Decimal::from_str_exact(s)
+        .map_err(|_| invalid(field, format!("{s:?} is not a decimal number")))?;
+    if positive && d.is_zero() {
+        return Err(invalid(field, format!("{s:?} must be positive")));
     }
     if d > Decimal::from(MAX_AMOUNT) {
-        return Err(invalid(field, format!("{s:?} is above {MAX_AMOUNT}")));
+        return Err(above());
     }
     Ok(d.normalize())
 }
 
-/// A credit grant as asked for (CLI or admin API).
+/// A user named by the CLI (email) or the admin API (`/admin/users/{id}/…`).
+#[derive(Debug, Clone, Copy)]
+pub enum UserRef<'a> {
+    Email(&'a str),
+    Id(i64),
+}
+
+impl UserRef<'_> {
+    /// The user's id; `NotFound` when there is no such user.
+    async fn resolve(self, store: &Store) -> Result<i64, OpsError> {
+        Ok(match self {
+            UserRef::Email(email) => store.user_id_by_email(email).await?,
+            UserRef::Id(id) => store.user_id_exists(id).await?,
+        })
+    }
+}
+
+/// A credit grant as asked for (the CLI's flags, the body of `POST /admin/users/{id}/credits`).
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GrantInput {
-    /// The user's email.
-    pub user: String,
     /// USD, a decimal string.
     pub amount: String,
     /// Lifetime such as 30d; none = never expires.
@@ -953,6 +990,7 @@ pub const IDEMPOTENCY_TTL: chrono::Duration = chrono::Duration::hours(24);
 pub async fn grant_credits(
     store: &Store,
     actor: &Actor,
+    user: UserRef<'_>,
     g: &GrantInput,
     idempotency_key: Option<&str>,
 ) -> Result<GrantOutcome, OpsError> {
@@ -971,16 +1009,31 @@ pub async fn grant_credits(
         if k.is_empty() || k.len() > 255 {
             return Err(invalid("idempotency_key", "must be 1 to 255 characters"));
         }
+        if let Some(c) = k.chars().find(|c| c.is_control()) {
+            return Err(invalid(
+                "idempotency_key",
+                format!("must not contain control characters (found {c:?})"),
+            ));
+        }
     }
-    if g.note.as_ref().is_some_and(|n| n.len() > 1000) {
-        return Err(invalid("note", "at most 1000 characters"));
+    if let Some(n) = &g.note {
+        if n.chars().count() > 1000 {
+            return Err(invalid("note", "at most 1000 characters"));
+        }
+        if let Some(c) = n.chars().find(|c| c.is_control()) {
+            return Err(invalid(
+                "note",
+                format!("must not contain control characters (found {c:?})"),
+            ));
+        }
     }
-    let user_id = store.user_id_by_email(&g.user).await?;
-    // What the key stands for: the request as asked (a lifetime, not the time it ends).
+    let user_id = user.resolve(store).await?;
+    // What the key stands for: the request as asked (the user by id, however it was named, so
+    // the CLI and the admin API share one key space; a lifetime, not the time it ends).
     let digest = {
         use sha2::{Digest, Sha256};
         let canonical = serde_json::json!({
-            "user": g.user, "amount": amount.to_string(), "expires_in": g.expires_in,
+            "user_id": user_id, "amount": amount.to_string(), "expires_in": g.expires_in,
             "refund": g.refund, "note": g.note,
         });
         hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
@@ -997,27 +1050,32 @@ pub async fn grant_credits(
     Ok(store.grant_credits(actor, &grant, now).await?)
 }
 
-pub async fn credit_balance(store: &Store, email: &str) -> Result<CreditBalance, OpsError> {
-    let user_id = store.user_id_by_email(email).await?;
+pub async fn credit_balance(store: &Store, user: UserRef<'_>) -> Result<CreditBalance, OpsError> {
+    let user_id = user.resolve(store).await?;
     Ok(store.credit_balance(user_id, Utc::now()).await?)
 }
 
+/// Ledger rows [`credit_history`] returns when no limit is given (admin API), and the most.
+pub const HISTORY_LIMIT: (i64, i64) = (100, 100_000);
+
 pub async fn credit_history(
     store: &Store,
-    email: &str,
+    user: UserRef<'_>,
     limit: i64,
 ) -> Result<Vec<LedgerEntry>, OpsError> {
-    if !(1..=100_000).contains(&limit) {
+    if !(1..=HISTORY_LIMIT.1).contains(&limit) {
         return Err(invalid("limit", "must be between 1 and 100000"));
     }
-    let user_id = store.user_id_by_email(email).await?;
+    let user_id = user.resolve(store).await?;
     Ok(store.credit_history(user_id, limit).await?)
 }
 
-/// A budget as asked for: exactly one owner.
+/// A budget as asked for (the CLI's flags, the body of `POST /admin/budgets`): exactly one owner.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BudgetInput {
-    #[serde(default)]
+    /// The key's id.
+    #[serde(default, deserialize_with = "opt_count")]
     pub key: Option<i64>,
     /// The user's email.
     #[serde(default)]

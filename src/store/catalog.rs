@@ -324,6 +324,13 @@ impl Store {
             .ok_or_else(|| StoreError::NotFound(format!("user {email}")))
     }
 
+    /// `id` when a user has it (users are deactivated, never deleted).
+    pub async fn user_id_exists(&self, id: i64) -> Result<i64, StoreError> {
+        let sql = "SELECT id FROM users WHERE id = $1";
+        dispatch!(self, p => sqlx::query_scalar(sql).bind(id).fetch_optional(p).await)?
+            .ok_or_else(|| StoreError::NotFound(format!("user {id}")))
+    }
+
     // ---- keys ----
 
     /// The one query on the request path (on a key-cache miss).

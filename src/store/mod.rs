@@ -69,6 +69,9 @@ pub enum StoreError {
     NotFound(String),
     #[error("{0} already exists")]
     Conflict(String),
+    /// An idempotency key used with another request, or by a request at the same moment.
+    #[error("{0}")]
+    Idempotency(String),
     #[error("no answer within {0:?}")]
     Unreachable(Duration),
     /// A bug, never an operator's error: an admin change reached `commit` without its audit row.

@@ -1265,8 +1265,9 @@ impl Store {
             );
             if let Some(r) = tx.row(&sql, &[V::T(key.into())]).await? {
                 if r.text("request_hash")? != digest {
-                    return Err(StoreError::Conflict(format!(
-                        "idempotency key {key:?} was used with a different request; a request made with it"
+                    return Err(StoreError::Idempotency(format!(
+                        "idempotency key {key:?} was already used with a different request; \
+                         use a new key for a new request"
                     )));
                 }
                 let receipt: GrantReceipt = serde_json::from_value(r.json("response")?)
@@ -1352,7 +1353,18 @@ impl Store {
                     V::Ts(now + g.idempotency_ttl),
                 ],
             )
-            .await?;
+            .await
+            // PostgreSQL: another grant with this key committed while this one ran (the
+            // SELECT above had no row to lock); this one rolls back.
+            .map_err(|e| match e {
+                StoreError::Db(sqlx::Error::Database(d)) if d.is_unique_violation() => {
+                    StoreError::Idempotency(format!(
+                        "idempotency key {key:?} was used by another request at the same moment; \
+                         retry to get its answer"
+                    ))
+                }
+                e => e,
+            })?;
         }
         // Every instance learns the user is prepaid (its keys leave the caches).
         tx.user_keys_changed(g.user_id).await?;
