@@ -670,8 +670,10 @@ fn spend_admission(c: &mut Criterion) {
             period: Period::Day,
             anchor: None,
             owner: "key",
+            cache: Default::default(),
         }],
         credit_user: Some(user),
+        credit_cache: Default::default(),
     };
     let price = |i: &str, o: &str| Price {
         input: Decimal::from_str(i).expect("price"),
@@ -689,7 +691,7 @@ fn spend_admission(c: &mut Criterion) {
     let body: &[u8] =
         br#"{"model":"gpt-4o-mini","max_tokens":64,"messages":[{"role":"user","content":"Say hello."}]}"#;
     // The first admission takes the leases (the database); every later one is served from them.
-    rt.block_on(spend.admit_request(&policy, body, None, Some(AccountType::Openai), &pricing))
+    rt.block_on(spend.admit_request(&policy, body, Some(AccountType::Openai), &pricing))
         .expect("first admission");
     let mut g = c.benchmark_group("spend");
     // The whole stage of one request: the model read and priced, the worst case, both pools'
@@ -700,7 +702,6 @@ fn spend_admission(c: &mut Criterion) {
                 .admit_request(
                     black_box(&policy),
                     black_box(body),
-                    None,
                     Some(AccountType::Openai),
                     &pricing,
                 )

@@ -179,9 +179,11 @@ fn spend_policy(
                     (_, Some(_)) => "user",
                     _ => "plan",
                 },
+                cache: Default::default(),
             })
             .collect(),
         credit_user: prepaid.then_some(user_id),
+        credit_cache: Default::default(),
     };
     (!policy.is_empty()).then(|| Arc::new(policy))
 }

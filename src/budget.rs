@@ -57,17 +57,20 @@ pub fn period_bounds(
     t: DateTime<Utc>,
 ) -> (DateTime<Utc>, Option<DateTime<Utc>>) {
     let epoch = DateTime::<Utc>::UNIX_EPOCH;
+    // Days and weeks are whole numbers of seconds from the epoch (UTC has no DST; leap seconds
+    // are not counted by Unix time): integer arithmetic, no calendar. 1970-01-01 was a Thursday,
+    // so Monday-based weeks start 3 days into the epoch's count.
+    let floor = |t: DateTime<Utc>, len: i64, offset: i64| {
+        let secs = t.timestamp() - offset;
+        let start = secs - secs.rem_euclid(len) + offset;
+        let at = DateTime::<Utc>::from_timestamp(start, 0).unwrap_or(epoch);
+        (at, Some(at + Duration::seconds(len)))
+    };
+    const DAY: i64 = 86_400;
     match (period, anchor) {
         (Period::Total, a) => (a.unwrap_or(epoch), None),
-        (Period::Day, None) => {
-            let start = midnight(t.date_naive());
-            (start, Some(start + Duration::days(1)))
-        }
-        (Period::Week, None) => {
-            let d = t.date_naive();
-            let start = midnight(d - Duration::days(i64::from(d.weekday().num_days_from_monday())));
-            (start, Some(start + Duration::days(7)))
-        }
+        (Period::Day, None) => floor(t, DAY, 0),
+        (Period::Week, None) => floor(t, 7 * DAY, -3 * DAY),
         (Period::Month, None) => {
             let d = t.date_naive();
             let first = NaiveDate::from_ymd_opt(d.year(), d.month(), 1).unwrap_or(d);
@@ -106,6 +109,32 @@ pub fn period_bounds(
 
 fn midnight(d: NaiveDate) -> DateTime<Utc> {
     Utc.from_utc_datetime(&d.and_hms_opt(0, 0, 0).unwrap_or_default())
+}
+
+/// A price in cost units (10⁻¹⁰ USD) per token, each rate rounded **up**, so that a worst case
+/// priced with it is never below the exact cost. Made once per price when prices load
+/// (`pricing.rs`): the request path multiplies integers only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnitPrice {
+    /// The dearest input rate: plain, cache read or cache write.
+    pub input: i64,
+    pub output: i64,
+}
+
+impl UnitPrice {
+    pub fn of(p: &Price) -> UnitPrice {
+        let dearest = [Some(p.input), p.cached_input, p.cache_write]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or(p.input);
+        // USD per million tokens → units per token: × 10¹⁰ / 10⁶.
+        let per_token = |rate: Decimal| to_units(Metric::Cost, rate / Decimal::from(1_000_000));
+        UnitPrice {
+            input: per_token(dearest).max(0),
+            output: per_token(p.output).max(0),
+        }
+    }
 }
 
 /// What the reservation of one request rests on, read from its body.
@@ -158,35 +187,23 @@ impl WorstCase {
         self.input_tokens.saturating_add(self.output_tokens)
     }
 
-    /// The most it can cost at `price` (USD per million tokens): every input token at the
-    /// dearest input rate (plain, cache read or cache write), every output token at the output
-    /// rate; rounded up to [`COST_DP`] places. No price: 0 (the request is unpriced and costs 0,
-    /// as its usage row will).
-    pub fn cost(&self, price: Option<&Price>) -> Decimal {
+    /// The most it can cost at `price`, in cost units (every input token at the dearest input
+    /// rate, every output token at the output rate, each rate rounded up). No price: 0 (the
+    /// request is unpriced and costs 0, as its usage row will).
+    pub fn cost_units(&self, price: Option<UnitPrice>) -> i64 {
         let Some(p) = price else {
-            return Decimal::ZERO;
+            return 0;
         };
-        let input_rate = [Some(p.input), p.cached_input, p.cache_write]
-            .into_iter()
-            .flatten()
-            .max()
-            .unwrap_or(p.input);
-        let millions = |t: u64| Decimal::from_i128_with_scale(i128::from(t), 6);
-        millions(self.input_tokens)
-            .checked_mul(input_rate)
-            .and_then(|i| {
-                millions(self.output_tokens)
-                    .checked_mul(p.output)
-                    .and_then(|o| i.checked_add(o))
-            })
-            .unwrap_or(Decimal::MAX)
-            .round_dp_with_strategy(COST_DP, RoundingStrategy::ToPositiveInfinity)
+        let tokens = |t: u64| i64::try_from(t).unwrap_or(i64::MAX);
+        tokens(self.input_tokens)
+            .saturating_mul(p.input)
+            .saturating_add(tokens(self.output_tokens).saturating_mul(p.output))
     }
 
     /// The reservation against a budget of `metric`, in units.
-    pub fn units(&self, metric: Metric, price: Option<&Price>) -> i64 {
+    pub fn units(&self, metric: Metric, price: Option<UnitPrice>) -> i64 {
         match metric {
-            Metric::Cost => to_units(Metric::Cost, self.cost(price)),
+            Metric::Cost => self.cost_units(price),
             Metric::Tokens => i64::try_from(self.tokens()).unwrap_or(i64::MAX),
             Metric::Requests => 1,
         }
@@ -360,12 +377,13 @@ mod tests {
         let check = |shape: RequestShape, tokens: u64, bounded: bool, cost: &str| {
             let w = WorstCase::of(shape, sizing);
             assert_eq!((w.tokens(), w.bounded), (tokens, bounded), "{shape:?}");
+            let units = w.cost_units(Some(UnitPrice::of(&price)));
             assert_eq!(
-                w.cost(Some(&price)),
+                from_units(Metric::Cost, units),
                 Decimal::from_str(cost).unwrap(),
                 "{shape:?}"
             );
-            assert_eq!(w.units(Metric::Requests, Some(&price)), 1);
+            assert_eq!(w.units(Metric::Requests, Some(UnitPrice::of(&price))), 1);
         };
         let shape = |body_bytes, media_parts, max_tokens, choices| RequestShape {
             body_bytes,
@@ -379,24 +397,29 @@ mod tests {
         check(shape(100, 1, Some(10), 1), 2110, true, "0.00039975");
         check(shape(100, 0, None, 1), 4196, false, "0.0024763500");
         assert_eq!(
-            WorstCase::of(shape(100, 0, Some(10), 1), sizing).cost(None),
-            Decimal::ZERO
+            WorstCase::of(shape(100, 0, Some(10), 1), sizing).cost_units(None),
+            0
         );
-        // Rounded up, never down: 1 token at 0.15 per million = 0.00000015.
-        let one = WorstCase {
-            input_tokens: 1,
-            output_tokens: 0,
-            bounded: true,
-        };
+        // Rates rounded up, never down: $0.00001 per million tokens is 0.1 unit a token → 1.
         let tiny = Price {
             input: Decimal::from_str("0.00001").unwrap(),
-            output: Decimal::ZERO,
+            output: Decimal::from_str("0.6").unwrap(),
             cached_input: None,
             cache_write: None,
         };
         assert_eq!(
-            one.cost(Some(&tiny)),
-            Decimal::from_str("0.0000000001").unwrap()
+            UnitPrice::of(&tiny),
+            UnitPrice {
+                input: 1,
+                output: 6000
+            }
+        );
+        assert_eq!(
+            UnitPrice::of(&price),
+            UnitPrice {
+                input: 1875,
+                output: 6000
+            }
         );
     }
 

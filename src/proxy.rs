@@ -299,10 +299,12 @@ impl Gateway {
         }
 
         if let Some(policy) = key.spend.as_deref() {
-            let model = ctx.model.clone().or_else(|| request::model(&ctx.body));
             let pricing = self.pricing.load();
-            let price = ctx.kind.and_then(|k| pricing.price_of(k, model.as_deref()));
-            match self.spend.admit(policy, &ctx.body, price).await {
+            let admitted = self
+                .spend
+                .admit_request(policy, &ctx.body, ctx.kind, &pricing)
+                .await;
+            match admitted {
                 Ok(hold) => ctx.spend = Some(hold),
                 Err(refusal) => {
                     let retry_after = refusal.retry_after(self.spend.now());

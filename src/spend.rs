@@ -34,9 +34,9 @@ use metrics::{counter, Counter};
 use tokio::sync::{watch, Notify};
 
 use crate::budget::{
-    self, from_units, period_bounds, to_units, Metric, Period, RequestShape, Sizing, WorstCase,
+    self, from_units, period_bounds, to_units, Metric, Period, RequestShape, Sizing, UnitPrice,
+    WorstCase,
 };
-use crate::cost::Price;
 use crate::pricing::Pricing;
 use crate::record::{Charge, Pool, UsageRecord};
 use crate::request;
@@ -75,7 +75,7 @@ pub struct SpendSettings {
 }
 
 /// One budget that applies to a key, as its cached key carries it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct BudgetRef {
     pub budget_id: i64,
     /// The key's id for a key's budget; the user's for a user's or a plan's.
@@ -86,14 +86,23 @@ pub struct BudgetRef {
     pub anchor: Option<DateTime<Utc>>,
     /// Whose budget it is, for the refusal's message: `key`, `user` or `plan`.
     pub owner: &'static str,
+    /// The local pool of its current period, once a request used it (so the next request of
+    /// this key finds it without a map lookup); replaced when the period changes.
+    pub cache: PoolCache,
 }
 
+/// A key's last-used local pool (see [`BudgetRef::cache`]). Holding it keeps the pool in the
+/// stage's map (the sweep forgets only pools nobody holds) as long as the key is cached.
+pub type PoolCache = arc_swap::ArcSwapOption<LocalPool>;
+
 /// The budgets and balance a key's requests are reserved against; loaded with the key.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct SpendPolicy {
     pub budgets: Vec<BudgetRef>,
     /// The user, when prepaid (granted credits at least once).
     pub credit_user: Option<i64>,
+    /// The local pool of the user's balance, once used (as [`BudgetRef::cache`]).
+    pub credit_cache: PoolCache,
 }
 
 impl SpendPolicy {
@@ -185,8 +194,12 @@ impl Refusal {
 }
 
 /// This instance's share of one pool.
+#[derive(Debug)]
 pub struct LocalPool {
     pool: Pool,
+    /// The end of the pool's period (`None`: a balance, or a `total` budget): a key's cached
+    /// pool serves requests until then without the period being worked out again.
+    period_end: Option<DateTime<Utc>>,
     /// Units this instance may still reserve from its lease (may go below 0 when a request
     /// spent more than its reservation).
     free: AtomicI64,
@@ -207,9 +220,10 @@ pub struct LocalPool {
 }
 
 impl LocalPool {
-    fn new(pool: Pool) -> LocalPool {
+    fn new(pool: Pool, period_end: Option<DateTime<Utc>>) -> LocalPool {
         LocalPool {
             pool,
+            period_end,
             free: AtomicI64::new(0),
             lease_id: AtomicI64::new(0),
             last_slice: AtomicI64::new(0),
@@ -220,6 +234,15 @@ impl LocalPool {
             refilling: AtomicBool::new(false),
             refilled: Notify::new(),
         }
+    }
+
+    /// Whether requests at `now` still belong to this pool's period.
+    fn covers(&self, now: DateTime<Utc>) -> bool {
+        let started = match self.pool {
+            Pool::Budget { period_start, .. } => period_start <= now,
+            Pool::Credit { .. } => true,
+        };
+        started && self.period_end.is_none_or(|end| now < end)
     }
 
     /// Takes `units` if free holds them (a reservation of nothing always fits).
@@ -304,7 +327,8 @@ struct Inner {
     /// This process's name on its leases.
     instance: String,
     clock: Clock,
-    epoch: std::time::Instant,
+    /// The clock when the stage was made: pools' times are milliseconds since then.
+    started: DateTime<Utc>,
     metrics: Handles,
 }
 
@@ -326,8 +350,8 @@ impl Spend {
                 store,
                 db,
                 instance,
+                started: clock(),
                 clock,
-                epoch: std::time::Instant::now(),
                 metrics: Handles {
                     refused_credits: refused("insufficient_quota"),
                     refused_budget: refused("budget_exceeded"),
@@ -354,79 +378,111 @@ impl Spend {
         (self.inner.clock)()
     }
 
-    /// The stage as `request_filter` calls it: the requested model (read from the body unless
-    /// the permission check already did) priced as its response will be, then [`Spend::admit`].
+    /// The stage as `request_filter` calls it: the body read once (model, output cap, choices,
+    /// media parts), the model priced as its response will be (at the dearest price when the
+    /// body names none that can be read), then [`Spend::admit`].
     pub async fn admit_request(
         &self,
         policy: &SpendPolicy,
         body: &[u8],
-        model: Option<&str>,
         kind: Option<AccountType>,
         pricing: &Pricing,
     ) -> Result<SpendHold, Refusal> {
-        let parsed;
-        let model = match model {
-            Some(m) => Some(m),
-            None => {
-                parsed = request::model(body);
-                parsed.as_deref()
-            }
+        let fields = request::spend_fields(body);
+        let price = match (&fields.model, kind) {
+            (Some(m), Some(k)) => pricing.unit_price_of(k, Some(m)),
+            _ => pricing.dearest(),
         };
-        let price = kind.and_then(|k| pricing.price_of(k, model));
-        self.admit(policy, body, price).await
+        let shape = RequestShape {
+            body_bytes: body.len() as u64,
+            media_parts: request::media_parts(body),
+            max_tokens: fields.max_tokens,
+            choices: fields.choices,
+        };
+        self.admit(policy, shape, price).await
     }
 
-    /// Reserves a request's worst case against every pool of `policy`: all or none. `price` is
-    /// the requested model's (`None`: unpriced, reserved at 0 cost).
+    /// Reserves the worst case of a request of `shape` against every pool of `policy`: all or
+    /// none. `price`: the requested model's (`None`: unpriced, reserved at 0 cost).
     pub async fn admit(
         &self,
         policy: &SpendPolicy,
-        body: &[u8],
-        price: Option<&Price>,
+        shape: RequestShape,
+        price: Option<UnitPrice>,
     ) -> Result<SpendHold, Refusal> {
         let now = self.now();
-        let worst = WorstCase::of(shape(body), self.inner.settings.sizing);
+        let now_ms = self.ms(now);
+        let worst = WorstCase::of(shape, self.inner.settings.sizing);
         let mut hold = SpendHold {
             held: Vec::with_capacity(policy.budgets.len() + 1),
         };
         for b in &policy.budgets {
-            let (start, end) = period_bounds(b.period, b.anchor, now);
-            let pool = Pool::Budget {
-                budget_id: b.budget_id,
-                subject_id: b.subject_id,
-                metric: b.metric,
-                period_start: start,
+            // The key's pool of the current period, worked out again only when it ends.
+            let lp = match b.cache.load().as_ref() {
+                Some(lp) if lp.covers(now) => lp.clone(),
+                _ => {
+                    let (start, end) = period_bounds(b.period, b.anchor, now);
+                    let pool = Pool::Budget {
+                        budget_id: b.budget_id,
+                        subject_id: b.subject_id,
+                        metric: b.metric,
+                        period_start: start,
+                    };
+                    self.local(pool, end, &b.cache)
+                }
             };
             let units = worst.units(b.metric, price);
-            self.reserve(&mut hold, pool, units)
+            let resets_at = lp.period_end;
+            self.reserve(&mut hold, lp, units, now_ms)
                 .await
                 .map_err(|r| match r {
                     Refusal::OutOfCredits => Refusal::Budget {
                         metric: b.metric,
                         period: b.period,
                         owner: b.owner,
-                        resets_at: end,
+                        resets_at,
                     },
                     r => r,
                 })?;
         }
         if let Some(user_id) = policy.credit_user {
             let units = worst.units(Metric::Cost, price);
-            self.reserve(&mut hold, Pool::Credit { user_id }, units)
-                .await?;
+            let lp = match policy.credit_cache.load().as_ref() {
+                Some(lp) => lp.clone(),
+                None => self.local(Pool::Credit { user_id }, None, &policy.credit_cache),
+            };
+            self.reserve(&mut hold, lp, units, now_ms).await?;
         }
         Ok(hold)
     }
 
-    /// One pool's reservation into `hold` (`Err(OutOfCredits)` stands for "does not fit").
-    async fn reserve(&self, hold: &mut SpendHold, pool: Pool, units: i64) -> Result<(), Refusal> {
-        let inner = &self.inner;
-        let lp = inner
+    /// The stage's pool of `pool` (made on first use), cached in the key's policy so that its
+    /// next requests reach it without a map lookup.
+    fn local(
+        &self,
+        pool: Pool,
+        period_end: Option<DateTime<Utc>>,
+        cache: &PoolCache,
+    ) -> Arc<LocalPool> {
+        let lp = self
+            .inner
             .pools
             .entry(pool)
-            .or_insert_with(|| Arc::new(LocalPool::new(pool)))
+            .or_insert_with(|| Arc::new(LocalPool::new(pool, period_end)))
             .clone();
-        let now_ms = self.ms();
+        cache.store(Some(lp.clone()));
+        lp
+    }
+
+    /// One pool's reservation into `hold` (`Err(OutOfCredits)` stands for "does not fit").
+    async fn reserve(
+        &self,
+        hold: &mut SpendHold,
+        lp: Arc<LocalPool>,
+        units: i64,
+        now_ms: u64,
+    ) -> Result<(), Refusal> {
+        let inner = &self.inner;
         lp.used_at_ms.store(now_ms, Ordering::Relaxed);
         let mut waits = 0;
         loop {
@@ -526,10 +582,8 @@ impl Spend {
         r
     }
 
-    fn ms(&self) -> u64 {
-        u64::try_from(self.inner.epoch.elapsed().as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1)
+    fn ms(&self, now: DateTime<Utc>) -> u64 {
+        self.inner.ms(now)
     }
 
     /// Takes a lease for `lp` on the database runtime and adds it to `free`. `Err` = the
@@ -606,7 +660,7 @@ impl Spend {
     async fn return_idle(&self, now: DateTime<Utc>, all: bool) {
         let inner = &self.inner;
         let idle_ms = u64::try_from(inner.settings.idle_return.as_millis()).unwrap_or(u64::MAX);
-        let now_ms = self.ms();
+        let now_ms = self.ms(now);
         let candidates: Vec<Arc<LocalPool>> = inner
             .pools
             .iter()
@@ -647,6 +701,15 @@ impl Spend {
     }
 }
 
+impl Inner {
+    /// Milliseconds since the stage was made, at `now` (at least 1: 0 means "never").
+    fn ms(&self, now: DateTime<Utc>) -> u64 {
+        u64::try_from((now - self.started).num_milliseconds())
+            .unwrap_or(0)
+            .max(1)
+    }
+}
+
 /// Takes a lease for `lp` (on the database runtime).
 async fn take(inner: &Inner, lp: &LocalPool, units: i64) -> Result<LeaseOutcome, ()> {
     let metric = lp.pool.metric();
@@ -677,12 +740,8 @@ async fn take(inner: &Inner, lp: &LocalPool, units: i64) -> Result<LeaseOutcome,
         Ok(LeaseOutcome::Exhausted { available }) => {
             lp.exhausted_left
                 .store(to_units(metric, available), Ordering::Release);
-            lp.exhausted_at_ms.store(
-                u64::try_from(inner.epoch.elapsed().as_millis())
-                    .unwrap_or(u64::MAX)
-                    .max(1),
-                Ordering::Release,
-            );
+            lp.exhausted_at_ms
+                .store(inner.ms((inner.clock)()), Ordering::Release);
             inner.metrics.leases_exhausted.increment(1);
             Ok(LeaseOutcome::Exhausted { available })
         }
@@ -692,16 +751,6 @@ async fn take(inner: &Inner, lp: &LocalPool, units: i64) -> Result<LeaseOutcome,
             tracing::warn!(error = %e, "spend: taking a lease failed");
             Err(())
         }
-    }
-}
-
-/// What the reservation of a request rests on, read from its body.
-pub fn shape(body: &[u8]) -> RequestShape {
-    RequestShape {
-        body_bytes: body.len() as u64,
-        media_parts: request::media_parts(body),
-        max_tokens: request::max_tokens(body),
-        choices: request::choices(body),
     }
 }
 
@@ -743,7 +792,7 @@ mod tests {
         // (free before, reserved units, the row, lease id) → (free after, charges named)
         let check =
             |free: i64, units: i64, row: UsageRecord, lease: i64, after: i64, named: usize| {
-                let lp = Arc::new(LocalPool::new(Pool::Credit { user_id: 1 }));
+                let lp = Arc::new(LocalPool::new(Pool::Credit { user_id: 1 }, None));
                 lp.free.store(free, Ordering::Relaxed);
                 assert!(lp.try_take(units));
                 lp.outstanding.fetch_add(1, Ordering::Relaxed);
@@ -794,7 +843,7 @@ mod tests {
 
     #[test]
     fn dropped_unsettled_everything_goes_back() {
-        let lp = Arc::new(LocalPool::new(Pool::Credit { user_id: 1 }));
+        let lp = Arc::new(LocalPool::new(Pool::Credit { user_id: 1 }, None));
         lp.free.store(10, Ordering::Relaxed);
         assert!(lp.try_take(7));
         assert!(!lp.try_take(7), "3 left");

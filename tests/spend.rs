@@ -756,3 +756,27 @@ async fn database_away_admits_from_leases_then_fails_closed() {
         String::from_utf8_lossy(&check.stderr)
     );
 }
+
+both_dbs!(a_banned_user_is_refused_outright, banned_user);
+async fn banned_user(db: Db) {
+    let mock = MockUpstream::json_ok().await;
+    let mut gw = Gateway::new(db, "", PRICES).await.unwrap();
+    gw.cli_ok(&[
+        "users",
+        "add",
+        "--email",
+        "mallory@example.com",
+        "--username",
+        "mallory",
+        "--role",
+        "BANNED",
+    ]);
+    gw.add_account("main", "openai", &mock.url(), "sk-up", 1, 1);
+    let key = gw.create_key("mallory@example.com", &[]);
+    gw.start().await;
+    let r = post(&gw, &client(), &key, BODY).await;
+    assert_eq!(r.status(), 403);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "banned", "{body}");
+    assert_eq!(mock.count(), 0);
+}

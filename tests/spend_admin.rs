@@ -454,9 +454,14 @@ async fn budgets(db: Db) {
             "period",
         ),
         (
-            json!({"key": 1, "metric": "cost", "limit": "1", "period": "day", "plan": 1}),
+            json!({"key": 1, "metric": "cost", "limit": "1", "period": "day", "plan": "pro"}),
             400,
-            "plan",
+            "exactly one",
+        ),
+        (
+            json!({"key": 1, "metric": "cost", "limit": "1", "period": "day", "bogus": 1}),
+            400,
+            "bogus",
         ),
         (
             json!({"key": 99, "metric": "cost", "limit": "1", "period": "day"}),
