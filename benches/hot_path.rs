@@ -51,22 +51,24 @@ fn key_check(c: &mut Criterion) {
     let hash = keys::hash(&key);
     let store = rt.block_on(async {
         let store = Store::connect(&url, 2).await.expect("sqlite store");
-        let user = store
+        // A fixture, not an admin action: committed without an audit row.
+        let mut tx = store.begin().await.expect("transaction");
+        let user = tx
             .create_user("bench@example.com", "bench", "user")
             .await
             .expect("user");
-        store
-            .create_key(
-                user,
-                "bench",
-                &keys::hash_hex(&key),
-                keys::display_prefix(&key),
-                &serde_json::json!([]),
-                None,
-                &Default::default(),
-            )
-            .await
-            .expect("key");
+        tx.create_key(
+            user,
+            "bench",
+            &keys::hash_hex(&key),
+            keys::display_prefix(&key),
+            &serde_json::json!([]),
+            None,
+            &Default::default(),
+        )
+        .await
+        .expect("key");
+        tx.commit_unaudited().await.expect("commit");
         store
     });
     let cache = std::sync::Arc::new(KeyCache::new(
@@ -470,6 +472,7 @@ fn sample_record() -> UsageRecord {
         requested_model: None,
         usage_source: None,
         upstream_error: None,
+        charges: Vec::new(),
     }
 }
 
@@ -590,11 +593,135 @@ fn rate_limit_check(c: &mut Criterion) {
     g2.finish();
 }
 
+// ---------------------------------------------------------------------------------------------
+// Spend admission with leases held (the spend stage's steady path; budget: ≤ 300 ns)
+
+fn spend_admission(c: &mut Criterion) {
+    use tollgate::record::{Metric, Period};
+    use tollgate::spend::{BudgetRef, FailPolicy, Spend, SpendPolicy, SpendSettings};
+    use tollgate::store::{Actor, BudgetOwner, Grant};
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("spend.db").display());
+    let store = rt.block_on(Store::connect(&url, 2)).expect("store");
+    let actor = Actor::system("bench");
+    let (user, key) = rt.block_on(async {
+        let mut tx = store.begin().await.expect("tx");
+        let user = tx
+            .create_user("b@example.com", "b", "user")
+            .await
+            .expect("user");
+        let key = tx
+            .create_key(
+                user,
+                "k",
+                "h",
+                "tg_b",
+                &serde_json::json!([]),
+                None,
+                &Default::default(),
+            )
+            .await
+            .expect("key");
+        tx.commit_unaudited().await.expect("commit");
+        (user, key)
+    });
+    let now = chrono::Utc::now();
+    let grant = Grant {
+        user_id: user,
+        amount: Decimal::from(1_000_000_000),
+        expires_at: None,
+        action: "grant",
+        note: None,
+        idempotency: None,
+        idempotency_ttl: chrono::Duration::hours(24),
+    };
+    rt.block_on(store.grant_credits(&actor, &grant, now))
+        .expect("grant");
+    let budget = rt
+        .block_on(store.set_budget(
+            &actor,
+            BudgetOwner::Key(key),
+            Metric::Cost,
+            Period::Day,
+            Decimal::from(1_000_000_000),
+            now,
+        ))
+        .expect("budget");
+    let settings = SpendSettings {
+        sizing: tollgate::budget::Sizing {
+            default_max_output_tokens: 4096,
+            tokens_per_media_part: 3000,
+        },
+        reservations_per_lease: 100_000,
+        lease_ttl: Duration::from_secs(30),
+        lease_wait: Duration::from_secs(2),
+        idle_return: Duration::from_secs(3600),
+        fail: FailPolicy::Closed,
+    };
+    let spend = Spend::new(
+        settings,
+        store,
+        rt.handle().clone(),
+        "bench".into(),
+        Arc::new(chrono::Utc::now),
+    );
+    let policy = SpendPolicy {
+        budgets: vec![BudgetRef {
+            budget_id: budget.id,
+            subject_id: key,
+            metric: Metric::Cost,
+            period: Period::Day,
+            anchor: None,
+            owner: "key",
+            cache: Default::default(),
+        }],
+        credit_user: Some(user),
+        credit_cache: Default::default(),
+    };
+    let price = |i: &str, o: &str| Price {
+        input: Decimal::from_str(i).expect("price"),
+        output: Decimal::from_str(o).expect("price"),
+        cached_input: None,
+        cache_write: None,
+    };
+    let pricing = Pricing::new(
+        [("gpt-4o-mini".to_string(), price("0.15", "0.60"))]
+            .into_iter()
+            .collect(),
+        std::collections::HashMap::new(),
+        &CostCounters::default(),
+    );
+    let body: &[u8] =
+        br#"{"model":"gpt-4o-mini","max_tokens":64,"messages":[{"role":"user","content":"Say hello."}]}"#;
+    // The first admission takes the leases (the database); every later one is served from them.
+    rt.block_on(spend.admit_request(&policy, body, Some(AccountType::Openai), &pricing))
+        .expect("first admission");
+    let mut g = c.benchmark_group("spend");
+    // The whole stage of one request: the model read and priced, the worst case, both pools'
+    // reservations (a key's daily cost budget and the user's credit), the hold given back.
+    g.bench_function("admit", |b| {
+        b.iter(|| {
+            let hold = spend
+                .admit_request(
+                    black_box(&policy),
+                    black_box(body),
+                    Some(AccountType::Openai),
+                    &pricing,
+                )
+                .now_or_never()
+                .expect("served from the leases held, without waiting");
+            hold.is_ok()
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = key_check, upstream_selection, json_usage, cost_computation, enqueue, path_normalisation, rate_limit_check
+    targets = key_check, upstream_selection, json_usage, cost_computation, enqueue, path_normalisation, rate_limit_check, spend_admission
 }
 criterion_main!(benches);

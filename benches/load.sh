@@ -138,15 +138,32 @@ fi
 # configuration also runs once per named stage with that stage alone on ("tollgate-pg+NAME"), in
 # the same interleaved rounds, and the report's per-stage budget table gives its ns (criterion)
 # and its µs of CPU per request (on − off).
-declare -A STAGE_TOML=() STAGE_BENCH=()
+declare -A STAGE_TOML=() STAGE_BENCH=() STAGE_SETUP=()
 STAGES=()
 stage() { STAGES+=("$1"); STAGE_BENCH[$1]=$2; STAGE_TOML[$1]=$3; }
+# A stage whose state lives in the database names a setup function in STAGE_SETUP[NAME]: it gets
+# the base configuration's name and the stage variant's, and sets KEY[variant] (the key wrk sends).
 # Rate limits: a generous limit of every kind on every key (never refuses), so each request pays
 # the whole admission (rpm, rpd, tpm on the body's estimate, concurrency) and the settlement.
 stage rate_limits rate_limit/check $'[limits]\nrpm = 1000000000\nrpd = 1000000000\ntpm = 1000000000\nmax_concurrent = 1000000'
 # The same limits shared through the local Redis (LOAD_REDIS_URL): one round trip per request
 # (admission) plus the settlement and release the worker batches; the latency phase reports the
 # p50/p99 it adds.
+# Spend control: the variant's key belongs to a user with a credit balance and a daily cost budget
+# (both far above what a run spends), so each request pays the whole admission from the leases
+# held (worst case reserved against two pools) and its settlement: a ledger row and the budget's
+# spent in the usage write's transaction.
+stage spend spend/admit ''
+STAGE_SETUP[spend]=spend_setup
+spend_setup() { # BASE VARIANT
+  local cfg=$T/$1.toml
+  "$TG" --config "$cfg" users add --email spend@example.com --username spend >/dev/null 2>>"$T/cli.log" ||
+    die "tollgate users add failed: $(tail -3 "$T/cli.log")"
+  KEY[$2]=$("$TG" --config "$cfg" keys create --user spend@example.com --name spend 2>>"$T/cli.log" | tail -1)
+  "$TG" --config "$cfg" credits grant --user spend@example.com --amount 1000000000 >/dev/null 2>>"$T/cli.log" &&
+    "$TG" --config "$cfg" budgets set --user spend@example.com --metric cost --limit 1000000000 --period day \
+      >/dev/null 2>>"$T/cli.log" || die "spend setup failed: $(tail -3 "$T/cli.log")"
+}
 stage rate_limits_redis - $'[limits]\nrpm = 1000000000\nrpd = 1000000000\ntpm = 1000000000\nmax_concurrent = 1000000\nredis_url = "'"${LOAD_REDIS_URL:-redis://127.0.0.1:6379}"$'"\nredis_key_prefix = "tollgate-load:"'
 
 FEATURES=()
@@ -569,7 +586,12 @@ setup_tollgates() { # a database, user, key and account for each tollgate config
         tg_setup "$c" "$($REPORT pgurl "$PG_ADMIN_URL" "$PG_DB")" "$UP"
         log "database $PG_DB created"
         ;;
+      *) continue ;;
     esac
+    local f
+    for f in "${FEATURES[@]+"${FEATURES[@]}"}"; do
+      if [ -n "${STAGE_SETUP[$f]:-}" ]; then "${STAGE_SETUP[$f]}" "$c" "$c+$f"; fi
+    done
   done
 }
 
@@ -829,7 +851,7 @@ if [ "$MODE" = rps ] || [ "$MODE" = all ]; then
   start_upstream
   setup_tollgates
   ANY_KEY=${KEY[tollgate-sqlite]:-${KEY[tollgate-pg]:-tg_nokey_000000000000000000000000000000}}
-  for c in "${ACTIVE[@]}"; do lua_script "$T/$c.lua" "${KEY[${c%%+*}]:-$ANY_KEY}"; done
+  for c in "${ACTIVE[@]}"; do lua_script "$T/$c.lua" "${KEY[$c]:-${KEY[${c%%+*}]:-$ANY_KEY}}"; done
 
   log "throughput: ${ACTIVE[*]}; $ROUNDS rounds x ${DURATION}s (+${WARMUP}s warm-up), wrk -t$WRK_THREADS -c$CONNS"
   n=${#ACTIVE[@]}
@@ -843,7 +865,7 @@ if [ "$MODE" = rps ] || [ "$MODE" = all ]; then
 
   if [ "$LATENCY" = 1 ]; then
     read -r RATE LAT_CONNS <<<"$($REPORT rate "$RESULTS" "$LAT_DELAY_MS")"
-    for c in "${ACTIVE[@]}"; do lua_script "$T/$c.lat.lua" "${KEY[${c%%+*}]:-$ANY_KEY}" "$LAT_DELAY_MS"; done
+    for c in "${ACTIVE[@]}"; do lua_script "$T/$c.lat.lua" "${KEY[$c]:-${KEY[${c%%+*}]:-$ANY_KEY}}" "$LAT_DELAY_MS"; done
     # wrk's pause timer is coarse: measure what LAT_CONNS paced connections offer to the upstream
     # directly, and scale the connection count to the target once, for every configuration.
     wrk -t"$((WRK_THREADS < LAT_CONNS ? WRK_THREADS : LAT_CONNS))" -c"$LAT_CONNS" -d3s -s "$T/${ACTIVE[0]}.lat.lua" "http://127.0.0.1:$UP/v1/chat/completions" >"$T/calibrate.wrk" 2>&1 || true

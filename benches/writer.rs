@@ -49,15 +49,17 @@ struct Fixture {
 }
 
 /// One user, 10 keys and 3 upstream accounts, so a batch updates several key and account counters.
+/// Fixtures, not admin actions: committed without audit rows.
 async fn seed(store: &Store) -> Fixture {
-    let user_id = store
+    let mut tx = store.begin().await.expect("transaction");
+    let user_id = tx
         .create_user("bench@example.com", "bench", "user")
         .await
         .expect("user");
     let mut key_ids = Vec::new();
     for i in 0..10 {
         let key = tollgate::keys::generate().expect("key");
-        let id = store
+        let id = tx
             .create_key(
                 user_id,
                 &format!("bench-{i}"),
@@ -73,7 +75,7 @@ async fn seed(store: &Store) -> Fixture {
     }
     let mut account_ids = Vec::new();
     for i in 0..3 {
-        let id = store
+        let id = tx
             .create_account(&NewAccount {
                 name: &format!("bench-account-{i}"),
                 kind: AccountType::Openai,
@@ -89,6 +91,7 @@ async fn seed(store: &Store) -> Fixture {
             .expect("account");
         account_ids.push(id);
     }
+    tx.commit_unaudited().await.expect("commit");
     Fixture {
         user_id,
         key_ids,
@@ -125,6 +128,7 @@ fn batch(f: &Fixture, n: usize) -> Vec<UsageRecord> {
                 requested_model: None,
                 usage_source: None,
                 upstream_error: None,
+                charges: Vec::new(),
             }
         })
         .collect()

@@ -15,16 +15,17 @@ use crate::account_limits::AccountLimits;
 use crate::config::{expand_env, AccountConfig};
 use crate::secrets::{self, Keyring};
 use crate::settings;
-use crate::store::{AccountLimitColumns, NewAccount, Store};
+use crate::store::{AccountLimitColumns, NewAccount, Store, Tx};
 use crate::upstream::{
     forbidden_destination, is_own_listener, Account, AccountSet, AccountSpec, Endpoint,
     PeerTimeouts, StatsRegistry,
 };
 
 /// `[[upstream_accounts]]` from the file go into the database, matched by name, their
-/// credentials sealed.
+/// credentials sealed, in the caller's transaction (which writes the audit row: `config.load` at
+/// start, `config.reload`).
 pub async fn upsert_from_config(
-    store: &Store,
+    tx: &mut Tx,
     keys: &Keyring,
     accounts: &[AccountConfig],
 ) -> anyhow::Result<()> {
@@ -33,25 +34,24 @@ pub async fn upsert_from_config(
         if let Some(h) = &a.header {
             credentials["header"] = serde_json::Value::String(h.clone());
         }
-        store
-            .upsert_account(&NewAccount {
-                name: a.name.get_ref(),
-                kind: a.kind,
-                email: a.email.as_deref(),
-                base_url: a.base_url.get_ref(),
-                credentials,
-                priority: a.priority,
-                weight: a.weight as i32,
-                is_active: a.is_active,
-                // Validated in settings.rs: within 0..=MAX_RATE / MAX_CONCURRENT.
-                limits: AccountLimitColumns {
-                    rpm: a.rpm.as_ref().map(|v| *v.get_ref() as i64),
-                    tpm: a.tpm.as_ref().map(|v| *v.get_ref() as i64),
-                    max_concurrent: a.max_concurrent.as_ref().map(|v| *v.get_ref() as i64),
-                },
-            })
-            .await
-            .with_context(|| format!("saving account {:?} from the config", a.name.get_ref()))?;
+        tx.upsert_account(&NewAccount {
+            name: a.name.get_ref(),
+            kind: a.kind,
+            email: a.email.as_deref(),
+            base_url: a.base_url.get_ref(),
+            credentials,
+            priority: a.priority,
+            weight: a.weight as i32,
+            is_active: a.is_active,
+            // Validated in settings.rs: within 0..=MAX_RATE / MAX_CONCURRENT.
+            limits: AccountLimitColumns {
+                rpm: a.rpm.as_ref().map(|v| *v.get_ref() as i64),
+                tpm: a.tpm.as_ref().map(|v| *v.get_ref() as i64),
+                max_concurrent: a.max_concurrent.as_ref().map(|v| *v.get_ref() as i64),
+            },
+        })
+        .await
+        .with_context(|| format!("saving account {:?} from the config", a.name.get_ref()))?;
     }
     Ok(())
 }

@@ -69,7 +69,7 @@ fn counts(e: &AuthError) -> bool {
         | AuthError::Revoked
         | AuthError::Expired
         | AuthError::UserInactive => true,
-        AuthError::Forbidden(_) | AuthError::StoreUnavailable => false,
+        AuthError::Forbidden(_) | AuthError::UserBanned | AuthError::StoreUnavailable => false,
     }
 }
 

@@ -2,7 +2,10 @@
 //! `Authorization: Bearer $TOLLGATE_ADMIN_TOKEN` (compared in constant time). The actions are the
 //! CLI's (`ops.rs`); this module adds routing, the token, and the effects on this running
 //! instance: a changed key is dropped from the key cache at once, a changed account reloads the
-//! account set.
+//! account set. Every change is audited as done by `admin-token:<[admin] token_name>`, and
+//! `GET /admin/audit` reads the log. Credit grants take an `Idempotency-Key` header (Stripe's
+//! contract: the same key and body answer the first receipt again, marked
+//! `Idempotent-Replayed: true`; the same key with another body is refused, `409`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,18 +16,18 @@ use tokio::sync::Notify;
 
 use crate::auth::KeyCache;
 use crate::httpd::{query_param, Handler, Request, Response};
-use crate::ops::{self, OpsError};
+use crate::ops::{self, OpsError, UserRef};
 use crate::secrets::Keyring;
-use crate::store::{GroupBy, KeyPatch, Store};
+use crate::store::{Actor, GrantOutcome, GroupBy, KeyPatch, Store};
 
 pub const TOKEN_ENV: &str = "TOLLGATE_ADMIN_TOKEN";
 
 /// The OpenAPI document, kept in the repo next to the code it describes.
 pub const OPENAPI: &str = include_str!("../openapi.json");
 
-/// Re-reads the config; returns what was wrong when it is refused.
+/// Re-reads the config on behalf of the actor (audited); returns what was wrong when it is refused.
 pub type ReloadFn =
-    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+    Arc<dyn Fn(Actor) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
 pub struct Admin {
     pub store: Store,
@@ -34,6 +37,8 @@ pub struct Admin {
     /// Wakes the account refresher.
     pub accounts_changed: Arc<Notify>,
     pub reload: ReloadFn,
+    /// Who the token's holder is in the audit log: `admin-token:<[admin] token_name>`.
+    pub actor: Actor,
     /// SHA-256 of the token: comparing digests keeps the comparison constant-time in length too.
     token_digest: [u8; 32],
 }
@@ -46,6 +51,7 @@ impl Admin {
         accounts_changed: Arc<Notify>,
         reload: ReloadFn,
         token: &str,
+        actor: Actor,
     ) -> Admin {
         Admin {
             store,
@@ -53,6 +59,7 @@ impl Admin {
             keys,
             accounts_changed,
             reload,
+            actor,
             token_digest: Sha256::digest(token.as_bytes()).into(),
         }
     }
@@ -89,6 +96,7 @@ impl Admin {
             s.parse::<i64>()
                 .map_err(|_| bad("id", "must be an integer"))
         };
+        let actor = &self.actor;
         let result: Result<Response, OpsError> = async {
             use http::Method as M;
             Ok(match (&req.method, segments.as_slice()) {
@@ -97,40 +105,80 @@ impl Admin {
                     Response::json(200, &ops::list_users(&self.store).await?)
                 }
                 (&M::POST, ["admin", "users"]) => {
-                    Response::json(201, &ops::add_user(&self.store, &body(&req)?).await?)
+                    Response::json(201, &ops::add_user(&self.store, actor, &body(&req)?).await?)
                 }
                 (&M::POST, ["admin", "users", uid, "deactivate"]) => {
-                    for hash in ops::deactivate_user(&self.store, id(uid)?).await? {
+                    for hash in ops::deactivate_user(&self.store, actor, id(uid)?).await? {
                         self.keys.invalidate_hex(&hash);
                     }
                     Response::json(200, &serde_json::json!({ "deactivated": true }))
                 }
                 (&M::POST, ["admin", "users", uid, "activate"]) => {
-                    for hash in ops::activate_user(&self.store, id(uid)?).await? {
+                    for hash in ops::activate_user(&self.store, actor, id(uid)?).await? {
                         self.keys.invalidate_hex(&hash);
                     }
                     Response::json(200, &serde_json::json!({ "activated": true }))
                 }
                 (&M::PATCH, ["admin", "users", uid]) => {
-                    for hash in ops::update_user(&self.store, id(uid)?, &body(&req)?).await? {
+                    for hash in ops::update_user(&self.store, actor, id(uid)?, &body(&req)?).await?
+                    {
                         self.keys.invalidate_hex(&hash);
                     }
                     Response::json(200, &serde_json::json!({ "updated": true }))
                 }
+                (&M::POST, ["admin", "users", uid, "credits"]) => {
+                    let user = UserRef::Id(id(uid)?);
+                    let key = idempotency_key(&req)?;
+                    let input: ops::GrantInput = decimal_body(&req, "amount")?;
+                    match ops::grant_credits(&self.store, actor, user, &input, key.as_deref())
+                        .await?
+                    {
+                        GrantOutcome::Granted(receipt) => Response::json(201, &receipt),
+                        GrantOutcome::Replayed(receipt) => {
+                            Response::json(201, &receipt).with_header(REPLAYED_HEADER, "true")
+                        }
+                    }
+                }
+                (&M::GET, ["admin", "users", uid, "credits"]) => Response::json(
+                    200,
+                    &ops::credit_balance(&self.store, UserRef::Id(id(uid)?)).await?,
+                ),
+                (&M::GET, ["admin", "users", uid, "credits", "history"]) => {
+                    let user = UserRef::Id(id(uid)?);
+                    let limit = match query_param(req.query.as_deref(), "limit") {
+                        Some(l) => l
+                            .parse::<i64>()
+                            .map_err(|_| bad("limit", "must be an integer between 1 and 100000"))?,
+                        None => ops::HISTORY_LIMIT.0,
+                    };
+                    Response::json(200, &ops::credit_history(&self.store, user, limit).await?)
+                }
+                (&M::GET, ["admin", "budgets"]) => {
+                    Response::json(200, &ops::list_budgets(&self.store).await?)
+                }
+                (&M::POST, ["admin", "budgets"]) => {
+                    let input: ops::BudgetInput = decimal_body(&req, "limit")?;
+                    Response::json(200, &ops::set_budget(&self.store, actor, &input).await?)
+                }
+                (&M::DELETE, ["admin", "budgets", bid]) => {
+                    ops::delete_budget(&self.store, actor, id(bid)?).await?;
+                    Response::no_content()
+                }
                 (&M::GET, ["admin", "keys"]) => {
                     Response::json(200, &ops::list_keys(&self.store).await?)
                 }
-                (&M::POST, ["admin", "keys"]) => {
-                    Response::json(201, &ops::create_key(&self.store, &body(&req)?).await?)
-                }
+                (&M::POST, ["admin", "keys"]) => Response::json(
+                    201,
+                    &ops::create_key(&self.store, actor, &body(&req)?).await?,
+                ),
                 (&M::POST, ["admin", "keys", kid, "revoke"]) => {
-                    let hash = ops::revoke_key(&self.store, id(kid)?).await?;
+                    let hash = ops::revoke_key(&self.store, actor, id(kid)?).await?;
                     self.keys.invalidate_hex(&hash);
                     Response::json(200, &serde_json::json!({ "revoked": true }))
                 }
                 (&M::PATCH, ["admin", "keys", kid]) => {
                     let patch: KeyPatch = body(&req)?;
-                    let hash = ops::update_key(&self.store, id(kid)?, &patch).await?;
+                    let hash = ops::update_key(&self.store, actor, id(kid)?, &patch).await?;
                     self.keys.invalidate_hex(&hash);
                     Response::json(200, &serde_json::json!({ "updated": true }))
                 }
@@ -138,17 +186,20 @@ impl Admin {
                     Response::json(200, &ops::list_accounts(&self.store).await?)
                 }
                 (&M::POST, ["admin", "accounts"]) => {
-                    let new_id = ops::add_account(&self.store, &self.sealing, &body(&req)?).await?;
+                    let new_id =
+                        ops::add_account(&self.store, &self.sealing, actor, &body(&req)?).await?;
                     self.accounts_changed.notify_one();
                     Response::json(201, &serde_json::json!({ "id": new_id }))
                 }
                 (&M::PATCH, ["admin", "accounts", aid]) => {
-                    ops::update_account(&self.store, &self.sealing, id(aid)?, &body(&req)?).await?;
+                    let update = body(&req)?;
+                    ops::update_account(&self.store, &self.sealing, actor, id(aid)?, &update)
+                        .await?;
                     self.accounts_changed.notify_one();
                     Response::json(200, &serde_json::json!({ "updated": true }))
                 }
                 (&M::DELETE, ["admin", "accounts", aid]) => {
-                    ops::delete_account(&self.store, id(aid)?).await?;
+                    ops::delete_account(&self.store, actor, id(aid)?).await?;
                     self.accounts_changed.notify_one();
                     Response::json(200, &serde_json::json!({ "deleted": true }))
                 }
@@ -160,8 +211,12 @@ impl Admin {
                         "model" => GroupBy::Model,
                         "served_model" => GroupBy::ServedModel,
                         "day" => GroupBy::Day,
+                        "user" => GroupBy::User,
                         _ => {
-                            return Err(bad("by", "want key, account, model, served_model or day"))
+                            return Err(bad(
+                                "by",
+                                "want key, account, model, served_model, day or user",
+                            ))
                         }
                     };
                     let since = query_param(q, "since").unwrap_or_else(|| "30d".into());
@@ -171,7 +226,27 @@ impl Admin {
                         &ops::usage(&self.store, &since, until.as_deref(), by).await?,
                     )
                 }
-                (&M::POST, ["admin", "reload"]) => match (self.reload)().await {
+                (&M::GET, ["admin", "audit"]) => {
+                    let q = req.query.as_deref();
+                    let limit =
+                        match query_param(q, "limit") {
+                            Some(l) => Some(l.parse::<i64>().map_err(|_| {
+                                bad("limit", "must be an integer between 1 and 10000")
+                            })?),
+                            None => None,
+                        };
+                    let target_type = query_param(q, "target_type");
+                    let target_id = query_param(q, "target_id");
+                    let rows = ops::audit_log(
+                        &self.store,
+                        limit,
+                        target_type.as_deref(),
+                        target_id.as_deref(),
+                    )
+                    .await?;
+                    Response::json(200, &rows)
+                }
+                (&M::POST, ["admin", "reload"]) => match (self.reload)(actor.clone()).await {
                     Ok(()) => Response::json(200, &serde_json::json!({ "reloaded": true })),
                     Err(e) => Response::error(400, "invalid_config", &e),
                 },
@@ -180,11 +255,12 @@ impl Admin {
         }
         .await;
         result.unwrap_or_else(|e| {
-            let kind = match e.status() {
-                400 => "invalid_request_error",
-                404 => "not_found",
-                409 => "conflict",
-                _ => "server_error",
+            let kind = match &e {
+                OpsError::Invalid { .. } => "invalid_request_error",
+                OpsError::NotFound(_) => "not_found",
+                OpsError::Conflict(_) => "conflict",
+                OpsError::Idempotency(_) => "idempotency_error",
+                OpsError::Store(_) | OpsError::Sealing(_) => "server_error",
             };
             if e.status() == 500 {
                 tracing::error!(error = %e, "admin request failed");
@@ -201,11 +277,54 @@ fn bad(field: &'static str, message: &str) -> OpsError {
     }
 }
 
+/// Marks a grant answered again from its idempotency record (Stripe's name for it).
+const REPLAYED_HEADER: &str = "idempotent-replayed";
+
+/// The `Idempotency-Key` header, surrounding spaces removed (as HTTP does); at most one.
+fn idempotency_key(req: &Request) -> Result<Option<String>, OpsError> {
+    let mut values = req.headers.get_all("idempotency-key").iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(bad(
+            "idempotency_key",
+            "give the Idempotency-Key header once",
+        ));
+    }
+    let text = value
+        .to_str()
+        .map_err(|_| bad("idempotency_key", "must be printable ASCII"))?;
+    Ok(Some(text.trim().to_string()))
+}
+
+/// [`body`] whose `field` is an amount: a JSON string (`"10.50"`), never a JSON number, which
+/// would not be exact; named in the error.
+fn decimal_body<T: serde::de::DeserializeOwned>(
+    req: &Request,
+    field: &'static str,
+) -> Result<T, OpsError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(&req.body).map_err(|e| bad("body", &e.to_string()))?;
+    match value.get(field) {
+        Some(serde_json::Value::String(_)) | None => {}
+        Some(_) => return Err(bad(
+            field,
+            "must be a decimal string such as \"10.50\" (not a JSON number: it would not be exact)",
+        )),
+    }
+    object(value)
+}
+
 /// Every request body is a JSON object: serde would also read a struct from an array of its
 /// fields in order (`[null, null]`), which no route documents.
 fn body<T: serde::de::DeserializeOwned>(req: &Request) -> Result<T, OpsError> {
     let value: serde_json::Value =
         serde_json::from_slice(&req.body).map_err(|e| bad("body", &e.to_string()))?;
+    object(value)
+}
+
+fn object<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, OpsError> {
     if !value.is_object() {
         return Err(bad("body", "must be a JSON object"));
     }
@@ -256,6 +375,11 @@ mod tests {
             "/admin/accounts/{id}",
             "/admin/usage",
             "/admin/reload",
+            "/admin/audit",
+            "/admin/users/{id}/credits",
+            "/admin/users/{id}/credits/history",
+            "/admin/budgets",
+            "/admin/budgets/{id}",
         ] {
             assert!(paths.contains_key(p), "{p} missing from openapi.json");
         }

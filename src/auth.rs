@@ -20,6 +20,7 @@ use tokio::sync::OnceCell;
 
 use crate::keys::{self, KeyHash};
 use crate::limits::{Entries, Overrides};
+use crate::spend::{BudgetRef, SpendPolicy};
 use crate::store::{KeyRow, LimitColumns, Store};
 
 /// Why a request was refused before reaching an upstream. `label()` is the metric label.
@@ -37,6 +38,8 @@ pub enum AuthError {
     Expired,
     #[error("the user owning this API key is deactivated")]
     UserInactive,
+    #[error("the user owning this API key is banned")]
+    UserBanned,
     #[error("this API key may not use {0}")]
     Forbidden(String),
     #[error("the key store is unavailable")]
@@ -52,6 +55,7 @@ impl AuthError {
             AuthError::Revoked | AuthError::UserInactive => "revoked",
             AuthError::Expired => "expired",
             AuthError::Forbidden(_) => "forbidden",
+            AuthError::UserBanned => "banned",
             AuthError::StoreUnavailable => "store_unavailable",
         }
     }
@@ -127,11 +131,17 @@ pub struct KeyInfo {
     pub user_active: bool,
     pub expires_at: Option<DateTime<Utc>>,
     pub permissions: Permissions,
-    /// The key's own rate limits (`None` = `[limits]`) and its user's (`None` = none).
+    /// The key's own rate limits (`None` = `[limits]`) and its user's: the user's own, else their
+    /// plan's, limit by limit (`None` = none).
     pub key_limits: Overrides,
     pub user_limits: Overrides,
     /// This key's and its user's limit state, held once the rate-limit stage has looked it up.
     pub limit_entries: Entries,
+    /// `users.role` is `banned`: every request of the user's keys is refused (403).
+    pub user_banned: bool,
+    /// The budgets and credit balance the key's requests are reserved against (`spend.rs`);
+    /// `None` when there are none.
+    pub spend: Option<Arc<SpendPolicy>>,
 }
 
 /// Stored limits as the stage reads them. A negative value (only writable by hand: the CLI and
@@ -144,6 +154,40 @@ fn overrides(c: LimitColumns) -> Overrides {
         tpm: count(c.tpm),
         max_concurrent: count(c.max_concurrent),
     }
+}
+
+/// The spend policy of a key from what its lookup found; `None` when nothing applies.
+fn spend_policy(
+    key_id: i64,
+    user_id: i64,
+    budgets: &[(crate::store::BudgetRow, Option<DateTime<Utc>>)],
+    prepaid: bool,
+) -> Option<Arc<SpendPolicy>> {
+    let policy = SpendPolicy {
+        budgets: budgets
+            .iter()
+            .map(|(b, anchor)| BudgetRef {
+                budget_id: b.id,
+                subject_id: if b.api_key_id.is_some() {
+                    key_id
+                } else {
+                    user_id
+                },
+                metric: b.metric,
+                period: b.period,
+                anchor: *anchor,
+                owner: match (b.api_key_id, b.user_id) {
+                    (Some(_), _) => "key",
+                    (_, Some(_)) => "user",
+                    _ => "plan",
+                },
+                cache: Default::default(),
+            })
+            .collect(),
+        credit_user: prepaid.then_some(user_id),
+        credit_cache: Default::default(),
+    };
+    (!policy.is_empty()).then(|| Arc::new(policy))
 }
 
 impl KeyInfo {
@@ -164,6 +208,8 @@ impl KeyInfo {
             key_limits: overrides(row.key_limits),
             user_limits: overrides(row.user_limits),
             limit_entries: Entries::default(),
+            user_banned: row.user_role.eq_ignore_ascii_case("banned"),
+            spend: spend_policy(row.id, row.user_id, &row.budgets, row.prepaid),
         }
     }
 
@@ -174,6 +220,9 @@ impl KeyInfo {
         }
         if !self.user_active {
             return Err(AuthError::UserInactive);
+        }
+        if self.user_banned {
+            return Err(AuthError::UserBanned);
         }
         if self.expires_at.is_some_and(|e| e <= now) {
             return Err(AuthError::Expired);

@@ -1,5 +1,7 @@
-//! The command line: `serve`, `migrate`, and the operator commands for users, keys and accounts.
-//! Listings go to stdout; `keys create` prints the new key alone on stdout's last line.
+//! The command line: `serve`, `migrate`, and the operator commands for users, keys, accounts,
+//! credits, budgets and plans.
+//! Listings go to stdout; `keys create` prints the new key alone on stdout's last line. Every
+//! change is audited as done by `cli:<OS user>`; `tollgate audit` reads the log.
 
 use std::path::PathBuf;
 
@@ -10,7 +12,9 @@ use crate::config;
 use crate::keyring;
 use crate::ops;
 use crate::settings::{self, Settings};
-use crate::store::{AccountLimitColumns, GroupBy, LimitColumns, LimitPatch, Store};
+use crate::store::{
+    AccountLimitColumns, Actor, AuditRow, GrantOutcome, GroupBy, LimitColumns, LimitPatch, Store,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -41,8 +45,19 @@ pub enum Command {
     /// Manage upstream accounts.
     #[command(subcommand)]
     Accounts(AccountsCmd),
+    /// Prepaid credits: grants, balances, the ledger.
+    #[command(subcommand)]
+    Credits(CreditsCmd),
+    /// Budgets on keys, users and plans: cost, tokens or requests per day, week, month or in total.
+    #[command(subcommand)]
+    Budgets(BudgetsCmd),
+    /// Plans: rate limits and budgets that apply to each subscribed user (`users subscribe`).
+    #[command(subcommand)]
+    Plans(PlansCmd),
     /// Usage totals over a time range: requests, errors, tokens, cost.
     Usage(UsageArgs),
+    /// The audit log: every admin action (CLI or admin API), newest first.
+    Audit(AuditArgs),
     /// Tell a running gateway to re-read its config (through its admin API).
     Reload {
         /// The admin API's address, when `[admin] listen` does not say it (port 0: the gateway's
@@ -60,7 +75,8 @@ pub struct UsageArgs {
     /// End of the range (exclusive), same forms as --since; default now.
     #[arg(long)]
     pub until: Option<String>,
-    /// Group totals by key, account, model (as requested), served-model or day.
+    /// Group totals by key, account, model (as requested), served-model, day or user (with
+    /// each user's budgets and credit).
     #[arg(long, value_enum, default_value = "key")]
     pub by: By,
     /// Print JSON instead of a table.
@@ -69,6 +85,20 @@ pub struct UsageArgs {
     /// Also check the metering invariants (every request id once, counters equal to row counts).
     #[arg(long)]
     pub check: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct AuditArgs {
+    /// How many rows, newest first (1 to 10000).
+    #[arg(long, default_value_t = ops::AUDIT_LIMIT.0)]
+    pub limit: i64,
+    /// Only rows about this target: TYPE (user, key, account, budget, plan, config, keyring) or
+    /// TYPE:ID.
+    #[arg(long, value_name = "TYPE[:ID]")]
+    pub target: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `--by`: the command-line spelling of [`GroupBy`] (storage knows nothing of clap).
@@ -81,6 +111,8 @@ pub enum By {
     /// The model the upstream says served the request.
     ServedModel,
     Day,
+    /// The user (all of their keys), with their budgets and credit below the table.
+    User,
 }
 
 impl From<By> for GroupBy {
@@ -91,6 +123,7 @@ impl From<By> for GroupBy {
             By::Model => GroupBy::Model,
             By::ServedModel => GroupBy::ServedModel,
             By::Day => GroupBy::Day,
+            By::User => GroupBy::User,
         }
     }
 }
@@ -120,6 +153,65 @@ pub enum UsersCmd {
         #[command(flatten)]
         limits: LimitArgs,
     },
+    /// Subscribe a user to a plan (replacing any subscription they have): its rate limits apply
+    /// where the user has none of their own, its budgets to the user on their own, in periods
+    /// from --period-start.
+    Subscribe {
+        /// The user's email.
+        email: String,
+        /// The plan's name.
+        #[arg(long)]
+        plan: String,
+        /// Where the plan's budget periods start from: RFC 3339 or YYYY-MM-DD (default now).
+        #[arg(long)]
+        period_start: Option<String>,
+        /// The current period's end as your billing system has it (recorded, shown).
+        #[arg(long)]
+        period_end: Option<String>,
+    },
+    /// End a user's subscription: the plan's limits and budgets stop applying to them.
+    Unsubscribe {
+        /// The user's email.
+        email: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PlansCmd {
+    /// Add a plan: rate limits and budgets per subscriber; prints its id.
+    Add {
+        name: String,
+        /// Per subscriber, over all of their keys (0 or none = no limit).
+        #[command(flatten)]
+        limits: LimitArgs,
+        /// A budget of each subscriber, e.g. tokens:2000000:month or cost:50:month (periods
+        /// from the subscriber's period start); repeatable.
+        #[arg(long = "budget", value_name = "METRIC:LIMIT:PERIOD", value_parser = budget_spec)]
+        budgets: Vec<ops::PlanBudgetInput>,
+    },
+    /// List plans with their limits, budgets and subscriber counts.
+    List(ListArgs),
+    /// Change a plan's rate limits (`default` removes one); its budgets change with
+    /// `budgets set --plan NAME`. Running gateways apply it within a second.
+    Update {
+        name: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+}
+
+/// `--budget METRIC:LIMIT:PERIOD` (checked by `ops`).
+fn budget_spec(s: &str) -> Result<ops::PlanBudgetInput, String> {
+    match s.split(':').collect::<Vec<_>>().as_slice() {
+        [metric, limit, period] => Ok(ops::PlanBudgetInput {
+            metric: metric.to_string(),
+            limit: limit.to_string(),
+            period: period.to_string(),
+        }),
+        _ => Err(format!(
+            "{s:?}: want METRIC:LIMIT:PERIOD, e.g. tokens:2000000:month"
+        )),
+    }
 }
 
 /// Rate limits on the command line: a count (0 = no limit), or `default` to remove one (a key
@@ -268,6 +360,79 @@ pub enum AccountsCmd {
     },
 }
 
+#[derive(Subcommand, Debug)]
+pub enum CreditsCmd {
+    /// Grant credit (USD) to a user; from the first grant on, the user's requests are admitted
+    /// only against their balance.
+    Grant {
+        /// The user's email.
+        #[arg(long)]
+        user: String,
+        /// USD, exact: e.g. 10 or 0.25.
+        #[arg(long)]
+        amount: String,
+        /// Lifetime of this grant such as 30d (default: never expires).
+        #[arg(long)]
+        expires_in: Option<String>,
+        /// The same key with the same request grants once; with another request it is refused.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Record it as a refund instead of a grant.
+        #[arg(long)]
+        refund: bool,
+        /// Kept in the ledger row's metadata.
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// A user's balance: details on stderr, the balance alone on stdout's last line.
+    Balance {
+        #[arg(long)]
+        user: String,
+    },
+    /// A user's ledger, newest first.
+    History {
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BudgetsCmd {
+    /// Set (or replace) a budget of a key, a user or a plan; running gateways apply it within a
+    /// second.
+    #[command(group(clap::ArgGroup::new("owner").required(true).args(["key", "user", "plan"])))]
+    Set {
+        /// The key's id.
+        #[arg(long)]
+        key: Option<i64>,
+        /// The user's email (the budget covers all of their keys together).
+        #[arg(long)]
+        user: Option<String>,
+        /// The plan's name (the budget applies to each subscriber on their own, in periods from
+        /// their period start).
+        #[arg(long)]
+        plan: Option<String>,
+        /// What is counted: cost (USD), tokens or requests.
+        #[arg(long)]
+        metric: String,
+        /// The most allowed in a period (0 refuses everything).
+        #[arg(long)]
+        limit: String,
+        /// day, week, month (calendar, UTC; a plan's from each subscriber's start) or total.
+        #[arg(long)]
+        period: String,
+    },
+    /// List budgets with what each subject spent in its current period.
+    List(ListArgs),
+    /// Delete a budget.
+    Delete { id: i64 },
+}
+
 #[derive(Args, Debug)]
 pub struct ListArgs {
     /// Print JSON instead of a table.
@@ -304,7 +469,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     crate::store::redact_url(&cfg.database.url)
                 )
             })?;
-        let result = admin(&store, &cfg.database, cli.command).await;
+        let result = admin(&store, &cfg.database, &cli_actor(), cli.command).await;
         store.close().await;
         result
     })
@@ -312,7 +477,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Account commands that write first open the credentials (`keyring::unlock`: the key checked,
 /// plaintext credentials from before encryption sealed in place).
-async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyhow::Result<()> {
+async fn admin(
+    store: &Store,
+    db: &settings::Database,
+    actor: &Actor,
+    command: Command,
+) -> anyhow::Result<()> {
     match command {
         Command::Serve | Command::Reload { .. } => unreachable!("handled by run"),
         Command::Migrate => eprintln!("migrations applied"),
@@ -323,6 +493,7 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
         }) => {
             let u = ops::add_user(
                 store,
+                actor,
                 &ops::NewUser {
                     email,
                     username,
@@ -349,11 +520,11 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
             })?;
         }
         Command::Users(UsersCmd::Deactivate { id }) => {
-            ops::deactivate_user(store, id).await?;
+            ops::deactivate_user(store, actor, id).await?;
             eprintln!("user {id} deactivated; running gateways refuse their keys within a second");
         }
         Command::Users(UsersCmd::Activate { id }) => {
-            ops::activate_user(store, id).await?;
+            ops::activate_user(store, actor, id).await?;
             eprintln!("user {id} activated; running gateways accept their keys within a second");
         }
         Command::Users(UsersCmd::Update { email, limits }) => {
@@ -362,8 +533,96 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
                 bail!("nothing to change: give --rpm, --rpd, --tpm or --max-concurrent");
             }
             let id = store.user_id_by_email(&email).await?;
-            ops::update_user(store, id, &patch).await.map_err(flag)?;
+            ops::update_user(store, actor, id, &patch)
+                .await
+                .map_err(flag)?;
             eprintln!("user {email} updated; running gateways apply it within a second");
+        }
+        Command::Users(UsersCmd::Subscribe {
+            email,
+            plan,
+            period_start,
+            period_end,
+        }) => {
+            let s = ops::subscribe(
+                store,
+                actor,
+                &ops::SubscribeInput {
+                    user: email.clone(),
+                    plan,
+                    period_start,
+                    period_end,
+                },
+            )
+            .await
+            .map_err(flag)?;
+            eprintln!(
+                "user {email} subscribed to plan {} from {}; running gateways apply it within a second",
+                s.plan,
+                s.current_period_start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            );
+        }
+        Command::Users(UsersCmd::Unsubscribe { email }) => {
+            let s = ops::unsubscribe(store, actor, &email).await.map_err(flag)?;
+            eprintln!(
+                "user {email} unsubscribed from plan {}; running gateways apply it within a second",
+                s.plan
+            );
+        }
+        Command::Plans(PlansCmd::Add {
+            name,
+            limits,
+            budgets,
+        }) => {
+            let l = limits.patch();
+            let p = ops::create_plan(
+                store,
+                actor,
+                &ops::PlanInput {
+                    name,
+                    rpm: l.rpm.flatten(),
+                    rpd: l.rpd.flatten(),
+                    tpm: l.tpm.flatten(),
+                    max_concurrent: l.max_concurrent.flatten(),
+                    budgets,
+                },
+            )
+            .await
+            .map_err(flag)?;
+            eprintln!("created plan {} ({})", p.id, p.name);
+            println!("{}", p.id);
+        }
+        Command::Plans(PlansCmd::List(args)) => {
+            let plans = ops::list_plans(store).await?;
+            print_list(&args, &plans, "no plans", |p| {
+                let budgets: Vec<String> = p
+                    .budgets
+                    .iter()
+                    .map(|b| format!("{}:{}:{}", b.metric.as_str(), b.limit, b.period.as_str()))
+                    .collect();
+                format!(
+                    "{:>6}  {:<20} limits={} budgets={} subscribers={}",
+                    p.id,
+                    p.name,
+                    limits(&p.limits, "none"),
+                    if budgets.is_empty() {
+                        "none".to_string()
+                    } else {
+                        budgets.join(",")
+                    },
+                    p.subscribers
+                )
+            })?;
+        }
+        Command::Plans(PlansCmd::Update { name, limits }) => {
+            let patch = limits.patch();
+            if patch.is_empty() {
+                bail!("nothing to change: give --rpm, --rpd, --tpm or --max-concurrent");
+            }
+            ops::update_plan(store, actor, &name, &patch)
+                .await
+                .map_err(flag)?;
+            eprintln!("plan {name} updated; running gateways apply it within a second");
         }
         Command::Keys(KeysCmd::Create {
             user,
@@ -376,6 +635,7 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
                 .map_err(|e| anyhow::anyhow!("--permissions is not JSON: {e}"))?;
             let k = ops::create_key(
                 store,
+                actor,
                 &ops::NewKey {
                     user: user.clone(),
                     name,
@@ -410,7 +670,7 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
             })?;
         }
         Command::Keys(KeysCmd::Revoke { id }) => {
-            ops::revoke_key(store, id).await?;
+            ops::revoke_key(store, actor, id).await?;
             eprintln!("key {id} revoked; running gateways refuse it within a second");
         }
         Command::Keys(KeysCmd::Update { id, limits }) => {
@@ -420,6 +680,7 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
             }
             ops::update_key(
                 store,
+                actor,
                 id,
                 &crate::store::KeyPatch {
                     limits: patch,
@@ -456,8 +717,8 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
             };
             // Bad input is refused before the keyring is opened (or its file created).
             ops::check_account(&input).map_err(flag)?;
-            let sealing = keyring::unlock(store, db).await?;
-            let id = ops::add_account(store, &sealing, &input)
+            let sealing = keyring::unlock(store, db, actor).await?;
+            let id = ops::add_account(store, &sealing, actor, &input)
                 .await
                 .map_err(flag)?;
             eprintln!("created account {id} ({name})");
@@ -493,8 +754,8 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
                     Err(_) => bail!("no account named {account:?}"),
                 },
             };
-            let sealing = keyring::unlock(store, db).await?;
-            ops::update_account(store, &sealing, id, &update)
+            let sealing = keyring::unlock(store, db, actor).await?;
+            ops::update_account(store, &sealing, actor, id, &update)
                 .await
                 .map_err(flag)?;
             eprintln!("account {account} updated; running gateways apply it within a second");
@@ -519,10 +780,11 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
             })?;
         }
         Command::Accounts(AccountsCmd::Disable { id }) => {
-            let sealing = keyring::unlock(store, db).await?;
+            let sealing = keyring::unlock(store, db, actor).await?;
             ops::update_account(
                 store,
                 &sealing,
+                actor,
                 id,
                 &ops::AccountUpdate {
                     is_active: Some(false),
@@ -533,10 +795,11 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
             eprintln!("account {id} disabled");
         }
         Command::Accounts(AccountsCmd::Enable { id }) => {
-            let sealing = keyring::unlock(store, db).await?;
+            let sealing = keyring::unlock(store, db, actor).await?;
             ops::update_account(
                 store,
                 &sealing,
+                actor,
                 id,
                 &ops::AccountUpdate {
                     is_active: Some(true),
@@ -547,31 +810,211 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
             eprintln!("account {id} enabled");
         }
         Command::Accounts(AccountsCmd::Delete { id }) => {
-            keyring::unlock(store, db).await?;
-            ops::delete_account(store, id).await?;
+            keyring::unlock(store, db, actor).await?;
+            ops::delete_account(store, actor, id).await?;
             eprintln!("account {id} deleted");
         }
         Command::Accounts(AccountsCmd::RotateEncryption { old_key_files }) => {
-            let (n, key_id) = keyring::rotate(store, db, &old_key_files).await?;
+            let (n, key_id) = keyring::rotate(store, db, &old_key_files, actor).await?;
             eprintln!(
                 "{n} upstream credentials re-sealed under master key id {key_id}; restart running gateways with this key (until then they keep the accounts they have loaded)"
             );
+        }
+        Command::Credits(CreditsCmd::Grant {
+            user,
+            amount,
+            expires_in,
+            idempotency_key,
+            refund,
+            note,
+        }) => {
+            let input = ops::GrantInput {
+                amount,
+                expires_in,
+                refund,
+                note,
+            };
+            let (receipt, replayed) = match ops::grant_credits(
+                store,
+                actor,
+                ops::UserRef::Email(&user),
+                &input,
+                idempotency_key.as_deref(),
+            )
+            .await
+            .map_err(flag)?
+            {
+                GrantOutcome::Granted(r) => (r, false),
+                GrantOutcome::Replayed(r) => (r, true),
+            };
+            if replayed {
+                eprintln!(
+                    "already granted with this idempotency key (transaction {}): nothing granted again",
+                    receipt.transaction_id
+                );
+            } else {
+                eprintln!(
+                    "granted {} to {user} (transaction {}{})",
+                    receipt.amount,
+                    receipt.transaction_id,
+                    receipt
+                        .expires_at
+                        .map_or(String::new(), |e| format!(", expires {}", e.to_rfc3339()))
+                );
+            }
+            println!("{}", receipt.balance.normalize());
+        }
+        Command::Credits(CreditsCmd::Balance { user }) => {
+            let b = ops::credit_balance(store, ops::UserRef::Email(&user))
+                .await
+                .map_err(flag)?;
+            if b.prepaid {
+                eprintln!(
+                    "{user}: balance {} (held in leases by running gateways: {}, overdraft allowed: {})",
+                    b.balance.normalize(),
+                    b.leased.normalize(),
+                    b.overdraft.normalize()
+                );
+            } else {
+                eprintln!("{user} was never granted credits: requests are not limited by credits");
+            }
+            println!("{}", b.balance.normalize());
+        }
+        Command::Credits(CreditsCmd::History { user, limit, json }) => {
+            let rows = ops::credit_history(store, ops::UserRef::Email(&user), limit)
+                .await
+                .map_err(flag)?;
+            print_list(&ListArgs { json }, &rows, "no ledger entries", |t| {
+                format!(
+                    "{:>8}  {} {:<7} {:>22} {:>22} -> {:<22} {}",
+                    t.id,
+                    t.created_at
+                        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                    t.action,
+                    t.amount,
+                    t.balance_before,
+                    t.balance_after,
+                    t.request_id
+                        .as_deref()
+                        .or(t.idempotency_key.as_deref())
+                        .unwrap_or("-")
+                )
+            })?;
+        }
+        Command::Budgets(BudgetsCmd::Set {
+            key,
+            user,
+            plan,
+            metric,
+            limit,
+            period,
+        }) => {
+            let b = ops::set_budget(
+                store,
+                actor,
+                &ops::BudgetInput {
+                    key,
+                    user: user.clone(),
+                    plan: plan.clone(),
+                    metric,
+                    limit,
+                    period,
+                },
+            )
+            .await
+            .map_err(flag)?;
+            let owner = match (key, user, plan) {
+                (Some(k), _, _) => format!("key {k}"),
+                (_, Some(u), _) => u,
+                (_, _, p) => format!("each subscriber of plan {}", p.unwrap_or_default()),
+            };
+            eprintln!(
+                "budget {} set: {owner} may use {} {} per {}; running gateways apply it within a second",
+                b.id,
+                b.limit,
+                b.metric.as_str(),
+                b.period.as_str()
+            );
+            println!("{}", b.id);
+        }
+        Command::Budgets(BudgetsCmd::List(args)) => {
+            let budgets = ops::list_budgets(store).await?;
+            print_list(&args, &budgets, "no budgets", |b| {
+                let periods: Vec<String> = b
+                    .periods
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{}:{} spent {} leased {}",
+                            p.subject_id,
+                            p.period_start.date_naive(),
+                            p.spent,
+                            p.leased
+                        )
+                    })
+                    .collect();
+                format!(
+                    "{:>6}  {:<30} {:<8} {:>20} per {:<6} {}",
+                    b.budget.id,
+                    b.owner,
+                    b.budget.metric.as_str(),
+                    b.budget.limit,
+                    b.budget.period.as_str(),
+                    periods.join(", ")
+                )
+            })?;
+        }
+        Command::Budgets(BudgetsCmd::Delete { id }) => {
+            ops::delete_budget(store, actor, id).await.map_err(flag)?;
+            eprintln!("budget {id} deleted; running gateways apply it within a second");
+        }
+        Command::Audit(args) => {
+            let (target_type, target_id) = match &args.target {
+                Some(t) => match t.split_once(':') {
+                    Some((kind, id)) => (Some(kind), Some(id)),
+                    None => (Some(t.as_str()), None),
+                },
+                None => (None, None),
+            };
+            let rows = ops::audit_log(store, Some(args.limit), target_type, target_id)
+                .await
+                .map_err(|e| match e {
+                    ops::OpsError::Invalid { field, message } if field.starts_with("target") => {
+                        anyhow::anyhow!("--target: {message}")
+                    }
+                    other => flag(other),
+                })?;
+            print_list(
+                &ListArgs { json: args.json },
+                &rows,
+                "no audit rows",
+                audit_line,
+            )?;
         }
         Command::Usage(args) => {
             let report = ops::usage(store, &args.since, args.until.as_deref(), args.by.into())
                 .await
                 .map_err(flag)?;
             let check = if args.check {
-                Some(store.usage_invariants().await?)
+                Some((
+                    store.usage_invariants().await?,
+                    store.spend_invariants().await?,
+                ))
             } else {
                 None
+            };
+            let spend = match args.by {
+                By::User => Some(ops::user_spend(store, &report).await.map_err(flag)?),
+                _ => None,
             };
             if args.json {
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(
-                        &serde_json::json!({ "report": report, "invariants": check })
-                    )?
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "report": report,
+                        "invariants": check.map(|c| c.0),
+                        "spend_invariants": check.map(|c| c.1),
+                    }))?
                 );
             } else {
                 let by = format!("{:?}", args.by).to_lowercase();
@@ -591,6 +1034,29 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
                         t.cost
                     );
                 }
+                for u in spend.iter().flatten() {
+                    if let Some(b) = u.credit_balance {
+                        println!("  {}: credit balance {b}", u.user);
+                    }
+                    for b in &u.budgets {
+                        let whose = b
+                            .budget
+                            .api_key_id
+                            .map_or(String::new(), |k| format!(" (key {k})"));
+                        let spent = b
+                            .periods
+                            .first()
+                            .map_or(rust_decimal::Decimal::ZERO, |p| p.spent);
+                        println!(
+                            "  {}: {} per {}{whose}: {} of {}",
+                            u.user,
+                            b.budget.metric.as_str(),
+                            b.budget.period.as_str(),
+                            spent.normalize(),
+                            b.budget.limit.normalize()
+                        );
+                    }
+                }
                 if report.groups.is_empty() {
                     let secs = chrono::SecondsFormat::Secs;
                     eprintln!(
@@ -600,7 +1066,7 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
                     );
                 }
             }
-            if let Some(c) = check {
+            if let Some((c, s)) = check {
                 eprintln!(
                     "invariants {}: rows={} duplicate_request_ids={} keys_mismatched={} accounts_mismatched={}",
                     if c.holds() { "hold" } else { "VIOLATED" },
@@ -609,8 +1075,24 @@ async fn admin(store: &Store, db: &settings::Database, command: Command) -> anyh
                     c.keys_mismatched,
                     c.accounts_mismatched
                 );
+                eprintln!(
+                    "spend invariants {}: balances={} balances_mismatched={} balances_overdrawn={} ledger_orphans={} \
+                     charges_missing={} budget_periods={} budget_periods_mismatched={} leases_mismatched={}",
+                    if s.holds() { "hold" } else { "VIOLATED" },
+                    s.balances,
+                    s.balances_mismatched,
+                    s.balances_overdrawn,
+                    s.ledger_orphans,
+                    s.charges_missing,
+                    s.budget_periods,
+                    s.budget_periods_mismatched,
+                    s.leases_mismatched
+                );
                 if !c.holds() {
                     bail!("metering invariants violated");
+                }
+                if !s.holds() {
+                    bail!("spend invariants violated");
                 }
             }
         }
@@ -645,6 +1127,62 @@ fn reload(addr: std::net::SocketAddr) -> anyhow::Result<()> {
                 body
             }
         )
+    }
+}
+
+/// The local CLI's actor: `cli:<login name>` of the real user id (`cli:uid-<n>` without a
+/// passwd entry). Not `$USER`, which any caller can set.
+fn cli_actor() -> Actor {
+    let uid = nix::unistd::getuid();
+    let name = nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| format!("uid-{uid}"));
+    Actor::cli(&name)
+}
+
+/// One audit row in a listing: when, who, what, to what, and what changed (`field: before →
+/// after` for an update; the new state for a creation).
+fn audit_line(r: &AuditRow) -> String {
+    let target = format!("{}:{}", r.target_type, r.target_id);
+    format!(
+        "{:>6}  {}  {:<28} {:<24} {:<16} {}",
+        r.id,
+        r.created_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        r.actor,
+        r.action,
+        target,
+        changes(r.before.as_ref(), r.after.as_ref())
+    )
+}
+
+/// What changed between two snapshots, compactly.
+fn changes(before: Option<&serde_json::Value>, after: Option<&serde_json::Value>) -> String {
+    match (before, after) {
+        (Some(serde_json::Value::Object(b)), Some(serde_json::Value::Object(a))) => {
+            let null = serde_json::Value::Null;
+            let mut keys: Vec<&String> = b.keys().chain(a.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            let changed: Vec<String> = keys
+                .into_iter()
+                .filter_map(|k| {
+                    let (was, is) = (b.get(k).unwrap_or(&null), a.get(k).unwrap_or(&null));
+                    (was != is).then(|| format!("{k}: {was} → {is}"))
+                })
+                .collect();
+            if changed.is_empty() {
+                "no change".to_string()
+            } else {
+                changed.join(", ")
+            }
+        }
+        (None, Some(a)) => format!("new {a}"),
+        (Some(_), None) => "gone".to_string(),
+        (Some(b), Some(a)) => format!("{b} → {a}"),
+        (None, None) => String::new(),
     }
 }
 

@@ -29,6 +29,7 @@ pub struct Config {
     pub upstream_accounts: Vec<AccountConfig>,
     pub metering: MeteringConfig,
     pub limits: LimitsConfig,
+    pub spend: SpendConfig,
     pub writer: WriterConfig,
     pub metrics: MetricsConfig,
     pub admin: AdminConfig,
@@ -49,6 +50,7 @@ impl Default for Config {
             upstream_accounts: Vec::new(),
             metering: MeteringConfig::default(),
             limits: LimitsConfig::default(),
+            spend: SpendConfig::default(),
             writer: WriterConfig::default(),
             metrics: MetricsConfig::default(),
             admin: AdminConfig::default(),
@@ -272,6 +274,45 @@ impl Default for LimitsConfig {
     }
 }
 
+/// Budgets and prepaid credits (`spend.rs`): how a request's worst case is reserved before it
+/// is sent, and the leases instances take from budgets and balances. The budgets and balances
+/// themselves are in the database (`tollgate budgets set`, `tollgate credits grant`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpendConfig {
+    /// Output tokens reserved for a request that states no `max_tokens` (what such a request
+    /// spends beyond it is settled all the same: the bound in ARCHITECTURE.md).
+    pub default_max_output_tokens: u64,
+    /// Tokens reserved for each image or audio part of a request.
+    pub tokens_per_media_part: u64,
+    /// A lease holds this many reservations like the request that asked for it (at most what
+    /// is left).
+    pub reservations_per_lease: u64,
+    /// A lease not renewed for this long (its instance died) goes back to its budget.
+    pub lease_ttl_secs: u64,
+    /// Longest a request waits for a lease from the database before `fail` applies.
+    pub lease_wait_ms: u64,
+    /// The unused part of a lease goes back after this long without a request.
+    pub idle_return_secs: u64,
+    /// When a lease is needed and the database cannot answer: "closed" (refuse, 503) or "open"
+    /// (admit without a reservation).
+    pub fail: String,
+}
+
+impl Default for SpendConfig {
+    fn default() -> Self {
+        SpendConfig {
+            default_max_output_tokens: 4096,
+            tokens_per_media_part: 3000,
+            reservations_per_lease: 32,
+            lease_ttl_secs: 30,
+            lease_wait_ms: 2000,
+            idle_return_secs: 10,
+            fail: "closed".into(),
+        }
+    }
+}
+
 /// The Prometheus and health listener.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -297,6 +338,9 @@ pub struct AdminConfig {
     /// How often every instance re-checks keys and users changed in the database (the safety net
     /// behind PostgreSQL LISTEN/NOTIFY, and the only mechanism on SQLite).
     pub key_refresh_ms: u64,
+    /// The admin token's name in the audit log: its actions are by `admin-token:<token_name>`
+    /// (never the token itself). Letters, digits, `.`, `_`, `-`; at most 64.
+    pub token_name: String,
 }
 
 impl Default for AdminConfig {
@@ -304,6 +348,7 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9091)),
             key_refresh_ms: 1000,
+            token_name: "default".into(),
         }
     }
 }

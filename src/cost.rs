@@ -105,17 +105,23 @@ impl PriceTable {
     /// followed by `-` (so `gpt-4o-2024-08-06` finds `gpt-4o`, and `gpt-4o-mini-2024-07-18`
     /// prefers `gpt-4o-mini` over `gpt-4o`). Returns the table key and its price.
     pub fn lookup(&self, model: &str) -> Option<(&str, &Price)> {
-        if let Some((k, p)) = self.prices.get_key_value(model) {
-            return Some((k.as_str(), p));
-        }
-        // Each '-' from the right is a candidate boundary; the first hit is the longest key.
-        model
-            .char_indices()
-            .rev()
-            .filter(|&(_, c)| c == '-')
-            .find_map(|(i, _)| self.prices.get_key_value(&model[..i]))
-            .map(|(k, p)| (k.as_str(), p))
+        lookup_model(&self.prices, model)
     }
+}
+
+/// [`PriceTable::lookup`]'s rule over any map keyed by model name (`pricing.rs` keeps the
+/// prices in integer units per token in one).
+pub fn lookup_model<'a, V>(map: &'a HashMap<String, V>, model: &str) -> Option<(&'a str, &'a V)> {
+    if let Some((k, v)) = map.get_key_value(model) {
+        return Some((k.as_str(), v));
+    }
+    // Each '-' from the right is a candidate boundary; the first hit is the longest key.
+    model
+        .char_indices()
+        .rev()
+        .filter(|&(_, c)| c == '-')
+        .find_map(|(i, _)| map.get_key_value(&model[..i]))
+        .map(|(k, v)| (k.as_str(), v))
 }
 
 impl FromIterator<(String, Price)> for PriceTable {

@@ -12,6 +12,7 @@ use crate::body::Held;
 use crate::lifecycle::InFlight;
 use crate::limits;
 use crate::meter::Finished;
+use crate::spend;
 use crate::tap::{ResponseTap, Stripper};
 use crate::upstream::{Account, AccountType};
 
@@ -67,6 +68,11 @@ pub struct RequestCtx {
     /// estimate settled by `logging`; its concurrency slot is given back when the context drops
     /// after `logging`, however the request ended. `None`: the account declares no limits.
     pub account_hold: Option<account_limits::Hold>,
+    /// The request's reservations against its budgets and credit balance (`spend.rs`): set by
+    /// the spend stage in `request_filter` when any apply; settled by `logging` with the usage
+    /// record (the unused part goes back to this instance's leases, the record names the leases
+    /// for the usage writer); dropped unsettled (no record), everything goes back.
+    pub spend: Option<spend::SpendHold>,
     /// Counts this request as in flight until the context is dropped after `logging`.
     _in_flight: InFlight,
 }
@@ -101,6 +107,7 @@ impl RequestCtx {
             stripper: None,
             limits: None,
             rate_headers: None,
+            spend: None,
             account_hold: None,
             _in_flight: in_flight,
         }

@@ -79,6 +79,14 @@ pub enum GatewayError {
     /// Limits are shared through Redis, Redis cannot be reached and `[limits] fail = "closed"`.
     #[error("rate limits cannot be checked right now; retry shortly")]
     LimitsUnavailable,
+    /// The spend stage (`spend.rs`): out of credits, a budget used up, or (`[spend] fail =
+    /// "closed"`) no lease to be had from the database. `retry_after`: seconds until a budget
+    /// resets.
+    #[error("{refusal}")]
+    Spend {
+        refusal: crate::spend::Refusal,
+        retry_after: Option<u64>,
+    },
 }
 
 impl GatewayError {
@@ -86,6 +94,9 @@ impl GatewayError {
         match self {
             GatewayError::Auth(AuthError::Forbidden(_)) => {
                 parts(403, "permission_error", "permission_error", "forbidden")
+            }
+            GatewayError::Auth(AuthError::UserBanned) => {
+                parts(403, "permission_error", "permission_error", "banned")
             }
             GatewayError::Auth(AuthError::StoreUnavailable) => {
                 parts(503, "service_unavailable", "api_error", "store_unavailable")
@@ -153,6 +164,28 @@ impl GatewayError {
                 "overloaded_error",
                 "rate_limits_unavailable",
             ),
+            // OpenAI answers an exhausted quota 429 `insufficient_quota`; `x-should-retry: false`
+            // (see `should_retry`) keeps the official SDKs from retrying what cannot change soon.
+            GatewayError::Spend { refusal, .. } => match refusal {
+                crate::spend::Refusal::OutOfCredits => parts(
+                    429,
+                    "insufficient_quota",
+                    "billing_error",
+                    "insufficient_quota",
+                ),
+                crate::spend::Refusal::Budget { .. } => parts(
+                    429,
+                    "insufficient_quota",
+                    "rate_limit_error",
+                    "budget_exceeded",
+                ),
+                crate::spend::Refusal::Unavailable => parts(
+                    503,
+                    "service_unavailable",
+                    "overloaded_error",
+                    "spend_unavailable",
+                ),
+            },
         }
     }
 
@@ -169,6 +202,23 @@ impl GatewayError {
         match self {
             GatewayError::BodyBudget | GatewayError::LimitsUnavailable => Some(1),
             GatewayError::RateLimited(r) => Some(r.retry_after_secs()),
+            GatewayError::Spend { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// `x-should-retry`, which the official OpenAI and Anthropic SDKs obey before their own
+    /// rules: `false` for a refusal a retry within the SDKs' backoff (seconds) cannot change —
+    /// no credit, or a budget that resets in more than a minute.
+    pub fn should_retry(&self) -> Option<bool> {
+        match self {
+            GatewayError::Spend {
+                refusal,
+                retry_after,
+            } => match refusal {
+                crate::spend::Refusal::Unavailable => None,
+                _ => Some(retry_after.is_some_and(|s| s <= 60)),
+            },
             _ => None,
         }
     }
@@ -210,6 +260,9 @@ impl GatewayError {
         resp.insert_header("x-request-id", request_id)?;
         if let Some(secs) = self.retry_after() {
             resp.insert_header(http::header::RETRY_AFTER, secs)?;
+        }
+        if let Some(retry) = self.should_retry() {
+            resp.insert_header("x-should-retry", if retry { "true" } else { "false" })?;
         }
         if close {
             resp.insert_header(http::header::CONNECTION, "close")?;

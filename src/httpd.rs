@@ -25,8 +25,11 @@ pub struct Request {
 
 pub struct Response {
     pub status: u16,
+    /// Empty: no body and no `Content-Type` (a `204`).
     pub content_type: &'static str,
     pub body: Bytes,
+    /// More response headers (`Idempotent-Replayed`).
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 impl Response {
@@ -36,7 +39,21 @@ impl Response {
             status,
             content_type: "application/json",
             body: body.into(),
+            headers: Vec::new(),
         }
+    }
+
+    /// `204 No Content`.
+    pub fn no_content() -> Response {
+        Response::text(204, "", Bytes::new())
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: &'static str) -> Response {
+        self.headers.push((
+            http::HeaderName::from_static(name),
+            http::HeaderValue::from_static(value),
+        ));
+        self
     }
 
     /// `{"error":{"type":…,"message":…}}`
@@ -52,6 +69,7 @@ impl Response {
             status,
             content_type,
             body: body.into(),
+            headers: Vec::new(),
         }
     }
 }
@@ -114,10 +132,15 @@ async fn handle(req: hyper::Request<Incoming>, handler: &Handler) -> hyper::Resp
     let mut r = hyper::Response::new(Full::new(response.body));
     *r.status_mut() = http::StatusCode::from_u16(response.status)
         .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static(response.content_type),
-    );
+    if !response.content_type.is_empty() {
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(response.content_type),
+        );
+    }
+    for (name, value) in response.headers {
+        r.headers_mut().append(name, value);
+    }
     r
 }
 

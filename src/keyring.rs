@@ -2,14 +2,15 @@
 //! comes from (`TOLLGATE_MASTER_KEY`, else `[database] master_key_file`, else the default file,
 //! created mode 0600 on first start), the check at start that it opens every stored credential
 //! (a wrong key fails the start with one line), the in-place sealing of credentials written
-//! before encryption, and `tollgate accounts rotate-encryption`. Never logs a key, only its id.
+//! before encryption, and `tollgate accounts rotate-encryption` (both audited as `keyring.*`,
+//! target the current key's id). Never logs a key, only its id.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::secrets::{self, Keyring, MasterKey, SecretError, Stored};
 use crate::settings;
-use crate::store::{Store, StoreError};
+use crate::store::{Actor, Store, StoreError, Target};
 
 /// The master key itself, as 64 hex digits; wins over any key file.
 pub const MASTER_KEY_ENV: &str = "TOLLGATE_MASTER_KEY";
@@ -59,8 +60,12 @@ impl std::fmt::Display for Source {
 
 /// Opens the credentials for this process: finds (or, zero-setup, creates) the master key,
 /// checks that it opens every stored credential, and seals in place any written before
-/// encryption (once; a second run finds nothing to do).
-pub async fn unlock(store: &Store, db: &settings::Database) -> Result<Keyring, KeyringError> {
+/// encryption (once; a second run finds nothing to do), audited as `keyring.seal_plaintext`.
+pub async fn unlock(
+    store: &Store,
+    db: &settings::Database,
+    actor: &Actor,
+) -> Result<Keyring, KeyringError> {
     let stored = store.all_credentials().await?;
     let sealed_under = stored.iter().find_map(|(_, c)| sealed_key_id(c));
     let (key, from) = current_key(db, sealed_under.as_deref())?;
@@ -76,7 +81,8 @@ pub async fn unlock(store: &Store, db: &settings::Database) -> Result<Keyring, K
         // Nothing to seal: no write transaction (no row locks) at all.
         return Ok(keys);
     }
-    let sealed = store
+    let mut tx = store.begin().await?;
+    let sealed = tx
         .rewrite_credentials(|c| {
             secrets::reseal_credentials(&keys, c).map_err(|error| KeyringError::Wrong {
                 have: keys.current().id().to_string(),
@@ -86,6 +92,11 @@ pub async fn unlock(store: &Store, db: &settings::Database) -> Result<Keyring, K
         })
         .await?;
     if sealed > 0 {
+        let target = Target::new("keyring", keys.current().id());
+        let after = serde_json::json!({ "key_id": keys.current().id(), "sealed": sealed });
+        tx.audit(actor, "keyring.seal_plaintext", &target, None, Some(after))
+            .await?;
+        tx.commit().await?;
         if !store.scrub().await? {
             tracing::warn!("the SQLite WAL could not be emptied: old copies of the plaintext credentials stay in it until the next checkpoint");
         }
@@ -105,6 +116,7 @@ pub async fn rotate(
     store: &Store,
     db: &settings::Database,
     old_key_files: &[PathBuf],
+    actor: &Actor,
 ) -> Result<(usize, String), KeyringError> {
     let mut old = Vec::new();
     if let Some(text) = env_key(OLD_MASTER_KEY_ENV) {
@@ -123,8 +135,14 @@ pub async fn rotate(
     let (key, from) = current_key(db, None)?;
     let keys = Keyring::new(key, old);
     let id = keys.current().id().to_string();
-    let n = store
+    // The key ids the credentials were sealed under ("plaintext" for those never sealed).
+    let was = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut tx = store.begin().await?;
+    let n = tx
         .rewrite_credentials(|c| {
+            if let Ok(mut was) = was.lock() {
+                was.insert(sealed_key_id(c).unwrap_or_else(|| "plaintext".into()));
+            }
             secrets::reseal_credentials(&keys, c).map_err(|error| KeyringError::Wrong {
                 have: id.clone(),
                 from: format!("{from} or the old keys given"),
@@ -132,6 +150,19 @@ pub async fn rotate(
             })
         })
         .await?;
+    let was: Vec<String> = was
+        .into_inner()
+        .map(|w| w.into_iter().collect())
+        .unwrap_or_default();
+    tx.audit(
+        actor,
+        "keyring.rotate",
+        &Target::new("keyring", &id),
+        Some(serde_json::json!({ "key_ids": was })),
+        Some(serde_json::json!({ "key_id": id, "resealed": n })),
+    )
+    .await?;
+    tx.commit().await?;
     Ok((n, id))
 }
 

@@ -133,6 +133,7 @@ pub fn record<'p>(
         requested_model: requested.map(|m| bounded(&m, MAX_MODEL)),
         usage_source: Some(source),
         upstream_error: metered.error.filter(|_| upstream_failed),
+        charges: Vec::new(),
     };
     (record, priced)
 }

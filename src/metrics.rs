@@ -384,6 +384,18 @@ fn describe() {
         "Limited requests decided by the fail policy because Redis could not be reached."
     );
     describe_counter!(
+        "tollgate_spend_refused_total",
+        "Requests refused before reaching an upstream by budgets and credits: insufficient_quota (balance), budget_exceeded, spend_unavailable (no lease to be had, [spend] fail = closed)."
+    );
+    describe_counter!(
+        "tollgate_spend_leases_total",
+        "Leases of budgets and balances asked of the database, by outcome: granted, exhausted (the pool cannot hold the reservation), error."
+    );
+    describe_counter!(
+        "tollgate_spend_fail_open_total",
+        "Requests admitted without a reservation because the database could not give a lease ([spend] fail = open)."
+    );
+    describe_counter!(
         "tollgate_auth_failures_total",
         "Requests refused before reaching an upstream, by reason."
     );

@@ -1,16 +1,24 @@
-//! Operator actions — users, keys, accounts, usage — shared by the CLI and the admin API, with
-//! their input validation. Each returns typed data; the callers print it or send it as JSON.
+//! Operator actions — users, keys, accounts, usage, credits, budgets, plans, the audit log — shared by the CLI and the
+//! admin API, with their input validation. Each returns typed data; the callers print it or send
+//! it as JSON. Every action that changes something takes the [`Actor`] doing it and writes its
+//! `admin_log` row in the transaction of the change: validate, `store.begin()`, snapshot
+//! `before`, change, snapshot `after`, `tx.audit(actor, "thing.verb", target, before, after)`,
+//! `tx.commit()` (which refuses a change without its row).
 
 use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Permissions;
+use crate::budget::{Metric, Period};
 use crate::keys;
 use crate::limits::{MAX_CONCURRENT, MAX_RATE};
 use crate::secrets::{self, Keyring};
 use crate::store::{
-    AccountLimitColumns, AccountLimitPatch, AccountPatch, AccountRow, GroupBy, KeyListing,
-    KeyPatch, LimitColumns, LimitPatch, NewAccount, Store, StoreError, UsageTotals, UserRow,
+    AccountLimitColumns, AccountLimitPatch, AccountPatch, AccountRow, Actor, AuditQuery, AuditRow,
+    BudgetListing, BudgetOwner, BudgetRow, CreditBalance, Grant, GrantOutcome, GroupBy, KeyListing,
+    KeyPatch, LedgerEntry, LimitColumns, LimitPatch, NewAccount, PlanBudget, PlanRow, Store,
+    StoreError, SubscriptionRow, Target, UsageTotals, UserRow,
 };
 use crate::upstream::{AccountType, Endpoint};
 
@@ -26,6 +34,9 @@ pub enum OpsError {
     NotFound(String),
     #[error("{0} already exists")]
     Conflict(String),
+    /// An idempotency key used with another request (or by one at the same moment).
+    #[error("{0}")]
+    Idempotency(String),
     #[error("{0}")]
     Store(StoreError),
     /// The credentials could not be sealed (no randomness from the system).
@@ -38,6 +49,7 @@ impl From<StoreError> for OpsError {
         match e {
             StoreError::NotFound(what) => OpsError::NotFound(what),
             StoreError::Conflict(what) => OpsError::Conflict(what),
+            StoreError::Idempotency(what) => OpsError::Idempotency(what),
             StoreError::Invalid(message) => OpsError::Invalid {
                 field: "request",
                 message,
@@ -53,7 +65,7 @@ impl OpsError {
         match self {
             OpsError::Invalid { .. } => 400,
             OpsError::NotFound(_) => 404,
-            OpsError::Conflict(_) => 409,
+            OpsError::Conflict(_) | OpsError::Idempotency(_) => 409,
             OpsError::Store(_) | OpsError::Sealing(_) => 500,
         }
     }
@@ -197,7 +209,7 @@ fn default_role() -> String {
     "user".into()
 }
 
-pub async fn add_user(store: &Store, u: &NewUser) -> Result<UserRow, OpsError> {
+pub async fn add_user(store: &Store, actor: &Actor, u: &NewUser) -> Result<UserRow, OpsError> {
     let email = u.email.trim();
     if !email.contains('@') || email.len() > 320 {
         return Err(invalid(
@@ -213,7 +225,12 @@ pub async fn add_user(store: &Store, u: &NewUser) -> Result<UserRow, OpsError> {
     }
     let username = label("username", &u.username)?;
     let role = label("role", &u.role)?;
-    let id = store.create_user(email, username, role).await?;
+    let mut tx = store.begin().await?;
+    let id = tx.create_user(email, username, role).await?;
+    let after = tx.user_snapshot(id).await?;
+    tx.audit(actor, "user.create", &Target::user(id), None, after)
+        .await?;
+    tx.commit().await?;
     Ok(UserRow {
         id,
         email: email.into(),
@@ -229,8 +246,36 @@ pub async fn list_users(store: &Store) -> Result<Vec<UserRow>, OpsError> {
 }
 
 /// Returns the hashes of the user's keys, to drop from caches.
-pub async fn deactivate_user(store: &Store, id: i64) -> Result<Vec<String>, OpsError> {
-    Ok(store.set_user_active(id, false).await?)
+pub async fn deactivate_user(
+    store: &Store,
+    actor: &Actor,
+    id: i64,
+) -> Result<Vec<String>, OpsError> {
+    set_user_active(store, actor, id, false).await
+}
+
+async fn set_user_active(
+    store: &Store,
+    actor: &Actor,
+    id: i64,
+    active: bool,
+) -> Result<Vec<String>, OpsError> {
+    let mut tx = store.begin().await?;
+    let before = tx
+        .user_snapshot(id)
+        .await?
+        .ok_or_else(|| OpsError::NotFound(format!("user {id}")))?;
+    let hashes = tx.set_user_active(id, active).await?;
+    let after = tx.user_snapshot(id).await?;
+    let action = if active {
+        "user.activate"
+    } else {
+        "user.deactivate"
+    };
+    tx.audit(actor, action, &Target::user(id), Some(before), after)
+        .await?;
+    tx.commit().await?;
+    Ok(hashes)
 }
 
 /// One limit as given: 0 (no limit) up to [`MAX_RATE`] ([`MAX_CONCURRENT`] for
@@ -277,17 +322,28 @@ fn check_limit_columns(c: &LimitColumns) -> Result<(), OpsError> {
 /// Returns the hashes of the user's keys, to drop from caches.
 pub async fn update_user(
     store: &Store,
+    actor: &Actor,
     id: i64,
     patch: &LimitPatch,
 ) -> Result<Vec<String>, OpsError> {
     check_limit_patch(patch)?;
-    Ok(store.update_user_limits(id, patch).await?)
+    let mut tx = store.begin().await?;
+    let before = tx
+        .user_snapshot(id)
+        .await?
+        .ok_or_else(|| OpsError::NotFound(format!("user {id}")))?;
+    let hashes = tx.update_user_limits(id, patch).await?;
+    let after = tx.user_snapshot(id).await?;
+    tx.audit(actor, "user.update", &Target::user(id), Some(before), after)
+        .await?;
+    tx.commit().await?;
+    Ok(hashes)
 }
 
 /// Undoes [`deactivate_user`]: the user's keys work again (unless revoked or expired).
 /// Returns the hashes of the user's keys, to drop from caches.
-pub async fn activate_user(store: &Store, id: i64) -> Result<Vec<String>, OpsError> {
-    Ok(store.set_user_active(id, true).await?)
+pub async fn activate_user(store: &Store, actor: &Actor, id: i64) -> Result<Vec<String>, OpsError> {
+    set_user_active(store, actor, id, true).await
 }
 
 // ---------------------------------------------------------------- keys
@@ -363,7 +419,7 @@ pub fn check_permissions(v: &serde_json::Value) -> Result<(), OpsError> {
     Ok(())
 }
 
-pub async fn create_key(store: &Store, k: &NewKey) -> Result<CreatedKey, OpsError> {
+pub async fn create_key(store: &Store, actor: &Actor, k: &NewKey) -> Result<CreatedKey, OpsError> {
     check_permissions(&k.permissions)?;
     let limits = LimitColumns {
         rpm: k.rpm,
@@ -384,7 +440,8 @@ pub async fn create_key(store: &Store, k: &NewKey) -> Result<CreatedKey, OpsErro
     let key = keys::generate()
         .map_err(|e| OpsError::Store(StoreError::Invalid(format!("OS random source: {e}"))))?;
     let key_prefix = keys::display_prefix(&key).to_string();
-    let id = store
+    let mut tx = store.begin().await?;
+    let id = tx
         .create_key(
             user_id,
             name,
@@ -395,6 +452,10 @@ pub async fn create_key(store: &Store, k: &NewKey) -> Result<CreatedKey, OpsErro
             &limits,
         )
         .await?;
+    let after = tx.key_snapshot(id).await?;
+    tx.audit(actor, "key.create", &Target::key(id), None, after)
+        .await?;
+    tx.commit().await?;
     Ok(CreatedKey {
         id,
         key,
@@ -415,12 +476,21 @@ pub async fn list_keys(store: &Store) -> Result<Vec<KeyListing>, OpsError> {
 }
 
 /// Returns the key's hash, to drop from caches.
-pub async fn revoke_key(store: &Store, id: i64) -> Result<String, OpsError> {
-    Ok(store.revoke_key(id).await?)
+pub async fn revoke_key(store: &Store, actor: &Actor, id: i64) -> Result<String, OpsError> {
+    let patch = KeyPatch {
+        is_active: Some(false),
+        ..KeyPatch::default()
+    };
+    change_key(store, actor, "key.revoke", id, &patch).await
 }
 
 /// Returns the key's hash, to drop from caches.
-pub async fn update_key(store: &Store, id: i64, patch: &KeyPatch) -> Result<String, OpsError> {
+pub async fn update_key(
+    store: &Store,
+    actor: &Actor,
+    id: i64,
+    patch: &KeyPatch,
+) -> Result<String, OpsError> {
     if let Some(p) = &patch.permissions {
         check_permissions(p)?;
     }
@@ -429,7 +499,27 @@ pub async fn update_key(store: &Store, id: i64, patch: &KeyPatch) -> Result<Stri
     if let Some(Some(t)) = patch.expires_at.as_mut() {
         *t = clamp_to_rfc3339(*t);
     }
-    Ok(store.update_key(id, &patch).await?)
+    change_key(store, actor, "key.update", id, &patch).await
+}
+
+async fn change_key(
+    store: &Store,
+    actor: &Actor,
+    action: &'static str,
+    id: i64,
+    patch: &KeyPatch,
+) -> Result<String, OpsError> {
+    let mut tx = store.begin().await?;
+    let before = tx
+        .key_snapshot(id)
+        .await?
+        .ok_or_else(|| OpsError::NotFound(format!("key {id}")))?;
+    let hash = tx.update_key(id, patch).await?;
+    let after = tx.key_snapshot(id).await?;
+    tx.audit(actor, action, &Target::key(id), Some(before), after)
+        .await?;
+    tx.commit().await?;
+    Ok(hash)
 }
 
 // ---------------------------------------------------------------- accounts
@@ -638,11 +728,13 @@ pub fn check_account(a: &NewAccountInput) -> Result<(), OpsError> {
 pub async fn add_account(
     store: &Store,
     sealing: &Keyring,
+    actor: &Actor,
     a: &NewAccountInput,
 ) -> Result<i64, OpsError> {
     let (kind, name, email, creds) = check_new_account(a)?;
     let creds = seal(sealing, creds)?;
-    Ok(store
+    let mut tx = store.begin().await?;
+    let id = tx
         .create_account(&NewAccount {
             name,
             kind,
@@ -658,7 +750,12 @@ pub async fn add_account(
                 max_concurrent: a.max_concurrent,
             },
         })
-        .await?)
+        .await?;
+    let after = tx.account_snapshot(id).await?;
+    tx.audit(actor, "account.create", &Target::account(id), None, after)
+        .await?;
+    tx.commit().await?;
+    Ok(id)
 }
 
 pub async fn list_accounts(store: &Store) -> Result<Vec<AccountRow>, OpsError> {
@@ -698,6 +795,7 @@ impl AccountUpdate {
 pub async fn update_account(
     store: &Store,
     sealing: &Keyring,
+    actor: &Actor,
     id: i64,
     u: &AccountUpdate,
 ) -> Result<(), OpsError> {
@@ -721,11 +819,54 @@ pub async fn update_account(
         base_url: u.base_url.clone(),
         limits: u.limits(),
     };
-    Ok(store.update_account(id, &patch).await?)
+    let mut tx = store.begin().await?;
+    let before = tx
+        .account_snapshot(id)
+        .await?
+        .ok_or_else(|| OpsError::NotFound(format!("account {id}")))?;
+    tx.update_account(id, &patch).await?;
+    let mut after = tx.account_snapshot(id).await?;
+    if let Some(credentials) = after
+        .as_mut()
+        .and_then(|a| a.get_mut("credentials"))
+        .and_then(|c| c.as_object_mut())
+        .filter(|_| patch.credentials.is_some())
+    {
+        // Both sides say "[sealed]": say that the credential was replaced, not what it is.
+        credentials.insert("api_key".into(), REPLACED.into());
+    }
+    tx.audit(
+        actor,
+        "account.update",
+        &Target::account(id),
+        Some(before),
+        after,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
 }
 
-pub async fn delete_account(store: &Store, id: i64) -> Result<(), OpsError> {
-    Ok(store.delete_account(id).await?)
+/// An account's credential in the `after` of an update that replaced it.
+pub const REPLACED: &str = "[sealed, replaced]";
+
+pub async fn delete_account(store: &Store, actor: &Actor, id: i64) -> Result<(), OpsError> {
+    let mut tx = store.begin().await?;
+    let before = tx
+        .account_snapshot(id)
+        .await?
+        .ok_or_else(|| OpsError::NotFound(format!("account {id}")))?;
+    tx.delete_account(id).await?;
+    tx.audit(
+        actor,
+        "account.delete",
+        &Target::account(id),
+        Some(before),
+        None,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------- usage
@@ -763,6 +904,460 @@ pub async fn usage(
         by,
         groups,
     })
+}
+
+// ---------------------------------------------------------------- credits and budgets
+
+/// Largest amount of credit granted at once, and largest budget limit: far above any real one,
+/// far below where exact arithmetic could overflow.
+const MAX_AMOUNT: i64 = 1_000_000_000;
+
+/// An exact, non-negative amount with at most 10 decimal places (`positive`: above 0), at most
+/// [`MAX_AMOUNT`], written plainly: digits, optionally `.` and digits; no sign, exponent,
+/// spaces, `_` or leading zeros (`0.5`, not `00.5` or `.5`). openapi.json's `pattern`s for
+/// `amount` and `limit` say the same.
+pub fn parse_amount(field: &'static str, s: &str, positive: bool) -> Result<Decimal, OpsError> {
+    let (int, frac) = match s.split_once('.') {
+        Some((i, f)) => (i, Some(f)),
+        None => (s, None),
+    };
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    if !digits(int) || frac.is_some_and(|f| !digits(f)) || (int.len() > 1 && int.starts_with('0')) {
+        return Err(invalid(
+            field,
+            format!("{s:?} is not a plain decimal number (write e.g. \"10\" or \"0.25\")"),
+        ));
+    }
+    if frac.is_some_and(|f| f.len() > crate::cost::COST_DP as usize) {
+        return Err(invalid(
+            field,
+            format!("{s:?} has more than 10 decimal places"),
+        ));
+    }
+    let above = || invalid(field, format!("{s:?} is above {MAX_AMOUNT}"));
+    if int.len() > 10 {
+        return Err(above());
+    }
+    let d = Decimal::from_str_exact(s)
+        .map_err(|_| invalid(field, format!("{s:?} is not a decimal number")))?;
+    if positive && d.is_zero() {
+        return Err(invalid(field, format!("{s:?} must be positive")));
+    }
+    if d > Decimal::from(MAX_AMOUNT) {
+        return Err(above());
+    }
+    Ok(d.normalize())
+}
+
+/// A user named by the CLI (email) or the admin API (`/admin/users/{id}/…`).
+#[derive(Debug, Clone, Copy)]
+pub enum UserRef<'a> {
+    Email(&'a str),
+    Id(i64),
+}
+
+impl UserRef<'_> {
+    /// The user's id; `NotFound` when there is no such user.
+    async fn resolve(self, store: &Store) -> Result<i64, OpsError> {
+        Ok(match self {
+            UserRef::Email(email) => store.user_id_by_email(email).await?,
+            UserRef::Id(id) => store.user_id_exists(id).await?,
+        })
+    }
+}
+
+/// A credit grant as asked for (the CLI's flags, the body of `POST /admin/users/{id}/credits`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantInput {
+    /// USD, a decimal string.
+    pub amount: String,
+    /// Lifetime such as 30d; none = never expires.
+    #[serde(default)]
+    pub expires_in: Option<String>,
+    /// `refund` instead of a `grant` in the ledger.
+    #[serde(default)]
+    pub refund: bool,
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+/// How long an idempotency record is kept (Stripe keeps them 24 hours).
+pub const IDEMPOTENCY_TTL: chrono::Duration = chrono::Duration::hours(24);
+
+/// Grants credit to a user. With an idempotency key, the same key and the same request answer
+/// the first grant again (nothing granted twice); the same key with another request is refused.
+pub async fn grant_credits(
+    store: &Store,
+    actor: &Actor,
+    user: UserRef<'_>,
+    g: &GrantInput,
+    idempotency_key: Option<&str>,
+) -> Result<GrantOutcome, OpsError> {
+    let amount = parse_amount("amount", &g.amount, true)?;
+    let now = Utc::now();
+    let expires_at = match &g.expires_in {
+        Some(e) => Some(clamp_to_rfc3339(
+            now + chrono::Duration::from_std(
+                parse_duration(e).map_err(|m| invalid("expires_in", m))?,
+            )
+            .map_err(|_| invalid("expires_in", "too long"))?,
+        )),
+        None => None,
+    };
+    if let Some(k) = idempotency_key {
+        if k.is_empty() || k.len() > 255 {
+            return Err(invalid("idempotency_key", "must be 1 to 255 characters"));
+        }
+        if let Some(c) = k.chars().find(|c| c.is_control()) {
+            return Err(invalid(
+                "idempotency_key",
+                format!("must not contain control characters (found {c:?})"),
+            ));
+        }
+    }
+    if let Some(n) = &g.note {
+        if n.chars().count() > 1000 {
+            return Err(invalid("note", "at most 1000 characters"));
+        }
+        if let Some(c) = n.chars().find(|c| c.is_control()) {
+            return Err(invalid(
+                "note",
+                format!("must not contain control characters (found {c:?})"),
+            ));
+        }
+    }
+    let user_id = user.resolve(store).await?;
+    // What the key stands for: the request as asked (the user by id, however it was named, so
+    // the CLI and the admin API share one key space; a lifetime, not the time it ends).
+    let digest = {
+        use sha2::{Digest, Sha256};
+        let canonical = serde_json::json!({
+            "user_id": user_id, "amount": amount.to_string(), "expires_in": g.expires_in,
+            "refund": g.refund, "note": g.note,
+        });
+        hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+    };
+    let grant = Grant {
+        user_id,
+        amount,
+        expires_at,
+        action: if g.refund { "refund" } else { "grant" },
+        note: g.note.as_deref(),
+        idempotency: idempotency_key.map(|k| (k, digest.as_str())),
+        idempotency_ttl: IDEMPOTENCY_TTL,
+    };
+    Ok(store.grant_credits(actor, &grant, now).await?)
+}
+
+pub async fn credit_balance(store: &Store, user: UserRef<'_>) -> Result<CreditBalance, OpsError> {
+    let user_id = user.resolve(store).await?;
+    Ok(store.credit_balance(user_id, Utc::now()).await?)
+}
+
+/// Ledger rows [`credit_history`] returns when no limit is given (admin API), and the most.
+pub const HISTORY_LIMIT: (i64, i64) = (100, 100_000);
+
+pub async fn credit_history(
+    store: &Store,
+    user: UserRef<'_>,
+    limit: i64,
+) -> Result<Vec<LedgerEntry>, OpsError> {
+    if !(1..=HISTORY_LIMIT.1).contains(&limit) {
+        return Err(invalid("limit", "must be between 1 and 100000"));
+    }
+    let user_id = user.resolve(store).await?;
+    Ok(store.credit_history(user_id, limit).await?)
+}
+
+/// A budget as asked for (the CLI's flags, the body of `POST /admin/budgets`): exactly one owner.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetInput {
+    /// The key's id.
+    #[serde(default, deserialize_with = "opt_count")]
+    pub key: Option<i64>,
+    /// The user's email.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The plan's name (the budget applies to each subscriber on their own).
+    #[serde(default)]
+    pub plan: Option<String>,
+    /// `cost`, `tokens` or `requests`.
+    pub metric: String,
+    /// A decimal (cost, USD) or a count (tokens, requests); 0 refuses everything.
+    pub limit: String,
+    /// `day`, `week`, `month` or `total`.
+    pub period: String,
+}
+
+pub fn parse_metric(s: &str) -> Result<Metric, OpsError> {
+    Metric::ALL
+        .into_iter()
+        .find(|m| m.as_str() == s)
+        .ok_or_else(|| invalid("metric", format!("{s:?}: want cost, tokens or requests")))
+}
+
+pub fn parse_period(s: &str) -> Result<Period, OpsError> {
+    Period::ALL
+        .into_iter()
+        .find(|p| p.as_str() == s)
+        .ok_or_else(|| invalid("period", format!("{s:?}: want day, week, month or total")))
+}
+
+/// A budget's metric, limit and period, checked: a count for tokens and requests.
+fn budget_parts(metric: &str, limit: &str, period: &str) -> Result<PlanBudget, OpsError> {
+    let metric = parse_metric(metric)?;
+    let period = parse_period(period)?;
+    let limit = parse_amount("limit", limit, false)?;
+    if metric != Metric::Cost && !limit.fract().is_zero() {
+        return Err(invalid(
+            "limit",
+            format!("{} are counted whole", metric.as_str()),
+        ));
+    }
+    Ok(PlanBudget {
+        metric,
+        period,
+        limit,
+    })
+}
+
+/// Sets (or replaces) a budget; running gateways apply it within a second.
+pub async fn set_budget(
+    store: &Store,
+    actor: &Actor,
+    b: &BudgetInput,
+) -> Result<BudgetRow, OpsError> {
+    let PlanBudget {
+        metric,
+        period,
+        limit,
+    } = budget_parts(&b.metric, &b.limit, &b.period)?;
+    let owner = match (&b.key, &b.user, &b.plan) {
+        (Some(k), None, None) => BudgetOwner::Key(*k),
+        (None, Some(email), None) => BudgetOwner::User(store.user_id_by_email(email).await?),
+        (None, None, Some(name)) => BudgetOwner::Plan(store.plan_id_by_name(name).await?),
+        _ => return Err(invalid("owner", "give exactly one of key, user or plan")),
+    };
+    Ok(store
+        .set_budget(actor, owner, metric, period, limit, Utc::now())
+        .await?)
+}
+
+/// One user's spend against their budgets and credit, for `tollgate usage --by user`.
+#[derive(Debug, Clone, Serialize)]
+pub struct UserSpend {
+    pub user: String,
+    /// `None`: never granted credits.
+    pub credit_balance: Option<Decimal>,
+    /// The budgets on the user and on each of their keys, with the current period's use.
+    pub budgets: Vec<BudgetListing>,
+}
+
+/// Budgets and credit of the users in `report` (grouped by user: `"ID EMAIL"`).
+pub async fn user_spend(store: &Store, report: &UsageReport) -> Result<Vec<UserSpend>, OpsError> {
+    let budgets = store.list_budgets(None, Utc::now()).await?;
+    let keys = store.list_keys().await?;
+    let mut out = Vec::new();
+    for g in &report.groups {
+        let Some((id, email)) = g.group.split_once(' ') else {
+            continue;
+        };
+        let Ok(user_id) = id.parse::<i64>() else {
+            continue;
+        };
+        let credit = store.credit_balance(user_id, Utc::now()).await?;
+        let theirs = |b: &BudgetListing| {
+            b.budget.user_id == Some(user_id)
+                || b.budget.api_key_id.is_some_and(|k| {
+                    keys.iter()
+                        .any(|key| key.id == k && key.user_email == email)
+                })
+        };
+        out.push(UserSpend {
+            user: email.to_string(),
+            credit_balance: credit.prepaid.then_some(credit.balance.normalize()),
+            budgets: budgets.iter().filter(|b| theirs(b)).cloned().collect(),
+        });
+    }
+    Ok(out)
+}
+
+pub async fn list_budgets(store: &Store) -> Result<Vec<BudgetListing>, OpsError> {
+    Ok(store.list_budgets(None, Utc::now()).await?)
+}
+
+pub async fn delete_budget(store: &Store, actor: &Actor, id: i64) -> Result<(), OpsError> {
+    Ok(store.delete_budget(actor, id, Utc::now()).await?)
+}
+
+// ---------------------------------------------------------------- plans and subscriptions
+
+/// A budget of a plan as asked for.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PlanBudgetInput {
+    /// `cost`, `tokens` or `requests`.
+    pub metric: String,
+    /// A decimal (cost, USD) or a count (tokens, requests).
+    pub limit: String,
+    /// `day`, `week`, `month` (from each subscriber's period start) or `total`.
+    pub period: String,
+}
+
+/// A plan as asked for: rate limits per subscriber (`None` = none, 0 = none) and budgets.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct PlanInput {
+    pub name: String,
+    #[serde(default)]
+    pub rpm: Option<i64>,
+    #[serde(default)]
+    pub rpd: Option<i64>,
+    #[serde(default)]
+    pub tpm: Option<i64>,
+    #[serde(default)]
+    pub max_concurrent: Option<i64>,
+    #[serde(default)]
+    pub budgets: Vec<PlanBudgetInput>,
+}
+
+/// Makes a plan with its rate limits and budgets (one per metric and period).
+pub async fn create_plan(store: &Store, actor: &Actor, p: &PlanInput) -> Result<PlanRow, OpsError> {
+    let name = label("name", &p.name)?;
+    let limits = LimitColumns {
+        rpm: p.rpm,
+        rpd: p.rpd,
+        tpm: p.tpm,
+        max_concurrent: p.max_concurrent,
+    };
+    check_limit_columns(&limits)?;
+    let mut budgets: Vec<PlanBudget> = Vec::new();
+    for b in &p.budgets {
+        let b = budget_parts(&b.metric, &b.limit, &b.period).map_err(|e| match e {
+            OpsError::Invalid { message, .. } => invalid("budget", message),
+            e => e,
+        })?;
+        if budgets
+            .iter()
+            .any(|o| o.metric == b.metric && o.period == b.period)
+        {
+            return Err(invalid(
+                "budget",
+                format!(
+                    "two budgets of {} per {}",
+                    b.metric.as_str(),
+                    b.period.as_str()
+                ),
+            ));
+        }
+        budgets.push(b);
+    }
+    Ok(store
+        .create_plan(actor, name, &limits, &budgets, Utc::now())
+        .await?)
+}
+
+/// Changes a plan's rate limits (`Some(None)` removes one); running gateways apply them to every
+/// subscriber within a second. Its budgets change with [`set_budget`] (`plan`).
+pub async fn update_plan(
+    store: &Store,
+    actor: &Actor,
+    name: &str,
+    patch: &LimitPatch,
+) -> Result<PlanRow, OpsError> {
+    if patch.is_empty() {
+        return Err(invalid("limits", "nothing to change"));
+    }
+    check_limit_patch(patch)?;
+    let id = store.plan_id_by_name(name).await?;
+    Ok(store.update_plan(actor, id, patch, Utc::now()).await?)
+}
+
+pub async fn list_plans(store: &Store) -> Result<Vec<PlanRow>, OpsError> {
+    Ok(store.list_plans().await?)
+}
+
+/// A subscription as asked for.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SubscribeInput {
+    /// The user's email.
+    pub user: String,
+    /// The plan's name.
+    pub plan: String,
+    /// Where the plan's budget periods are anchored (RFC 3339 or YYYY-MM-DD; default now).
+    #[serde(default)]
+    pub period_start: Option<String>,
+    /// The current period's end as the billing system has it (recorded; after `period_start`).
+    #[serde(default)]
+    pub period_end: Option<String>,
+}
+
+/// Subscribes a user to a plan, replacing any subscription they have; running gateways apply
+/// the plan to the user's keys within a second.
+pub async fn subscribe(
+    store: &Store,
+    actor: &Actor,
+    s: &SubscribeInput,
+) -> Result<SubscriptionRow, OpsError> {
+    let now = Utc::now();
+    let start = match &s.period_start {
+        Some(t) => parse_time(t, now).map_err(|m| invalid("period_start", m))?,
+        None => now,
+    };
+    let end = s
+        .period_end
+        .as_deref()
+        .map(|t| parse_time(t, now).map_err(|m| invalid("period_end", m)))
+        .transpose()?;
+    if end.is_some_and(|e| e <= start) {
+        return Err(invalid("period_end", "must be after the period start"));
+    }
+    let user_id = store.user_id_by_email(&s.user).await?;
+    let plan_id = store.plan_id_by_name(&s.plan).await?;
+    Ok(store
+        .subscribe(actor, user_id, plan_id, start, end, now)
+        .await?)
+}
+
+/// Ends a user's subscription: the plan's limits and budgets stop applying to them.
+pub async fn unsubscribe(
+    store: &Store,
+    actor: &Actor,
+    email: &str,
+) -> Result<SubscriptionRow, OpsError> {
+    let user_id = store.user_id_by_email(email).await?;
+    Ok(store.unsubscribe(actor, user_id, Utc::now()).await?)
+}
+
+// ---------------------------------------------------------------- the audit log
+
+/// Rows [`audit_log`] returns when no limit is given, and the most it returns.
+pub const AUDIT_LIMIT: (i64, i64) = (100, 10_000);
+
+/// The newest `admin_log` rows (newest first), optionally only those of one target type and/or
+/// target id.
+pub async fn audit_log(
+    store: &Store,
+    limit: Option<i64>,
+    target_type: Option<&str>,
+    target_id: Option<&str>,
+) -> Result<Vec<AuditRow>, OpsError> {
+    let limit = limit.unwrap_or(AUDIT_LIMIT.0);
+    if !(1..=AUDIT_LIMIT.1).contains(&limit) {
+        return Err(invalid(
+            "limit",
+            format!("{limit} is not between 1 and {}", AUDIT_LIMIT.1),
+        ));
+    }
+    let target_type = target_type.map(|t| label("target_type", t)).transpose()?;
+    let target_id = target_id.map(|t| label("target_id", t)).transpose()?;
+    Ok(store
+        .audit_log(&AuditQuery {
+            limit,
+            target_type: target_type.map(str::to_string),
+            target_id: target_id.map(str::to_string),
+        })
+        .await?)
 }
 
 #[cfg(test)]

@@ -6,7 +6,8 @@ use std::collections::HashMap;
 
 use rust_decimal::Decimal;
 
-use crate::cost::{cost, Price, PriceTable};
+use crate::budget::UnitPrice;
+use crate::cost::{cost, lookup_model, Price, PriceTable};
 use crate::metrics::{CostCounter, CostCounters};
 use crate::upstream::AccountType;
 use crate::usage::Usage;
@@ -17,7 +18,13 @@ pub struct Pricing {
     models: PriceTable,
     /// Per table key, one counter per account type (indexed by [`AccountType::index`]).
     model_counters: HashMap<String, [CostCounter; 3]>,
-    defaults: HashMap<AccountType, (Price, CostCounter)>,
+    /// Per table key, the price in cost units per token (`budget::UnitPrice`), for reserving a
+    /// request's worst case (`spend.rs`) with integers only.
+    model_units: HashMap<String, UnitPrice>,
+    defaults: HashMap<AccountType, (Price, CostCounter, UnitPrice)>,
+    /// The dearest input and output rates of the table: a request whose model cannot be read
+    /// is reserved at them.
+    dearest: Option<UnitPrice>,
 }
 
 /// The priced outcome of one request.
@@ -42,18 +49,56 @@ impl Pricing {
                 (key.to_string(), per_type)
             })
             .collect();
-        let defaults = defaults
+        let model_units: HashMap<String, UnitPrice> = models
+            .keys()
+            .filter_map(|key| {
+                models
+                    .lookup(key)
+                    .map(|(_, p)| (key.to_string(), UnitPrice::of(p)))
+            })
+            .collect();
+        let defaults: HashMap<AccountType, (Price, CostCounter, UnitPrice)> = defaults
             .into_iter()
             .map(|(kind, price)| {
                 let label = format!("default:{}", kind.as_str());
-                (kind, (price, counters.get(kind, &label)))
+                let units = UnitPrice::of(&price);
+                (kind, (price, counters.get(kind, &label), units))
             })
             .collect();
+        let rates = model_units
+            .values()
+            .chain(defaults.values().map(|(_, _, u)| u));
+        let dearest = rates.fold(None, |d: Option<UnitPrice>, u| {
+            Some(match d {
+                None => *u,
+                Some(d) => UnitPrice {
+                    input: d.input.max(u.input),
+                    output: d.output.max(u.output),
+                },
+            })
+        });
         Pricing {
             models,
             model_counters,
+            model_units,
             defaults,
+            dearest,
         }
+    }
+
+    /// The price a request for `model` on an account of `kind` is charged at, as [`Pricing::price`]
+    /// finds it, in cost units per token; for reserving its worst case before it is sent
+    /// (`spend.rs`).
+    pub fn unit_price_of(&self, kind: AccountType, model: Option<&str>) -> Option<UnitPrice> {
+        if let Some((_, u)) = model.and_then(|m| lookup_model(&self.model_units, m)) {
+            return Some(*u);
+        }
+        self.defaults.get(&kind).map(|(_, _, u)| *u)
+    }
+
+    /// The dearest rates of the table (`None`: no prices at all).
+    pub fn dearest(&self) -> Option<UnitPrice> {
+        self.dearest
     }
 
     /// Cost of `usage` for `model` on an account of `kind`. Unknown model and no default for the
@@ -66,7 +111,7 @@ impl Pricing {
             };
         }
         match self.defaults.get(&kind) {
-            Some((p, counter)) => Priced {
+            Some((p, counter, _)) => Priced {
                 cost: cost(usage, p),
                 counter: Some(counter),
             },

@@ -5,8 +5,8 @@
 //! |------------------|------------------------------------------------------------|
 //! | (accept)         | [`conn`]: connection cap; header deadline and byte budget while it arrives |
 //! | `new_ctx`        | [`RequestCtx::new`]: request id, start time, in-flight guard |
-//! | `request_filter` | [`header`] (limits, bare line feeds, framing) → [`path`](crate::path) (normalise) → [`auth`](crate::auth) under [`address_limits`](crate::address_limits) (failed authentications per client address; refusal = 429 before the lookup) → path permission → [`route`](crate::route) → [`body`](crate::body) → model permission → [`request`](crate::request) (`include_usage`) → [`limits`] (rate limits; refusal = 429) → [`forward`](crate::forward) (account selection skips accounts at their limits, `account_limits`; all at them = 429) |
-//! | `logging`        | [`conn::request_done`]; [`RequestCtx::finished`] → [`meter::record`] → [`limits::Admitted::settle`] and [`account_limits::Hold::settle`](crate::account_limits::Hold::settle) → [`UsageSink::submit`]; metrics; one structured log line |
+//! | `request_filter` | [`header`] (limits, bare line feeds, framing) → [`path`](crate::path) (normalise) → [`auth`](crate::auth) under [`address_limits`](crate::address_limits) (failed authentications per client address; refusal = 429 before the lookup) → path permission → [`route`](crate::route) → [`body`](crate::body) → model permission → [`request`](crate::request) (`include_usage`) → [`limits`] (rate limits; refusal = 429) → [`spend`](crate::spend) (budgets and credits reserved; refusal = 429 `insufficient_quota` / `budget_exceeded`) → [`forward`](crate::forward) (account selection skips accounts at their limits, `account_limits`; all at them = 429) |
+//! | `logging`        | [`conn::request_done`]; [`RequestCtx::finished`] → [`meter::record`] → [`spend::SpendHold::settle`](crate::spend::SpendHold::settle) → [`limits::Admitted::settle`] and [`account_limits::Hold::settle`](crate::account_limits::Hold::settle) → [`UsageSink::submit`]; metrics; one structured log line |
 //!
 //! `request_filter` always answers the request itself (it returns `true`), so pingora's own
 //! upstream phases never run; see `forward.rs` for why.
@@ -36,6 +36,7 @@ use crate::path;
 use crate::pricing::Pricing;
 use crate::request;
 use crate::route::Router;
+use crate::spend::Spend;
 use crate::sse::UsageChunkStripper;
 use crate::upstream::{AccountSet, AccountType};
 use crate::writer::UsageSink;
@@ -73,6 +74,8 @@ pub struct Gateway {
     pub limiter: Limiter,
     /// Failed authentications per client address (`[auth] failures_per_minute_per_address`).
     pub address_limits: AddressLimiter,
+    /// Budgets and credits: reservations from this instance's leases (`[spend]`).
+    pub spend: Arc<Spend>,
 }
 
 #[async_trait]
@@ -147,7 +150,10 @@ impl ProxyHttp for Gateway {
         if let Some(done) = ctx.finished(req.method.as_str(), req.uri.path()) {
             let kind = done.kind;
             let pricing = self.pricing.load();
-            let (record, priced) = meter::record(done, &pricing, chrono::Utc::now());
+            let (mut record, priced) = meter::record(done, &pricing, chrono::Utc::now());
+            if let Some(hold) = ctx.spend.as_mut() {
+                hold.settle(&mut record);
+            }
             if let Some(held) = ctx.limits.as_mut() {
                 let used = record
                     .prompt_tokens
@@ -291,6 +297,27 @@ impl Gateway {
                 return Err((GatewayError::RateLimited(r), false));
             }
             Err(Denied::Unavailable) => return Err((GatewayError::LimitsUnavailable, false)),
+        }
+
+        if let Some(policy) = key.spend.as_deref() {
+            let pricing = self.pricing.load();
+            let admitted = self
+                .spend
+                .admit_request(policy, &ctx.body, ctx.kind, &pricing)
+                .await;
+            match admitted {
+                Ok(hold) => ctx.spend = Some(hold),
+                Err(refusal) => {
+                    let retry_after = refusal.retry_after(self.spend.now());
+                    return Err((
+                        GatewayError::Spend {
+                            refusal,
+                            retry_after,
+                        },
+                        false,
+                    ));
+                }
+            }
         }
 
         let mut accounts = self.accounts.load_full();

@@ -37,6 +37,95 @@ pub struct UsageRecord {
     /// The provider's error `type`/`code` when a passed-through upstream error sent one.
     #[serde(default)]
     pub upstream_error: Option<String>,
+    /// The leases this request's reservations came from (`spend.rs`), settled by the usage
+    /// writer in the same transaction as the row. Empty for keys without budgets or credits.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub charges: Vec<Charge>,
+}
+
+/// What a budget counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Metric {
+    /// The row's `cost` (USD, exact).
+    Cost,
+    /// The row's `tokens_used` (input + output).
+    Tokens,
+    /// One per billable row.
+    Requests,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 3] = [Metric::Cost, Metric::Tokens, Metric::Requests];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Metric::Cost => "cost",
+            Metric::Tokens => "tokens",
+            Metric::Requests => "requests",
+        }
+    }
+}
+
+/// The pool a reservation's lease was taken from: one period of one budget for one subject, or a
+/// user's credit balance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "pool", rename_all = "lowercase")]
+pub enum Pool {
+    /// `budget_usage (budget_id, subject_id, period_start)`: the subject is the key for a key's
+    /// budget, the user for a user's or a plan's.
+    Budget {
+        budget_id: i64,
+        subject_id: i64,
+        metric: Metric,
+        period_start: DateTime<Utc>,
+    },
+    /// `credit_balances (user_id)`, counted in cost.
+    Credit { user_id: i64 },
+}
+
+impl Pool {
+    pub fn metric(&self) -> Metric {
+        match self {
+            Pool::Budget { metric, .. } => *metric,
+            Pool::Credit { .. } => Metric::Cost,
+        }
+    }
+}
+
+/// A budget's period: calendar (UTC) or the whole life of the budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Period {
+    Day,
+    Week,
+    Month,
+    Total,
+}
+
+impl Period {
+    pub const ALL: [Period; 4] = [Period::Day, Period::Week, Period::Month, Period::Total];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Day => "day",
+            Period::Week => "week",
+            Period::Month => "month",
+            Period::Total => "total",
+        }
+    }
+}
+
+/// The lease one reservation of a request was served from. What the row is charged, and to
+/// which budgets and balance, the usage writer decides from the database when it writes the row
+/// (so a budget made a moment ago still counts it); this says which lease the charge comes out
+/// of, so the instance's lease shrinks by it in the same transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Charge {
+    #[serde(flatten)]
+    pub pool: Pool,
+    /// `spend_leases.id`.
+    pub lease_id: i64,
 }
 
 /// Where a row's token counts come from (`usage_records.usage_source`).
@@ -69,4 +158,27 @@ impl UsageRecord {
     pub fn is_success(&self) -> bool {
         (200..400).contains(&self.status_code) && self.error_message.is_none()
     }
+
+    /// Whether budgets and credits are charged for this row: a response was served (2xx) or the
+    /// upstream reported tokens (a stream cut or abandoned after it started). Refusals, upstream
+    /// errors and failed attempts cost nothing. `usage --check` applies the same rule in SQL
+    /// ([`BILLABLE_SQL`]).
+    pub fn is_billable(&self) -> bool {
+        (200..300).contains(&self.status_code) || self.tokens_used > 0
+    }
+
+    /// What this row charges a budget of `metric` (0 when not billable).
+    pub fn amount(&self, metric: Metric) -> Decimal {
+        if !self.is_billable() {
+            return Decimal::ZERO;
+        }
+        match metric {
+            Metric::Cost => self.cost,
+            Metric::Tokens => Decimal::from(self.tokens_used),
+            Metric::Requests => Decimal::ONE,
+        }
+    }
 }
+
+/// [`UsageRecord::is_billable`] as an SQL condition on `usage_records` (alias `r`).
+pub const BILLABLE_SQL: &str = "(r.status_code BETWEEN 200 AND 299 OR r.tokens_used > 0)";

@@ -1,7 +1,9 @@
 //! Config reload (SIGHUP, `POST /admin/reload`, `tollgate reload`): re-reads the file, and a valid
 //! one replaces routes, prices and the accounts from the file at once (requests in flight finish
 //! on what they started with); an invalid one changes nothing. Settings that only take effect at
-//! a restart are named in a warning. Also the `sighup` task.
+//! a restart are named in a warning. Also the `sighup` task. A reload that took is audited
+//! (`config.reload`, with what the file declared before and after) in the transaction that saves
+//! the file's accounts; a refused one writes nothing.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use crate::metrics::Metrics;
 use crate::pricing::Pricing;
 use crate::route::Router;
 use crate::settings::Settings;
-use crate::store::Store;
+use crate::store::{Actor, Store, Target};
 
 /// What a reload swaps, and what it compares against.
 pub struct Reloader {
@@ -29,6 +31,18 @@ pub struct Reloader {
     pub metrics: Arc<Metrics>,
     /// Wakes the account refresher.
     pub accounts_changed: Arc<Notify>,
+    /// [`summary`] of the settings in effect: the `before` of the next reload's audit row.
+    pub applied: ArcSwap<serde_json::Value>,
+}
+
+/// What a config declares that a reload applies, for the audit log: the names of its accounts
+/// (never their credentials), its route prefixes and the models it prices.
+pub fn summary(s: &Settings) -> serde_json::Value {
+    serde_json::json!({
+        "upstream_accounts": s.upstream_accounts.iter().map(|a| a.name.get_ref().clone()).collect::<Vec<_>>(),
+        "routes": s.routes.iter().map(|(prefix, kind)| format!("{prefix} -> {}", kind.as_str())).collect::<Vec<_>>(),
+        "prices": s.prices.keys().map(str::to_string).collect::<std::collections::BTreeSet<_>>(),
+    })
 }
 
 /// The routes of the settings.
@@ -59,7 +73,7 @@ pub fn needs_restart(running: &Settings, new: &Settings) -> Vec<&'static str> {
 }
 
 impl Reloader {
-    async fn reload(&self) -> Result<(), String> {
+    async fn reload(&self, actor: &Actor) -> Result<(), String> {
         let new = Settings::load(&self.path, true).map_err(|e| e.to_string())?;
         for section in needs_restart(&self.running, &new) {
             tracing::warn!(
@@ -67,9 +81,20 @@ impl Reloader {
                 "changed in the config file; takes effect at the next restart"
             );
         }
-        accounts::upsert_from_config(&self.store, &self.loader.keys, &new.upstream_accounts)
-            .await
-            .map_err(|e| format!("{e:#}"))?;
+        let after = summary(&new);
+        let saved = async {
+            let mut tx = self.store.begin().await?;
+            accounts::upsert_from_config(&mut tx, &self.loader.keys, &new.upstream_accounts)
+                .await?;
+            let target = Target::new("config", self.path.display());
+            let before = Some((*self.applied.load_full()).clone());
+            tx.audit(actor, "config.reload", &target, before, Some(after.clone()))
+                .await?;
+            tx.commit().await?;
+            anyhow::Ok(())
+        };
+        saved.await.map_err(|e| format!("{e:#}"))?;
+        self.applied.store(Arc::new(after));
         self.router.store(Arc::new(router_of(&new)));
         self.pricing
             .store(Arc::new(pricing_of(&new, &self.metrics)));
@@ -79,10 +104,10 @@ impl Reloader {
 
     /// The reload as the admin API and the `sighup` task call it: logged and counted.
     pub fn into_fn(self: Arc<Self>) -> ReloadFn {
-        Arc::new(move || {
+        Arc::new(move |actor| {
             let me = self.clone();
             Box::pin(async move {
-                let result = me.reload().await;
+                let result = me.reload(&actor).await;
                 match &result {
                     Ok(()) => {
                         me.accounts_changed.notify_one();
@@ -107,7 +132,7 @@ pub async fn on_sighup(reload: ReloadFn, mut stop: watch::Receiver<bool>) {
     };
     loop {
         tokio::select! {
-            _ = hup.recv() => { let _ = reload().await; }
+            _ = hup.recv() => { let _ = reload(Actor::system("sighup")).await; }
             _ = stop.changed() => return,
         }
     }

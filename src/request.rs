@@ -147,6 +147,119 @@ fn parse_u64(v: &[u8]) -> Option<u64> {
     Some(n)
 }
 
+/// Image and audio parts in a request body, counted generously (an over-count only makes a
+/// reservation larger): every JSON string that starts with `image`, `input_image`, `audio`,
+/// `input_audio` or `file` (a key such as `"image_url"` or a `"type": "image"` value; PDFs are
+/// sized per page by their providers). Four vectorised searches with searchers built once.
+pub fn media_parts(body: &[u8]) -> u64 {
+    static FINDERS: LazyLock<[memmem::Finder<'static>; 4]> = LazyLock::new(|| {
+        [
+            memmem::Finder::new(b"\"image"),
+            memmem::Finder::new(b"\"audio"),
+            memmem::Finder::new(b"\"file"),
+            memmem::Finder::new(b"\"input_"),
+        ]
+    });
+    let [image, audio, file, input] = &*FINDERS;
+    let count = |f: &memmem::Finder<'_>| f.find_iter(body).count() as u64;
+    let inputs = input
+        .find_iter(body)
+        .filter(|&i| {
+            let rest = &body[i + 7..];
+            rest.starts_with(b"image") || rest.starts_with(b"audio")
+        })
+        .count() as u64;
+    count(image) + count(audio) + count(file) + inputs
+}
+
+/// What the spend stage reads from a request body, in one walk of its top-level members with
+/// nothing allocated (unless the model is written with escapes): the `model`, the output cap (as
+/// [`max_tokens`] reads it) and the choices (`n`, at least 1). A repeated member: the last wins,
+/// as a JSON parser would have it. A body that is not one JSON object gives what was read before
+/// the fault (the model then `None`: the spend stage prices it at the dearest price).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpendFields<'a> {
+    pub model: Option<Cow<'a, str>>,
+    pub max_tokens: Option<u64>,
+    pub choices: u64,
+}
+
+pub fn spend_fields(body: &[u8]) -> SpendFields<'_> {
+    let mut out = SpendFields {
+        model: None,
+        max_tokens: None,
+        choices: 1,
+    };
+    let escaped = memchr::memchr(b'\\', body).is_some();
+    let mut i = skip_ws(body, 0);
+    if body.get(i) != Some(&b'{') {
+        return out;
+    }
+    i = skip_ws(body, i + 1);
+    let mut model = None;
+    while body.get(i) != Some(&b'}') {
+        let Some(key_end) = skip_string(body, i) else {
+            return out;
+        };
+        let member = Member {
+            key: (i, key_end),
+            value: (0, 0),
+        };
+        i = skip_ws(body, key_end);
+        if body.get(i) != Some(&b':') {
+            return out;
+        }
+        i = skip_ws(body, i + 1);
+        let Some(value_end) = skip_value(body, i) else {
+            return out;
+        };
+        let value = &body[i..value_end];
+        let is = |name: &str| escaped && member.key_is(body, name);
+        let number = || digits(value);
+        match &body[member.key.0..member.key.1] {
+            br#""model""# => model = Some(value),
+            br#""max_tokens""# | br#""max_completion_tokens""# | br#""max_output_tokens""# => {
+                out.max_tokens = number()
+            }
+            br#""n""# => out.choices = number().unwrap_or(1).max(1),
+            _ if is("model") => model = Some(value),
+            _ if is("max_tokens") || is("max_completion_tokens") || is("max_output_tokens") => {
+                out.max_tokens = number()
+            }
+            _ if is("n") => out.choices = number().unwrap_or(1).max(1),
+            _ => {}
+        }
+        i = skip_ws(body, value_end);
+        match body.get(i) {
+            Some(b',') => i = skip_ws(body, i + 1),
+            Some(b'}') => break,
+            _ => return out,
+        }
+    }
+    if body.get(skip_ws(body, i + 1)).is_some() {
+        return out; // trailing bytes: not one JSON object
+    }
+    out.model = model.and_then(|raw| match raw {
+        [b'"', inner @ .., b'"'] if !inner.contains(&b'\\') => {
+            std::str::from_utf8(inner).ok().map(Cow::Borrowed)
+        }
+        [b'"', ..] => serde_json::from_slice::<String>(raw).ok().map(Cow::Owned),
+        _ => None,
+    });
+    out
+}
+
+/// A JSON number that is a non-negative integer (`64`; not `6.4`, `-1`, `1e3` or `"64"`),
+/// read without a UTF-8 check or a string: it runs for every request with a budget.
+fn digits(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 {
+        return None;
+    }
+    v.iter().try_fold(0u64, |n, &c| {
+        c.is_ascii_digit().then(|| n * 10 + u64::from(c - b'0'))
+    })
+}
+
 /// Whether a JSON request body has a top-level `"stream": true`.
 pub fn wants_stream(body: &[u8]) -> bool {
     parse_stream_req(body).is_some_and(|r| r.stream == Some(true))
@@ -402,6 +515,85 @@ impl Seen {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spend_fields_read_like_a_parser() {
+        let check = |body: &str, want_model: Option<&str>, want_max: Option<u64>, n: u64| {
+            let f = spend_fields(body.as_bytes());
+            assert_eq!(
+                (f.model.as_deref(), f.max_tokens, f.choices),
+                (want_model, want_max, n),
+                "{body}"
+            );
+            // The same answers as the readers they stand for.
+            if f.model.is_some() {
+                assert_eq!(
+                    f.model.as_deref(),
+                    crate::request::model(body.as_bytes()).as_deref()
+                );
+                assert_eq!(f.max_tokens, crate::request::max_tokens(body.as_bytes()));
+            }
+        };
+        check(
+            r#"{"model":"gpt-4o-mini","max_tokens":64,"messages":[]}"#,
+            Some("gpt-4o-mini"),
+            Some(64),
+            1,
+        );
+        check(
+            r#"{"messages":[{"content":"\"model\": \"x\""}],"model":"a","model":"b"}"#,
+            Some("b"),
+            None,
+            1,
+        );
+        check(
+            r#"{"model":"caf\u00e9","max_completion_tokens":5,"n":3}"#,
+            Some("café"),
+            Some(5),
+            3,
+        );
+        check(r#"{"\u006dodel":"m","\u006e":2}"#, Some("m"), None, 2);
+        check(
+            r#"{"model":"m","max_output_tokens":7} trailing"#,
+            None,
+            Some(7),
+            1,
+        );
+        check(r#"{"model":7}"#, None, None, 1);
+        check("[]", None, None, 1);
+    }
+
+    #[test]
+    fn choices_and_media_parts() {
+        let check = |body: &str, n: u64, media: u64| {
+            assert_eq!(spend_fields(body.as_bytes()).choices, n, "{body}");
+            assert_eq!(media_parts(body.as_bytes()), media, "{body}");
+        };
+        check(r#"{"model":"m","messages":[]}"#, 1, 0);
+        check(r#"{"n":3,"messages":[]}"#, 3, 0);
+        check(r#"{"n":0}"#, 1, 0);
+        check(r#"{"n":"3"}"#, 1, 0);
+        check(r#"{"messages":[{"content":"say \"n\": 9"}],"n":2}"#, 2, 0);
+        check("not json", 1, 0);
+        // OpenAI: the part's type and its image_url key; Anthropic: type image.
+        check(
+            r#"{"messages":[{"content":[{"type":"image_url","image_url":{"url":"x"}}]}]}"#,
+            1,
+            2,
+        );
+        check(
+            r#"{"messages":[{"content":[{"type":"image","source":{}}]}]}"#,
+            1,
+            1,
+        );
+        check(
+            r#"{"input":[{"type":"input_audio","input_audio":{}}]}"#,
+            1,
+            2,
+        );
+        // The word in text is not a part.
+        check(r#"{"messages":[{"content":"an image of audio"}]}"#, 1, 0);
+    }
 
     #[test]
     fn request_fields() {

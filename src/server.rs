@@ -51,7 +51,7 @@ use crate::proxy::Gateway;
 use crate::reload::{self, Reloader};
 use crate::settings::Settings;
 use crate::spool::Spool;
-use crate::store::{redact_url, Store};
+use crate::store::{redact_url, Actor, Store, Target};
 use crate::tasks::Tasks;
 use crate::writer::{self, UsageSink, WriterHandle, WriterOptions};
 
@@ -76,12 +76,20 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
         ))
         .with_context(|| format!("opening the database {}", redact_url(&cfg.database.url)))?;
     tracing::info!(database = %redact_url(&cfg.database.url), "database opened");
-    let sealing = Arc::new(db_rt.block_on(keyring::unlock(&store, &cfg.database))?);
-    db_rt.block_on(accounts::upsert_from_config(
-        &store,
-        &sealing,
-        &cfg.upstream_accounts,
-    ))?;
+    let started = Actor::system("start");
+    let sealing = Arc::new(db_rt.block_on(keyring::unlock(&store, &cfg.database, &started))?);
+    if !cfg.upstream_accounts.is_empty() {
+        db_rt.block_on(async {
+            let mut tx = store.begin().await?;
+            accounts::upsert_from_config(&mut tx, &sealing, &cfg.upstream_accounts).await?;
+            let target = Target::new("config", config_path.display());
+            let after = Some(reload::summary(&cfg));
+            tx.audit(&started, "config.load", &target, None, after)
+                .await?;
+            tx.commit().await?;
+            anyhow::Ok(())
+        })?;
+    }
 
     // Every listener is bound before anything starts: a taken port fails the start at once.
     let listeners = Listeners::bind(&cfg)?;
@@ -114,6 +122,14 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
         }
         None => None,
     };
+
+    let spend = Arc::new(crate::spend::Spend::new(
+        cfg.spend.clone(),
+        store.clone(),
+        db_rt.handle().clone(),
+        crate::spend::Spend::instance_name(),
+        Arc::new(chrono::Utc::now),
+    ));
 
     let drain = Arc::new(Drain::default());
     let body_budget = body::Budget::new(cfg.server.max_buffered_body_bytes.get());
@@ -157,6 +173,7 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
             cfg.auth.failures_per_minute_per_address,
             cfg.auth.address_table_capacity.get(),
         ),
+        spend: spend.clone(),
     };
     let reload = Arc::new(Reloader {
         path: config_path,
@@ -167,6 +184,7 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
         pricing,
         metrics: metrics.clone(),
         accounts_changed: accounts_changed.clone(),
+        applied: ArcSwap::from_pointee(reload::summary(&cfg)),
     })
     .into_fn();
 
@@ -198,6 +216,7 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
     if let Some((_, worker)) = shared_limits {
         tasks.spawn("rate-limit-redis", |stop| worker.run(stop));
     }
+    tasks.spawn("spend-leases", |stop| spend.run(stop));
     let r = reload.clone();
     tasks.spawn("sighup", |stop| reload::on_sighup(r, stop));
     let m = metrics.clone();
@@ -233,6 +252,7 @@ pub fn serve(cfg: Settings, config_path: PathBuf) -> anyhow::Result<()> {
                 accounts_changed,
                 reload,
                 &token,
+                Actor::admin_token(&cfg.admin.token_name),
             ));
             tasks.spawn("admin-listener", |stop| {
                 httpd::serve(listener, "admin", admin.handler(), stop)

@@ -34,6 +34,8 @@ pub struct Settings {
     pub limits: crate::limits::Defaults,
     /// `[limits] redis_*`: where limits are shared across instances (`None`: per instance).
     pub shared_limits: Option<crate::shared_limits::Settings>,
+    /// `[spend]`: reservations and leases of budgets and credits.
+    pub spend: crate::spend::SpendSettings,
     pub writer: Writer,
     pub metrics: Metrics,
     pub admin: Admin,
@@ -144,6 +146,8 @@ pub struct Metrics {
 pub struct Admin {
     pub listen: SocketAddr,
     pub key_refresh: Duration,
+    /// The admin token's name in the audit log (`admin-token:<name>`).
+    pub token_name: String,
 }
 
 /// What is wrong and where: a `[section] key`, a span of the text, or an environment variable.
@@ -509,6 +513,7 @@ impl Settings {
         };
 
         let shared_limits = shared_limits(l)?;
+        let spend = spend(&file.spend)?;
 
         let w = &file.writer;
         let queue_capacity =
@@ -572,6 +577,7 @@ impl Settings {
                 100,
                 MINUTE * 1000,
             )?,
+            token_name: token_name(&file.admin.token_name)?,
         };
         distinct_listeners(&[
             ("server", server.listen),
@@ -601,12 +607,76 @@ impl Settings {
             metering,
             limits,
             shared_limits,
+            spend,
             writer,
             metrics,
             admin,
             prices: file.prices.clone(),
             default_prices: file.default_prices.clone(),
         })
+    }
+}
+
+/// `[spend]`.
+fn spend(c: &crate::config::SpendConfig) -> Result<crate::spend::SpendSettings, Invalid> {
+    use crate::spend::FailPolicy;
+    let fail = match c.fail.as_str() {
+        "closed" => FailPolicy::Closed,
+        "open" => FailPolicy::Open,
+        other => {
+            return Err(invalid(
+                Place::Key("spend", "fail"),
+                format!("[spend] fail = {other:?}: it must be \"closed\" or \"open\""),
+            ))
+        }
+    };
+    let ttl = secs("spend", "lease_ttl_secs", c.lease_ttl_secs, 3600)?;
+    let idle = secs("spend", "idle_return_secs", c.idle_return_secs, 3600)?;
+    Ok(crate::spend::SpendSettings {
+        sizing: crate::budget::Sizing {
+            default_max_output_tokens: within(
+                "spend",
+                "default_max_output_tokens",
+                c.default_max_output_tokens,
+                1,
+                10_000_000,
+            )?,
+            tokens_per_media_part: within(
+                "spend",
+                "tokens_per_media_part",
+                c.tokens_per_media_part,
+                1,
+                1_000_000,
+            )?,
+        },
+        reservations_per_lease: within(
+            "spend",
+            "reservations_per_lease",
+            c.reservations_per_lease,
+            1,
+            100_000,
+        )? as i64,
+        lease_ttl: ttl,
+        lease_wait: millis("spend", "lease_wait_ms", c.lease_wait_ms, 10, 60_000)?,
+        idle_return: idle,
+        fail,
+    })
+}
+
+/// `[admin] token_name`: 1 to 64 letters, digits, `.`, `_` or `-` (it names an actor in the
+/// audit log, so no spaces, colons or control characters).
+fn token_name(name: &str) -> Result<String, Invalid> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(name.to_string())
+    } else {
+        Err(invalid(
+            Place::Key("admin", "token_name"),
+            format!("[admin] token_name {name:?} must be 1 to 64 letters, digits, '.', '_' or '-'"),
+        ))
     }
 }
 
@@ -857,6 +927,8 @@ mod tests {
             ("[limits]\nredis_url = \"redis://h\"\nredis_key_prefix = \"\"\n", "config.toml:3: [limits] redis_key_prefix must be 1 to 200 characters"),
             ("[server]\nmax_body_bytes = 2048\nmax_buffered_body_bytes = 1024\n", "config.toml:3: [server] max_buffered_body_bytes = 1024 is below max_body_bytes (2048): a body of the largest allowed size could never be buffered"),
             ("[database]\nmax_connections = 0\n", "config.toml:2: [database] max_connections = 0 is out of range: it must be between 1 and 1000"),
+            ("[admin]\ntoken_name = \"ops team\"\n", "config.toml:2: [admin] token_name \"ops team\" must be 1 to 64 letters, digits, '.', '_' or '-'"),
+            ("[admin]\ntoken_name = \"\"\n", "config.toml:2: [admin] token_name \"\" must be 1 to 64 letters, digits, '.', '_' or '-'"),
             ("[database]\nmaster_key_file = \"\"\n", "config.toml:2: [database] master_key_file must not be empty (leave it out for the default)"),
             ("[auth]\ncache_ttl_secs = 0\n", "config.toml:2: [auth] cache_ttl_secs = 0 is out of range: it must be between 1 and 86400"),
             ("[auth]\ncache_ttl_secs = 60\nmax_stale_secs = 30\n", "config.toml:3: [auth] max_stale_secs = 30 must be at least cache_ttl_secs = 60"),

@@ -610,6 +610,7 @@ mod tests {
             requested_model: None,
             usage_source: None,
             upstream_error: None,
+            charges: Vec::new(),
         }
     }
 

@@ -326,6 +326,7 @@ async fn replay_is_idempotent(db: Db) {
         requested_model: None,
         usage_source: None,
         upstream_error: None,
+        charges: Vec::new(),
     };
     let batch: Vec<_> = (0..100)
         .map(|i| record(i, if i % 10 == 0 { 502 } else { 200 }))
@@ -674,6 +675,15 @@ async fn aborted_openai_stream(db: Db) {
     gw.add_user("alice@example.com");
     gw.add_account("a", "openai", &mock.url(), "sk", 1, 1);
     let key = gw.create_key("alice@example.com", &[]);
+    // Prepaid: the charge follows what the upstream reported, not what reached the client.
+    gw.cli_ok(&[
+        "credits",
+        "grant",
+        "--user",
+        "alice@example.com",
+        "--amount",
+        "1",
+    ]);
     gw.start().await;
     // A raw connection, so that leaving is certain: closed with unread bytes, it resets, and
     // the gateway's next write fails.
@@ -719,6 +729,25 @@ async fn aborted_openai_stream(db: Db) {
     );
     assert_eq!(row.cost, Decimal::from_str("0.00000195").unwrap());
     assert_eq!(row.requested_model.as_deref(), Some("gpt-4o-mini"));
+    let out = gw.cli(&[
+        "credits",
+        "history",
+        "--user",
+        "alice@example.com",
+        "--json",
+    ]);
+    let ledger: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let charge = ledger
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["action"] == "charge")
+        .unwrap();
+    assert_eq!(charge["request_id"].as_str(), Some(id.as_str()));
+    assert_eq!(
+        Decimal::from_str(charge["amount"].as_str().unwrap()).unwrap(),
+        Decimal::from_str("-0.00000195").unwrap()
+    );
 }
 
 both_dbs!(

@@ -100,6 +100,17 @@ async fn official_sdks_work_against_a_live_gateway() {
         &["--permissions", r#"["/v1/chat/completions"]"#],
     );
     let unknown = tollgate::keys::generate().unwrap();
+    // A prepaid user whose balance covers nothing: refused 429 insufficient_quota.
+    gw.add_user("broke@example.com");
+    let broke = gw.create_key("broke@example.com", &[]);
+    gw.cli_ok(&[
+        "credits",
+        "grant",
+        "--user",
+        "broke@example.com",
+        "--amount",
+        "0.0000000001",
+    ]);
     gw.start().await;
 
     let out = Command::new("python3")
@@ -111,6 +122,7 @@ async fn official_sdks_work_against_a_live_gateway() {
         .env("TOLLGATE_KEY", &key)
         .env("TOLLGATE_CHAT_ONLY_KEY", &chat_only)
         .env("TOLLGATE_UNKNOWN_KEY", &unknown)
+        .env("TOLLGATE_BROKE_KEY", &broke)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -121,7 +133,7 @@ async fn official_sdks_work_against_a_live_gateway() {
         String::from_utf8_lossy(&out.stderr),
         gw.log()
     );
-    assert!(stdout.contains("10 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("11 passed, 0 failed"), "{stdout}");
 
     // What the SDKs did is metered: every served call has its tokens, no client key upstream.
     assert!(gw.terminate().success(), "{}", gw.log());
@@ -129,6 +141,9 @@ async fn official_sdks_work_against_a_live_gateway() {
     let served: Vec<_> = rows.iter().filter(|r| r.status_code == 200).collect();
     assert_eq!(served.len(), 8, "{rows:?}");
     assert!(served.iter().all(|r| r.tokens_used > 0), "{served:?}");
+    // The out-of-credit calls: one row each, not retried by the SDKs.
+    let quota: Vec<_> = rows.iter().filter(|r| r.status_code == 429).collect();
+    assert_eq!(quota.len(), 2, "{quota:?}");
     for r in mock.recorded() {
         let auth = format!("{:?}", r.headers);
         assert!(!auth.contains(&key) && !auth.contains(&chat_only));

@@ -1,6 +1,7 @@
-//! Users, keys and upstream accounts: the admin CRUD shared by the CLI and the admin API, the
-//! key lookup of the request path (on a cache miss), and change tracking (NOTIFY on PostgreSQL,
-//! `updated_at` polled by `invalidation.rs`).
+//! Users, keys and upstream accounts: the admin CRUD shared by the CLI and the admin API (reads
+//! on [`Store`], writes and the audit snapshots on [`Tx`]), the key lookup of the request path
+//! (on a cache miss), and change tracking (NOTIFY on PostgreSQL, `updated_at` polled by
+//! `invalidation.rs`).
 
 use std::str::FromStr;
 
@@ -8,7 +9,7 @@ use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use sqlx::Row;
 
-use super::{Store, StoreError};
+use super::{Store, StoreError, Tx, TxConn};
 use crate::upstream::AccountType;
 
 /// Decodes the `rpm`, `rpd`, `tpm` and `max_concurrent` columns of a row of either backend.
@@ -41,14 +42,27 @@ macro_rules! key_row {
                 tpm: $r.try_get("user_tpm")?,
                 max_concurrent: $r.try_get("user_max_concurrent")?,
             },
+            user_role: $r.try_get("user_role")?,
+            budgets: Vec::new(),
+            prepaid: false,
         }
     };
 }
 
-/// The columns of the key lookup that [`key_row!`] reads, besides the key's own.
+/// The columns of the key lookup that [`key_row!`] reads, besides the key's own. The user's
+/// limits are their own, else their active plan's (limit by limit), so a subscriber's limits
+/// are data in the cached key like any user's.
 const KEY_ROW_COLUMNS: &str = "k.id, k.user_id, k.name, k.permissions, k.is_active, k.expires_at, \
-     k.rpm, k.rpd, k.tpm, k.max_concurrent, u.is_active AS user_active, u.rpm AS user_rpm, \
-     u.rpd AS user_rpd, u.tpm AS user_tpm, u.max_concurrent AS user_max_concurrent";
+     k.rpm, k.rpd, k.tpm, k.max_concurrent, u.is_active AS user_active, \
+     COALESCE(u.rpm, p.rpm) AS user_rpm, COALESCE(u.rpd, p.rpd) AS user_rpd, \
+     COALESCE(u.tpm, p.tpm) AS user_tpm, COALESCE(u.max_concurrent, p.max_concurrent) AS user_max_concurrent, \
+     u.role AS user_role";
+
+/// What [`KEY_ROW_COLUMNS`] are read from: the key, its user, the user's active subscription
+/// (at most one: `subscriptions.user_id` is unique) and its plan.
+const KEY_ROW_FROM: &str = "api_keys k JOIN users u ON u.id = k.user_id \
+     LEFT JOIN subscriptions s ON s.user_id = u.id AND s.status = 'active' \
+     LEFT JOIN plans p ON p.id = s.plan_id";
 
 /// Rate limits as stored on a key or a user (migration 0006): `None` = the default (for a key the
 /// `[limits]` section, for a user none), `Some(0)` = explicitly unlimited.
@@ -141,7 +155,14 @@ pub struct KeyRow {
     pub user_active: bool,
     pub expires_at: Option<DateTime<Utc>>,
     pub key_limits: LimitColumns,
+    /// The user's own limits, else (limit by limit) their active plan's.
     pub user_limits: LimitColumns,
+    /// `users.role`; `banned` (any case) refuses every key of the user.
+    pub user_role: String,
+    /// The budgets that apply to the key (its own, its user's, its user's plan's, with the
+    /// subscription start a plan's periods run from), and whether the user is prepaid.
+    pub budgets: Vec<(super::BudgetRow, Option<DateTime<Utc>>)>,
+    pub prepaid: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -283,17 +304,6 @@ pub struct NewAccount<'a> {
 impl Store {
     // ---- users ----
 
-    pub async fn create_user(
-        &self,
-        email: &str,
-        username: &str,
-        role: &str,
-    ) -> Result<i64, StoreError> {
-        let sql = "INSERT INTO users (email, username, role) VALUES ($1, $2, $3) RETURNING id";
-        dispatch!(self, p => sqlx::query_scalar(sql).bind(email).bind(username).bind(role).fetch_one(p).await)
-            .map_err(|e| StoreError::from_insert(e, &format!("user {email} or username {username}")))
-    }
-
     pub async fn list_users(&self) -> Result<Vec<UserRow>, StoreError> {
         let sql = "SELECT id, email, username, role, is_active, rpm, rpd, tpm, max_concurrent \
                    FROM users ORDER BY id";
@@ -314,91 +324,43 @@ impl Store {
             .ok_or_else(|| StoreError::NotFound(format!("user {email}")))
     }
 
-    /// Activates or deactivates a user; returns the hashes of the user's keys (to drop from caches).
-    pub async fn set_user_active(&self, id: i64, active: bool) -> Result<Vec<String>, StoreError> {
-        let sql = format!(
-            "UPDATE users SET is_active = $1, updated_at = {} WHERE id = $2",
-            self.now_sql()
-        );
-        let done = dispatch!(self, p => sqlx::query(sqlx::AssertSqlSafe(sql)).bind(active).bind(id).execute(p).await.map(|r| r.rows_affected()))?;
-        if done == 0 {
-            return Err(StoreError::NotFound(format!("user {id}")));
-        }
-        self.user_keys_changed(id).await
-    }
-
-    /// The hashes of a user's keys, after a change to the user that affects them all: each is
-    /// announced on the keys channel (other instances drop it from their caches) and returned
-    /// (for this instance's cache).
-    async fn user_keys_changed(&self, id: i64) -> Result<Vec<String>, StoreError> {
-        let hashes: Vec<String> = dispatch!(self, p => sqlx::query_scalar("SELECT key_hash FROM api_keys WHERE user_id = $1").bind(id).fetch_all(p).await)?;
-        for h in &hashes {
-            self.notify(KEYS_CHANNEL, h).await;
-        }
-        Ok(hashes)
-    }
-
-    /// Changes a user's limits (bumping `updated_at`, so every instance's change poll drops
-    /// their keys from its cache); returns the hashes of the user's keys, to drop from caches.
-    pub async fn update_user_limits(
-        &self,
-        id: i64,
-        patch: &LimitPatch,
-    ) -> Result<Vec<String>, StoreError> {
-        let sql = format!(
-            "UPDATE users SET {}updated_at = {} WHERE id = $9",
-            limit_sets(1),
-            self.now_sql()
-        );
-        let done = dispatch!(self, p => {
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for (_, v) in patch.fields() {
-                query = query.bind(v.is_some()).bind(v.flatten());
-            }
-            query.bind(id).execute(p).await.map(|r| r.rows_affected())
-        })?;
-        if done == 0 {
-            return Err(StoreError::NotFound(format!("user {id}")));
-        }
-        self.user_keys_changed(id).await
+    /// `id` when a user has it (users are deactivated, never deleted).
+    pub async fn user_id_exists(&self, id: i64) -> Result<i64, StoreError> {
+        let sql = "SELECT id FROM users WHERE id = $1";
+        dispatch!(self, p => sqlx::query_scalar(sql).bind(id).fetch_optional(p).await)?
+            .ok_or_else(|| StoreError::NotFound(format!("user {id}")))
     }
 
     // ---- keys ----
 
-    // One column each; a struct for a single insert would only rename them.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn create_key(
-        &self,
-        user_id: i64,
-        name: &str,
-        key_hash_hex: &str,
-        key_prefix: &str,
-        permissions: &serde_json::Value,
-        expires_at: Option<DateTime<Utc>>,
-        limits: &LimitColumns,
-    ) -> Result<i64, StoreError> {
-        let sql =
-            "INSERT INTO api_keys (user_id, name, key_hash, key_prefix, permissions, expires_at, \
-                     rpm, rpd, tpm, max_concurrent) \
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id";
-        dispatch!(self, p => sqlx::query_scalar(sql)
-            .bind(user_id).bind(name).bind(key_hash_hex).bind(key_prefix)
-            .bind(Json(permissions)).bind(expires_at)
-            .bind(limits.rpm).bind(limits.rpd).bind(limits.tpm).bind(limits.max_concurrent)
-            .fetch_one(p).await)
-        .map_err(|e| StoreError::from_insert(e, "a key with this hash"))
-    }
-
     /// The one query on the request path (on a key-cache miss).
     pub async fn find_key(&self, key_hash_hex: &str) -> Result<Option<KeyRow>, StoreError> {
-        let sql = format!(
-            "SELECT {KEY_ROW_COLUMNS} FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.key_hash = $1"
-        );
+        let sql = format!("SELECT {KEY_ROW_COLUMNS} FROM {KEY_ROW_FROM} WHERE k.key_hash = $1");
         let row = dispatch!(self, p => match sqlx::query(sqlx::AssertSqlSafe(sql)).bind(key_hash_hex).fetch_optional(p).await? {
             None => None,
             Some(r) => Some(key_row!(r)),
         });
-        Ok(row)
+        match row {
+            Some(mut row) => {
+                self.attach_spend(std::iter::once(&mut row)).await?;
+                Ok(Some(row))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The spend side of key lookups: their budgets and whether their users are prepaid.
+    async fn attach_spend<'a>(
+        &self,
+        rows: impl Iterator<Item = &'a mut KeyRow>,
+    ) -> Result<(), StoreError> {
+        let mut rows: Vec<&mut KeyRow> = rows.collect();
+        let ids: Vec<(i64, i64)> = rows.iter().map(|r| (r.id, r.user_id)).collect();
+        for (row, spend) in rows.iter_mut().zip(self.spend_of_keys(&ids).await?) {
+            row.budgets = spend.budgets;
+            row.prepaid = spend.prepaid;
+        }
+        Ok(())
     }
 
     pub async fn list_keys(&self) -> Result<Vec<KeyListing>, StoreError> {
@@ -420,78 +382,7 @@ impl Store {
         Ok(rows)
     }
 
-    /// Revokes a key; returns its hash (to drop from caches).
-    pub async fn revoke_key(&self, id: i64) -> Result<String, StoreError> {
-        self.update_key(
-            id,
-            &KeyPatch {
-                is_active: Some(false),
-                ..KeyPatch::default()
-            },
-        )
-        .await
-    }
-
-    /// Changes a key's state, expiry, permissions or limits (bumping `updated_at`, which the
-    /// change poll of every instance watches); returns its hash and tells other instances.
-    pub async fn update_key(&self, id: i64, patch: &KeyPatch) -> Result<String, StoreError> {
-        let sql = format!(
-            "UPDATE api_keys SET is_active = COALESCE($1, is_active), \
-             expires_at = CASE WHEN $2 THEN $3 ELSE expires_at END, \
-             permissions = COALESCE($4, permissions), {}updated_at = {} WHERE id = $13 RETURNING key_hash",
-            limit_sets(5),
-            self.now_sql()
-        );
-        let hash: Option<String> = dispatch!(self, p => {
-            let mut query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-                .bind(patch.is_active)
-                .bind(patch.expires_at.is_some())
-                .bind(patch.expires_at.flatten())
-                .bind(patch.permissions.as_ref().map(Json));
-            for (_, v) in patch.limits.fields() {
-                query = query.bind(v.is_some()).bind(v.flatten());
-            }
-            query.bind(id).fetch_optional(p).await
-        })?;
-        let hash = hash.ok_or_else(|| StoreError::NotFound(format!("key {id}")))?;
-        self.notify(KEYS_CHANNEL, &hash).await;
-        Ok(hash)
-    }
-
     // ---- upstream accounts ----
-
-    pub async fn create_account(&self, a: &NewAccount<'_>) -> Result<i64, StoreError> {
-        let sql = "INSERT INTO upstream_accounts (name, type, email, base_url, credentials, priority, weight, is_active, rpm, tpm, max_concurrent) \
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id";
-        let l = a.limits;
-        let id: i64 = dispatch!(self, p => sqlx::query_scalar(sql)
-            .bind(a.name).bind(a.kind.as_str()).bind(a.email).bind(a.base_url)
-            .bind(Json(&a.credentials)).bind(a.priority).bind(a.weight).bind(a.is_active)
-            .bind(l.rpm).bind(l.tpm).bind(l.max_concurrent)
-            .fetch_one(p).await)
-        .map_err(|e| StoreError::from_insert(e, &format!("account {}", a.name)))?;
-        self.notify(ACCOUNTS_CHANNEL, &id.to_string()).await;
-        Ok(id)
-    }
-
-    /// Inserts or updates (matched by name) an account declared in `config.toml`.
-    pub async fn upsert_account(&self, a: &NewAccount<'_>) -> Result<i64, StoreError> {
-        let sql = "INSERT INTO upstream_accounts (name, type, email, base_url, credentials, priority, weight, is_active, rpm, tpm, max_concurrent) \
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $10, $11, $12) \
-                   ON CONFLICT (name) DO UPDATE SET type = excluded.type, email = excluded.email, \
-                     base_url = excluded.base_url, credentials = excluded.credentials, \
-                     priority = excluded.priority, weight = excluded.weight, is_active = excluded.is_active, \
-                     rpm = excluded.rpm, tpm = excluded.tpm, max_concurrent = excluded.max_concurrent, \
-                     updated_at = $9 \
-                   RETURNING id";
-        let l = a.limits;
-        let id = dispatch!(self, p => sqlx::query_scalar(sql)
-            .bind(a.name).bind(a.kind.as_str()).bind(a.email).bind(a.base_url)
-            .bind(Json(&a.credentials)).bind(a.priority).bind(a.weight).bind(a.is_active).bind(Utc::now())
-            .bind(l.rpm).bind(l.tpm).bind(l.max_concurrent)
-            .fetch_one(p).await)?;
-        Ok(id)
-    }
 
     pub async fn list_accounts(&self) -> Result<Vec<AccountRow>, StoreError> {
         let sql =
@@ -533,82 +424,6 @@ impl Store {
         Ok(rows)
     }
 
-    /// Rewrites every account's `credentials` (deleted ones too) where `f` returns a new value, in
-    /// one transaction (PostgreSQL: the rows locked as read); an error from `f` writes nothing.
-    /// Returns how many rows changed. `updated_at` is left alone: what the credentials say did
-    /// not change.
-    pub async fn rewrite_credentials<E: From<StoreError>>(
-        &self,
-        f: impl Fn(&serde_json::Value) -> Result<Option<serde_json::Value>, E>,
-    ) -> Result<usize, E> {
-        let select = match self {
-            Store::Postgres(_) => {
-                "SELECT id, credentials FROM upstream_accounts ORDER BY id FOR UPDATE"
-            }
-            Store::Sqlite(_) => "SELECT id, credentials FROM upstream_accounts ORDER BY id",
-        };
-        let update = "UPDATE upstream_accounts SET credentials = $1 WHERE id = $2";
-        dispatch!(self, p => {
-            let mut tx = p.begin().await.map_err(StoreError::from)?;
-            if let Store::Sqlite(_) = self {
-                // Take the write lock before reading, so no other writer slips in between.
-                sqlx::query("UPDATE upstream_accounts SET id = id WHERE 0").execute(&mut *tx).await.map_err(StoreError::from)?;
-            }
-            let rows = sqlx::query(select).fetch_all(&mut *tx).await.and_then(|rows| rows.iter().map(|r| Ok((
-                r.try_get::<i64, _>("id")?,
-                r.try_get::<Json<serde_json::Value>, _>("credentials")?.0,
-            ))).collect::<Result<Vec<_>, sqlx::Error>>()).map_err(StoreError::from)?;
-            let mut changed = 0;
-            for (id, credentials) in &rows {
-                if let Some(new) = f(credentials)? {
-                    sqlx::query(update).bind(Json(&new)).bind(id).execute(&mut *tx).await.map_err(StoreError::from)?;
-                    changed += 1;
-                }
-            }
-            tx.commit().await.map_err(StoreError::from)?;
-            Ok(changed)
-        })
-    }
-
-    /// Changes an account's priority, weight, state or credentials.
-    pub async fn update_account(&self, id: i64, patch: &AccountPatch) -> Result<(), StoreError> {
-        let sql = format!(
-            "UPDATE upstream_accounts SET priority = COALESCE($1, priority), weight = COALESCE($2, weight), \
-             is_active = COALESCE($3, is_active), credentials = COALESCE($4, credentials), \
-             base_url = COALESCE($5, base_url), {}updated_at = {} WHERE id = $6 AND deleted_at IS NULL",
-            account_limit_sets(7),
-            self.now_sql()
-        );
-        let [rpm, tpm, max_concurrent] = patch.limits.fields();
-        let done = dispatch!(self, p => sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(patch.priority).bind(patch.weight).bind(patch.is_active)
-            .bind(patch.credentials.as_ref().map(Json)).bind(patch.base_url.as_deref()).bind(id)
-            .bind(rpm.1.is_some()).bind(rpm.1.flatten())
-            .bind(tpm.1.is_some()).bind(tpm.1.flatten())
-            .bind(max_concurrent.1.is_some()).bind(max_concurrent.1.flatten())
-            .execute(p).await.map(|r| r.rows_affected()))?;
-        if done == 0 {
-            return Err(StoreError::NotFound(format!("account {id}")));
-        }
-        self.notify(ACCOUNTS_CHANNEL, &id.to_string()).await;
-        Ok(())
-    }
-
-    /// Soft delete: the row stays (usage rows reference it) but the account is gone from listings
-    /// and never serves again.
-    pub async fn delete_account(&self, id: i64) -> Result<(), StoreError> {
-        let sql = format!(
-            "UPDATE upstream_accounts SET is_active = $1, deleted_at = {now}, updated_at = {now} WHERE id = $2 AND deleted_at IS NULL",
-            now = self.now_sql()
-        );
-        let done = dispatch!(self, p => sqlx::query(sqlx::AssertSqlSafe(sql)).bind(false).bind(id).execute(p).await.map(|r| r.rows_affected()))?;
-        if done == 0 {
-            return Err(StoreError::NotFound(format!("account {id}")));
-        }
-        self.notify(ACCOUNTS_CHANNEL, &id.to_string()).await;
-        Ok(())
-    }
-
     /// What changed after `since` minus a 10 s overlap (so a transaction that committed late is
     /// not missed): the hashes of keys whose key or user row changed, and the (id, updated_at) of
     /// changed accounts; with the new watermark.
@@ -644,8 +459,7 @@ impl Store {
     /// Recently used active keys, to warm the cache at start.
     pub async fn recent_keys(&self, limit: i64) -> Result<Vec<(String, KeyRow)>, StoreError> {
         let sql = format!(
-            "SELECT k.key_hash, {KEY_ROW_COLUMNS} \
-             FROM api_keys k JOIN users u ON u.id = k.user_id \
+            "SELECT k.key_hash, {KEY_ROW_COLUMNS} FROM {KEY_ROW_FROM} \
              WHERE k.is_active AND u.is_active \
              ORDER BY k.last_used_at DESC, k.id DESC LIMIT $1"
         );
@@ -653,6 +467,358 @@ impl Store {
             r.try_get("key_hash")?,
             key_row!(r),
         ))).collect::<Result<Vec<_>, sqlx::Error>>()))?;
+        let mut rows: Vec<(String, KeyRow)> = rows;
+        for chunk in rows.chunks_mut(1000) {
+            self.attach_spend(chunk.iter_mut().map(|(_, r)| r)).await?;
+        }
         Ok(rows)
+    }
+}
+
+/// A key as an audit snapshot shows it: never its hash.
+#[derive(serde::Serialize)]
+struct KeyState {
+    id: i64,
+    user_id: i64,
+    name: String,
+    key_prefix: String,
+    permissions: serde_json::Value,
+    is_active: bool,
+    expires_at: Option<DateTime<Utc>>,
+    #[serde(flatten)]
+    limits: LimitColumns,
+}
+
+/// An account as an audit snapshot shows it: its credentials redacted.
+#[derive(serde::Serialize)]
+struct AccountState {
+    id: i64,
+    name: String,
+    #[serde(rename = "type")]
+    kind: String,
+    email: Option<String>,
+    base_url: String,
+    credentials: serde_json::Value,
+    is_active: bool,
+    priority: i32,
+    weight: i32,
+    #[serde(flatten)]
+    limits: AccountLimitColumns,
+}
+
+fn snapshot(v: impl serde::Serialize) -> Result<serde_json::Value, StoreError> {
+    serde_json::to_value(v).map_err(|e| StoreError::Invalid(format!("audit snapshot: {e}")))
+}
+
+/// The writes: each in the caller's transaction, with the audit snapshots read in it (locked on
+/// PostgreSQL; SQLite's transaction holds the write lock).
+impl Tx {
+    // ---- users ----
+
+    pub async fn create_user(
+        &mut self,
+        email: &str,
+        username: &str,
+        role: &str,
+    ) -> Result<i64, StoreError> {
+        let sql = "INSERT INTO users (email, username, role) VALUES ($1, $2, $3) RETURNING id";
+        dispatch_tx!(self, c => sqlx::query_scalar(sql).bind(email).bind(username).bind(role).fetch_one(&mut **c).await)
+            .map_err(|e| StoreError::from_insert(e, &format!("user {email} or username {username}")))
+    }
+
+    /// The user as the audit log shows it; `None` when there is no such user.
+    pub async fn user_snapshot(
+        &mut self,
+        id: i64,
+    ) -> Result<Option<serde_json::Value>, StoreError> {
+        let sql = format!(
+            "SELECT id, email, username, role, is_active, rpm, rpd, tpm, max_concurrent \
+             FROM users WHERE id = $1{}",
+            self.for_update()
+        );
+        let row = dispatch_tx!(self, c => match sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(&mut **c).await? {
+            None => None,
+            Some(r) => Some(UserRow {
+                id: r.try_get("id")?,
+                email: r.try_get("email")?,
+                username: r.try_get("username")?,
+                role: r.try_get("role")?,
+                is_active: r.try_get("is_active")?,
+                limits: limit_columns!(r),
+            }),
+        });
+        row.map(snapshot).transpose()
+    }
+
+    /// Activates or deactivates a user; returns the hashes of the user's keys (to drop from caches).
+    pub async fn set_user_active(
+        &mut self,
+        id: i64,
+        active: bool,
+    ) -> Result<Vec<String>, StoreError> {
+        let sql = format!(
+            "UPDATE users SET is_active = $1, updated_at = {} WHERE id = $2",
+            self.now_sql()
+        );
+        let done = dispatch_tx!(self, c => sqlx::query(sqlx::AssertSqlSafe(sql)).bind(active).bind(id).execute(&mut **c).await.map(|r| r.rows_affected()))?;
+        if done == 0 {
+            return Err(StoreError::NotFound(format!("user {id}")));
+        }
+        self.user_keys_changed(id).await
+    }
+
+    /// The hashes of a user's keys, after a change to the user that affects them all: each is
+    /// announced on the keys channel once the transaction commits (other instances drop it from
+    /// their caches) and returned (for this instance's cache).
+    pub(super) async fn user_keys_changed(&mut self, id: i64) -> Result<Vec<String>, StoreError> {
+        let hashes: Vec<String> = dispatch_tx!(self, c => sqlx::query_scalar("SELECT key_hash FROM api_keys WHERE user_id = $1").bind(id).fetch_all(&mut **c).await)?;
+        for h in &hashes {
+            self.notify_after_commit(KEYS_CHANNEL, h.clone());
+        }
+        Ok(hashes)
+    }
+
+    /// Changes a user's limits (bumping `updated_at`, so every instance's change poll drops
+    /// their keys from its cache); returns the hashes of the user's keys, to drop from caches.
+    pub async fn update_user_limits(
+        &mut self,
+        id: i64,
+        patch: &LimitPatch,
+    ) -> Result<Vec<String>, StoreError> {
+        let sql = format!(
+            "UPDATE users SET {}updated_at = {} WHERE id = $9",
+            limit_sets(1),
+            self.now_sql()
+        );
+        let done = dispatch_tx!(self, c => {
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (_, v) in patch.fields() {
+                query = query.bind(v.is_some()).bind(v.flatten());
+            }
+            query.bind(id).execute(&mut **c).await.map(|r| r.rows_affected())
+        })?;
+        if done == 0 {
+            return Err(StoreError::NotFound(format!("user {id}")));
+        }
+        self.user_keys_changed(id).await
+    }
+
+    // ---- keys ----
+
+    // One column each; a struct for a single insert would only rename them.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create_key(
+        &mut self,
+        user_id: i64,
+        name: &str,
+        key_hash_hex: &str,
+        key_prefix: &str,
+        permissions: &serde_json::Value,
+        expires_at: Option<DateTime<Utc>>,
+        limits: &LimitColumns,
+    ) -> Result<i64, StoreError> {
+        let sql =
+            "INSERT INTO api_keys (user_id, name, key_hash, key_prefix, permissions, expires_at, \
+                     rpm, rpd, tpm, max_concurrent) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id";
+        dispatch_tx!(self, c => sqlx::query_scalar(sql)
+            .bind(user_id).bind(name).bind(key_hash_hex).bind(key_prefix)
+            .bind(Json(permissions)).bind(expires_at)
+            .bind(limits.rpm).bind(limits.rpd).bind(limits.tpm).bind(limits.max_concurrent)
+            .fetch_one(&mut **c).await)
+        .map_err(|e| StoreError::from_insert(e, "a key with this hash"))
+    }
+
+    /// The key as the audit log shows it (id, owner, name, prefix, permissions, state, expiry,
+    /// limits; never its hash); `None` when there is no such key.
+    pub async fn key_snapshot(&mut self, id: i64) -> Result<Option<serde_json::Value>, StoreError> {
+        let sql = format!(
+            "SELECT id, user_id, name, key_prefix, permissions, is_active, expires_at, \
+                    rpm, rpd, tpm, max_concurrent FROM api_keys WHERE id = $1{}",
+            self.for_update()
+        );
+        let row = dispatch_tx!(self, c => match sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(&mut **c).await? {
+            None => None,
+            Some(r) => Some(KeyState {
+                id: r.try_get("id")?,
+                user_id: r.try_get("user_id")?,
+                name: r.try_get("name")?,
+                key_prefix: r.try_get("key_prefix")?,
+                permissions: r.try_get::<Json<serde_json::Value>, _>("permissions")?.0,
+                is_active: r.try_get("is_active")?,
+                expires_at: r.try_get("expires_at")?,
+                limits: limit_columns!(r),
+            }),
+        });
+        row.map(snapshot).transpose()
+    }
+
+    /// Changes a key's state, expiry, permissions or limits (bumping `updated_at`, which the
+    /// change poll of every instance watches); returns its hash and tells other instances.
+    pub async fn update_key(&mut self, id: i64, patch: &KeyPatch) -> Result<String, StoreError> {
+        let sql = format!(
+            "UPDATE api_keys SET is_active = COALESCE($1, is_active), \
+             expires_at = CASE WHEN $2 THEN $3 ELSE expires_at END, \
+             permissions = COALESCE($4, permissions), {}updated_at = {} WHERE id = $13 RETURNING key_hash",
+            limit_sets(5),
+            self.now_sql()
+        );
+        let hash: Option<String> = dispatch_tx!(self, c => {
+            let mut query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .bind(patch.is_active)
+                .bind(patch.expires_at.is_some())
+                .bind(patch.expires_at.flatten())
+                .bind(patch.permissions.as_ref().map(Json));
+            for (_, v) in patch.limits.fields() {
+                query = query.bind(v.is_some()).bind(v.flatten());
+            }
+            query.bind(id).fetch_optional(&mut **c).await
+        })?;
+        let hash = hash.ok_or_else(|| StoreError::NotFound(format!("key {id}")))?;
+        self.notify_after_commit(KEYS_CHANNEL, hash.clone());
+        Ok(hash)
+    }
+
+    // ---- upstream accounts ----
+
+    pub async fn create_account(&mut self, a: &NewAccount<'_>) -> Result<i64, StoreError> {
+        let sql = "INSERT INTO upstream_accounts (name, type, email, base_url, credentials, priority, weight, is_active, rpm, tpm, max_concurrent) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id";
+        let l = a.limits;
+        let id: i64 = dispatch_tx!(self, c => sqlx::query_scalar(sql)
+            .bind(a.name).bind(a.kind.as_str()).bind(a.email).bind(a.base_url)
+            .bind(Json(&a.credentials)).bind(a.priority).bind(a.weight).bind(a.is_active)
+            .bind(l.rpm).bind(l.tpm).bind(l.max_concurrent)
+            .fetch_one(&mut **c).await)
+        .map_err(|e| StoreError::from_insert(e, &format!("account {}", a.name)))?;
+        self.notify_after_commit(ACCOUNTS_CHANNEL, id.to_string());
+        Ok(id)
+    }
+
+    /// Inserts or updates (matched by name) an account declared in `config.toml`.
+    pub async fn upsert_account(&mut self, a: &NewAccount<'_>) -> Result<i64, StoreError> {
+        let sql = "INSERT INTO upstream_accounts (name, type, email, base_url, credentials, priority, weight, is_active, rpm, tpm, max_concurrent) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $10, $11, $12) \
+                   ON CONFLICT (name) DO UPDATE SET type = excluded.type, email = excluded.email, \
+                     base_url = excluded.base_url, credentials = excluded.credentials, \
+                     priority = excluded.priority, weight = excluded.weight, is_active = excluded.is_active, \
+                     rpm = excluded.rpm, tpm = excluded.tpm, max_concurrent = excluded.max_concurrent, \
+                     updated_at = $9 \
+                   RETURNING id";
+        let l = a.limits;
+        let id = dispatch_tx!(self, c => sqlx::query_scalar(sql)
+            .bind(a.name).bind(a.kind.as_str()).bind(a.email).bind(a.base_url)
+            .bind(Json(&a.credentials)).bind(a.priority).bind(a.weight).bind(a.is_active).bind(Utc::now())
+            .bind(l.rpm).bind(l.tpm).bind(l.max_concurrent)
+            .fetch_one(&mut **c).await)?;
+        Ok(id)
+    }
+
+    /// The account as the audit log shows it (its credentials redacted: `redact_credentials`);
+    /// `None` when there is no such account or it was deleted.
+    pub async fn account_snapshot(
+        &mut self,
+        id: i64,
+    ) -> Result<Option<serde_json::Value>, StoreError> {
+        let sql = format!(
+            "SELECT id, name, type, email, base_url, credentials, is_active, priority, weight, \
+                    rpm, tpm, max_concurrent \
+             FROM upstream_accounts WHERE id = $1 AND deleted_at IS NULL{}",
+            self.for_update()
+        );
+        let row = dispatch_tx!(self, c => match sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(&mut **c).await? {
+            None => None,
+            Some(r) => Some(AccountState {
+                id: r.try_get("id")?,
+                name: r.try_get("name")?,
+                kind: r.try_get("type")?,
+                email: r.try_get("email")?,
+                base_url: r.try_get("base_url")?,
+                credentials: super::redact_credentials(
+                    &r.try_get::<Json<serde_json::Value>, _>("credentials")?.0,
+                ),
+                is_active: r.try_get("is_active")?,
+                priority: r.try_get("priority")?,
+                weight: r.try_get("weight")?,
+                limits: AccountLimitColumns {
+                    rpm: r.try_get("rpm")?,
+                    tpm: r.try_get("tpm")?,
+                    max_concurrent: r.try_get("max_concurrent")?,
+                },
+            }),
+        });
+        row.map(snapshot).transpose()
+    }
+
+    /// Rewrites every account's `credentials` (deleted ones too) where `f` returns a new value
+    /// (PostgreSQL: the rows locked as read); an error from `f` is returned and, the transaction
+    /// dropped, writes nothing. Returns how many rows changed. `updated_at` is left alone: what
+    /// the credentials say did not change.
+    pub async fn rewrite_credentials<E: From<StoreError>>(
+        &mut self,
+        f: impl Fn(&serde_json::Value) -> Result<Option<serde_json::Value>, E>,
+    ) -> Result<usize, E> {
+        let select = format!(
+            "SELECT id, credentials FROM upstream_accounts ORDER BY id{}",
+            self.for_update()
+        );
+        let update = "UPDATE upstream_accounts SET credentials = $1 WHERE id = $2";
+        dispatch_tx!(self, c => {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(select)).fetch_all(&mut **c).await.and_then(|rows| rows.iter().map(|r| Ok((
+                r.try_get::<i64, _>("id")?,
+                r.try_get::<Json<serde_json::Value>, _>("credentials")?.0,
+            ))).collect::<Result<Vec<_>, sqlx::Error>>()).map_err(StoreError::from)?;
+            let mut changed = 0;
+            for (id, credentials) in &rows {
+                if let Some(new) = f(credentials)? {
+                    sqlx::query(update).bind(Json(&new)).bind(id).execute(&mut **c).await.map_err(StoreError::from)?;
+                    changed += 1;
+                }
+            }
+            Ok(changed)
+        })
+    }
+
+    /// Changes an account's priority, weight, state or credentials.
+    pub async fn update_account(
+        &mut self,
+        id: i64,
+        patch: &AccountPatch,
+    ) -> Result<(), StoreError> {
+        let sql = format!(
+            "UPDATE upstream_accounts SET priority = COALESCE($1, priority), weight = COALESCE($2, weight), \
+             is_active = COALESCE($3, is_active), credentials = COALESCE($4, credentials), \
+             base_url = COALESCE($5, base_url), {}updated_at = {} WHERE id = $6 AND deleted_at IS NULL",
+            account_limit_sets(7),
+            self.now_sql()
+        );
+        let [rpm, tpm, max_concurrent] = patch.limits.fields();
+        let done = dispatch_tx!(self, c => sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(patch.priority).bind(patch.weight).bind(patch.is_active)
+            .bind(patch.credentials.as_ref().map(Json)).bind(patch.base_url.as_deref()).bind(id)
+            .bind(rpm.1.is_some()).bind(rpm.1.flatten())
+            .bind(tpm.1.is_some()).bind(tpm.1.flatten())
+            .bind(max_concurrent.1.is_some()).bind(max_concurrent.1.flatten())
+            .execute(&mut **c).await.map(|r| r.rows_affected()))?;
+        if done == 0 {
+            return Err(StoreError::NotFound(format!("account {id}")));
+        }
+        self.notify_after_commit(ACCOUNTS_CHANNEL, id.to_string());
+        Ok(())
+    }
+
+    /// Soft delete: the row stays (usage rows reference it) but the account is gone from listings
+    /// and never serves again.
+    pub async fn delete_account(&mut self, id: i64) -> Result<(), StoreError> {
+        let sql = format!(
+            "UPDATE upstream_accounts SET is_active = $1, deleted_at = {now}, updated_at = {now} WHERE id = $2 AND deleted_at IS NULL",
+            now = self.now_sql()
+        );
+        let done = dispatch_tx!(self, c => sqlx::query(sqlx::AssertSqlSafe(sql)).bind(false).bind(id).execute(&mut **c).await.map(|r| r.rows_affected()))?;
+        if done == 0 {
+            return Err(StoreError::NotFound(format!("account {id}")));
+        }
+        self.notify_after_commit(ACCOUNTS_CHANNEL, id.to_string());
+        Ok(())
     }
 }

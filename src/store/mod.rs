@@ -1,8 +1,10 @@
 //! The database: connecting, migrating, and what every query shares (the [`Store`] handle, the
 //! [`dispatch!`] macro that compiles one query for PostgreSQL and SQLite, errors, clocks). The
 //! queries live by job: `catalog.rs` (users, keys, accounts and their change tracking),
-//! `usage.rs` (the usage write path), `report.rs` (totals and invariant checks). Nothing here runs
-//! on the request path except [`Store::find_key`] on a key-cache miss.
+//! `usage.rs` (the usage write path), `report.rs` (totals and invariant checks), `audit.rs` (the
+//! admin log), `spend.rs` (budgets, credits, leases), `plans.rs` (plans and subscriptions).
+//! Admin changes run in a [`Tx`], which commits only with its audit row. Nothing here runs on
+//! the request path except [`Store::find_key`] on a key-cache miss.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -29,12 +31,31 @@ macro_rules! dispatch {
     };
 }
 
+/// Runs the same code against whichever transaction a [`Tx`] holds; the executor is `&mut **$c`.
+macro_rules! dispatch_tx {
+    ($tx:expr, $c:ident => $body:expr) => {
+        match &mut $tx.conn {
+            TxConn::Postgres($c) => $body,
+            TxConn::Sqlite($c) => $body,
+        }
+    };
+}
+
+mod audit;
 mod catalog;
+mod plans;
 mod report;
+mod spend;
 mod usage;
 
+pub use audit::*;
 pub use catalog::*;
+pub use plans::{PlanBudget, PlanRow, SubscriptionRow};
 pub use report::*;
+pub use spend::{
+    BudgetListing, BudgetOwner, BudgetPeriod, BudgetRow, CreditBalance, Grant, GrantOutcome,
+    GrantReceipt, KeySpend, LeaseOutcome, LedgerEntry, SpendReport,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -48,8 +69,14 @@ pub enum StoreError {
     NotFound(String),
     #[error("{0} already exists")]
     Conflict(String),
+    /// An idempotency key used with another request, or by a request at the same moment.
+    #[error("{0}")]
+    Idempotency(String),
     #[error("no answer within {0:?}")]
     Unreachable(Duration),
+    /// A bug, never an operator's error: an admin change reached `commit` without its audit row.
+    #[error("a change without its audit row was refused (Tx::audit was not called)")]
+    Unaudited,
 }
 
 impl StoreError {
@@ -191,6 +218,84 @@ impl Store {
             Store::Postgres(p) => Some(p),
             Store::Sqlite(_) => None,
         }
+    }
+}
+
+/// A write transaction. Every admin change runs in one and writes its audit row in it
+/// ([`Tx::audit`]); [`Tx::commit`] refuses to commit without one, so a change and its row are
+/// committed together or not at all. Dropped without a commit, it rolls back. NOTIFYs asked for
+/// inside are sent after the commit (best effort, as [`Store`]'s).
+pub struct Tx {
+    conn: TxConn,
+    store: Store,
+    notes: Vec<(&'static str, String)>,
+    audited: bool,
+}
+
+enum TxConn {
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+}
+
+impl Store {
+    /// Opens a write transaction. SQLite: `BEGIN IMMEDIATE`, the write lock from the start, so
+    /// the state read before a change (its audit `before`) is the one the change applies to;
+    /// PostgreSQL: the rows read for that are locked `FOR UPDATE`.
+    pub async fn begin(&self) -> Result<Tx, StoreError> {
+        let conn = match self {
+            Store::Postgres(p) => TxConn::Postgres(p.begin().await?),
+            Store::Sqlite(p) => TxConn::Sqlite(p.begin_with("BEGIN IMMEDIATE").await?),
+        };
+        Ok(Tx {
+            conn,
+            store: self.clone(),
+            notes: Vec::new(),
+            audited: false,
+        })
+    }
+}
+
+impl Tx {
+    /// Commits the change with its audit row; without one, rolls back and answers
+    /// [`StoreError::Unaudited`].
+    pub async fn commit(self) -> Result<(), StoreError> {
+        if !self.audited {
+            return Err(StoreError::Unaudited);
+        }
+        self.commit_unaudited().await
+    }
+
+    /// Commits what is not an admin change: the usage writer's rows with their charges, the
+    /// spend leases instances take and return (`spend.rs`), read-only transactions, the fixtures
+    /// of benches. (Every admin change is audited, and so are config accounts saved and
+    /// credentials sealed at start, as `system:start`.)
+    pub async fn commit_unaudited(self) -> Result<(), StoreError> {
+        match self.conn {
+            TxConn::Postgres(t) => t.commit().await?,
+            TxConn::Sqlite(t) => t.commit().await?,
+        }
+        for (channel, payload) in &self.notes {
+            self.store.notify(channel, payload).await;
+        }
+        Ok(())
+    }
+
+    /// The database's "now" in the backend's column format.
+    fn now_sql(&self) -> &'static str {
+        self.store.now_sql()
+    }
+
+    /// ` FOR UPDATE` on PostgreSQL (SQLite's transaction holds the write lock already).
+    fn for_update(&self) -> &'static str {
+        match self.conn {
+            TxConn::Postgres(_) => " FOR UPDATE",
+            TxConn::Sqlite(_) => "",
+        }
+    }
+
+    /// Tells other instances once the transaction commits (PostgreSQL; see [`Store`]'s notify).
+    fn notify_after_commit(&mut self, channel: &'static str, payload: String) {
+        self.notes.push((channel, payload));
     }
 }
 

@@ -20,6 +20,8 @@ pub enum GroupBy {
     /// The model the upstream says served the request (e.g. a dated snapshot).
     ServedModel,
     Day,
+    /// The user (all of their keys).
+    User,
 }
 
 /// Totals of one group over a time range.
@@ -44,6 +46,7 @@ impl Store {
     ) -> Result<Vec<UsageTotals>, StoreError> {
         let group = match (self, by) {
             (_, GroupBy::Key) => "CAST(r.api_key_id AS TEXT) || ' ' || k.name",
+            (_, GroupBy::User) => "CAST(k.user_id AS TEXT) || ' ' || u.email",
             (_, GroupBy::Account) => "COALESCE(a.name, '-')",
             (_, GroupBy::Model) => "COALESCE(r.requested_model, r.model, '-')",
             (_, GroupBy::ServedModel) => "COALESCE(r.model, '-')",
@@ -53,6 +56,7 @@ impl Store {
             (Store::Sqlite(_), GroupBy::Day) => "substr(r.created_at, 1, 10)",
         };
         let from = "FROM usage_records r JOIN api_keys k ON k.id = r.api_key_id \
+                    JOIN users u ON u.id = k.user_id \
                     LEFT JOIN upstream_accounts a ON a.id = r.upstream_account_id \
                     WHERE r.created_at >= $1 AND r.created_at < $2";
         let is_error =

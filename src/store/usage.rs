@@ -1,11 +1,14 @@
 //! The usage write path: a batch of [`UsageRecord`]s and the key/account counters in ONE
-//! transaction, skipping request ids already written (so a replayed batch changes nothing).
+//! transaction, skipping request ids already written (so a replayed batch changes nothing), with
+//! the spend settlement of the rows inserted (`spend.rs`) in the same transaction.
 
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 
+use super::spend::settle;
 use super::{sqlite_time, Store, StoreError};
+use super::{Tx, TxConn};
 use crate::record::{UsageRecord, UsageSource};
 
 /// Per-id deltas of one flush, from the rows actually inserted.
@@ -38,7 +41,7 @@ WITH ins AS (
       $8::int4[], $9::int4[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], $15::numeric[],
       $16::text[], $17::timestamptz[], $18::text[], $19::text[], $20::text[])
   ON CONFLICT (request_id) DO NOTHING
-  RETURNING api_key_id, upstream_account_id, status_code, error_message, created_at
+  RETURNING request_id, api_key_id, upstream_account_id, status_code, error_message, created_at
 ), key_counts AS (
   UPDATE api_keys k SET request_count = k.request_count + a.n,
          last_used_at = GREATEST(COALESCE(k.last_used_at, a.last), a.last)
@@ -56,7 +59,7 @@ WITH ins AS (
   WHERE u.id = a.upstream_account_id
   RETURNING 1
 )
-SELECT count(*) FROM ins";
+SELECT request_id FROM ins";
 
 /// Rows per SQLite INSERT statement (20 parameters each, well under SQLite's 32766).
 const SQLITE_ROWS_PER_STATEMENT: usize = 1000;
@@ -71,7 +74,8 @@ impl Store {
         }
         match self {
             Store::Postgres(p) => {
-                let n: i64 = sqlx::query_scalar(PG_INSERT_USAGE)
+                let mut tx = p.begin().await?;
+                let ids: Vec<String> = sqlx::query_scalar(PG_INSERT_USAGE)
                     .bind(
                         rows.iter()
                             .map(|r| r.request_id.as_str())
@@ -120,12 +124,18 @@ impl Store {
                             .map(|r| r.upstream_error.as_deref())
                             .collect::<Vec<_>>(),
                     )
-                    .fetch_one(p)
+                    .fetch_all(&mut *tx)
                     .await?;
-                Ok(n as u64)
+                let inserted: HashSet<String> = ids.into_iter().collect();
+                let mut tx = Tx::wrap(TxConn::Postgres(tx), self);
+                settle_inserted(&mut tx, rows, &inserted).await?;
+                // Not an admin change: usage rows and their charges are the writer's.
+                tx.commit_unaudited().await?;
+                Ok(inserted.len() as u64)
             }
             Store::Sqlite(p) => {
-                let mut tx = p.begin().await?;
+                // IMMEDIATE: the write lock from the start, as the settlement reads then writes.
+                let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
                 let mut inserted: HashSet<String> = HashSet::new();
                 for chunk in rows.chunks(SQLITE_ROWS_PER_STATEMENT) {
                     let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
@@ -201,9 +211,26 @@ impl Store {
                     q.push(") AS d WHERE upstream_accounts.id = d.column1");
                     q.build().execute(&mut *tx).await?;
                 }
-                tx.commit().await?;
+                let mut tx = Tx::wrap(TxConn::Sqlite(tx), self);
+                settle_inserted(&mut tx, rows, &inserted).await?;
+                // Not an admin change: usage rows and their charges are the writer's.
+                tx.commit_unaudited().await?;
                 Ok(inserted.len() as u64)
             }
         }
     }
+}
+
+/// The spend settlement of the rows this write inserted (a replayed row is skipped with its
+/// charges: a batch written twice charges once).
+async fn settle_inserted(
+    tx: &mut Tx,
+    rows: &[UsageRecord],
+    inserted: &HashSet<String>,
+) -> Result<(), StoreError> {
+    let fresh: Vec<&UsageRecord> = rows
+        .iter()
+        .filter(|r| inserted.contains(&r.request_id))
+        .collect();
+    settle(tx, &fresh, Utc::now()).await
 }

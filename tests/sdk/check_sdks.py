@@ -12,6 +12,7 @@ BASE = os.environ["TOLLGATE_URL"]
 KEY = os.environ["TOLLGATE_KEY"]
 CHAT_ONLY_KEY = os.environ["TOLLGATE_CHAT_ONLY_KEY"]
 UNKNOWN_KEY = os.environ["TOLLGATE_UNKNOWN_KEY"]
+BROKE_KEY = os.environ["TOLLGATE_BROKE_KEY"]
 
 oa = openai.OpenAI(base_url=BASE + "/v1", api_key=KEY, max_retries=0)
 an = anthropic.Anthropic(base_url=BASE, api_key=KEY, max_retries=0)
@@ -130,6 +131,20 @@ def anthropic_refusals_raise_the_sdk_classes():
     raises(anthropic.RequestTooLargeError, "larger than the limit",
            lambda: an.messages.create(model="claude-3-5-sonnet", max_tokens=5,
                                       messages=[{"role": "user", "content": "x" * 70000}]))
+
+
+@check
+def spend_refusals_are_not_retried():
+    # The SDKs' default retries stay on: x-should-retry: false must stop them (tests/sdk.rs
+    # counts one row per call).
+    broke = openai.OpenAI(base_url=BASE + "/v1", api_key=BROKE_KEY)
+    e = raises(openai.RateLimitError, "You exceeded your current quota",
+               lambda: broke.chat.completions.create(model="gpt-4o-mini", max_tokens=5, messages=MESSAGES))
+    assert e.code == "insufficient_quota", e.body
+    broke_an = anthropic.Anthropic(base_url=BASE, api_key=BROKE_KEY)
+    e = raises(anthropic.RateLimitError, "You exceeded your current quota",
+               lambda: broke_an.messages.create(model="claude-3-5-sonnet", max_tokens=5, messages=MESSAGES))
+    assert e.body["error"]["type"] == "billing_error", e.body
 
 
 passed = failed = 0
