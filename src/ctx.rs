@@ -135,6 +135,7 @@ impl RequestCtx {
             elapsed: self.started.elapsed(),
             served: tap.is_some(),
             tap,
+            spend_cut: self.spend.as_ref().and_then(spend::SpendHold::cut_output),
         })
     }
 }

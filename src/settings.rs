@@ -660,6 +660,7 @@ fn spend(c: &crate::config::SpendConfig) -> Result<crate::spend::SpendSettings, 
         lease_wait: millis("spend", "lease_wait_ms", c.lease_wait_ms, 10, 60_000)?,
         idle_return: idle,
         fail,
+        cut_streams: c.cut_streams,
     })
 }
 
