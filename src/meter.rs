@@ -5,7 +5,8 @@
 //! Where the tokens come from is recorded (`usage_source`): the upstream's report
 //! (`provider`); what a stream reported before it ended early (`partial`); or, when a served 2xx
 //! response reported nothing, the prompt counted from the request (`estimated`), so that no
-//! served request is billed 0 in silence.
+//! served request is billed 0 in silence. A stream cut by `[spend] cut_streams` is charged the
+//! output it relayed, as counted on the way (`partial` or `estimated`).
 
 use std::time::Duration;
 

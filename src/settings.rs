@@ -1020,6 +1020,19 @@ mod tests {
     }
 
     #[test]
+    fn spend_cut_streams() {
+        assert!(!parse("").unwrap().spend.cut_streams, "off by default");
+        assert!(
+            parse("[spend]\ncut_streams = true\n")
+                .unwrap()
+                .spend
+                .cut_streams
+        );
+        let e = parse("[spend]\ncut_streams = \"yes\"\n").unwrap_err();
+        assert!(e.starts_with("config.toml:2"), "{e}");
+    }
+
+    #[test]
     fn sqlite_files() {
         let db = |url: &str| Database {
             url: url.into(),
