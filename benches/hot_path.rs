@@ -658,6 +658,7 @@ fn spend_admission(c: &mut Criterion) {
         lease_wait: Duration::from_secs(2),
         idle_return: Duration::from_secs(3600),
         fail: FailPolicy::Closed,
+        cut_streams: false,
     };
     let spend = Spend::new(
         settings,

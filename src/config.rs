@@ -297,6 +297,10 @@ pub struct SpendConfig {
     /// When a lease is needed and the database cannot answer: "closed" (refuse, 503) or "open"
     /// (admit without a reservation).
     pub fail: String,
+    /// Cut a stream of a request without `max_tokens` when its output passes what its
+    /// reservation covers and the local lease cannot extend it (README "Budgets and prepaid
+    /// credits").
+    pub cut_streams: bool,
 }
 
 impl Default for SpendConfig {
@@ -309,6 +313,7 @@ impl Default for SpendConfig {
             lease_wait_ms: 2000,
             idle_return_secs: 10,
             fail: "closed".into(),
+            cut_streams: false,
         }
     }
 }

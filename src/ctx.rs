@@ -71,7 +71,9 @@ pub struct RequestCtx {
     /// The request's reservations against its budgets and credit balance (`spend.rs`): set by
     /// the spend stage in `request_filter` when any apply; settled by `logging` with the usage
     /// record (the unused part goes back to this instance's leases, the record names the leases
-    /// for the usage writer); dropped unsettled (no record), everything goes back.
+    /// for the usage writer); dropped unsettled (no record), everything goes back. With
+    /// `[spend] cut_streams`, `forward` has it cover a watched stream's output chunk by chunk
+    /// (`SpendHold::cover`); a stream it cannot cover is cut (`spend_cut`).
     pub spend: Option<spend::SpendHold>,
     /// Counts this request as in flight until the context is dropped after `logging`.
     _in_flight: InFlight,
@@ -135,6 +137,7 @@ impl RequestCtx {
             elapsed: self.started.elapsed(),
             served: tap.is_some(),
             tap,
+            spend_cut: self.spend.as_ref().and_then(spend::SpendHold::cut_output),
         })
     }
 }

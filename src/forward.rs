@@ -288,6 +288,9 @@ impl Forwarder {
             .map(|v| v.as_bytes());
         let mut tap = ResponseTap::for_response(content_type, account.kind, self.json_cap);
         let strip = matches!(tap, ResponseTap::Sse(_)) && ctx.stripper.is_some();
+        // `[spend] cut_streams`: a stream of a request without an output cap is measured as it
+        // goes (one `bool` per chunk otherwise).
+        let watch = ctx.spend.as_ref().is_some_and(|h| h.watches()) && tap.count_output();
         let response = self.client_response(upstream, ctx, strip);
         ctx.status = status;
         if session
@@ -304,6 +307,16 @@ impl Forwarder {
             match client.read_response_body().await {
                 Ok(Some(chunk)) => {
                     tap.feed(&chunk);
+                    // Past what the reservation covers and no extension fits: this chunk is
+                    // not sent, and the stream ends as an upstream failure ends it.
+                    if watch
+                        && !ctx
+                            .spend
+                            .as_mut()
+                            .is_none_or(|h| h.cover(tap.output_bound().unwrap_or(0)))
+                    {
+                        break Err("spend_cut");
+                    }
                     let out = match ctx.stripper.as_mut().filter(|_| strip) {
                         Some(s) => {
                             let mut buf = Vec::with_capacity(chunk.len());

@@ -5,7 +5,8 @@
 //! Where the tokens come from is recorded (`usage_source`): the upstream's report
 //! (`provider`); what a stream reported before it ended early (`partial`); or, when a served 2xx
 //! response reported nothing, the prompt counted from the request (`estimated`), so that no
-//! served request is billed 0 in silence.
+//! served request is billed 0 in silence. A stream cut by `[spend] cut_streams` is charged the
+//! output it relayed, as counted on the way (`partial` or `estimated`).
 
 use std::time::Duration;
 
@@ -43,6 +44,9 @@ pub struct Finished<'a> {
     pub tap: Option<ResponseTap>,
     /// An upstream's response header reached the client.
     pub served: bool,
+    /// The stream was cut by `[spend] cut_streams`: the bound of the output tokens it relayed
+    /// (`SpendHold::cut_output`).
+    pub spend_cut: Option<u64>,
 }
 
 /// Longest `endpoint` / `model` stored: client-controlled strings are bounded.
@@ -64,6 +68,9 @@ fn bounded(s: &str, max: usize) -> String {
 /// The token counts and where they come from. A request that reached no upstream, or an upstream
 /// error, uses nothing.
 fn usage_of(done: &Finished<'_>, metered: &Metered, model: Option<&str>) -> (Usage, UsageSource) {
+    if let Some(output) = done.spend_cut {
+        return cut_usage(done, metered, model, output);
+    }
     match metered.usage {
         Some(u) if metered.complete => (u, UsageSource::Provider),
         Some(u) => (u, UsageSource::Partial),
@@ -81,6 +88,37 @@ fn usage_of(done: &Finished<'_>, metered: &Metered, model: Option<&str>) -> (Usa
         }
         None => (Usage::default(), UsageSource::None),
     }
+}
+
+/// A stream cut by `[spend] cut_streams`: charged the output it relayed, counted as its
+/// running bound (bytes of generated text, never fewer than its tokens, within what the
+/// reservation covered), and the input the upstream reported before the cut (`partial`) or
+/// the prompt counted from the request (`estimated`). A report the cut chunk completed gives
+/// the output when it is smaller.
+fn cut_usage(
+    done: &Finished<'_>,
+    metered: &Metered,
+    model: Option<&str>,
+    output: u64,
+) -> (Usage, UsageSource) {
+    let (mut usage, source) = match metered.usage {
+        Some(u) => (u, UsageSource::Partial),
+        None => (
+            Usage {
+                input_tokens: estimate::prompt_tokens(done.body, model),
+                ..Usage::default()
+            },
+            UsageSource::Estimated,
+        ),
+    };
+    usage.output_tokens = match metered.usage {
+        Some(u) if metered.complete => u.output_tokens.min(output),
+        _ => output,
+    };
+    if usage.total_tokens() == 0 {
+        return (usage, UsageSource::None);
+    }
+    (usage, source)
 }
 
 /// The usage record of a finished request, and its price (with the cost counter it feeds).
@@ -162,6 +200,7 @@ mod tests {
             elapsed: Duration::from_millis(12),
             served: tap.is_some(),
             tap,
+            spend_cut: None,
         }
     }
 
@@ -211,6 +250,53 @@ mod tests {
             );
             assert_eq!(rec.requested_model.as_deref(), Some("gpt-4o"));
             assert_eq!(priced.cost.is_zero(), expected.1 == 0);
+        }
+    }
+
+    #[test]
+    fn a_cut_stream_is_charged_what_it_relayed() {
+        let counters = CostCounters::default();
+        let pricing = pricing(&counters);
+        let body = br#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"Hello world"}]}"#;
+        let start = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":7,\"output_tokens\":1}}}\n\n";
+        let done = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":30}}\n\ndata: [DONE]\n\n";
+        // (response, output relayed) → (source, prompt, completion, cost at $1/$2 per million)
+        for (resp, relayed, expected) in [
+            // Nothing reported: the prompt counted (8), the output relayed.
+            (
+                &b"data: {\"choices\":[]}\n\n"[..],
+                40,
+                (UsageSource::Estimated, 8, 40, "0.000088"),
+            ),
+            // Anthropic's message_start: its input, the output relayed (not its 1).
+            (start, 40, (UsageSource::Partial, 7, 40, "0.000087")),
+            // The cut chunk held the final report: the smaller of it and what was relayed.
+            (done, 40, (UsageSource::Partial, 5, 30, "0.000065")),
+            (done, 20, (UsageSource::Partial, 5, 20, "0.000045")),
+        ] {
+            let mut t = tap("text/event-stream", b"");
+            t.feed(resp);
+            let mut f = finished(body, Some(t));
+            f.error = Some("spend_cut");
+            f.spend_cut = Some(relayed);
+            let (rec, _) = record(f, &pricing, Utc::now());
+            assert_eq!(
+                (
+                    rec.usage_source.unwrap(),
+                    rec.prompt_tokens,
+                    rec.completion_tokens,
+                    rec.cost,
+                ),
+                (
+                    expected.0,
+                    expected.1,
+                    expected.2,
+                    Decimal::from_str(expected.3).unwrap()
+                ),
+                "{}",
+                String::from_utf8_lossy(resp)
+            );
+            assert_eq!(rec.error_message.as_deref(), Some("spend_cut"));
         }
     }
 

@@ -396,6 +396,10 @@ fn describe() {
         "Requests admitted without a reservation because the database could not give a lease ([spend] fail = open)."
     );
     describe_counter!(
+        "tollgate_spend_streams_cut_total",
+        "Streams cut because their output passed what their reservation covered and the local lease could not extend it ([spend] cut_streams; requests without max_tokens)."
+    );
+    describe_counter!(
         "tollgate_auth_failures_total",
         "Requests refused before reaching an upstream, by reason."
     );

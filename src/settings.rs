@@ -660,6 +660,7 @@ fn spend(c: &crate::config::SpendConfig) -> Result<crate::spend::SpendSettings, 
         lease_wait: millis("spend", "lease_wait_ms", c.lease_wait_ms, 10, 60_000)?,
         idle_return: idle,
         fail,
+        cut_streams: c.cut_streams,
     })
 }
 
@@ -1016,6 +1017,19 @@ mod tests {
                 "{url}"
             );
         }
+    }
+
+    #[test]
+    fn spend_cut_streams() {
+        assert!(!parse("").unwrap().spend.cut_streams, "off by default");
+        assert!(
+            parse("[spend]\ncut_streams = true\n")
+                .unwrap()
+                .spend
+                .cut_streams
+        );
+        let e = parse("[spend]\ncut_streams = \"yes\"\n").unwrap_err();
+        assert!(e.starts_with("config.toml:2"), "{e}");
     }
 
     #[test]

@@ -72,6 +72,9 @@ pub struct SpendSettings {
     pub lease_wait: Duration,
     pub idle_return: Duration,
     pub fail: FailPolicy,
+    /// Cut a stream whose output passes what its reservation covers and no extension of it
+    /// fits (a request that states no output cap; see [`SpendHold::cover`]).
+    pub cut_streams: bool,
 }
 
 /// One budget that applies to a key, as its cached key carries it.
@@ -270,9 +273,93 @@ struct Held {
 /// request never became a record) they all go back.
 pub struct SpendHold {
     held: Vec<Held>,
+    /// `[spend] cut_streams` and a request without an output cap: its stream is watched.
+    watch: Option<Box<Watch>>,
+}
+
+/// What a watched stream's reservation covers of its output, and how it grows.
+struct Watch {
+    /// Output tokens the reservation covers: the default cap × `n`, plus the extensions.
+    covered: u64,
+    /// Output tokens one extension adds (`[spend] default_max_output_tokens`).
+    chunk: u64,
+    /// What one extension takes from each held pool (in `held`'s order), priced at admission.
+    chunk_units: Vec<i64>,
+    /// The running bound when the last chunk was let through: what the client was sent.
+    relayed: u64,
+    /// An extension did not fit: the stream was cut.
+    cut: bool,
+    streams_cut: Counter,
+}
+
+/// How many extensions of `chunk` tokens a stream whose output is bounded by `seen` tokens
+/// needs beyond the `covered` ones (0: covered).
+pub fn extensions_needed(seen: u64, covered: u64, chunk: u64) -> u64 {
+    if seen <= covered {
+        return 0;
+    }
+    (seen - covered).div_ceil(chunk.max(1))
+}
+
+/// What one extension of `chunk` output tokens takes from a pool of `metric`: its cost at the
+/// output price (rounded up, as a reservation is), its tokens, and no request.
+fn extension_units(metric: Metric, chunk: u64, price: Option<UnitPrice>) -> i64 {
+    match metric {
+        Metric::Requests => 0,
+        Metric::Cost | Metric::Tokens => WorstCase {
+            input_tokens: 0,
+            output_tokens: chunk,
+            bounded: false,
+        }
+        .units(metric, price),
+    }
 }
 
 impl SpendHold {
+    /// Whether its response is to be watched as it streams ([`SpendHold::cover`]).
+    pub fn watches(&self) -> bool {
+        self.watch.is_some()
+    }
+
+    /// A watched stream's output is bounded by `seen` tokens: extends the reservation from each
+    /// pool's local `free` (one compare-and-swap per pool, whole extensions of the default cap)
+    /// when `seen` passes what it covers. `false`: an extension did not fit, the stream must be
+    /// cut (what was taken stays held and goes back at settlement like the rest). A pool held
+    /// without a lease (`fail = "open"`) is not limited: its extension is counted, never refused.
+    /// Not watched: always `true`.
+    pub fn cover(&mut self, seen: u64) -> bool {
+        let Some(w) = self.watch.as_deref_mut() else {
+            return true;
+        };
+        if w.cut {
+            return false;
+        }
+        let k = extensions_needed(seen, w.covered, w.chunk);
+        if k > 0 {
+            let times = i64::try_from(k).unwrap_or(i64::MAX);
+            for (h, per) in self.held.iter_mut().zip(&w.chunk_units) {
+                let units = per.saturating_mul(times);
+                if h.lease_id == 0 {
+                    h.pool.free.fetch_sub(units, Ordering::AcqRel);
+                } else if !h.pool.try_take(units) {
+                    w.cut = true;
+                    w.streams_cut.increment(1);
+                    return false;
+                }
+                h.units = h.units.saturating_add(units);
+            }
+            w.covered = w.covered.saturating_add(k.saturating_mul(w.chunk));
+        }
+        w.relayed = seen;
+        true
+    }
+
+    /// The output tokens to charge a stream that was cut: the bound of what it relayed (within
+    /// what its reservation covered). `None`: not cut.
+    pub fn cut_output(&self) -> Option<u64> {
+        self.watch.as_deref().filter(|w| w.cut).map(|w| w.relayed)
+    }
+
     /// Gives back what the request did not use and names its leases on the record, for the
     /// usage writer to settle in the row's transaction.
     pub fn settle(&mut self, record: &mut UsageRecord) {
@@ -311,6 +398,7 @@ struct Handles {
     leases_granted: Counter,
     leases_exhausted: Counter,
     lease_errors: Counter,
+    streams_cut: Counter,
 }
 
 /// The stage: this instance's pools and the way to the database.
@@ -360,6 +448,7 @@ impl Spend {
                     leases_granted: leases("granted"),
                     leases_exhausted: leases("exhausted"),
                     lease_errors: leases("error"),
+                    streams_cut: counter!("tollgate_spend_streams_cut_total"),
                 },
                 settings,
             }),
@@ -415,6 +504,7 @@ impl Spend {
         let worst = WorstCase::of(shape, self.inner.settings.sizing);
         let mut hold = SpendHold {
             held: Vec::with_capacity(policy.budgets.len() + 1),
+            watch: None,
         };
         for b in &policy.budgets {
             // The key's pool of the current period, worked out again only when it ends.
@@ -453,7 +543,28 @@ impl Spend {
             };
             self.reserve(&mut hold, lp, units, now_ms).await?;
         }
+        if self.inner.settings.cut_streams && !worst.bounded {
+            hold.watch = Some(self.watch(&hold, &worst, price));
+        }
         Ok(hold)
+    }
+
+    /// The watch of a request without an output cap (`[spend] cut_streams`): its reservation
+    /// covers `worst.output_tokens`; each extension adds a default cap, priced now.
+    fn watch(&self, hold: &SpendHold, worst: &WorstCase, price: Option<UnitPrice>) -> Box<Watch> {
+        let chunk = self.inner.settings.sizing.default_max_output_tokens;
+        Box::new(Watch {
+            covered: worst.output_tokens,
+            chunk,
+            chunk_units: hold
+                .held
+                .iter()
+                .map(|h| extension_units(h.pool.pool.metric(), chunk, price))
+                .collect(),
+            relayed: 0,
+            cut: false,
+            streams_cut: self.inner.metrics.streams_cut.clone(),
+        })
     }
 
     /// The stage's pool of `pool` (made on first use), cached in the key's policy so that its
@@ -802,6 +913,7 @@ mod tests {
                         units,
                         lease_id: lease,
                     }],
+                    watch: None,
                 };
                 let mut row = row;
                 hold.settle(&mut row);
@@ -842,6 +954,152 @@ mod tests {
     }
 
     #[test]
+    fn extensions_needed_are_whole_chunks() {
+        // (seen, covered, chunk) → extensions
+        for (seen, covered, chunk, expected) in [
+            (0, 4096, 4096, 0),
+            (4096, 4096, 4096, 0),
+            (4097, 4096, 4096, 1),
+            (8192, 4096, 4096, 1),
+            (8193, 4096, 4096, 2),
+            // A chunk of text far past the cover: as many extensions at once.
+            (100_000, 4096, 4096, 24),
+            (5, 0, 0, 5), // a chunk of 0 counts as 1 (never a division by 0)
+            (u64::MAX, 0, 1, u64::MAX),
+        ] {
+            assert_eq!(
+                extensions_needed(seen, covered, chunk),
+                expected,
+                "{seen} {covered} {chunk}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_watched_stream_extends_its_reservation_or_is_cut() {
+        // Two pools held (free after admission, units held, what one extension takes, lease);
+        // the stream's bound reaches each of `seens` in turn. Covered: 100 tokens, extensions
+        // of 50. → (what `cover` answered each time, free after, held after, cut output)
+        type Pools = [(i64, i64, i64, i64); 2];
+        let check = |pools: Pools,
+                     seens: &[u64],
+                     answers: &[bool],
+                     free_after: [i64; 2],
+                     held_after: [i64; 2],
+                     cut: Option<u64>| {
+            let lps: Vec<_> = pools
+                .iter()
+                .map(|&(free, ..)| {
+                    let lp = Arc::new(LocalPool::new(Pool::Credit { user_id: 1 }, None));
+                    lp.free.store(free, Ordering::Relaxed);
+                    lp
+                })
+                .collect();
+            let mut hold = SpendHold {
+                held: pools
+                    .iter()
+                    .zip(&lps)
+                    .map(|(&(_, units, _, lease_id), lp)| Held {
+                        pool: lp.clone(),
+                        units,
+                        lease_id,
+                    })
+                    .collect(),
+                watch: Some(Box::new(Watch {
+                    covered: 100,
+                    chunk: 50,
+                    chunk_units: pools.iter().map(|p| p.2).collect(),
+                    relayed: 0,
+                    cut: false,
+                    streams_cut: Counter::noop(),
+                })),
+            };
+            let got: Vec<bool> = seens.iter().map(|&s| hold.cover(s)).collect();
+            assert_eq!(got, answers, "{pools:?} {seens:?}");
+            let free: Vec<i64> = lps.iter().map(|l| l.free.load(Ordering::Relaxed)).collect();
+            assert_eq!(free, free_after, "free after {pools:?} {seens:?}");
+            let held: Vec<i64> = hold.held.iter().map(|h| h.units).collect();
+            assert_eq!(held, held_after, "held after {pools:?} {seens:?}");
+            assert_eq!(hold.cut_output(), cut);
+            // Whatever happened, dropping the hold gives back all it held.
+            drop(hold);
+            for (lp, p) in lps.iter().zip(&pools) {
+                assert_eq!(lp.free.load(Ordering::Relaxed), p.0 + p.1);
+            }
+        };
+        // Within the cover: nothing taken.
+        check(
+            [(1000, 10, 5, 1), (1000, 10, 7, 2)],
+            &[10, 100],
+            &[true, true],
+            [1000, 1000],
+            [10, 10],
+            None,
+        );
+        // Past it: one extension from each pool, then two at once (150 → 250).
+        check(
+            [(1000, 10, 5, 1), (1000, 10, 7, 2)],
+            &[101, 150, 250],
+            &[true, true, true],
+            [985, 979],
+            [25, 31],
+            None,
+        );
+        // The second pool cannot give the second extension: cut at 151, charged 150 (the
+        // bound when the last chunk went through); the first pool's extension stays held.
+        check(
+            [(1000, 10, 5, 1), (10, 10, 7, 2)],
+            &[120, 150, 151, 152],
+            &[true, true, false, false],
+            [990, 3],
+            [20, 17],
+            Some(150),
+        );
+        // Nothing left locally at the first extension: cut, charged what was relayed.
+        check(
+            [(4, 10, 5, 1), (1000, 10, 0, 2)],
+            &[60, 101],
+            &[true, false],
+            [4, 1000],
+            [10, 10],
+            Some(60),
+        );
+        // A pool held without a lease (fail = "open") is counted, never refused; a requests
+        // budget's extension is 0.
+        check(
+            [(0, 10, 5, 0), (0, 1, 0, 2)],
+            &[101],
+            &[true],
+            [-5, 0],
+            [15, 1],
+            None,
+        );
+    }
+
+    #[test]
+    fn extensions_are_priced_as_output() {
+        let price = UnitPrice::of(&crate::cost::Price {
+            input: Decimal::from_str("1").unwrap(),
+            output: Decimal::from_str("3").unwrap(),
+            cached_input: None,
+            cache_write: None,
+        });
+        // (metric, chunk, price) → units: $3 per million output tokens = 30,000 units a token.
+        for (metric, chunk, price, expected) in [
+            (Metric::Cost, 4096, Some(price), 4096 * 30_000),
+            (Metric::Cost, 4096, None, 0),
+            (Metric::Tokens, 4096, Some(price), 4096),
+            (Metric::Requests, 4096, Some(price), 0),
+        ] {
+            assert_eq!(
+                extension_units(metric, chunk, price),
+                expected,
+                "{metric:?}"
+            );
+        }
+    }
+
+    #[test]
     fn dropped_unsettled_everything_goes_back() {
         let lp = Arc::new(LocalPool::new(Pool::Credit { user_id: 1 }, None));
         lp.free.store(10, Ordering::Relaxed);
@@ -854,6 +1112,7 @@ mod tests {
                 units: 7,
                 lease_id: 1,
             }],
+            watch: None,
         });
         assert_eq!(lp.free.load(Ordering::Relaxed), 10);
         assert!(lp.try_take(0), "nothing always fits");

@@ -20,6 +20,9 @@ enum Signal<'a> {
     /// A line ended and no event is being assembled (after a blank line without data, or a
     /// comment between events): everything up to `end` is settled.
     Idle { end: usize },
+    /// A blank line ended an event that was over the cap (not dispatched); `event` is its
+    /// `event` field.
+    Skipped { end: usize, event: &'a [u8] },
     /// A blank line dispatched an event with at least one `data` line.
     Dispatch {
         end: usize,
@@ -145,6 +148,11 @@ impl EventParser {
                     event: &self.event,
                     data: &self.data,
                 });
+            } else if self.skip {
+                f(Signal::Skipped {
+                    end,
+                    event: &self.event,
+                });
             } else {
                 f(Signal::Idle { end });
             }
@@ -246,6 +254,98 @@ fn is_message_stop_data(data: &[u8]) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Generated text, counted for `[spend] cut_streams`.
+
+/// Keys whose string values carry generated text in a streamed event: OpenAI chat
+/// (`delta.content`, `delta.refusal`, tool calls' `function.name` and `function.arguments`
+/// (Anthropic's and the Responses API's tool `name` too), the `reasoning` /
+/// `reasoning_content` some OpenAI-compatible providers stream), legacy completions
+/// (`choices[].text`), Anthropic's `content_block_delta` (`text`, `partial_json`, `thinking`),
+/// Gemini-style `parts[].text`, and the Responses API's `*.delta` events (`delta`).
+const TEXT_KEYS: [&[u8]; 10] = [
+    b"content",
+    b"name",
+    b"text",
+    b"arguments",
+    b"refusal",
+    b"reasoning",
+    b"reasoning_content",
+    b"partial_json",
+    b"thinking",
+    b"delta",
+];
+
+/// An upper bound of the bytes of generated text an event carries: the JSON-escaped length of
+/// every string value of a [`TEXT_KEYS`] key (an escape is never shorter than what it stands
+/// for). Every token is at least one byte of text, so across a stream the sum bounds the
+/// output tokens it showed. Events that repeat streamed text count 0 ([`repeats_text`]). One
+/// pass over the data's quotes.
+pub fn generated_bytes(event: &[u8], data: &[u8]) -> u64 {
+    if repeats_text(event) {
+        return 0;
+    }
+    let mut total = 0u64;
+    let mut i = 0;
+    // The key just read, if the string before a ':' was one of TEXT_KEYS.
+    let mut counted_key = false;
+    while let Some(q) = memchr::memchr(b'"', &data[i..]) {
+        let start = i + q + 1;
+        let Some(end) = string_end(data, start) else {
+            break;
+        };
+        let s = &data[start..end];
+        let mut j = end + 1;
+        while data.get(j).is_some_and(u8::is_ascii_whitespace) {
+            j += 1;
+        }
+        if data.get(j) == Some(&b':') {
+            // A key: remember whether its value (if a string) is text.
+            counted_key = TEXT_KEYS.contains(&s);
+        } else {
+            // A value (or an element of an array): count it if its key is a text key.
+            if counted_key {
+                total = total.saturating_add(s.len() as u64);
+            }
+            counted_key = false;
+        }
+        i = j;
+    }
+    total
+}
+
+/// The index of the closing quote of a JSON string whose content starts at `start`.
+fn string_end(data: &[u8], start: usize) -> Option<usize> {
+    let mut k = start;
+    loop {
+        let p = memchr::memchr2(b'"', b'\\', &data[k..])?;
+        if data[k + p] == b'"' {
+            return Some(k + p);
+        }
+        k += p + 2; // the escaped byte
+        if k > data.len() {
+            return None;
+        }
+    }
+}
+
+/// What an event over the cap counts for: nothing when it only repeats streamed text (see
+/// [`repeats_text`]), else unknown: `u64::MAX` (a watched stream that cannot be measured is cut).
+fn skipped_bytes(event: &[u8]) -> u64 {
+    if repeats_text(event) {
+        0
+    } else {
+        u64::MAX
+    }
+}
+
+/// A Responses API event that carries no new text: of its events (`response.` names) only the
+/// `*.delta` ones stream text, and the `*.added` ones name a tool call; `*.done` and
+/// `response.completed` repeat what was streamed.
+fn repeats_text(event: &[u8]) -> bool {
+    event.starts_with(b"response.") && !event.ends_with(b".delta") && !event.ends_with(b".added")
+}
+
+// ---------------------------------------------------------------------------------------------
 
 #[derive(Debug, Default)]
 struct StreamState {
@@ -317,6 +417,8 @@ pub struct SseUsage {
     parser: EventParser,
     dialect: Dialect,
     state: StreamState,
+    /// Bytes of generated text, when asked for ([`SseUsage::count_output`]).
+    output: Option<u64>,
 }
 
 impl SseUsage {
@@ -330,17 +432,39 @@ impl SseUsage {
             parser: EventParser::new(cap),
             dialect,
             state: StreamState::default(),
+            output: None,
         }
     }
 
     pub fn feed(&mut self, chunk: &[u8]) {
         let dialect = self.dialect;
         let state = &mut self.state;
-        self.parser.feed(chunk, &mut |sig| {
-            if let Signal::Dispatch { event, data, .. } = sig {
+        let output = &mut self.output;
+        self.parser.feed(chunk, &mut |sig| match sig {
+            Signal::Dispatch { event, data, .. } => {
+                if let Some(n) = output {
+                    *n = n.saturating_add(generated_bytes(event, data));
+                }
                 state.event(dialect, event, data);
             }
+            Signal::Skipped { event, .. } => {
+                if let Some(n) = output {
+                    *n = n.saturating_add(skipped_bytes(event));
+                }
+            }
+            Signal::Idle { .. } => {}
         });
+    }
+
+    /// From now on, count the bytes of generated text in the events (see [`generated_bytes`]):
+    /// `[spend] cut_streams` reads them as a running upper bound of the output tokens.
+    pub fn count_output(&mut self) {
+        self.output.get_or_insert(0);
+    }
+
+    /// Bytes of generated text seen so far, when counting (see [`SseUsage::count_output`]).
+    pub fn output_bytes(&self) -> Option<u64> {
+        self.output
     }
 
     /// Call at end of input: handles a last event whose blank line never arrived (its last
@@ -442,7 +566,7 @@ impl UsageChunkStripper {
         let mut dropped_at = None;
         self.parser.feed(chunk, &mut |sig| {
             let (end, keep) = match sig {
-                Signal::Idle { end } => (end, true),
+                Signal::Idle { end } | Signal::Skipped { end, .. } => (end, true),
                 Signal::Dispatch { end, data, .. } => {
                     (end, *passthrough || !is_usage_only_chunk(data))
                 }
@@ -612,6 +736,147 @@ mod tests {
         r#"data: {"candidates": [{"content": {"parts": [{"text": " sky is blue."}],"role": "model"},"finishReason": "STOP","index": 0}],"usageMetadata": {"promptTokenCount": 6,"candidatesTokenCount": 40,"totalTokenCount": 146,"thoughtsTokenCount": 100,"promptTokensDetails": [{"modality": "TEXT","tokenCount": 6}]},"modelVersion": "gemini-2.0-flash","responseId": "Q8hVaKbLM"}"#,
         "\n\n",
     );
+
+    #[test]
+    fn generated_text_is_counted_in_bytes() {
+        // (event name, data) → bytes of generated text (JSON-escaped length)
+        let check = |event: &str, data: &str, expected: u64| {
+            assert_eq!(
+                generated_bytes(event.as_bytes(), data.as_bytes()),
+                expected,
+                "{event} {data}"
+            );
+        };
+        // OpenAI chat: the role chunk, text, an escape (2 bytes for 1), a tool call, the end.
+        check(
+            "",
+            r#"{"id":"c1","model":"gpt-4o","choices":[{"index":0,"delta":{"role":"assistant","content":"","refusal":null}}]}"#,
+            0,
+        );
+        check(
+            "",
+            r#"{"id":"c1","model":"gpt-4o","choices":[{"index":0,"delta":{"content":"Hello"},"logprobs":null}]}"#,
+            5,
+        );
+        check("", r#"{"choices":[{"delta":{"content":"a\"b\n"}}]}"#, 6);
+        check("", r#"{"choices":[{"delta":{"content":"é"}}]}"#, 2);
+        check(
+            "",
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"get","arguments":"{\"a\":1}"}}]}}]}"#,
+            3 + 9,
+        );
+        check(
+            "",
+            r#"{"choices":[{"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":1}}"#,
+            0,
+        );
+        check("", "[DONE]", 0);
+        // Several choices, reasoning of OpenAI-compatible providers, legacy completions.
+        check(
+            "",
+            r#"{"choices":[{"index":0,"delta":{"content":"ab"}},{"index":1,"delta":{"content":"cde"}}]}"#,
+            5,
+        );
+        check(
+            "",
+            r#"{"choices":[{"delta":{"reasoning_content":"think"}}]}"#,
+            5,
+        );
+        check("", r#"{"choices":[{"text":"xyz","index":0}]}"#, 3);
+        // A key's text inside a string is text, not a key.
+        check(
+            "",
+            r#"{"choices":[{"delta":{"content":"say \"content\": \"x\""}}]}"#,
+            22,
+        );
+        // Anthropic: text, tool input, thinking; the signature and the envelope are not text.
+        check(
+            "content_block_delta",
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi there"}}"#,
+            8,
+        );
+        check(
+            "content_block_delta",
+            r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"loc"}}"#,
+            6,
+        );
+        check(
+            "content_block_delta",
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"hmm"}}"#,
+            3,
+        );
+        check(
+            "content_block_delta",
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"signature_delta","signature":"EqQB"}}"#,
+            0,
+        );
+        check(
+            "content_block_start",
+            r#"{"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"toolu_1","name":"get_weather","input":{}}}"#,
+            11,
+        );
+        check(
+            "message_start",
+            r#"{"type":"message_start","message":{"id":"m","role":"assistant","model":"claude","content":[],"usage":{"input_tokens":9,"output_tokens":1}}}"#,
+            0,
+        );
+        check(
+            "message_delta",
+            r#"{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":15}}"#,
+            0,
+        );
+        // Responses API: deltas count, the events that repeat the text do not.
+        check(
+            "response.output_text.delta",
+            r#"{"type":"response.output_text.delta","item_id":"msg_1","output_index":0,"content_index":0,"delta":"Hel"}"#,
+            3,
+        );
+        check(
+            "response.function_call_arguments.delta",
+            r#"{"type":"response.function_call_arguments.delta","delta":"{\"a"}"#,
+            4,
+        );
+        check(
+            "response.output_item.added",
+            r#"{"type":"response.output_item.added","item":{"type":"function_call","name":"get","arguments":""}}"#,
+            3,
+        );
+        check(
+            "response.output_text.done",
+            r#"{"type":"response.output_text.done","text":"Hello"}"#,
+            0,
+        );
+        check(
+            "response.completed",
+            r#"{"type":"response.completed","response":{"output":[{"content":[{"text":"Hello"}]}]}}"#,
+            0,
+        );
+        // Not JSON, or cut short: whatever strings end.
+        check("", "not json", 0);
+        check("", r#"{"content":"abc"#, 0);
+        check("", r#"{"content":"ab\"#, 0);
+    }
+
+    #[test]
+    fn a_counting_stream_sums_its_events_across_chunks() {
+        let stream = "data: {\"choices\":[{\"delta\":{\"content\":\"Hello\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\" world\"}}]}\n\ndata: [DONE]\n\n";
+        for split in 0..stream.len() {
+            let mut p = SseUsage::new(Dialect::OpenAi);
+            assert_eq!(p.output_bytes(), None, "not counting unless asked");
+            p.count_output();
+            p.feed(&stream.as_bytes()[..split]);
+            p.feed(&stream.as_bytes()[split..]);
+            assert_eq!(p.output_bytes(), Some(11), "split at {split}");
+        }
+        // An event over the cap cannot be measured: the bound is unknown (a watched stream is
+        // cut); one that repeats streamed text counts nothing.
+        let mut p = SseUsage::with_event_cap(Dialect::OpenAi, 30);
+        p.count_output();
+        p.feed(b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{}}\n\n");
+        assert_eq!(p.output_bytes(), Some(0));
+        p.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"a long line\"}}]}\n\n");
+        assert_eq!(p.output_bytes(), Some(u64::MAX));
+    }
 
     #[test]
     fn formats() {

@@ -62,6 +62,27 @@ impl ResponseTap {
         }
     }
 
+    /// Counts the generated text of an SSE response from now on (`[spend] cut_streams`); other
+    /// responses are not counted. Whether it counts.
+    pub fn count_output(&mut self) -> bool {
+        match self {
+            ResponseTap::Sse(s) => {
+                s.count_output();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Bytes of generated text seen so far, an upper bound of the output tokens the stream
+    /// showed (see [`crate::sse::generated_bytes`]); `None` unless counting.
+    pub fn output_bound(&self) -> Option<u64> {
+        match self {
+            ResponseTap::Sse(s) => s.output_bytes(),
+            _ => None,
+        }
+    }
+
     pub fn finish(self, kind: AccountType) -> Metered {
         match self {
             ResponseTap::Json(j) => match j.finish(dialect(kind)) {
