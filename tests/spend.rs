@@ -21,6 +21,23 @@ const PRICES: &str = "[prices.\"gpt-4o-mini\"]\ninput = \"1000\"\noutput = \"100
 const BODY: &str =
     r#"{"model":"gpt-4o-mini","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
 
+/// alice@example.com, granted `amount` of credit, with a key (returned) and an account at
+/// `mock`.
+fn credited(gw: &Gateway, mock: &MockUpstream, amount: &str) -> String {
+    gw.add_user("alice@example.com");
+    gw.add_account("main", "openai", &mock.url(), "sk-up", 1, 1);
+    let key = gw.create_key("alice@example.com", &[]);
+    gw.cli_ok(&[
+        "credits",
+        "grant",
+        "--user",
+        "alice@example.com",
+        "--amount",
+        amount,
+    ]);
+    key
+}
+
 /// A CLI command's whole stdout as JSON.
 fn json_out(gw: &Gateway, args: &[&str]) -> serde_json::Value {
     let out = gw.cli(args);
@@ -168,17 +185,7 @@ async fn two_instances_share_one_balance() {
     // Small leases, so both instances hold a part of the balance at once.
     let spend = format!("{PRICES}\n[spend]\nreservations_per_lease = 2\n");
     let mut a = Gateway::new(Db::Postgres, "", &spend).await.unwrap();
-    a.add_user("alice@example.com");
-    a.add_account("main", "openai", &mock.url(), "sk-up", 1, 1);
-    let key = a.create_key("alice@example.com", &[]);
-    a.cli_ok(&[
-        "credits",
-        "grant",
-        "--user",
-        "alice@example.com",
-        "--amount",
-        "1.00",
-    ]);
+    let key = credited(&a, &mock, "1.00");
     a.start().await;
     let mut b = a.sibling().await;
     b.start().await;
@@ -624,17 +631,7 @@ async fn kill_9_credits(db: Db) {
         "{PRICES}\n[spend]\nlease_ttl_secs = 3\nidle_return_secs = 1\nreservations_per_lease = 8\n"
     );
     let mut gw = Gateway::new(db, "", &spend).await.unwrap();
-    gw.add_user("alice@example.com");
-    gw.add_account("main", "openai", &mock.url(), "sk-up", 1, 1);
-    let key = gw.create_key("alice@example.com", &[]);
-    gw.cli_ok(&[
-        "credits",
-        "grant",
-        "--user",
-        "alice@example.com",
-        "--amount",
-        "5",
-    ]);
+    let key = credited(&gw, &mock, "5");
     gw.start().await;
     let load = Load::start(&gw, &key);
     load.until_served(60).await;
@@ -691,17 +688,7 @@ async fn database_away_admits_from_leases_then_fails_closed() {
     let spend = format!("{PRICES}\n[spend]\nreservations_per_lease = 4\nlease_wait_ms = 300\n");
     let mut gw = Gateway::new(Db::Postgres, "", &spend).await.unwrap();
     gw.set_writer("flush_timeout_ms = 1000\nmax_backoff_ms = 500");
-    gw.add_user("alice@example.com");
-    gw.add_account("main", "openai", &mock.url(), "sk-up", 1, 1);
-    let key = gw.create_key("alice@example.com", &[]);
-    gw.cli_ok(&[
-        "credits",
-        "grant",
-        "--user",
-        "alice@example.com",
-        "--amount",
-        "1",
-    ]);
+    let key = credited(&gw, &mock, "1");
     let cutter = gw.through_cutter().await;
     gw.start().await;
     let c = client();

@@ -419,28 +419,54 @@ async fn open_grants(
     Ok(out)
 }
 
-/// Takes `amount` from the grants, earliest-expiring first; what no grant covers (an
-/// overdraft) is taken from none.
-async fn consume_grants(
-    tx: &mut Tx,
-    grants: &mut [(i64, Decimal, Option<DateTime<Utc>>)],
-    mut amount: Decimal,
-) -> Result<(), StoreError> {
+/// Takes `amount` from the grants (in memory), earliest-expiring first; what no grant covers
+/// (an overdraft) is taken from none.
+fn take_from_grants(grants: &mut [(i64, Decimal, Option<DateTime<Utc>>)], mut amount: Decimal) {
     for g in grants.iter_mut() {
         if amount <= Decimal::ZERO {
             break;
         }
-        if g.1 <= Decimal::ZERO {
-            continue;
-        }
         let take = amount.min(g.1);
         g.1 -= take;
         amount -= take;
-        tx.exec(
-            "UPDATE credit_grants SET remaining = $2 WHERE id = $1",
-            &[V::I(g.0), V::D(g.1)],
-        )
-        .await?;
+    }
+}
+
+/// A charge's ledger row, as settlement makes it.
+struct NewEntry {
+    user_id: i64,
+    amount: Decimal,
+    before: Decimal,
+    request_id: String,
+    metadata: serde_json::Value,
+    at: DateTime<Utc>,
+}
+
+/// Charge rows of the ledger, in multi-row inserts (500 rows, 3,500 parameters a statement).
+async fn insert_charges(tx: &mut Tx, entries: &[NewEntry]) -> Result<(), StoreError> {
+    const COLUMNS: usize = 7;
+    for chunk in entries.chunks(500) {
+        let rows: Vec<String> = (0..chunk.len())
+            .map(|i| format!("({}, 'charge')", placeholders(1 + i * COLUMNS, COLUMNS)))
+            .collect();
+        let sql = format!(
+            "INSERT INTO credit_transactions (user_id, amount, balance_before, balance_after, \
+             request_id, metadata, created_at, action) VALUES {}",
+            rows.join(", ")
+        );
+        let mut args = Vec::with_capacity(chunk.len() * COLUMNS);
+        for e in chunk {
+            args.extend([
+                V::I(e.user_id),
+                V::D(e.amount),
+                V::D(e.before),
+                V::D(e.before + e.amount),
+                V::T(e.request_id.clone()),
+                V::J(e.metadata.clone()),
+                V::Ts(e.at),
+            ]);
+        }
+        tx.exec(&sql, &args).await?;
     }
     Ok(())
 }
@@ -1047,36 +1073,47 @@ pub(super) async fn settle(
     for r in charges {
         by_user.entry(r.user_id).or_default().push(r);
     }
+    // Worked out in memory, then written once: the ledger in multi-row inserts, each grant and
+    // balance that changed in one update (a batch of a thousand charges is a handful of
+    // statements, not thousands).
+    let mut entries: Vec<NewEntry> = Vec::new();
     for (user_id, (balance, leased, overdraft)) in balances.iter_mut() {
-        let mut grants = match by_user.get(user_id) {
-            Some(_) => open_grants(tx, *user_id).await?,
-            None => Vec::new(),
+        let charges = by_user.get(user_id).map(Vec::as_slice).unwrap_or(&[]);
+        let mut grants = match charges.is_empty() {
+            true => Vec::new(),
+            false => open_grants(tx, *user_id).await?,
         };
-        for r in by_user.get(user_id).map(Vec::as_slice).unwrap_or(&[]) {
+        let before: Vec<Decimal> = grants.iter().map(|g| g.1).collect();
+        for r in charges {
             let collect = r.cost.min((*balance + *overdraft).max(Decimal::ZERO));
             let mut meta =
                 serde_json::json!({ "cost": r.cost.to_string(), "api_key_id": r.api_key_id });
             if collect < r.cost {
                 meta["uncollected"] = serde_json::Value::String((r.cost - collect).to_string());
             }
-            ledger(
-                tx,
-                *user_id,
-                "charge",
-                -collect,
-                *balance,
-                None,
-                Some(&r.request_id),
-                None,
-                meta,
-                r.created_at,
-            )
-            .await?;
-            consume_grants(tx, &mut grants, collect).await?;
+            entries.push(NewEntry {
+                user_id: *user_id,
+                amount: -collect,
+                before: *balance,
+                request_id: r.request_id.clone(),
+                metadata: meta,
+                at: r.created_at,
+            });
+            take_from_grants(&mut grants, collect);
             *balance -= collect;
+        }
+        for (g, was) in grants.iter().zip(before) {
+            if g.1 != was {
+                tx.exec(
+                    "UPDATE credit_grants SET remaining = $2 WHERE id = $1",
+                    &[V::I(g.0), V::D(g.1)],
+                )
+                .await?;
+            }
         }
         write_balance(tx, *user_id, *balance, *leased, now).await?;
     }
+    insert_charges(tx, &entries).await?;
     Ok(())
 }
 
