@@ -28,6 +28,20 @@ pub fn units_per(metric: Metric) -> i64 {
 /// `amount` in units of `metric`, rounded up (a reservation is never smaller than its amount);
 /// saturates at `i64::MAX` (9.2 × 10⁸ USD).
 pub fn to_units(metric: Metric, amount: Decimal) -> i64 {
+    // Exact without rounding when the amount has no more places than a unit (every cost does):
+    // the mantissa scaled up, integers only (this runs for every settled request).
+    let places = match metric {
+        Metric::Cost => COST_DP,
+        Metric::Tokens | Metric::Requests => 0,
+    };
+    if amount.scale() <= places {
+        if let Some(units) = i64::try_from(amount.mantissa())
+            .ok()
+            .and_then(|m| m.checked_mul(10i64.pow(places - amount.scale())))
+        {
+            return units;
+        }
+    }
     let scaled = amount
         .checked_mul(Decimal::from(units_per(metric)))
         .unwrap_or(Decimal::MAX)

@@ -1086,11 +1086,16 @@ pub(super) async fn settle(
         let before: Vec<Decimal> = grants.iter().map(|g| g.1).collect();
         for r in charges {
             let collect = r.cost.min((*balance + *overdraft).max(Decimal::ZERO));
-            let mut meta =
-                serde_json::json!({ "cost": r.cost.to_string(), "api_key_id": r.api_key_id });
-            if collect < r.cost {
-                meta["uncollected"] = serde_json::Value::String((r.cost - collect).to_string());
-            }
+            // The row's cost is the charge itself (the request id names the row, its key and
+            // model); metadata only says what could not be collected.
+            let meta = if collect < r.cost {
+                serde_json::json!({
+                    "cost": r.cost.to_string(),
+                    "uncollected": (r.cost - collect).to_string(),
+                })
+            } else {
+                serde_json::Value::Object(serde_json::Map::new())
+            };
             entries.push(NewEntry {
                 user_id: *user_id,
                 amount: -collect,
