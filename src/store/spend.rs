@@ -442,8 +442,40 @@ struct NewEntry {
     at: DateTime<Utc>,
 }
 
-/// Charge rows of the ledger, in multi-row inserts (500 rows, 3,500 parameters a statement).
+/// Charge rows of the ledger: on PostgreSQL one `INSERT … SELECT FROM UNNEST` of arrays (as the
+/// usage rows are written: one plan however many rows), on SQLite multi-row inserts (500 rows,
+/// 3,500 parameters a statement).
 async fn insert_charges(tx: &mut Tx, entries: &[NewEntry]) -> Result<(), StoreError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    if let TxConn::Postgres(c) = &mut tx.conn {
+        sqlx::query(
+            "INSERT INTO credit_transactions (user_id, amount, balance_before, balance_after, \
+             request_id, metadata, created_at, action) \
+             SELECT u, a, b, b + a, r, m, t, 'charge' FROM UNNEST($1::int8[], $2::numeric[], \
+             $3::numeric[], $4::text[], $5::jsonb[], $6::timestamptz[]) AS x(u, a, b, r, m, t)",
+        )
+        .bind(entries.iter().map(|e| e.user_id).collect::<Vec<_>>())
+        .bind(entries.iter().map(|e| e.amount).collect::<Vec<_>>())
+        .bind(entries.iter().map(|e| e.before).collect::<Vec<_>>())
+        .bind(
+            entries
+                .iter()
+                .map(|e| e.request_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            entries
+                .iter()
+                .map(|e| Json(&e.metadata))
+                .collect::<Vec<_>>(),
+        )
+        .bind(entries.iter().map(|e| e.at).collect::<Vec<_>>())
+        .execute(&mut **c)
+        .await?;
+        return Ok(());
+    }
     const COLUMNS: usize = 7;
     for chunk in entries.chunks(500) {
         let rows: Vec<String> = (0..chunk.len())
