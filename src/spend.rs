@@ -492,7 +492,9 @@ impl Spend {
     }
 
     /// Reserves the worst case of a request of `shape` against every pool of `policy`: all or
-    /// none. `price`: the requested model's (`None`: unpriced, reserved at 0 cost).
+    /// none. `price`: the requested model's (`None`: unpriced, reserved at 0 cost). The steady
+    /// path (every pool's lease holds the reservation) awaits nothing; a pool short of units
+    /// takes the path that waits for a lease.
     pub async fn admit(
         &self,
         policy: &SpendPolicy,
@@ -500,30 +502,61 @@ impl Spend {
         price: Option<UnitPrice>,
     ) -> Result<SpendHold, Refusal> {
         let now = self.now();
-        let now_ms = self.ms(now);
         let worst = WorstCase::of(shape, self.inner.settings.sizing);
+        let hold = match self.admit_now(policy, &worst, price, now) {
+            Some(hold) => hold,
+            // Boxed: the steady path's future stays small.
+            None => Box::pin(self.admit_waiting(policy, &worst, price, now)).await?,
+        };
+        Ok(self.watched(hold, &worst, price))
+    }
+
+    /// Every pool's reservation from what this instance holds, or `None` (what was taken goes
+    /// back when the partial hold drops).
+    fn admit_now(
+        &self,
+        policy: &SpendPolicy,
+        worst: &WorstCase,
+        price: Option<UnitPrice>,
+        now: DateTime<Utc>,
+    ) -> Option<SpendHold> {
+        let now_ms = self.ms(now);
         let mut hold = SpendHold {
             held: Vec::with_capacity(policy.budgets.len() + 1),
             watch: None,
         };
         for b in &policy.budgets {
-            // The key's pool of the current period, worked out again only when it ends.
-            let lp = match b.cache.load().as_ref() {
-                Some(lp) if lp.covers(now) => lp.clone(),
-                _ => {
-                    let (start, end) = period_bounds(b.period, b.anchor, now);
-                    let pool = Pool::Budget {
-                        budget_id: b.budget_id,
-                        subject_id: b.subject_id,
-                        metric: b.metric,
-                        period_start: start,
-                    };
-                    self.local(pool, end, &b.cache)
-                }
-            };
-            let units = worst.units(b.metric, price);
+            let lp = self.budget_pool(b, now);
+            if !self.take_now(&mut hold, lp, worst.units(b.metric, price), now_ms) {
+                return None;
+            }
+        }
+        if let Some(user_id) = policy.credit_user {
+            let lp = self.credit_pool(user_id, &policy.credit_cache);
+            if !self.take_now(&mut hold, lp, worst.units(Metric::Cost, price), now_ms) {
+                return None;
+            }
+        }
+        Some(hold)
+    }
+
+    /// [`Spend::admit`] when a pool needs a lease: pool by pool, waiting for refills.
+    async fn admit_waiting(
+        &self,
+        policy: &SpendPolicy,
+        worst: &WorstCase,
+        price: Option<UnitPrice>,
+        now: DateTime<Utc>,
+    ) -> Result<SpendHold, Refusal> {
+        let now_ms = self.ms(now);
+        let mut hold = SpendHold {
+            held: Vec::with_capacity(policy.budgets.len() + 1),
+            watch: None,
+        };
+        for b in &policy.budgets {
+            let lp = self.budget_pool(b, now);
             let resets_at = lp.period_end;
-            self.reserve(&mut hold, lp, units, now_ms)
+            self.reserve(&mut hold, lp, worst.units(b.metric, price), now_ms)
                 .await
                 .map_err(|r| match r {
                     Refusal::OutOfCredits => Refusal::Budget {
@@ -536,17 +569,70 @@ impl Spend {
                 })?;
         }
         if let Some(user_id) = policy.credit_user {
-            let units = worst.units(Metric::Cost, price);
-            let lp = match policy.credit_cache.load().as_ref() {
-                Some(lp) => lp.clone(),
-                None => self.local(Pool::Credit { user_id }, None, &policy.credit_cache),
-            };
-            self.reserve(&mut hold, lp, units, now_ms).await?;
-        }
-        if self.inner.settings.cut_streams && !worst.bounded {
-            hold.watch = Some(self.watch(&hold, &worst, price));
+            let lp = self.credit_pool(user_id, &policy.credit_cache);
+            self.reserve(&mut hold, lp, worst.units(Metric::Cost, price), now_ms)
+                .await?;
         }
         Ok(hold)
+    }
+
+    /// The key's pool of a budget's current period, worked out again only when it ends.
+    fn budget_pool(&self, b: &BudgetRef, now: DateTime<Utc>) -> Arc<LocalPool> {
+        match b.cache.load().as_ref() {
+            Some(lp) if lp.covers(now) => lp.clone(),
+            _ => {
+                let (start, end) = period_bounds(b.period, b.anchor, now);
+                let pool = Pool::Budget {
+                    budget_id: b.budget_id,
+                    subject_id: b.subject_id,
+                    metric: b.metric,
+                    period_start: start,
+                };
+                self.local(pool, end, &b.cache)
+            }
+        }
+    }
+
+    /// The pool of a prepaid user's balance.
+    fn credit_pool(&self, user_id: i64, cache: &PoolCache) -> Arc<LocalPool> {
+        match cache.load().as_ref() {
+            Some(lp) => lp.clone(),
+            None => self.local(Pool::Credit { user_id }, None, cache),
+        }
+    }
+
+    /// `[spend] cut_streams` and a request without an output cap: its stream is watched.
+    fn watched(
+        &self,
+        mut hold: SpendHold,
+        worst: &WorstCase,
+        price: Option<UnitPrice>,
+    ) -> SpendHold {
+        if self.inner.settings.cut_streams && !worst.bounded {
+            hold.watch = Some(self.watch(&hold, worst, price));
+        }
+        hold
+    }
+
+    /// Takes `units` from `lp` into `hold` if its free units hold them, starting a refill
+    /// ahead of need when they fall below a quarter of the last lease.
+    fn take_now(&self, hold: &mut SpendHold, lp: Arc<LocalPool>, units: i64, now_ms: u64) -> bool {
+        lp.used_at_ms.store(now_ms, Ordering::Relaxed);
+        if !lp.try_take(units) {
+            return false;
+        }
+        lp.outstanding.fetch_add(1, Ordering::AcqRel);
+        let lease_id = lp.lease_id.load(Ordering::Acquire);
+        let low = lp.last_slice.load(Ordering::Relaxed) / 4;
+        if lp.free.load(Ordering::Relaxed) < low.max(units) {
+            self.refill_in_background(&lp, units);
+        }
+        hold.held.push(Held {
+            pool: lp,
+            units,
+            lease_id,
+        });
+        true
     }
 
     /// The watch of a request without an output cap (`[spend] cut_streams`): its reservation
@@ -594,22 +680,9 @@ impl Spend {
         now_ms: u64,
     ) -> Result<(), Refusal> {
         let inner = &self.inner;
-        lp.used_at_ms.store(now_ms, Ordering::Relaxed);
         let mut waits = 0;
         loop {
-            if lp.try_take(units) {
-                lp.outstanding.fetch_add(1, Ordering::AcqRel);
-                let lease_id = lp.lease_id.load(Ordering::Acquire);
-                // Refill ahead of need: below a quarter of the last slice.
-                let low = lp.last_slice.load(Ordering::Relaxed) / 4;
-                if lp.free.load(Ordering::Relaxed) < low.max(units) {
-                    self.refill_in_background(&lp, units);
-                }
-                hold.held.push(Held {
-                    pool: lp,
-                    units,
-                    lease_id,
-                });
+            if self.take_now(hold, lp.clone(), units, now_ms) {
                 return Ok(());
             }
             // The database said a moment ago that this does not fit: do not ask again yet.
