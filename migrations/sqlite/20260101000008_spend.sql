@@ -81,10 +81,13 @@ CREATE INDEX IF NOT EXISTS credit_grants_user_idx ON credit_grants (user_id, exp
 
 -- The ledger: every change of a balance, signed (grant +, charge −, expire −, refund +,
 -- adjust ±), with the balance before and after. A charge names its request (unique: one ledger
--- row per charged request); a grant may carry the idempotency key it was made with.
+-- row per charged request); a grant may carry the idempotency key it was made with. Like
+-- usage_records (migration 0004), a row per request and no foreign key on user_id: a charge's user
+-- comes from the usage row it is written with, users are never deleted, and the check cost a
+-- lookup and a row lock on users for every charge.
 CREATE TABLE IF NOT EXISTS credit_transactions (
     id              INTEGER PRIMARY KEY,
-    user_id         INTEGER NOT NULL REFERENCES users(id),
+    user_id         INTEGER NOT NULL,  -- no foreign key: see above
     action          TEXT NOT NULL CHECK (action IN ('grant', 'charge', 'expire', 'refund', 'adjust')),
     amount          TEXT NOT NULL,
     balance_before  TEXT NOT NULL,
