@@ -7,13 +7,12 @@
 
 mod common;
 
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use common::{client, header, post, rows, Db, Gateway, MockUpstream, BODY};
-use rust_decimal::Decimal;
-use tollgate::record::{Metric, Period, Pool, UsageRecord, UsageSource};
+use common::{client, dec, header, post, rows, usage_row, Db, Gateway, MockUpstream, BODY};
+
+use tollgate::record::{Metric, Period, Pool};
 use tollgate::store::{Actor, LeaseOutcome, LimitColumns, PlanBudget, Store};
 
 /// A CLI command's whole stdout as JSON.
@@ -269,36 +268,6 @@ fn at(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
 }
 
-fn dec(s: &str) -> Decimal {
-    Decimal::from_str(s).unwrap()
-}
-
-fn row(id: &str, key: i64, user: i64, tokens: i64, created_at: DateTime<Utc>) -> UsageRecord {
-    UsageRecord {
-        request_id: id.into(),
-        user_id: user,
-        api_key_id: key,
-        upstream_account_id: None,
-        method: "POST".into(),
-        endpoint: "/v1/chat/completions".into(),
-        model: Some("gpt-4o-mini".into()),
-        status_code: 200,
-        response_time: 5,
-        prompt_tokens: tokens,
-        completion_tokens: 0,
-        cached_tokens: 0,
-        cache_creation_tokens: 0,
-        tokens_used: tokens,
-        cost: Decimal::ZERO,
-        error_message: None,
-        created_at,
-        requested_model: None,
-        usage_source: Some(UsageSource::Provider),
-        upstream_error: None,
-        charges: Vec::new(),
-    }
-}
-
 both_dbs!(
     plan_periods_are_anchored_at_the_subscription_start,
     anchored
@@ -374,7 +343,7 @@ async fn anchored(db: Db) {
     // a shorter month): 90 of it used on the 27th, 10 left.
     let feb27 = at("2026-02-27T12:00:00Z");
     store
-        .insert_usage(&[row("a1", keys[0], alice, 90, feb27)])
+        .insert_usage(&[usage_row("a1", keys[0], alice, 90, feb27)])
         .await
         .unwrap();
     assert_eq!(
@@ -412,7 +381,7 @@ async fn anchored(db: Db) {
         LeaseOutcome::Granted { amount, .. } if amount == dec("100")
     ));
     store
-        .insert_usage(&[row("a2", keys[0], alice, 30, feb28)])
+        .insert_usage(&[usage_row("a2", keys[0], alice, 30, feb28)])
         .await
         .unwrap();
     let listing = store.list_budgets(None, feb28).await.unwrap();

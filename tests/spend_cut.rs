@@ -7,11 +7,9 @@
 
 mod common;
 
-use std::str::FromStr;
-
 use bytes::Bytes;
 use chrono::Utc;
-use common::{client, post, rows, Db, Gate, Gateway, MockUpstream, Reply};
+use common::{client, dec, post, rows, Db, Gate, Gateway, MockUpstream, Reply};
 use rust_decimal::Decimal;
 use tollgate::store::Store;
 
@@ -22,10 +20,6 @@ const BODY: &str = r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"in
 /// Chunks of generated text the upstream streams, 6 bytes each: far past what $0.30 covers.
 const CHUNKS: usize = 200;
 const TEXT: &str = "hello ";
-
-fn dec(s: &str) -> Decimal {
-    Decimal::from_str(s).unwrap()
-}
 
 fn event(choices: &str, usage: &str) -> Bytes {
     Bytes::from(format!(

@@ -1207,3 +1207,42 @@ impl MockUpstream {
         .await
     }
 }
+
+/// An exact decimal from its text (amounts in tests are written as the CLI takes them).
+pub fn dec(s: &str) -> rust_decimal::Decimal {
+    <rust_decimal::Decimal as std::str::FromStr>::from_str(s).unwrap()
+}
+
+/// A served chat row of `tokens` prompt tokens at cost 0, for store-level spend tests that write
+/// usage themselves on an injected clock (`created_at`).
+pub fn usage_row(
+    id: &str,
+    key: i64,
+    user: i64,
+    tokens: i64,
+    created_at: chrono::DateTime<chrono::Utc>,
+) -> tollgate::record::UsageRecord {
+    tollgate::record::UsageRecord {
+        request_id: id.into(),
+        user_id: user,
+        api_key_id: key,
+        upstream_account_id: None,
+        method: "POST".into(),
+        endpoint: "/v1/chat/completions".into(),
+        model: Some("gpt-4o-mini".into()),
+        status_code: 200,
+        response_time: 5,
+        prompt_tokens: tokens,
+        completion_tokens: 0,
+        cached_tokens: 0,
+        cache_creation_tokens: 0,
+        tokens_used: tokens,
+        cost: rust_decimal::Decimal::ZERO,
+        error_message: None,
+        created_at,
+        requested_model: None,
+        usage_source: Some(tollgate::record::UsageSource::Provider),
+        upstream_error: None,
+        charges: Vec::new(),
+    }
+}
