@@ -266,41 +266,36 @@ impl PoolKey {
 }
 
 /// A budget period row, made if missing (spent 0), locked; with the budget's limit. `None`: the
-/// budget is gone.
+/// budget is gone. One statement: the upsert locks the row whether it inserts or finds it (on
+/// PostgreSQL as `FOR UPDATE` would; SQLite's write transaction holds the whole database).
 async fn lock_budget_period(
     tx: &mut Tx,
     budget_id: i64,
     subject_id: i64,
     period_start: DateTime<Utc>,
 ) -> Result<Option<(Decimal, Decimal, Decimal)>, StoreError> {
-    let key = [V::I(budget_id), V::I(subject_id), V::Ts(period_start)];
-    let exists = tx
-        .row("SELECT limit_amount FROM budgets WHERE id = $1", &key[..1])
-        .await?;
-    let Some(limit) = exists else {
-        return Ok(None);
-    };
-    let limit = limit.dec("limit_amount")?;
-    tx.exec(
-        "INSERT INTO budget_usage (budget_id, subject_id, period_start, spent, leased) \
-         VALUES ($1, $2, $3, $4, $4) ON CONFLICT (budget_id, subject_id, period_start) DO NOTHING",
-        &[
-            key[0].clone(),
-            key[1].clone(),
-            key[2].clone(),
-            V::D(Decimal::ZERO),
-        ],
-    )
-    .await?;
-    let sql = format!(
-        "SELECT spent, leased FROM budget_usage WHERE budget_id = $1 AND subject_id = $2 AND period_start = $3{}",
-        tx.lock()
-    );
     let row = tx
-        .row(&sql, &key)
-        .await?
-        .ok_or_else(|| StoreError::NotFound("budget period".into()))?;
-    Ok(Some((limit, row.dec("spent")?, row.dec("leased")?)))
+        .row(
+            "INSERT INTO budget_usage (budget_id, subject_id, period_start, spent, leased) \
+             SELECT id, $2, $3, $4, $4 FROM budgets WHERE id = $1 \
+             ON CONFLICT (budget_id, subject_id, period_start) DO UPDATE SET spent = budget_usage.spent \
+             RETURNING spent, leased, (SELECT limit_amount FROM budgets WHERE id = $1) AS limit_amount",
+            &[
+                V::I(budget_id),
+                V::I(subject_id),
+                V::Ts(period_start),
+                V::D(Decimal::ZERO),
+            ],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Ok(None); // no such budget: nothing inserted, nothing returned
+    };
+    Ok(Some((
+        row.dec("limit_amount")?,
+        row.dec("spent")?,
+        row.dec("leased")?,
+    )))
 }
 
 async fn write_budget_period(
@@ -433,19 +428,20 @@ fn take_from_grants(grants: &mut [(i64, Decimal, Option<DateTime<Utc>>)], mut am
 }
 
 /// A charge's ledger row, as settlement makes it.
-struct NewEntry {
+struct NewEntry<'a> {
     user_id: i64,
     amount: Decimal,
     before: Decimal,
-    request_id: String,
-    metadata: serde_json::Value,
+    request_id: &'a str,
+    /// `None`: the column's default (`{}`), sent as nothing.
+    metadata: Option<serde_json::Value>,
     at: DateTime<Utc>,
 }
 
 /// Charge rows of the ledger: on PostgreSQL one `INSERT … SELECT FROM UNNEST` of arrays (as the
 /// usage rows are written: one plan however many rows), on SQLite multi-row inserts (500 rows,
 /// 3,500 parameters a statement).
-async fn insert_charges(tx: &mut Tx, entries: &[NewEntry]) -> Result<(), StoreError> {
+async fn insert_charges(tx: &mut Tx, entries: &[NewEntry<'_>]) -> Result<(), StoreError> {
     if entries.is_empty() {
         return Ok(());
     }
@@ -453,7 +449,7 @@ async fn insert_charges(tx: &mut Tx, entries: &[NewEntry]) -> Result<(), StoreEr
         sqlx::query(
             "INSERT INTO credit_transactions (user_id, amount, balance_before, balance_after, \
              request_id, metadata, created_at, action) \
-             SELECT u, a, b, b + a, r, m, t, 'charge' FROM UNNEST($1::int8[], $2::numeric[], \
+             SELECT u, a, b, b + a, r, COALESCE(m, '{}'), t, 'charge' FROM UNNEST($1::int8[], $2::numeric[], \
              $3::numeric[], $4::text[], $5::jsonb[], $6::timestamptz[]) AS x(u, a, b, r, m, t)",
         )
         .bind(entries.iter().map(|e| e.user_id).collect::<Vec<_>>())
@@ -462,13 +458,13 @@ async fn insert_charges(tx: &mut Tx, entries: &[NewEntry]) -> Result<(), StoreEr
         .bind(
             entries
                 .iter()
-                .map(|e| e.request_id.as_str())
+                .map(|e| e.request_id)
                 .collect::<Vec<_>>(),
         )
         .bind(
             entries
                 .iter()
-                .map(|e| Json(&e.metadata))
+                .map(|e| e.metadata.as_ref().map(Json))
                 .collect::<Vec<_>>(),
         )
         .bind(entries.iter().map(|e| e.at).collect::<Vec<_>>())
@@ -493,8 +489,8 @@ async fn insert_charges(tx: &mut Tx, entries: &[NewEntry]) -> Result<(), StoreEr
                 V::D(e.amount),
                 V::D(e.before),
                 V::D(e.before + e.amount),
-                V::T(e.request_id.clone()),
-                V::J(e.metadata.clone()),
+                V::T(e.request_id.to_string()),
+                V::J(e.metadata.clone().unwrap_or_else(|| serde_json::json!({}))),
                 V::Ts(e.at),
             ]);
         }
@@ -922,14 +918,30 @@ pub(super) fn budget_row(r: &R) -> Result<BudgetRow, sqlx::Error> {
 pub(super) const BUDGET_COLUMNS: &str =
     "b.id, b.api_key_id, b.user_id, b.plan_id, b.metric, b.period, b.limit_amount";
 
-/// The budgets that apply to rows of these keys and users, each with the subscriber and
-/// subscription start a plan's budget applies through (`None` for a key's or user's own).
-async fn applicable_budgets(
+/// The subscriber and subscription start a plan's budget applies through (`None`: a key's or
+/// user's own budget).
+type Via = Option<(i64, DateTime<Utc>)>;
+
+/// A run of rows of one subject in one period: (subject, period start, period end, sum).
+type PeriodRun = (i64, DateTime<Utc>, Option<DateTime<Utc>>, Decimal);
+
+/// What applies to rows of some keys and users: the budgets, each with the subscriber and
+/// subscription start a plan's budget applies through (`None` for a key's or user's own), and
+/// the users among them who are prepaid.
+#[derive(Debug, Default)]
+struct Applicable {
+    budgets: Vec<(BudgetRow, Via)>,
+    prepaid: BTreeSet<i64>,
+}
+
+/// [`Applicable`] for these keys and users, in one query (the usage writer asks it once a batch,
+/// key lookups once per miss).
+async fn applicable(
     tx: &mut Tx,
     keys: &BTreeSet<i64>,
     users: &BTreeSet<i64>,
-) -> Result<Vec<(BudgetRow, Option<(i64, DateTime<Utc>)>)>, StoreError> {
-    let mut out = Vec::new();
+) -> Result<Applicable, StoreError> {
+    let mut out = Applicable::default();
     if keys.is_empty() && users.is_empty() {
         return Ok(out);
     }
@@ -937,21 +949,32 @@ async fn applicable_budgets(
     let us = placeholders(1 + keys.len(), users.len());
     let mut args: Vec<V> = keys.iter().map(|k| V::I(*k)).collect();
     args.extend(users.iter().map(|u| V::I(*u)));
+    // Three kinds of row: a key's or user's budget, a plan's budget through a subscription, and
+    // a prepaid user (`credit`, budget columns NULL).
     let sql = format!(
-        "SELECT {BUDGET_COLUMNS}, NULL AS sub_user, NULL AS anchor FROM budgets b \
+        "SELECT 'budget' AS kind, {BUDGET_COLUMNS}, NULL AS sub_user, NULL AS anchor FROM budgets b \
          WHERE b.api_key_id IN ({ks}) OR b.user_id IN ({us}) \
-         UNION ALL SELECT {BUDGET_COLUMNS}, s.user_id AS sub_user, s.current_period_start AS anchor \
+         UNION ALL SELECT 'plan', {BUDGET_COLUMNS}, s.user_id, s.current_period_start \
          FROM budgets b JOIN subscriptions s ON s.plan_id = b.plan_id \
-         WHERE s.status = 'active' AND s.user_id IN ({us})",
+         WHERE s.status = 'active' AND s.user_id IN ({us}) \
+         UNION ALL SELECT 'credit', NULL, NULL, NULL, NULL, NULL, NULL, NULL, c.user_id, NULL \
+         FROM credit_balances c WHERE c.user_id IN ({us})",
         ks = if ks.is_empty() { "NULL".into() } else { ks },
         us = if us.is_empty() { "NULL".into() } else { us },
     );
     for r in tx.rows(&sql, &args).await? {
-        let via = match (r.oi64("sub_user")?, r.ots("anchor")?) {
-            (Some(u), Some(a)) => Some((u, a)),
-            _ => None,
-        };
-        out.push((budget_row(&r)?, via));
+        match r.text("kind")?.as_str() {
+            "credit" => {
+                out.prepaid.insert(r.i64("sub_user")?);
+            }
+            _ => {
+                let via = match (r.oi64("sub_user")?, r.ots("anchor")?) {
+                    (Some(u), Some(a)) => Some((u, a)),
+                    _ => None,
+                };
+                out.budgets.push((budget_row(&r)?, via));
+            }
+        }
     }
     Ok(out)
 }
@@ -979,9 +1002,14 @@ pub(super) async fn settle(
     let keys: BTreeSet<i64> = billable.iter().map(|r| r.api_key_id).collect();
     let users: BTreeSet<i64> = billable.iter().map(|r| r.user_id).collect();
 
-    // Budget periods charged, from the database's budgets.
+    // Budget periods charged, from the database's budgets; prepaid users among the rows.
+    let Applicable { budgets, prepaid } = applicable(tx, &keys, &users).await?;
     let mut charged: BTreeMap<(i64, i64, DateTime<Utc>), Decimal> = BTreeMap::new();
-    for (b, via) in applicable_budgets(tx, &keys, &users).await? {
+    for (b, via) in budgets {
+        // A batch's rows of one subject mostly fall in one period: they are summed in `run`
+        // (subject, period start and end, sum), and the period is worked out again only for a
+        // row outside it.
+        let mut run: Option<PeriodRun> = None;
         for r in &billable {
             let (applies, subject, anchor) = match (b.api_key_id, b.user_id, via) {
                 (Some(k), _, _) => (k == r.api_key_id, r.api_key_id, None),
@@ -990,36 +1018,58 @@ pub(super) async fn settle(
                 _ => (false, 0, None),
             };
             let amount = r.amount(b.metric);
-            if applies && amount > Decimal::ZERO {
-                let (start, _) = period_bounds(b.period, anchor, r.created_at);
-                *charged.entry((b.id, subject, start)).or_default() += amount;
+            if !applies || amount <= Decimal::ZERO {
+                continue;
+            }
+            let t = r.created_at;
+            match run.as_mut() {
+                Some((s, start, end, sum))
+                    if *s == subject && *start <= t && end.is_none_or(|e| t < e) =>
+                {
+                    *sum += amount;
+                }
+                _ => {
+                    if let Some((s, start, _, sum)) = run.take() {
+                        *charged.entry((b.id, s, start)).or_default() += sum;
+                    }
+                    let (start, end) = period_bounds(b.period, anchor, t);
+                    run = Some((subject, start, end, amount));
+                }
             }
         }
-    }
-
-    // Prepaid users among the rows.
-    let mut prepaid: BTreeSet<i64> = BTreeSet::new();
-    if !users.is_empty() {
-        let sql = format!(
-            "SELECT user_id FROM credit_balances WHERE user_id IN ({})",
-            placeholders(1, users.len())
-        );
-        let args: Vec<V> = users.iter().map(|u| V::I(*u)).collect();
-        for r in tx.rows(&sql, &args).await? {
-            prepaid.insert(r.i64("user_id")?);
+        if let Some((s, start, _, sum)) = run {
+            *charged.entry((b.id, s, start)).or_default() += sum;
         }
     }
 
-    // What comes out of each lease.
+    // What comes out of each lease. Consecutive rows mostly name the same leases: their
+    // amounts are summed in `run` and put in the map when the leases change.
     let mut from_lease: BTreeMap<i64, (Pool, Decimal)> = BTreeMap::new();
+    let mut run: Vec<(i64, Pool, Decimal)> = Vec::new();
+    let mut flush = |run: &mut Vec<(i64, Pool, Decimal)>| {
+        for (lease_id, pool, amount) in run.drain(..) {
+            from_lease
+                .entry(lease_id)
+                .or_insert((pool, Decimal::ZERO))
+                .1 += amount;
+        }
+    };
     for r in rows {
-        for c in &r.charges {
-            let e = from_lease
-                .entry(c.lease_id)
-                .or_insert((c.pool, Decimal::ZERO));
-            e.1 += r.amount(c.pool.metric());
+        let same = run.len() == r.charges.len()
+            && run.iter().zip(&r.charges).all(|(e, c)| e.0 == c.lease_id);
+        if !same {
+            flush(&mut run);
+            run.extend(
+                r.charges
+                    .iter()
+                    .map(|c| (c.lease_id, c.pool, Decimal::ZERO)),
+            );
+        }
+        for (e, c) in run.iter_mut().zip(&r.charges) {
+            e.2 += r.amount(c.pool.metric());
         }
     }
+    flush(&mut run);
 
     // Lock every pool in key order: budget periods first, then balances.
     let mut budget_pools: BTreeSet<(i64, i64, DateTime<Utc>)> = charged.keys().copied().collect();
@@ -1116,29 +1166,33 @@ pub(super) async fn settle(
             false => open_grants(tx, *user_id).await?,
         };
         let before: Vec<Decimal> = grants.iter().map(|g| g.1).collect();
+        // What the balance and overdraft still cover, and what was collected in all (taken from
+        // the grants once: earliest-expiring first, as charge by charge would).
+        let mut room = *balance + *overdraft;
+        let mut collected = Decimal::ZERO;
         for r in charges {
-            let collect = r.cost.min((*balance + *overdraft).max(Decimal::ZERO));
+            let collect = r.cost.min(room.max(Decimal::ZERO));
             // The row's cost is the charge itself (the request id names the row, its key and
             // model); metadata only says what could not be collected.
-            let meta = if collect < r.cost {
+            let meta = (collect < r.cost).then(|| {
                 serde_json::json!({
                     "cost": r.cost.to_string(),
                     "uncollected": (r.cost - collect).to_string(),
                 })
-            } else {
-                serde_json::Value::Object(serde_json::Map::new())
-            };
+            });
             entries.push(NewEntry {
                 user_id: *user_id,
                 amount: -collect,
                 before: *balance,
-                request_id: r.request_id.clone(),
+                request_id: &r.request_id,
                 metadata: meta,
                 at: r.created_at,
             });
-            take_from_grants(&mut grants, collect);
             *balance -= collect;
+            room -= collect;
+            collected += collect;
         }
+        take_from_grants(&mut grants, collected);
         for (g, was) in grants.iter().zip(before) {
             if g.1 != was {
                 tx.exec(
@@ -1638,23 +1692,12 @@ impl Store {
 
     /// The spend side of key lookups: for each (key, user), the budgets that apply to the key
     /// (its own, its user's, the user's plan's, with the subscription start a plan's periods run
-    /// from) and whether the user is prepaid. Two queries for any number of keys.
+    /// from) and whether the user is prepaid. One query for any number of keys.
     pub async fn spend_of_keys(&self, keys: &[(i64, i64)]) -> Result<Vec<KeySpend>, StoreError> {
         let key_ids: BTreeSet<i64> = keys.iter().map(|k| k.0).collect();
         let user_ids: BTreeSet<i64> = keys.iter().map(|k| k.1).collect();
         let mut tx = self.begin_read().await?;
-        let budgets = applicable_budgets(&mut tx, &key_ids, &user_ids).await?;
-        let mut prepaid = BTreeSet::new();
-        if !user_ids.is_empty() {
-            let sql = format!(
-                "SELECT user_id FROM credit_balances WHERE user_id IN ({})",
-                placeholders(1, user_ids.len())
-            );
-            let args: Vec<V> = user_ids.iter().map(|u| V::I(*u)).collect();
-            for r in tx.rows(&sql, &args).await? {
-                prepaid.insert(r.i64("user_id")?);
-            }
-        }
+        let Applicable { budgets, prepaid } = applicable(&mut tx, &key_ids, &user_ids).await?;
         tx.commit_unaudited().await?;
         Ok(keys
             .iter()
