@@ -298,8 +298,7 @@ pub struct SpendConfig {
     /// (admit without a reservation).
     pub fail: String,
     /// Cut a stream of a request without `max_tokens` when its output passes what its
-    /// reservation covers and the local lease cannot extend it (README "Budgets and prepaid
-    /// credits").
+    /// reservation covers and no lease can extend it (README "Budgets and prepaid credits").
     pub cut_streams: bool,
 }
 

@@ -73,7 +73,8 @@ pub struct RequestCtx {
     /// record (the unused part goes back to this instance's leases, the record names the leases
     /// for the usage writer); dropped unsettled (no record), everything goes back. With
     /// `[spend] cut_streams`, `forward` has it cover a watched stream's output chunk by chunk
-    /// (`SpendHold::cover`); a stream it cannot cover is cut (`spend_cut`).
+    /// (`SpendHold::cover`, then `SpendHold::extend` from a new lease); a stream it cannot
+    /// cover is cut (`spend_cut`).
     pub spend: Option<spend::SpendHold>,
     /// Counts this request as in flight until the context is dropped after `logging`.
     _in_flight: InFlight,

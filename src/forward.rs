@@ -307,15 +307,14 @@ impl Forwarder {
             match client.read_response_body().await {
                 Ok(Some(chunk)) => {
                     tap.feed(&chunk);
-                    // Past what the reservation covers and no extension fits: this chunk is
-                    // not sent, and the stream ends as an upstream failure ends it.
-                    if watch
-                        && !ctx
-                            .spend
-                            .as_mut()
-                            .is_none_or(|h| h.cover(tap.output_bound().unwrap_or(0)))
-                    {
-                        break Err("spend_cut");
+                    // Past what the reservation covers and no extension fits, not even from
+                    // a new lease: this chunk is not sent, and the stream ends as an upstream
+                    // failure ends it.
+                    if let Some(hold) = ctx.spend.as_mut().filter(|_| watch) {
+                        let seen = tap.output_bound().unwrap_or(0);
+                        if !hold.cover(seen) && !hold.extend(seen).await {
+                            break Err("spend_cut");
+                        }
                     }
                     let out = match ctx.stripper.as_mut().filter(|_| strip) {
                         Some(s) => {

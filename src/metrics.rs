@@ -397,7 +397,7 @@ fn describe() {
     );
     describe_counter!(
         "tollgate_spend_streams_cut_total",
-        "Streams cut because their output passed what their reservation covered and the local lease could not extend it ([spend] cut_streams; requests without max_tokens)."
+        "Streams cut because their output passed what their reservation covered and no lease could extend it ([spend] cut_streams; requests without max_tokens)."
     );
     describe_counter!(
         "tollgate_auth_failures_total",

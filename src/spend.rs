@@ -16,6 +16,10 @@
 //! - **Refills**: a pool without enough free units takes a lease on the database runtime
 //!   (coalesced: one request per pool asks, the others wait for it, ≤ `[spend] lease_wait_ms`).
 //!   A refill is started ahead of need when a pool falls below a quarter of its last slice.
+//! - **Watched streams** (`[spend] cut_streams`, a request without an output cap): past what
+//!   its reservation covers, [`SpendHold::cover`] extends it from the local pools as a request
+//!   is admitted; when they cannot, [`SpendHold::extend`] leases more the same way, and only a
+//!   pool that has no more (or `fail = "closed"` without a database) cuts the stream.
 //! - **The `spend-leases` task** renews this instance's leases (they expire after
 //!   `lease_ttl_secs` unless renewed: a dead instance's come back then), returns the unused part
 //!   of idle pools' leases and of periods that ended, takes back other instances' expired
@@ -261,6 +265,18 @@ impl LocalPool {
     }
 }
 
+/// What asking for room in a pool came to ([`Spend::wait_for_room`]).
+enum Room {
+    /// A lease was granted (or another request's refill ended): try the pool again.
+    Retry,
+    /// The pool does not have it.
+    Refused,
+    /// The budget was deleted or the user is no longer prepaid: nothing to hold against.
+    Gone,
+    /// The database did not answer within `lease_wait`.
+    Unavailable,
+}
+
 /// One reservation held by a request.
 struct Held {
     pool: Arc<LocalPool>,
@@ -289,6 +305,9 @@ struct Watch {
     relayed: u64,
     /// An extension did not fit: the stream was cut.
     cut: bool,
+    /// The stage, to lease more when this instance's share runs out mid-stream (`None` in unit
+    /// tests of the local arithmetic).
+    stage: Option<Spend>,
     streams_cut: Counter,
 }
 
@@ -323,10 +342,10 @@ impl SpendHold {
 
     /// A watched stream's output is bounded by `seen` tokens: extends the reservation from each
     /// pool's local `free` (one compare-and-swap per pool, whole extensions of the default cap)
-    /// when `seen` passes what it covers. `false`: an extension did not fit, the stream must be
-    /// cut (what was taken stays held and goes back at settlement like the rest). A pool held
-    /// without a lease (`fail = "open"`) is not limited: its extension is counted, never refused.
-    /// Not watched: always `true`.
+    /// when `seen` passes what it covers, all pools or none. `false`: an extension does not fit
+    /// what this instance holds; [`SpendHold::extend`] asks the database, and cuts. A pool held
+    /// without a lease (`fail = "open"`) is not limited: its extension is counted, never
+    /// refused. Not watched: always `true`.
     pub fn cover(&mut self, seen: u64) -> bool {
         let Some(w) = self.watch.as_deref_mut() else {
             return true;
@@ -337,19 +356,69 @@ impl SpendHold {
         let k = extensions_needed(seen, w.covered, w.chunk);
         if k > 0 {
             let times = i64::try_from(k).unwrap_or(i64::MAX);
+            for (i, (h, per)) in self.held.iter().zip(&w.chunk_units).enumerate() {
+                let units = per.saturating_mul(times);
+                if h.lease_id != 0 && !h.pool.try_take(units) {
+                    // Give back what this extension took from the pools before.
+                    for (h, per) in self.held.iter().zip(&w.chunk_units).take(i) {
+                        if h.lease_id != 0 {
+                            h.pool
+                                .free
+                                .fetch_add(per.saturating_mul(times), Ordering::AcqRel);
+                        }
+                    }
+                    return false;
+                }
+            }
             for (h, per) in self.held.iter_mut().zip(&w.chunk_units) {
                 let units = per.saturating_mul(times);
                 if h.lease_id == 0 {
                     h.pool.free.fetch_sub(units, Ordering::AcqRel);
-                } else if !h.pool.try_take(units) {
-                    w.cut = true;
-                    w.streams_cut.increment(1);
-                    return false;
                 }
                 h.units = h.units.saturating_add(units);
+                if let Some(stage) = &w.stage {
+                    stage.refill_if_low(&h.pool, units);
+                }
             }
             w.covered = w.covered.saturating_add(k.saturating_mul(w.chunk));
         }
+        w.relayed = seen;
+        true
+    }
+
+    /// [`SpendHold::cover`] when this instance's share ran out: pool by pool, takes the
+    /// extension from a new lease (waiting for the database as admission does, at most
+    /// `lease_wait_ms` a lease). `false`: a pool cannot give it (or the database cannot answer
+    /// under `fail = "closed"`): the stream is cut; what was taken stays held and goes back at
+    /// settlement like the rest.
+    pub async fn extend(&mut self, seen: u64) -> bool {
+        let Some(w) = self.watch.as_deref_mut() else {
+            return true;
+        };
+        if w.cut {
+            return false;
+        }
+        let k = extensions_needed(seen, w.covered, w.chunk);
+        let times = i64::try_from(k).unwrap_or(i64::MAX);
+        if let Some(stage) = w.stage.clone() {
+            let now_ms = stage.ms(stage.now());
+            for (h, per) in self.held.iter_mut().zip(&w.chunk_units) {
+                if !stage
+                    .extend_held(h, per.saturating_mul(times), now_ms)
+                    .await
+                {
+                    w.cut = true;
+                    break;
+                }
+            }
+        } else {
+            w.cut = true;
+        }
+        if w.cut {
+            w.streams_cut.increment(1);
+            return false;
+        }
+        w.covered = w.covered.saturating_add(k.saturating_mul(w.chunk));
         w.relayed = seen;
         true
     }
@@ -402,6 +471,7 @@ struct Handles {
 }
 
 /// The stage: this instance's pools and the way to the database.
+#[derive(Clone)]
 pub struct Spend {
     inner: Arc<Inner>,
 }
@@ -623,10 +693,7 @@ impl Spend {
         }
         lp.outstanding.fetch_add(1, Ordering::AcqRel);
         let lease_id = lp.lease_id.load(Ordering::Acquire);
-        let low = lp.last_slice.load(Ordering::Relaxed) / 4;
-        if lp.free.load(Ordering::Relaxed) < low.max(units) {
-            self.refill_in_background(&lp, units);
-        }
+        self.refill_if_low(&lp, units);
         hold.held.push(Held {
             pool: lp,
             units,
@@ -649,6 +716,7 @@ impl Spend {
                 .collect(),
             relayed: 0,
             cut: false,
+            stage: Some(self.clone()),
             streams_cut: self.inner.metrics.streams_cut.clone(),
         })
     }
@@ -679,56 +747,99 @@ impl Spend {
         units: i64,
         now_ms: u64,
     ) -> Result<(), Refusal> {
-        let inner = &self.inner;
         let mut waits = 0;
         loop {
             if self.take_now(hold, lp.clone(), units, now_ms) {
                 return Ok(());
             }
-            // The database said a moment ago that this does not fit: do not ask again yet.
-            let at = lp.exhausted_at_ms.load(Ordering::Acquire);
-            if at != 0
-                && now_ms.saturating_sub(at) < 1000
-                && units
-                    > lp.exhausted_left.load(Ordering::Acquire) + lp.free.load(Ordering::Acquire)
-            {
-                return Err(self.refused(Refusal::OutOfCredits));
+            match self.wait_for_room(&lp, units, now_ms, &mut waits).await {
+                Room::Retry => continue,
+                Room::Refused => return Err(self.refused(Refusal::OutOfCredits)),
+                Room::Gone => return Ok(()), // nothing to hold against any more
+                Room::Unavailable => return self.unavailable(hold, &lp, units),
             }
-            if waits > 3 {
-                return Err(self.refused(Refusal::OutOfCredits));
-            }
-            waits += 1;
-            if lp
-                .refilling
-                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                let outcome = self.refill(&lp, units).await;
-                lp.refilling.store(false, Ordering::Release);
-                lp.refilled.notify_waiters();
-                match outcome {
-                    Ok(LeaseOutcome::Granted { .. }) => continue,
-                    Ok(LeaseOutcome::Exhausted { .. }) => {
-                        if lp.free.load(Ordering::Acquire) >= units {
-                            continue; // a request settled meanwhile
+        }
+    }
+
+    /// A watched stream's extension of `units` from the pool `h` holds, leasing more when this
+    /// instance's share does not hold it. `false`: it does not fit (the stream is cut).
+    async fn extend_held(&self, h: &mut Held, units: i64, now_ms: u64) -> bool {
+        let mut waits = 0;
+        loop {
+            if h.lease_id == 0 {
+                h.pool.free.fetch_sub(units, Ordering::AcqRel); // held without a lease
+            } else if !h.pool.try_take(units) {
+                match self.wait_for_room(&h.pool, units, now_ms, &mut waits).await {
+                    Room::Retry => continue,
+                    Room::Refused => return false,
+                    Room::Gone => return true,
+                    Room::Unavailable => match self.inner.settings.fail {
+                        FailPolicy::Closed => return false,
+                        FailPolicy::Open => {
+                            self.inner.metrics.fail_open.increment(1);
+                            h.pool.free.fetch_sub(units, Ordering::AcqRel);
                         }
-                        return Err(self.refused(Refusal::OutOfCredits));
-                    }
-                    Ok(LeaseOutcome::Gone) => return Ok(()), // nothing to hold against any more
-                    Err(()) => return self.unavailable(hold, &lp, units),
-                }
-            } else {
-                let notified = lp.refilled.notified();
-                tokio::pin!(notified);
-                notified.as_mut().enable();
-                if lp.refilling.load(Ordering::Acquire)
-                    && tokio::time::timeout(inner.settings.lease_wait, notified)
-                        .await
-                        .is_err()
-                {
-                    return self.unavailable(hold, &lp, units);
+                    },
                 }
             }
+            h.units = h.units.saturating_add(units);
+            self.refill_if_low(&h.pool, units);
+            return true;
+        }
+    }
+
+    /// `lp` did not hold `units`: asks the database for a lease (one request at a time per
+    /// pool; the others wait for its answer), unless it said a moment ago that this does not fit.
+    async fn wait_for_room(
+        &self,
+        lp: &Arc<LocalPool>,
+        units: i64,
+        now_ms: u64,
+        waits: &mut u32,
+    ) -> Room {
+        let inner = &self.inner;
+        // The database said a moment ago that this does not fit: do not ask again yet.
+        let at = lp.exhausted_at_ms.load(Ordering::Acquire);
+        if at != 0
+            && now_ms.saturating_sub(at) < 1000
+            && units > lp.exhausted_left.load(Ordering::Acquire) + lp.free.load(Ordering::Acquire)
+        {
+            return Room::Refused;
+        }
+        if *waits > 3 {
+            return Room::Refused;
+        }
+        *waits += 1;
+        if lp
+            .refilling
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            let outcome = self.refill(lp, units).await;
+            lp.refilling.store(false, Ordering::Release);
+            lp.refilled.notify_waiters();
+            match outcome {
+                Ok(LeaseOutcome::Granted { .. }) => Room::Retry,
+                // A request may have settled meanwhile.
+                Ok(LeaseOutcome::Exhausted { .. }) if lp.free.load(Ordering::Acquire) >= units => {
+                    Room::Retry
+                }
+                Ok(LeaseOutcome::Exhausted { .. }) => Room::Refused,
+                Ok(LeaseOutcome::Gone) => Room::Gone,
+                Err(()) => Room::Unavailable,
+            }
+        } else {
+            let notified = lp.refilled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if lp.refilling.load(Ordering::Acquire)
+                && tokio::time::timeout(inner.settings.lease_wait, notified)
+                    .await
+                    .is_err()
+            {
+                return Room::Unavailable;
+            }
+            Room::Retry
         }
     }
 
@@ -782,6 +893,15 @@ impl Spend {
         match tokio::time::timeout(self.inner.settings.lease_wait, task).await {
             Ok(Ok(Ok(outcome))) => Ok(outcome),
             _ => Err(()),
+        }
+    }
+
+    /// Starts a refill ahead of need when `lp`'s free units fall below a quarter of its last
+    /// lease (or below what was just taken).
+    fn refill_if_low(&self, lp: &Arc<LocalPool>, units: i64) {
+        let low = lp.last_slice.load(Ordering::Relaxed) / 4;
+        if lp.free.load(Ordering::Relaxed) < low.max(units) {
+            self.refill_in_background(lp, units);
         }
     }
 
@@ -897,8 +1017,7 @@ impl Inner {
 /// Takes a lease for `lp` (on the database runtime).
 async fn take(inner: &Inner, lp: &LocalPool, units: i64) -> Result<LeaseOutcome, ()> {
     let metric = lp.pool.metric();
-    let slice = budget::lease_slice(units, inner.settings.reservations_per_lease, i64::MAX)
-        .unwrap_or(units);
+    let slice = budget::lease_slice(units, inner.settings.reservations_per_lease);
     let ttl = chrono::Duration::from_std(inner.settings.lease_ttl).unwrap_or_default();
     match inner
         .store
@@ -1049,17 +1168,18 @@ mod tests {
     }
 
     #[test]
-    fn a_watched_stream_extends_its_reservation_or_is_cut() {
+    fn a_watched_stream_extends_its_reservation_from_what_is_held() {
         // Two pools held (free after admission, units held, what one extension takes, lease);
         // the stream's bound reaches each of `seens` in turn. Covered: 100 tokens, extensions
-        // of 50. → (what `cover` answered each time, free after, held after, cut output)
+        // of 50. → (what `cover` answered each time, free after, held after). `false` = the
+        // extension does not fit what this instance holds (`extend` asks the database); it
+        // takes from no pool.
         type Pools = [(i64, i64, i64, i64); 2];
         let check = |pools: Pools,
                      seens: &[u64],
                      answers: &[bool],
                      free_after: [i64; 2],
-                     held_after: [i64; 2],
-                     cut: Option<u64>| {
+                     held_after: [i64; 2]| {
             let lps: Vec<_> = pools
                 .iter()
                 .map(|&(free, ..)| {
@@ -1084,6 +1204,7 @@ mod tests {
                     chunk_units: pools.iter().map(|p| p.2).collect(),
                     relayed: 0,
                     cut: false,
+                    stage: None,
                     streams_cut: Counter::noop(),
                 })),
             };
@@ -1093,7 +1214,7 @@ mod tests {
             assert_eq!(free, free_after, "free after {pools:?} {seens:?}");
             let held: Vec<i64> = hold.held.iter().map(|h| h.units).collect();
             assert_eq!(held, held_after, "held after {pools:?} {seens:?}");
-            assert_eq!(hold.cut_output(), cut);
+            assert_eq!(hold.cut_output(), None, "cover alone never cuts");
             // Whatever happened, dropping the hold gives back all it held.
             drop(hold);
             for (lp, p) in lps.iter().zip(&pools) {
@@ -1107,7 +1228,6 @@ mod tests {
             &[true, true],
             [1000, 1000],
             [10, 10],
-            None,
         );
         // Past it: one extension from each pool, then two at once (150 → 250).
         check(
@@ -1116,26 +1236,23 @@ mod tests {
             &[true, true, true],
             [985, 979],
             [25, 31],
-            None,
         );
-        // The second pool cannot give the second extension: cut at 151, charged 150 (the
-        // bound when the last chunk went through); the first pool's extension stays held.
+        // The second pool cannot give the second extension: none is taken from either (the
+        // first pool's share given back), and asking again answers the same.
         check(
             [(1000, 10, 5, 1), (10, 10, 7, 2)],
             &[120, 150, 151, 152],
             &[true, true, false, false],
-            [990, 3],
-            [20, 17],
-            Some(150),
+            [995, 3],
+            [15, 17],
         );
-        // Nothing left locally at the first extension: cut, charged what was relayed.
+        // Nothing left locally at the first extension.
         check(
             [(4, 10, 5, 1), (1000, 10, 0, 2)],
             &[60, 101],
             &[true, false],
             [4, 1000],
             [10, 10],
-            Some(60),
         );
         // A pool held without a lease (fail = "open") is counted, never refused; a requests
         // budget's extension is 0.
@@ -1145,8 +1262,35 @@ mod tests {
             &[true],
             [-5, 0],
             [15, 1],
-            None,
         );
+    }
+
+    #[tokio::test]
+    async fn without_the_stage_an_extension_that_does_not_fit_cuts() {
+        let lp = Arc::new(LocalPool::new(Pool::Credit { user_id: 1 }, None));
+        lp.free.store(4, Ordering::Relaxed);
+        let mut hold = SpendHold {
+            held: vec![Held {
+                pool: lp.clone(),
+                units: 10,
+                lease_id: 1,
+            }],
+            watch: Some(Box::new(Watch {
+                covered: 100,
+                chunk: 50,
+                chunk_units: vec![5],
+                relayed: 0,
+                cut: false,
+                stage: None,
+                streams_cut: Counter::noop(),
+            })),
+        };
+        assert!(hold.cover(60));
+        assert!(!hold.cover(101));
+        assert!(!hold.extend(101).await);
+        assert_eq!(hold.cut_output(), Some(60), "charged what was relayed");
+        assert!(!hold.cover(101), "cut stays cut");
+        assert_eq!(lp.free.load(Ordering::Relaxed), 4);
     }
 
     #[test]

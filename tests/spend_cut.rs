@@ -3,7 +3,8 @@
 //! passes what the reservation and the local lease can cover: the client sees an incomplete
 //! stream, the charge stays within the balance (no `uncollected`), and `usage --check` passes.
 //! With it off, the same stream completes and is charged what the upstream reported, the part
-//! over the balance recorded as `uncollected`.
+//! over the balance recorded as `uncollected`. With a balance that covers it, a stream whose
+//! instance runs short of leased credit mid-stream leases more instead of being cut.
 
 mod common;
 
@@ -102,14 +103,7 @@ async fn run(db: Db, cut_streams: bool) {
     gw.add_user("alice@example.com");
     gw.add_account("main", "openai", &mock.url(), "sk-up", 1, 1);
     let key = gw.create_key("alice@example.com", &[]);
-    gw.cli_ok(&[
-        "credits",
-        "grant",
-        "--user",
-        "alice@example.com",
-        "--amount",
-        "0.30",
-    ]);
+    gw.grant("alice@example.com", "0.30");
     gw.start().await;
 
     let r = post(&gw, &client(), &key, BODY).await;
@@ -178,3 +172,52 @@ async fn cut_off(db: Db) {
 
 both_dbs!(a_stream_past_its_reservation_is_cut, cut_on);
 both_dbs!(without_cut_streams_the_stream_completes, cut_off);
+both_dbs!(
+    a_stream_leases_more_when_the_instance_runs_short,
+    leases_more
+);
+
+/// `cut_streams` on, a balance far above what the stream costs, and leases of one reservation
+/// each: the instance's share runs out again and again mid-stream, and each time the extension
+/// comes from a new lease instead of cutting the stream.
+async fn leases_more(db: Db) {
+    let mock = long_stream().await;
+    let spend = format!(
+        "{PRICES}\n[spend]\ndefault_max_output_tokens = 20\ncut_streams = true\nreservations_per_lease = 1\n"
+    );
+    let mut gw = Gateway::new(db, "", &spend).await.unwrap();
+    gw.add_user("alice@example.com");
+    gw.add_account("main", "openai", &mock.url(), "sk-up", 1, 1);
+    let key = gw.create_key("alice@example.com", &[]);
+    gw.grant("alice@example.com", "10");
+    gw.start().await;
+
+    let r = post(&gw, &client(), &key, BODY).await;
+    assert_eq!(r.status(), 200);
+    let (body, complete) = read_all(r).await;
+    assert!(complete, "{body}");
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    assert_eq!(body.matches(TEXT).count(), CHUNKS);
+    let row = rows(&gw, 1).await.remove(0);
+    assert_eq!(row.error_message, None);
+    assert_eq!(row.cost, dec("0.41"));
+    let (charged, meta, balance) = charge(&gw).await;
+    assert_eq!(charged, dec("0.41"));
+    assert!(meta.get("uncollected").is_none(), "{meta}");
+    assert_eq!(balance, dec("9.59"));
+    let (_, metrics) = gw.scrape("/metrics").await;
+    assert_eq!(
+        Gateway::sample(&metrics, "tollgate_spend_streams_cut_total"),
+        0.0
+    );
+    // The reservation (150 tokens' worth) covered 20 output tokens; the stream's 1,200 needed
+    // dozens of extensions of 20, each lease holding one of them.
+    let leases = Gateway::sample(&metrics, "tollgate_spend_leases_total{outcome=\"granted\"}");
+    assert!(leases >= 5.0, "leases granted: {leases}");
+    let check = gw.cli(&["usage", "--check"]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
