@@ -526,12 +526,30 @@ async fn crash_recovery(db: Db) {
             .collect::<Vec<String>>(),
         )
     };
+    // The gateway is frozen (SIGSTOP) before the spool is looked at, so that what is seen there
+    // is what the kill leaves: a replay cannot empty it in between.
+    let signal = |sig: &str| {
+        let pid = gw.pid().to_string();
+        let ok = std::process::Command::new("kill")
+            .args([sig, pid.as_str()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    };
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while common::spooled_ids(&gw.spool_dir()).is_empty() {
+    loop {
         assert!(
             std::time::Instant::now() < deadline,
             "nothing was ever spooled"
         );
+        if !common::spooled_ids(&gw.spool_dir()).is_empty() {
+            signal("-STOP");
+            if !common::spooled_ids(&gw.spool_dir()).is_empty() {
+                break;
+            }
+            signal("-CONT");
+        }
         tokio::task::yield_now().await;
     }
     gw.kill9();
@@ -676,14 +694,7 @@ async fn aborted_openai_stream(db: Db) {
     gw.add_account("a", "openai", &mock.url(), "sk", 1, 1);
     let key = gw.create_key("alice@example.com", &[]);
     // Prepaid: the charge follows what the upstream reported, not what reached the client.
-    gw.cli_ok(&[
-        "credits",
-        "grant",
-        "--user",
-        "alice@example.com",
-        "--amount",
-        "1",
-    ]);
+    gw.grant("alice@example.com", "1");
     gw.start().await;
     // A raw connection, so that leaving is certain: closed with unread bytes, it resets, and
     // the gateway's next write fails.

@@ -103,14 +103,7 @@ async fn official_sdks_work_against_a_live_gateway() {
     // A prepaid user whose balance covers nothing: refused 429 insufficient_quota.
     gw.add_user("broke@example.com");
     let broke = gw.create_key("broke@example.com", &[]);
-    gw.cli_ok(&[
-        "credits",
-        "grant",
-        "--user",
-        "broke@example.com",
-        "--amount",
-        "0.0000000001",
-    ]);
+    gw.grant("broke@example.com", "0.0000000001");
     gw.start().await;
 
     let out = Command::new("python3")

@@ -26,14 +26,7 @@ fn credited(gw: &Gateway, mock: &MockUpstream, amount: &str) -> String {
     gw.add_user("alice@example.com");
     gw.add_account("main", "openai", &mock.url(), "sk-up", 1, 1);
     let key = gw.create_key("alice@example.com", &[]);
-    gw.cli_ok(&[
-        "credits",
-        "grant",
-        "--user",
-        "alice@example.com",
-        "--amount",
-        amount,
-    ]);
+    gw.grant("alice@example.com", amount);
     key
 }
 
@@ -147,14 +140,7 @@ async fn credit_never_overdrawn(db: Db) {
     gw.add_user("alice@example.com");
     gw.add_account("main", "openai", &mock.url(), "sk-up", 1, 1);
     let key = gw.create_key("alice@example.com", &[]);
-    let granted = gw.cli_ok(&[
-        "credits",
-        "grant",
-        "--user",
-        "alice@example.com",
-        "--amount",
-        "1.00",
-    ]);
+    let granted = gw.grant("alice@example.com", "1.00");
     assert_eq!(granted, "1");
     gw.start().await;
 
@@ -327,14 +313,7 @@ async fn failures_free(db: Db) {
     gw.add_account("bad", "openai", &mock.url(), "sk-up", 1, 1);
     gw.add_account("good", "openai", &good.url(), "sk-up", 2, 1);
     let key = gw.create_key("alice@example.com", &[]);
-    gw.cli_ok(&[
-        "credits",
-        "grant",
-        "--user",
-        "alice@example.com",
-        "--amount",
-        "1",
-    ]);
+    gw.grant("alice@example.com", "1");
     gw.start().await;
     let c = client();
     let r = post(&gw, &c, &key, BODY).await;

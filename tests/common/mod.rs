@@ -595,6 +595,12 @@ impl Gateway {
             .unwrap()
     }
 
+    /// Grants `amount` of credit to `email` (`tollgate credits grant`): prepaid from then on.
+    /// Returns stdout's last line (the new balance).
+    pub fn grant(&self, email: &str, amount: &str) -> String {
+        self.cli_ok(&["credits", "grant", "--user", email, "--amount", amount])
+    }
+
     /// Runs a CLI command that must succeed; returns stdout's last line.
     pub fn cli_ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);
