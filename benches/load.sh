@@ -36,6 +36,10 @@
 #   LOAD_SKIP_BUILD=1     don't run cargo build (use the binaries already in target/release)
 #   LOAD_OUT=target/load  where the report (Markdown) and the raw results (JSON lines) go
 #   LOAD_KEEP_TMP=1       keep the temporary directory (configs, logs, databases)
+#   LOAD_DB_CPUS=1        give the PostgreSQL server of TEST_DATABASE_URL these CPUs (a taskset list)
+#                         and everything this script starts (upstream, proxies, wrk) the others,
+#                         as in production where the database has its own machine; the server's
+#                         affinity is put back at the end (needs taskset, and the right to set it)
 #   LOAD_NO_NGINX=1       behave as if nginx were missing (Python upstream, no nginx baseline)
 #   SYS_SECS=5  SYS_CONNECTIONS=64       the syscalls scenario (logs off unless LOAD_LOGS is set)
 #   CG_SECS=5   CG_CONNECTIONS=8         the callgrind scenario (logs off unless LOAD_LOGS is set)
@@ -49,11 +53,28 @@
 set -euo pipefail
 
 MODE=${1:-rps}
-case "$MODE" in rps | sse | all | keys | syscalls | callgrind | soak) ;; -h | --help) sed -n '2,47p' "$0"; exit 0 ;;
+case "$MODE" in rps | sse | all | keys | syscalls | callgrind | soak) ;; -h | --help) sed -n '2,51p' "$0"; exit 0 ;;
 *) echo "usage: bash benches/load.sh [rps|sse|all|keys|syscalls|callgrind|soak]" >&2; exit 2 ;; esac
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HERE=$ROOT/benches/load
+
+# LOAD_DB_CPUS: this script (and so all it starts) runs on the CPUs the database does not get.
+DB_CPUS=${LOAD_DB_CPUS:-}
+if [ -n "$DB_CPUS" ] && [ -z "${LOAD_PINNED_CPUS:-}" ]; then
+  command -v taskset >/dev/null || { echo "LOAD_DB_CPUS needs taskset (util-linux)" >&2; exit 2; }
+  [ -n "${TEST_DATABASE_URL:-}" ] || { echo "LOAD_DB_CPUS needs TEST_DATABASE_URL (the server to pin)" >&2; exit 2; }
+  rest=$(python3 -c 'import os, sys
+db = set()
+for part in sys.argv[1].split(","):
+    a, _, b = part.partition("-")
+    db.update(range(int(a), int(b or a) + 1))
+rest = sorted(os.sched_getaffinity(0) - db)
+if not rest or not db <= os.sched_getaffinity(0):
+    sys.exit("LOAD_DB_CPUS=%s leaves no CPU for the rest, or names a CPU this machine does not have" % sys.argv[1])
+print(",".join(map(str, rest)))' "$DB_CPUS") || exit 2
+  LOAD_PINNED_CPUS=$rest exec taskset -c "$rest" bash "${BASH_SOURCE[0]}" "$@"
+fi
 DURATION=${LOAD_DURATION:-10}
 ROUNDS=${LOAD_ROUNDS:-3}
 CONNS=${LOAD_CONNECTIONS:-64}
@@ -184,6 +205,17 @@ T=$(mktemp -d /tmp/tollgate-load.XXXXXX)
 PIDS=()
 PG_DB=""
 PG_ADMIN_URL=${TEST_DATABASE_URL:-}
+PG_AFFINITY="" # the PostgreSQL server's CPU list before LOAD_DB_CPUS pinned it (put back at exit)
+postmaster_pid() { # the PostgreSQL server's main process: the parent of its checkpointer
+  local ck
+  ck=$(psql "$PG_ADMIN_URL" -qXAt -c "select pid from pg_stat_activity where backend_type = 'checkpointer'" 2>/dev/null) || return 1
+  [ -n "$ck" ] && ps -o ppid= -p "$ck" | tr -d ' '
+}
+pin_postgres() { # CPULIST: the server and every process it has forked (its backends inherit it)
+  local pm p
+  pm=$(postmaster_pid) || return 1
+  for p in $pm $(pgrep -P "$pm"); do taskset -a -p -c "$1" "$p" >/dev/null 2>&1 || true; done
+}
 cleanup() {
   set +e
   local pid
@@ -199,6 +231,7 @@ cleanup() {
     psql "$PG_ADMIN_URL" -qXc "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" >/dev/null 2>&1 &&
       log "dropped database $PG_DB"
   fi
+  [ -z "$PG_AFFINITY" ] || pin_postgres "$PG_AFFINITY"
   if [ "${LOAD_KEEP_TMP:-0}" = 1 ]; then log "kept $T"; else rm -rf "$T"; fi
 }
 trap cleanup EXIT
@@ -574,6 +607,14 @@ EOF
 
 START=$(date +%s)
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+if [ -n "$DB_CPUS" ]; then
+  pm=$(postmaster_pid) || die "LOAD_DB_CPUS: cannot find the PostgreSQL server of TEST_DATABASE_URL (pg_stat_activity)"
+  PG_AFFINITY=$(taskset -c -p "$pm" | sed 's/.*: *//')
+  pin_postgres "$DB_CPUS" || die "LOAD_DB_CPUS: could not pin the PostgreSQL server (pid $pm)"
+  [ "$(taskset -c -p "$pm" | sed 's/.*: *//')" = "$DB_CPUS" ] ||
+    die "LOAD_DB_CPUS: the PostgreSQL server (pid $pm) is still on $(taskset -c -p "$pm" | sed 's/.*: *//')"
+  log "PostgreSQL (pid $pm) on CPUs $DB_CPUS (was $PG_AFFINITY), this script and all it starts on $LOAD_PINNED_CPUS"
+fi
 
 setup_tollgates() { # a database, user, key and account for each tollgate configuration in ACTIVE
   local c
@@ -1010,13 +1051,15 @@ fi
 STAMP=$(date +%Y%m%d-%H%M%S)
 meta mode="$MODE" rounds="$ROUNDS" duration="$DURATION" warmup="$WARMUP" connections="$CONNS" \
   wrk_threads="$WRK_THREADS" threads="$THREADS" logs="$LOGS" upstream="$UP_KIND" \
-  load_before="$LOAD_BEFORE" criterion="$TARGET/criterion" \
+  load_before="$LOAD_BEFORE" criterion="$TARGET/criterion" db_cpus="$DB_CPUS" cpus="${LOAD_PINNED_CPUS:-}" \
   stages="$(for n in "${STAGES[@]+"${STAGES[@]}"}"; do printf '%s:%s ' "$n" "${STAGE_BENCH[$n]}"; done)" \
   features="${FEATURES[*]+"${FEATURES[*]}"}" unknown_features="${UNKNOWN_FEATURES[*]+"${UNKNOWN_FEATURES[*]}"}" >"$T/meta.json"
 {
   echo "## tollgate load benchmark, $(date -u '+%Y-%m-%d %H:%M UTC'), $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')"
   echo
-  "$PY" -c 'import json,sys; m=json.load(open(sys.argv[1])); print("Machine: %s CPUs (%s), %s GiB; load average before %s, at the end %s. Upstream: %s. Proxies: %s threads (pingora, hyper), logs %s. wrk, the upstream and the proxy share these CPUs." % (m["nproc"], m["cpu"], m["mem_gib"], m["load_before"], " ".join(m["load"]), m["upstream"], m["threads"], m["logs"]))' "$T/meta.json"
+  "$PY" -c 'import json,sys; m=json.load(open(sys.argv[1]))
+where = ("PostgreSQL on CPU %s alone; wrk, the upstream and the proxy share CPU %s." % (m["db_cpus"], m["cpus"])) if m.get("db_cpus") else "wrk, the upstream, the proxy and PostgreSQL share these CPUs."
+print("Machine: %s CPUs (%s), %s GiB; load average before %s, at the end %s. Upstream: %s. Proxies: %s threads (pingora, hyper), logs %s. %s" % (m["nproc"], m["cpu"], m["mem_gib"], m["load_before"], " ".join(m["load"]), m["upstream"], m["threads"], m["logs"], where))' "$T/meta.json"
   echo
   $REPORT summary "$RESULTS" "$T/meta.json"
   echo

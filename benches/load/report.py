@@ -209,6 +209,7 @@ def summary(results, meta_path):
             "rps": med([r["rps"] for r in rs]),
             "rps_min": min(r["rps"] for r in rs),
             "rps_max": max(r["rps"] for r in rs),
+            "rps_by_round": {r.get("round"): r["rps"] for r in rs},
             "p50": med([r["wrk"]["p50_us"] / 1e3 for r in rs]),
             "p99": med([r["wrk"]["p99_us"] / 1e3 for r in rs]),
             "cpu": med([r.get("proxy_cpu_us") for r in rs]),
@@ -465,7 +466,8 @@ def stage_table(p, agg, meta):
           "stages against.\n")
         return
     p("| stage | criterion bench | ns (criterion median) | %s |" % " | ".join(
-        "%s: CPU µs/req off → on (added) | %s: req/s on / off" % (t, t) for t in bases))
+        "%s: CPU µs/req off → on (added) | %s: req/s on / off (medians; per round: median, "
+        "min–max)" % (t, t) for t in bases))
     p("|---|---|---:|" + "---:|---:|" * len(bases))
     p("| (all off) | – | – | %s |" % " | ".join(
         "%s | 1.00×" % fmt(agg[t]["cpu"]) for t in bases))
@@ -477,9 +479,15 @@ def stage_table(p, agg, meta):
                 cells.append("not run (not in LOAD_FEATURES) | –")
                 continue
             added = on["cpu"] - agg[t]["cpu"] if on["cpu"] and agg[t]["cpu"] else None
-            cells.append("%s → %s (%s) | %s" % (
+            # Rounds interleave off and on, so a round's ratio is measured under the same
+            # conditions: their median is steadier on a noisy machine than a ratio of medians.
+            off_by, on_by = agg[t]["rps_by_round"], on["rps_by_round"]
+            paired = sorted(on_by[k] / off_by[k] for k in on_by if off_by.get(k))
+            per_round = "; %s, %s–%s" % (fmt(med(paired), "%.3f×"), fmt(paired[0], "%.2f"),
+                                         fmt(paired[-1], "%.2f×")) if paired else ""
+            cells.append("%s → %s (%s) | %s%s" % (
                 fmt(agg[t]["cpu"]), fmt(on["cpu"]), fmt(added, "%+.1f"),
-                fmt(on["rps"] / agg[t]["rps"] if agg[t]["rps"] else None, "%.2f×")))
+                fmt(on["rps"] / agg[t]["rps"] if agg[t]["rps"] else None, "%.2f×"), per_round))
         ns = criterion_ns(meta.get("criterion"), bench)
         p("| `%s` | %s | %s | %s |" % (
             name, "`%s`" % bench if bench != "-" else "–",
