@@ -43,6 +43,7 @@ macro_rules! dispatch_tx {
 
 mod audit;
 mod catalog;
+mod numeric;
 mod plans;
 mod report;
 mod spend;

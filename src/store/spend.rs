@@ -18,6 +18,7 @@ use rust_decimal::Decimal;
 use sqlx::types::Json;
 use sqlx::Row;
 
+use super::numeric::Numeric;
 use super::{sqlite_cost, sqlite_time, Actor, Store, StoreError, Target, Tx, TxConn};
 use crate::budget::{period_bounds, Metric, Period};
 use crate::record::{Pool, UsageRecord, BILLABLE_SQL};
@@ -453,8 +454,8 @@ async fn insert_charges(tx: &mut Tx, entries: &[NewEntry<'_>]) -> Result<(), Sto
              $3::numeric[], $4::text[], $5::jsonb[], $6::timestamptz[]) AS x(u, a, b, r, m, t)",
         )
         .bind(entries.iter().map(|e| e.user_id).collect::<Vec<_>>())
-        .bind(entries.iter().map(|e| e.amount).collect::<Vec<_>>())
-        .bind(entries.iter().map(|e| e.before).collect::<Vec<_>>())
+        .bind(entries.iter().map(|e| Numeric(e.amount)).collect::<Vec<_>>())
+        .bind(entries.iter().map(|e| Numeric(e.before)).collect::<Vec<_>>())
         .bind(
             entries
                 .iter()

@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 
+use super::numeric::Numeric;
 use super::spend::settle;
 use super::{sqlite_time, Store, StoreError};
 use super::{Tx, TxConn};
@@ -102,7 +103,7 @@ impl Store {
                             .collect::<Vec<_>>(),
                     )
                     .bind(rows.iter().map(|r| r.tokens_used).collect::<Vec<_>>())
-                    .bind(rows.iter().map(|r| r.cost).collect::<Vec<_>>())
+                    .bind(rows.iter().map(|r| Numeric(r.cost)).collect::<Vec<_>>())
                     .bind(
                         rows.iter()
                             .map(|r| r.error_message.as_deref())
