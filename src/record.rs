@@ -154,6 +154,35 @@ impl UsageSource {
 }
 
 impl UsageRecord {
+    /// A served chat row with nothing counted (no model, no tokens, cost 0, at the epoch), for
+    /// unit tests to change what they look at.
+    #[cfg(test)]
+    pub(crate) fn sample(request_id: &str) -> UsageRecord {
+        UsageRecord {
+            request_id: request_id.into(),
+            user_id: 1,
+            api_key_id: 1,
+            upstream_account_id: None,
+            method: "POST".into(),
+            endpoint: "/v1/chat/completions".into(),
+            model: None,
+            status_code: 200,
+            response_time: 1,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cached_tokens: 0,
+            cache_creation_tokens: 0,
+            tokens_used: 0,
+            cost: Decimal::ZERO,
+            error_message: None,
+            created_at: DateTime::<Utc>::UNIX_EPOCH,
+            requested_model: None,
+            usage_source: None,
+            upstream_error: None,
+            charges: Vec::new(),
+        }
+    }
+
     /// Whether this row counts as a success for the key's and account's counters.
     pub fn is_success(&self) -> bool {
         (200..400).contains(&self.status_code) && self.error_message.is_none()

@@ -335,6 +335,14 @@ fn extension_units(metric: Metric, chunk: u64, price: Option<UnitPrice>) -> i64 
 }
 
 impl SpendHold {
+    /// An empty hold with room for each pool of `policy`.
+    fn for_policy(policy: &SpendPolicy) -> SpendHold {
+        SpendHold {
+            held: Vec::with_capacity(policy.budgets.len() + 1),
+            watch: None,
+        }
+    }
+
     /// Whether its response is to be watched as it streams ([`SpendHold::cover`]).
     pub fn watches(&self) -> bool {
         self.watch.is_some()
@@ -591,10 +599,7 @@ impl Spend {
         now: DateTime<Utc>,
     ) -> Option<SpendHold> {
         let now_ms = self.ms(now);
-        let mut hold = SpendHold {
-            held: Vec::with_capacity(policy.budgets.len() + 1),
-            watch: None,
-        };
+        let mut hold = SpendHold::for_policy(policy);
         for b in &policy.budgets {
             let lp = self.budget_pool(b, now);
             if !self.take_now(&mut hold, lp, worst.units(b.metric, price), now_ms) {
@@ -619,10 +624,7 @@ impl Spend {
         now: DateTime<Utc>,
     ) -> Result<SpendHold, Refusal> {
         let now_ms = self.ms(now);
-        let mut hold = SpendHold {
-            held: Vec::with_capacity(policy.budgets.len() + 1),
-            watch: None,
-        };
+        let mut hold = SpendHold::for_policy(policy);
         for b in &policy.budgets {
             let lp = self.budget_pool(b, now);
             let resets_at = lp.period_end;
@@ -1066,27 +1068,12 @@ mod tests {
 
     fn record(status: i32, cost: &str, tokens: i64) -> UsageRecord {
         UsageRecord {
-            request_id: "r".into(),
-            user_id: 1,
-            api_key_id: 1,
-            upstream_account_id: None,
-            method: "POST".into(),
-            endpoint: "/v1/chat/completions".into(),
-            model: None,
             status_code: status,
-            response_time: 1,
             prompt_tokens: tokens,
-            completion_tokens: 0,
-            cached_tokens: 0,
-            cache_creation_tokens: 0,
             tokens_used: tokens,
             cost: Decimal::from_str(cost).unwrap(),
-            error_message: None,
-            created_at: DateTime::<Utc>::UNIX_EPOCH,
-            requested_model: None,
             usage_source: Some(UsageSource::Provider),
-            upstream_error: None,
-            charges: Vec::new(),
+            ..UsageRecord::sample("r")
         }
     }
 

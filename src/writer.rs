@@ -590,27 +590,8 @@ mod tests {
 
     fn record(i: usize) -> UsageRecord {
         UsageRecord {
-            request_id: format!("req-{i:05}"),
-            user_id: 1,
-            api_key_id: 1,
-            upstream_account_id: None,
-            method: "POST".into(),
-            endpoint: "/v1/chat/completions".into(),
-            model: None,
-            status_code: 200,
-            response_time: 1,
-            prompt_tokens: 0,
-            completion_tokens: 0,
-            cached_tokens: 0,
-            cache_creation_tokens: 0,
-            tokens_used: 0,
-            cost: rust_decimal::Decimal::ZERO,
-            error_message: None,
             created_at: chrono::Utc::now(),
-            requested_model: None,
-            usage_source: None,
-            upstream_error: None,
-            charges: Vec::new(),
+            ..UsageRecord::sample(&format!("req-{i:05}"))
         }
     }
 

@@ -15,27 +15,6 @@ use common::{client, dec, header, post, rows, usage_row, Db, Gateway, MockUpstre
 use tollgate::record::{Metric, Period, Pool};
 use tollgate::store::{Actor, LeaseOutcome, LimitColumns, PlanBudget, Store};
 
-/// A CLI command's whole stdout as JSON.
-fn json_out(gw: &Gateway, args: &[&str]) -> serde_json::Value {
-    let out = gw.cli(args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn check_holds(gw: &Gateway) {
-    let check = gw.cli(&["usage", "--check"]);
-    assert!(
-        check.status.success(),
-        "usage --check: {}{}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
-    );
-}
-
 both_dbs!(a_plans_rpm_limits_a_subscriber, plan_rpm);
 async fn plan_rpm(db: Db) {
     let mock = MockUpstream::json_ok().await;
@@ -77,7 +56,7 @@ async fn plan_rpm(db: Db) {
         assert!(err.contains(want), "{args:?}: {err}");
     }
     gw.cli_ok(&["users", "subscribe", "alice@example.com", "--plan", "basic"]);
-    let plans = json_out(&gw, &["plans", "list", "--json"]);
+    let plans = gw.cli_json(&["plans", "list", "--json"]);
     assert_eq!(plans.as_array().unwrap().len(), 1, "{plans}");
     assert_eq!(plans[0]["name"], "basic");
     assert_eq!(plans[0]["limits"]["rpm"], 5);
@@ -145,7 +124,7 @@ async fn plan_rpm(db: Db) {
         );
     }
     rows(&gw, sent).await;
-    check_holds(&gw);
+    gw.assert_invariants();
 }
 
 both_dbs!(a_plans_budget_applies_to_each_subscriber, plan_budget);
@@ -169,7 +148,7 @@ async fn plan_budget(db: Db) {
     for email in ["alice@example.com", "bob@example.com"] {
         gw.cli_ok(&["users", "subscribe", email, "--plan", "trial"]);
     }
-    let plans = json_out(&gw, &["plans", "list", "--json"]);
+    let plans = gw.cli_json(&["plans", "list", "--json"]);
     assert_eq!(plans[0]["budgets"].as_array().unwrap().len(), 2, "{plans}");
     assert_eq!(plans[0]["subscribers"], 2);
     gw.start().await;
@@ -189,7 +168,7 @@ async fn plan_budget(db: Db) {
     }
     assert_eq!(mock.count(), 6, "three each, separately");
     rows(&gw, sent).await;
-    check_holds(&gw);
+    gw.assert_invariants();
 
     // Changing the plan's budget reaches the running gateway: one more each.
     let out = gw.cli_ok(&[
@@ -217,10 +196,10 @@ async fn plan_budget(db: Db) {
     }
     sent += 1;
     rows(&gw, sent).await;
-    check_holds(&gw);
+    gw.assert_invariants();
 
     // Every plan action is in the audit log, in its transaction.
-    let log = json_out(&gw, &["audit", "--json", "--limit", "10000"]);
+    let log = gw.cli_json(&["audit", "--json", "--limit", "10000"]);
     let actions: Vec<(&str, &str)> = log
         .as_array()
         .unwrap()
@@ -257,7 +236,7 @@ async fn plan_budget(db: Db) {
     assert_eq!(sub["before"]["status"], "active", "{sub}");
     assert_eq!(sub["after"]["status"], "canceled", "{sub}");
     gw.cli_ok(&["plans", "update", "trial", "--rpm", "100"]);
-    let log = json_out(&gw, &["audit", "--json", "--target", "plan"]);
+    let log = gw.cli_json(&["audit", "--json", "--target", "plan"]);
     let update = &log[0];
     assert_eq!(update["action"], "plan.update");
     assert_eq!(update["before"]["limits"]["rpm"], serde_json::Value::Null);

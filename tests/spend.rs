@@ -30,17 +30,6 @@ fn credited(gw: &Gateway, mock: &MockUpstream, amount: &str) -> String {
     key
 }
 
-/// A CLI command's whole stdout as JSON.
-fn json_out(gw: &Gateway, args: &[&str]) -> serde_json::Value {
-    let out = gw.cli(args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 /// The ledger as (action, amount, balance_after, request_id) rows, oldest first.
 async fn ledger(gw: &Gateway) -> Vec<(String, Decimal, Decimal, Option<String>)> {
     let store = Store::connect(&gw.db.url, 1).await.unwrap();
@@ -125,12 +114,7 @@ async fn check_credit(gw: &Gateway, admitted: &[String], refused: usize, mock_co
     // Refusals are metered: a 429 row with cost 0.
     let refused_rows = all.iter().filter(|r| r.status_code == 429).count();
     assert_eq!(refused_rows, refused);
-    let check = gw.cli(&["usage", "--check"]);
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    gw.assert_invariants();
 }
 
 both_dbs!(credit_is_never_overdrawn, credit_never_overdrawn);
@@ -192,7 +176,7 @@ async fn key_budget(db: Db) {
     gw.add_user("alice@example.com");
     gw.add_account("main", "openai", &mock.url(), "sk-up", 1, 1);
     let key = gw.create_key("alice@example.com", &[]);
-    let key_id = json_out(&gw, &["keys", "list", "--json"])[0]["id"]
+    let key_id = gw.cli_json(&["keys", "list", "--json"])[0]["id"]
         .as_i64()
         .unwrap()
         .to_string();
@@ -211,18 +195,13 @@ async fn key_budget(db: Db) {
     assert!((1..=86_401).contains(&retry), "{retry}");
     assert_eq!(mock.count(), 5);
     rows(&gw, 12).await;
-    let budgets = json_out(&gw, &["budgets", "list", "--json"]);
+    let budgets = gw.cli_json(&["budgets", "list", "--json"]);
     assert_eq!(
         budgets[0]["periods"][0]["spent"].as_str().map(dec),
         Some(dec("5")),
         "{budgets}"
     );
-    let check = gw.cli(&["usage", "--check"]);
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    gw.assert_invariants();
 }
 
 both_dbs!(grants_are_idempotent, idempotent_grants);
@@ -264,16 +243,13 @@ async fn idempotent_grants(db: Db) {
         gw.cli_ok(&["credits", "balance", "--user", "alice@example.com"]),
         "5"
     );
-    let history = json_out(
-        &gw,
-        &[
-            "credits",
-            "history",
-            "--user",
-            "alice@example.com",
-            "--json",
-        ],
-    );
+    let history = gw.cli_json(&[
+        "credits",
+        "history",
+        "--user",
+        "alice@example.com",
+        "--json",
+    ]);
     assert_eq!(history.as_array().unwrap().len(), 1, "{history}");
     // Bad input: a clear error, nothing written.
     for bad in ["-1", "0", "abc", "0.00000000001"] {
@@ -347,12 +323,7 @@ async fn failures_free(db: Db) {
         served,
         "the failed request is not charged"
     );
-    let check = gw.cli(&["usage", "--check"]);
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    gw.assert_invariants();
 }
 
 fn at(s: &str) -> DateTime<Utc> {
@@ -630,12 +601,7 @@ async fn kill_9_credits(db: Db) {
     assert!(charged <= dec("5"), "charged {charged} of $5");
     let (balance, _) = credit_row(&gw).await;
     assert_eq!(balance, dec("5") - charged);
-    let check = gw.cli(&["usage", "--check"]);
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    gw.assert_invariants();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -698,12 +664,7 @@ async fn database_away_admits_from_leases_then_fails_closed() {
     })
     .await;
     assert!(gw.terminate().success());
-    let check = gw.cli(&["usage", "--check"]);
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    gw.assert_invariants();
 }
 
 both_dbs!(a_banned_user_is_refused_outright, banned_user);

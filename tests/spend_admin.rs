@@ -346,12 +346,7 @@ async fn credits(db: Db) {
     }
     assert_eq!(count(&gw.db, ledger_rows).await, 4);
 
-    let check = gw.cli(&["usage", "--check"]);
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    gw.assert_invariants();
 }
 
 both_dbs!(budgets_through_the_admin_api, budgets);

@@ -154,12 +154,7 @@ async fn run(db: Db, cut_streams: bool) {
         assert_eq!(balance, Decimal::ZERO);
         assert_eq!(cut, 0.0);
     }
-    let check = gw.cli(&["usage", "--check"]);
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    gw.assert_invariants();
 }
 
 async fn cut_on(db: Db) {
@@ -214,10 +209,5 @@ async fn leases_more(db: Db) {
     // dozens of extensions of 20, each lease holding one of them.
     let leases = Gateway::sample(&metrics, "tollgate_spend_leases_total{outcome=\"granted\"}");
     assert!(leases >= 5.0, "leases granted: {leases}");
-    let check = gw.cli(&["usage", "--check"]);
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    gw.assert_invariants();
 }

@@ -601,6 +601,28 @@ impl Gateway {
         self.cli_ok(&["credits", "grant", "--user", email, "--amount", amount])
     }
 
+    /// Runs a CLI command that must succeed and print JSON; returns the whole of stdout, parsed.
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// `tollgate usage --check` passes: every metering and spend invariant holds.
+    pub fn assert_invariants(&self) {
+        let check = self.cli(&["usage", "--check"]);
+        assert!(
+            check.status.success(),
+            "usage --check: {}{}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
+
     /// Runs a CLI command that must succeed; returns stdout's last line.
     pub fn cli_ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);
