@@ -502,8 +502,8 @@ async fn insert_charges(tx: &mut Tx, entries: &[NewEntry<'_>]) -> Result<(), Sto
 
 /// Expires what is left of grants past their expiry, as `expire` ledger rows, on a locked
 /// balance. Credit still held in leases is not expired yet (the requests it was reserved for may
-/// spend it); it expires at a later pass, once the leases are spent or returned. Returns the
-/// new balance.
+/// spend it); it expires at a later pass, once the leases are spent or returned. The balance
+/// row is written only when something expired. Returns the new balance.
 async fn expire_grants(
     tx: &mut Tx,
     user_id: i64,
@@ -511,6 +511,7 @@ async fn expire_grants(
     leased: Decimal,
     now: DateTime<Utc>,
 ) -> Result<Decimal, StoreError> {
+    let was = balance;
     let grants = open_grants(tx, user_id).await?;
     for (id, remaining, expires_at) in grants {
         if expires_at.is_none_or(|e| e > now) {
@@ -540,6 +541,9 @@ async fn expire_grants(
         )
         .await?;
         balance -= x;
+    }
+    if balance != was {
+        write_balance(tx, user_id, balance, leased, now).await?;
     }
     Ok(balance)
 }
@@ -604,7 +608,6 @@ async fn lock_pool(
                 return Ok(None);
             };
             let balance = expire_grants(tx, user_id, balance, leased, now).await?;
-            write_balance(tx, user_id, balance, leased, now).await?;
             Ok(Some(PoolState {
                 allowed: balance + overdraft,
                 spent: Decimal::ZERO,
@@ -1531,7 +1534,6 @@ impl Store {
             });
         };
         let balance = expire_grants(&mut tx, user_id, balance, leased, now).await?;
-        write_balance(&mut tx, user_id, balance, leased, now).await?;
         tx.commit_unaudited().await?;
         Ok(CreditBalance {
             user_id,
