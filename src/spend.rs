@@ -35,6 +35,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use dashmap::DashMap;
 use metrics::{counter, Counter};
+use smallvec::SmallVec;
 use tokio::sync::{watch, Notify};
 
 use crate::budget::{
@@ -285,10 +286,14 @@ struct Held {
     lease_id: i64,
 }
 
+/// A request's reservations, inline up to three pools (a key's budget, its user's and the
+/// balance: no allocation per request on the common path).
+type Helds = SmallVec<[Held; 3]>;
+
 /// A request's reservations: settled by `logging` with its usage record; dropped unsettled (the
 /// request never became a record) they all go back.
 pub struct SpendHold {
-    held: Vec<Held>,
+    held: Helds,
     /// `[spend] cut_streams` and a request without an output cap: its stream is watched.
     watch: Option<Box<Watch>>,
 }
@@ -338,7 +343,7 @@ impl SpendHold {
     /// An empty hold with room for each pool of `policy`.
     fn for_policy(policy: &SpendPolicy) -> SpendHold {
         SpendHold {
-            held: Vec::with_capacity(policy.budgets.len() + 1),
+            held: Helds::with_capacity(policy.budgets.len() + 1),
             watch: None,
         }
     }
@@ -1064,6 +1069,7 @@ mod tests {
     use super::*;
     use crate::record::UsageSource;
     use rust_decimal::Decimal;
+    use smallvec::smallvec;
     use std::str::FromStr;
 
     fn record(status: i32, cost: &str, tokens: i64) -> UsageRecord {
@@ -1087,7 +1093,7 @@ mod tests {
                 assert!(lp.try_take(units));
                 lp.outstanding.fetch_add(1, Ordering::Relaxed);
                 let mut hold = SpendHold {
-                    held: vec![Held {
+                    held: smallvec![Held {
                         pool: lp.clone(),
                         units,
                         lease_id: lease,
@@ -1257,7 +1263,7 @@ mod tests {
         let lp = Arc::new(LocalPool::new(Pool::Credit { user_id: 1 }, None));
         lp.free.store(4, Ordering::Relaxed);
         let mut hold = SpendHold {
-            held: vec![Held {
+            held: smallvec![Held {
                 pool: lp.clone(),
                 units: 10,
                 lease_id: 1,
@@ -1311,7 +1317,7 @@ mod tests {
         assert!(!lp.try_take(7), "3 left");
         lp.outstanding.fetch_add(1, Ordering::Relaxed);
         drop(SpendHold {
-            held: vec![Held {
+            held: smallvec![Held {
                 pool: lp.clone(),
                 units: 7,
                 lease_id: 1,

@@ -365,7 +365,6 @@ async fn ledger(
     amount: Decimal,
     before: Decimal,
     grant_id: Option<i64>,
-    request_id: Option<&str>,
     idempotency_key: Option<&str>,
     metadata: serde_json::Value,
     at: DateTime<Utc>,
@@ -373,8 +372,8 @@ async fn ledger(
     let row = tx
         .row(
             "INSERT INTO credit_transactions (user_id, action, amount, balance_before, balance_after, \
-             grant_id, request_id, idempotency_key, metadata, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
+             grant_id, idempotency_key, metadata, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
             &[
                 V::I(user_id),
                 V::T(action.into()),
@@ -382,7 +381,6 @@ async fn ledger(
                 V::D(before),
                 V::D(before + amount),
                 V::OI(grant_id),
-                V::OT(request_id.map(str::to_string)),
                 V::OT(idempotency_key.map(str::to_string)),
                 V::J(metadata),
                 V::Ts(at),
@@ -440,8 +438,9 @@ struct NewEntry<'a> {
 }
 
 /// Charge rows of the ledger: on PostgreSQL one `INSERT … SELECT FROM UNNEST` of arrays (as the
-/// usage rows are written: one plan however many rows), on SQLite multi-row inserts (500 rows,
-/// 3,500 parameters a statement).
+/// usage rows are written: one plan however many rows; the request ids sent as text and stored
+/// as `uuid`, migration 0012), on SQLite multi-row inserts (500 rows, 3,500 parameters a
+/// statement).
 async fn insert_charges(tx: &mut Tx, entries: &[NewEntry<'_>]) -> Result<(), StoreError> {
     if entries.is_empty() {
         return Ok(());
@@ -450,7 +449,7 @@ async fn insert_charges(tx: &mut Tx, entries: &[NewEntry<'_>]) -> Result<(), Sto
         sqlx::query(
             "INSERT INTO credit_transactions (user_id, amount, balance_before, balance_after, \
              request_id, metadata, created_at, action) \
-             SELECT u, a, b, b + a, r, COALESCE(m, '{}'), t, 'charge' FROM UNNEST($1::int8[], $2::numeric[], \
+             SELECT u, a, b, b + a, r::uuid, COALESCE(m, '{}'), t, 'charge' FROM UNNEST($1::int8[], $2::numeric[], \
              $3::numeric[], $4::text[], $5::jsonb[], $6::timestamptz[]) AS x(u, a, b, r, m, t)",
         )
         .bind(entries.iter().map(|e| e.user_id).collect::<Vec<_>>())
@@ -529,7 +528,6 @@ async fn expire_grants(
             -x,
             balance,
             Some(id),
-            None,
             None,
             serde_json::json!({ "expired_at": expires_at }),
             now,
@@ -1452,7 +1450,6 @@ impl Store {
             g.amount,
             balance,
             Some(grant_id),
-            None,
             g.idempotency.map(|(k, _)| k),
             meta,
             now,
@@ -1553,7 +1550,7 @@ impl Store {
         let mut tx = self.begin_read().await?;
         let rows = tx
             .rows(
-                "SELECT id, action, amount, balance_before, balance_after, request_id, idempotency_key, \
+                "SELECT id, action, amount, balance_before, balance_after, CAST(request_id AS TEXT) AS request_id, idempotency_key, \
                  metadata, created_at FROM credit_transactions WHERE user_id = $1 ORDER BY id DESC LIMIT $2",
                 &[V::I(user_id), V::I(limit)],
             )
@@ -1768,14 +1765,14 @@ impl Store {
         }
         let orphans = format!(
             "SELECT COUNT(*) AS n FROM credit_transactions t WHERE t.action = 'charge' AND NOT EXISTS \
-             (SELECT 1 FROM usage_records r WHERE r.request_id = t.request_id AND {BILLABLE_SQL})"
+             (SELECT 1 FROM usage_records r WHERE r.request_id = CAST(t.request_id AS TEXT) AND {BILLABLE_SQL})"
         );
         rep.ledger_orphans = tx.row(&orphans, &[]).await?.map_or(Ok(0), |r| r.i64("n"))?;
         // Rows with a cost (text on SQLite: compared after reading).
         let missing = format!(
             "SELECT r.cost FROM usage_records r JOIN credit_balances c ON c.user_id = r.user_id \
              WHERE {BILLABLE_SQL} AND r.created_at >= (SELECT MIN(g.created_at) FROM credit_grants g WHERE g.user_id = r.user_id) \
-             AND NOT EXISTS (SELECT 1 FROM credit_transactions t WHERE t.request_id = r.request_id)"
+             AND NOT EXISTS (SELECT 1 FROM credit_transactions t WHERE CAST(t.request_id AS TEXT) = r.request_id)"
         );
         for r in tx.rows(&missing, &[]).await? {
             if r.dec("cost")? > Decimal::ZERO {
