@@ -80,12 +80,17 @@ pub fn fixed_dp(cost: Decimal) -> Decimal {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(transparent)]
 pub struct PriceTable {
-    prices: HashMap<String, Price>,
+    prices: ModelMap<Price>,
 }
+
+/// A map keyed by model name, looked up for every request ([`lookup_model`]).
+pub type ModelMap<V> = foldhash::HashMap<String, V>;
 
 impl PriceTable {
     pub fn new(prices: HashMap<String, Price>) -> Self {
-        Self { prices }
+        Self {
+            prices: prices.into_iter().collect(),
+        }
     }
 
     /// The model names the table prices.
@@ -111,7 +116,7 @@ impl PriceTable {
 
 /// [`PriceTable::lookup`]'s rule over any map keyed by model name (`pricing.rs` keeps the
 /// prices in integer units per token in one).
-pub fn lookup_model<'a, V>(map: &'a HashMap<String, V>, model: &str) -> Option<(&'a str, &'a V)> {
+pub fn lookup_model<'a, V>(map: &'a ModelMap<V>, model: &str) -> Option<(&'a str, &'a V)> {
     if let Some((k, v)) = map.get_key_value(model) {
         return Some((k.as_str(), v));
     }

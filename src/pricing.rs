@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use rust_decimal::Decimal;
 
 use crate::budget::UnitPrice;
-use crate::cost::{cost, lookup_model, Price, PriceTable};
+use crate::cost::{cost, lookup_model, ModelMap, Price, PriceTable};
 use crate::metrics::{CostCounter, CostCounters};
 use crate::upstream::AccountType;
 use crate::usage::Usage;
@@ -17,11 +17,11 @@ use crate::usage::Usage;
 pub struct Pricing {
     models: PriceTable,
     /// Per table key, one counter per account type (indexed by [`AccountType::index`]).
-    model_counters: HashMap<String, [CostCounter; 3]>,
+    model_counters: ModelMap<[CostCounter; 3]>,
     /// Per table key, the price in cost units per token (`budget::UnitPrice`), for reserving a
     /// request's worst case (`spend.rs`) with integers only.
-    model_units: HashMap<String, UnitPrice>,
-    defaults: HashMap<AccountType, (Price, CostCounter, UnitPrice)>,
+    model_units: ModelMap<UnitPrice>,
+    defaults: foldhash::HashMap<AccountType, (Price, CostCounter, UnitPrice)>,
     /// The dearest input and output rates of the table: a request whose model cannot be read
     /// is reserved at them.
     dearest: Option<UnitPrice>,
@@ -49,7 +49,7 @@ impl Pricing {
                 (key.to_string(), per_type)
             })
             .collect();
-        let model_units: HashMap<String, UnitPrice> = models
+        let model_units: ModelMap<UnitPrice> = models
             .keys()
             .filter_map(|key| {
                 models
@@ -57,7 +57,7 @@ impl Pricing {
                     .map(|(_, p)| (key.to_string(), UnitPrice::of(p)))
             })
             .collect();
-        let defaults: HashMap<AccountType, (Price, CostCounter, UnitPrice)> = defaults
+        let defaults: foldhash::HashMap<AccountType, (Price, CostCounter, UnitPrice)> = defaults
             .into_iter()
             .map(|(kind, price)| {
                 let label = format!("default:{}", kind.as_str());

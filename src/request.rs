@@ -150,7 +150,9 @@ fn parse_u64(v: &[u8]) -> Option<u64> {
 /// Image and audio parts in a request body, counted generously (an over-count only makes a
 /// reservation larger): every JSON string that starts with `image`, `input_image`, `audio`,
 /// `input_audio` or `file` (a key such as `"image_url"` or a `"type": "image"` value; PDFs are
-/// sized per page by their providers). Four vectorised searches with searchers built once.
+/// sized per page by their providers). Four vectorised searches with searchers built once; for
+/// a body that is not JSON (a multipart upload), since [`spend_fields`] counts a JSON body's
+/// parts in its walk.
 pub fn media_parts(body: &[u8]) -> u64 {
     static FINDERS: LazyLock<[memmem::Finder<'static>; 4]> = LazyLock::new(|| {
         [
@@ -172,16 +174,20 @@ pub fn media_parts(body: &[u8]) -> u64 {
     count(image) + count(audio) + count(file) + inputs
 }
 
-/// What the spend stage reads from a request body, in one walk of its top-level members with
-/// nothing allocated (unless the model is written with escapes): the `model`, the output cap (as
-/// [`max_tokens`] reads it) and the choices (`n`, at least 1). A repeated member: the last wins,
-/// as a JSON parser would have it. A body that is not one JSON object gives what was read before
-/// the fault (the model then `None`: the spend stage prices it at the dearest price).
+/// What the spend stage reads from a request body, in one walk of its members with nothing
+/// allocated (unless the model is written with escapes): the top-level `model`, the output cap
+/// (as [`max_tokens`] reads it), the choices (`n`, at least 1) and the media parts (as
+/// [`media_parts`] counts them: the walk looks at the first characters of every string it
+/// passes, escapes decoded). A repeated member: the last wins, as a JSON parser would have it. A
+/// body that is not one JSON object gives what was read before the fault (the model then `None`:
+/// the spend stage prices it at the dearest price), its media parts counted by
+/// [`media_parts`]'s searches of the whole body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpendFields<'a> {
     pub model: Option<Cow<'a, str>>,
     pub max_tokens: Option<u64>,
     pub choices: u64,
+    pub media_parts: u64,
 }
 
 pub fn spend_fields(body: &[u8]) -> SpendFields<'_> {
@@ -189,40 +195,65 @@ pub fn spend_fields(body: &[u8]) -> SpendFields<'_> {
         model: None,
         max_tokens: None,
         choices: 1,
+        media_parts: 0,
     };
-    let escaped = memchr::memchr(b'\\', body).is_some();
+    let mut seen = Seen::default();
+    let mut model = None;
+    match walk_spend_fields(body, &mut seen, &mut out, &mut model) {
+        Some(()) => out.media_parts = seen.media,
+        None => {
+            out.media_parts = media_parts(body);
+            return out;
+        }
+    }
+    out.model = model.and_then(|raw| match raw {
+        [b'"', inner @ .., b'"'] if !inner.contains(&b'\\') => {
+            std::str::from_utf8(inner).ok().map(Cow::Borrowed)
+        }
+        [b'"', ..] => serde_json::from_slice::<String>(raw).ok().map(Cow::Owned),
+        _ => None,
+    });
+    out
+}
+
+/// [`spend_fields`]'s walk: `None` when the body is not one JSON object (what was read before
+/// the fault stays in `out`).
+fn walk_spend_fields<'a>(
+    body: &'a [u8],
+    seen: &mut Seen,
+    out: &mut SpendFields<'a>,
+    model: &mut Option<&'a [u8]>,
+) -> Option<()> {
     let mut i = skip_ws(body, 0);
     if body.get(i) != Some(&b'{') {
-        return out;
+        return None;
     }
     i = skip_ws(body, i + 1);
-    let mut model = None;
     while body.get(i) != Some(&b'}') {
-        let Some(key_end) = skip_string(body, i) else {
-            return out;
-        };
+        seen.backslash = false;
+        let key_end = seen.string(body, i)?;
+        // Only a key with a backslash can spell a name with escapes.
+        let escaped = seen.backslash;
         let member = Member {
             key: (i, key_end),
             value: (0, 0),
         };
         i = skip_ws(body, key_end);
         if body.get(i) != Some(&b':') {
-            return out;
+            return None;
         }
         i = skip_ws(body, i + 1);
-        let Some(value_end) = skip_value(body, i) else {
-            return out;
-        };
+        let value_end = seen.value(body, i)?;
         let value = &body[i..value_end];
         let is = |name: &str| escaped && member.key_is(body, name);
         let number = || digits(value);
         match &body[member.key.0..member.key.1] {
-            br#""model""# => model = Some(value),
+            br#""model""# => *model = Some(value),
             br#""max_tokens""# | br#""max_completion_tokens""# | br#""max_output_tokens""# => {
                 out.max_tokens = number()
             }
             br#""n""# => out.choices = number().unwrap_or(1).max(1),
-            _ if is("model") => model = Some(value),
+            _ if is("model") => *model = Some(value),
             _ if is("max_tokens") || is("max_completion_tokens") || is("max_output_tokens") => {
                 out.max_tokens = number()
             }
@@ -233,20 +264,13 @@ pub fn spend_fields(body: &[u8]) -> SpendFields<'_> {
         match body.get(i) {
             Some(b',') => i = skip_ws(body, i + 1),
             Some(b'}') => break,
-            _ => return out,
+            _ => return None,
         }
     }
     if body.get(skip_ws(body, i + 1)).is_some() {
-        return out; // trailing bytes: not one JSON object
+        return None; // trailing bytes: not one JSON object
     }
-    out.model = model.and_then(|raw| match raw {
-        [b'"', inner @ .., b'"'] if !inner.contains(&b'\\') => {
-            std::str::from_utf8(inner).ok().map(Cow::Borrowed)
-        }
-        [b'"', ..] => serde_json::from_slice::<String>(raw).ok().map(Cow::Owned),
-        _ => None,
-    });
-    out
+    Some(())
 }
 
 /// A JSON number that is a non-negative integer (`64`; not `6.4`, `-1`, `1e3` or `"64"`),
@@ -433,6 +457,59 @@ fn skip_value(b: &[u8], i: usize) -> Option<usize> {
     Seen::default().value(b, i)
 }
 
+/// The prefixes of a string that names a media part ([`media_parts`]).
+const MEDIA_PREFIXES: [&[u8]; 5] = [b"image", b"audio", b"file", b"input_image", b"input_audio"];
+
+/// Whether the JSON string whose content starts at `s` (just after its opening quote) starts
+/// with a [`MEDIA_PREFIXES`] entry, as a JSON parser reads it: escapes among its first
+/// characters (`\u0069mage`) are decoded, so that spelling a part's name with them does not hide
+/// it from the reservation.
+fn media_start(s: &[u8]) -> bool {
+    const LONGEST: usize = 11; // "input_image", "input_audio"
+    let head = &s[..s.len().min(LONGEST)];
+    // Without an escape before the string's end (or its first 11 bytes), its bytes are its text.
+    let first_escape = match head.iter().position(|&c| c == b'\\' || c == b'"') {
+        Some(k) if head[k] == b'\\' => k,
+        _ => return MEDIA_PREFIXES.iter().any(|p| s.starts_with(p)),
+    };
+    // Decoded up to the longest prefix; a character that is not ASCII cannot match (0xFF).
+    let mut decoded = [0u8; LONGEST];
+    decoded[..first_escape].copy_from_slice(&head[..first_escape]);
+    let (mut n, mut j) = (first_escape, first_escape);
+    while n < LONGEST {
+        let c = match s.get(j) {
+            None | Some(b'"') => break,
+            Some(b'\\') => match s.get(j + 1) {
+                Some(b'u') => {
+                    let hex = s.get(j + 2..j + 6).and_then(|h| std::str::from_utf8(h).ok());
+                    j += 6;
+                    match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                        Some(c) if c.is_ascii() => c,
+                        _ => 0xFF,
+                    }
+                }
+                Some(&e) => {
+                    j += 2;
+                    // `\/`, `\\`, `\"` are themselves; `\n` and the like are control characters.
+                    if matches!(e, b'/' | b'\\' | b'"') {
+                        e
+                    } else {
+                        0xFF
+                    }
+                }
+                None => break,
+            },
+            Some(&c) => {
+                j += 1;
+                c
+            }
+        };
+        decoded[n] = c;
+        n += 1;
+    }
+    MEDIA_PREFIXES.iter().any(|p| decoded[..n].starts_with(p))
+}
+
 /// The backslashes a skip went over, for [`max_tokens`]: each one is looked at anyway.
 #[derive(Debug, Default)]
 struct Seen {
@@ -440,6 +517,8 @@ struct Seen {
     backslash: bool,
     /// A backslash followed by `u`, as a search of the whole body for one would find it.
     u_escape: bool,
+    /// Strings that name a media part ([`media_start`]), for [`spend_fields`].
+    media: u64,
 }
 
 impl Seen {
@@ -456,6 +535,9 @@ impl Seen {
     fn string(&mut self, b: &[u8], i: usize) -> Option<usize> {
         if b.get(i) != Some(&b'"') {
             return None;
+        }
+        if matches!(b.get(i + 1), Some(b'i' | b'a' | b'f' | b'\\')) && media_start(&b[i + 1..]) {
+            self.media += 1;
         }
         let mut j = i + 1;
         loop {
@@ -565,9 +647,11 @@ mod tests {
 
     #[test]
     fn choices_and_media_parts() {
+        // (body, choices, media parts as the walk counts them)
         let check = |body: &str, n: u64, media: u64| {
-            assert_eq!(spend_fields(body.as_bytes()).choices, n, "{body}");
-            assert_eq!(media_parts(body.as_bytes()), media, "{body}");
+            let fields = spend_fields(body.as_bytes());
+            assert_eq!(fields.choices, n, "{body}");
+            assert_eq!(fields.media_parts, media, "{body}");
         };
         check(r#"{"model":"m","messages":[]}"#, 1, 0);
         check(r#"{"n":3,"messages":[]}"#, 3, 0);
@@ -593,6 +677,44 @@ mod tests {
         );
         // The word in text is not a part.
         check(r#"{"messages":[{"content":"an image of audio"}]}"#, 1, 0);
+        // Escapes are read as a JSON parser reads them: a part's name spelled with them still
+        // counts; text that only looks like one does not.
+        check(
+            r#"{"messages":[{"content":[{"type":"\u0069mage","source":{}}]}]}"#,
+            1,
+            1,
+        );
+        check(r#"{"input":[{"type":"input_\u0041udio"}]}"#, 1, 0); // `A`: not `audio`
+        check(r#"{"input":[{"type":"inp\u0075t_audio"}]}"#, 1, 1);
+        check(r#"{"input":[{"\u0066ile_id":"f"}]}"#, 1, 1);
+        check(r#"{"messages":[{"content":"\"image\" is a word"}]}"#, 1, 0);
+        check(r#"{"messages":[{"content":"\file"}]}"#, 1, 0); // a form feed, then `ile`
+        check(r#"{"messages":[{"content":"\u4f60image"}]}"#, 1, 0);
+        check(r#"{"a":"x","b":"image\n"}"#, 1, 1);
+        check(r#"{"a":"ima","b":"ge"}"#, 1, 0);
+        check(r#"{"file":1}"#, 1, 1); // a key too (generous)
+        // Not one JSON object: the searches of the whole body (a multipart upload's
+        // `name="file"`), whatever was read before the fault.
+        check("--b\r\nContent-Disposition: form-data; name=\"file\"", 1, 1);
+        check(r#"{"n":2,"messages":[{"type":"image"}]"#, 2, 1);
+    }
+
+    #[test]
+    fn the_walk_counts_media_parts_as_the_searches_do_on_plain_json() {
+        // Without escapes or quotes inside strings, both counts agree, whatever the nesting.
+        let bodies = [
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":[{"type":"text","text":"hi"},{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}}]}]}"#,
+            r#"{"model":"claude","messages":[{"content":[{"type":"image","source":{"type":"base64","media_type":"image/jpeg","data":"x"}},{"type":"document"}]}],"max_tokens":5}"#,
+            r#"{"input":[{"role":"user","content":[{"type":"input_image","image_url":"u"},{"type":"input_file","file_id":"f"},{"type":"input_audio","input_audio":{"data":"d","format":"wav"}}]}]}"#,
+            r#"{"files":["a","b"],"audio":{"voice":"x"},"imagery":null}"#,
+        ];
+        for body in bodies {
+            assert_eq!(
+                spend_fields(body.as_bytes()).media_parts,
+                media_parts(body.as_bytes()),
+                "{body}"
+            );
+        }
     }
 
     #[test]

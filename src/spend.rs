@@ -215,8 +215,6 @@ pub struct LocalPool {
     lease_id: AtomicI64,
     /// The size of the last lease granted, for the refill-ahead mark.
     last_slice: AtomicI64,
-    /// Reservations taken and not yet settled or dropped.
-    outstanding: AtomicI64,
     /// When a lease was last refused for want of room (ms since the stage's epoch; 0 = never)
     /// and how many units the database said were left then.
     exhausted_at_ms: AtomicU64,
@@ -235,7 +233,6 @@ impl LocalPool {
             free: AtomicI64::new(0),
             lease_id: AtomicI64::new(0),
             last_slice: AtomicI64::new(0),
-            outstanding: AtomicI64::new(0),
             exhausted_at_ms: AtomicU64::new(0),
             exhausted_left: AtomicI64::new(0),
             used_at_ms: AtomicU64::new(0),
@@ -449,7 +446,6 @@ impl SpendHold {
             let metric = h.pool.pool.metric();
             let used = to_units(metric, record.amount(metric));
             h.pool.free.fetch_add(h.units - used, Ordering::AcqRel);
-            h.pool.outstanding.fetch_sub(1, Ordering::AcqRel);
             if h.lease_id != 0 {
                 record.charges.push(Charge {
                     pool: h.pool.pool,
@@ -464,7 +460,6 @@ impl Drop for SpendHold {
     fn drop(&mut self) {
         for h in self.held.drain(..) {
             h.pool.free.fetch_add(h.units, Ordering::AcqRel);
-            h.pool.outstanding.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
@@ -567,7 +562,7 @@ impl Spend {
         };
         let shape = RequestShape {
             body_bytes: body.len() as u64,
-            media_parts: request::media_parts(body),
+            media_parts: fields.media_parts,
             max_tokens: fields.max_tokens,
             choices: fields.choices,
         };
@@ -698,7 +693,6 @@ impl Spend {
         if !lp.try_take(units) {
             return false;
         }
-        lp.outstanding.fetch_add(1, Ordering::AcqRel);
         let lease_id = lp.lease_id.load(Ordering::Acquire);
         self.refill_if_low(&lp, units);
         hold.held.push(Held {
@@ -863,7 +857,6 @@ impl Spend {
                 self.inner.metrics.fail_open.increment(1);
                 // Held without a lease: settled by the writer all the same, counted locally.
                 lp.free.fetch_sub(units, Ordering::AcqRel);
-                lp.outstanding.fetch_add(1, Ordering::AcqRel);
                 hold.held.push(Held {
                     pool: lp.clone(),
                     units,
@@ -1003,10 +996,10 @@ impl Spend {
             } else if free != 0 {
                 lp.free.fetch_add(free, Ordering::AcqRel);
             }
+            // Held by nobody but the map and this loop: no key caches it, and no request
+            // holds a reservation from it (each `Held` owns a reference).
             inner.pools.remove_if(&lp.pool, |_, v| {
-                Arc::strong_count(v) <= 2
-                    && v.outstanding.load(Ordering::Acquire) == 0
-                    && v.free.load(Ordering::Acquire) == 0
+                Arc::strong_count(v) <= 2 && v.free.load(Ordering::Acquire) == 0
             });
         }
     }
@@ -1091,7 +1084,6 @@ mod tests {
                 let lp = Arc::new(LocalPool::new(Pool::Credit { user_id: 1 }, None));
                 lp.free.store(free, Ordering::Relaxed);
                 assert!(lp.try_take(units));
-                lp.outstanding.fetch_add(1, Ordering::Relaxed);
                 let mut hold = SpendHold {
                     held: smallvec![Held {
                         pool: lp.clone(),
@@ -1105,7 +1097,7 @@ mod tests {
                 drop(hold);
                 assert_eq!(lp.free.load(Ordering::Relaxed), after);
                 assert_eq!(row.charges.len(), named);
-                assert_eq!(lp.outstanding.load(Ordering::Relaxed), 0);
+                assert_eq!(Arc::strong_count(&lp), 1, "the hold let the pool go");
             };
         // $0.01 reserved (10⁸ units), $0.0015 used: $0.0085 back.
         check(
@@ -1315,7 +1307,6 @@ mod tests {
         lp.free.store(10, Ordering::Relaxed);
         assert!(lp.try_take(7));
         assert!(!lp.try_take(7), "3 left");
-        lp.outstanding.fetch_add(1, Ordering::Relaxed);
         drop(SpendHold {
             held: smallvec![Held {
                 pool: lp.clone(),
