@@ -481,7 +481,9 @@ fn media_start(s: &[u8]) -> bool {
             None | Some(b'"') => break,
             Some(b'\\') => match s.get(j + 1) {
                 Some(b'u') => {
-                    let hex = s.get(j + 2..j + 6).and_then(|h| std::str::from_utf8(h).ok());
+                    let hex = s
+                        .get(j + 2..j + 6)
+                        .and_then(|h| std::str::from_utf8(h).ok());
                     j += 6;
                     match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
                         Some(c) if c.is_ascii() => c,
@@ -693,8 +695,8 @@ mod tests {
         check(r#"{"a":"x","b":"image\n"}"#, 1, 1);
         check(r#"{"a":"ima","b":"ge"}"#, 1, 0);
         check(r#"{"file":1}"#, 1, 1); // a key too (generous)
-        // Not one JSON object: the searches of the whole body (a multipart upload's
-        // `name="file"`), whatever was read before the fault.
+                                      // Not one JSON object: the searches of the whole body (a multipart upload's
+                                      // `name="file"`), whatever was read before the fault.
         check("--b\r\nContent-Disposition: form-data; name=\"file\"", 1, 1);
         check(r#"{"n":2,"messages":[{"type":"image"}]"#, 2, 1);
     }
