@@ -270,6 +270,119 @@ fn insert_postgres(c: &mut Criterion) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Store::insert_usage with spend control: the settlement in the usage write's transaction
+
+/// Distinct prepaid users in a 1,000-row batch: the settlement's statements are per pool (a
+/// budget period, a balance and its grants), so its cost grows with the users a batch touches.
+const SPEND_USERS: [usize; 3] = [1, 10, 100];
+
+/// `users` users, each granted credit, with a daily cost budget and one key; rows of
+/// `batch_spend` go round them. Made through the store's admin API (audited).
+async fn seed_spend(store: &Store, users: usize) -> (Fixture, Vec<(i64, i64)>) {
+    use tollgate::record::{Metric, Period};
+    use tollgate::store::{Actor, BudgetOwner, Grant};
+    let fixture = seed(store).await;
+    let actor = Actor::system("bench");
+    let now = chrono::Utc::now();
+    let mut owners = Vec::new();
+    for u in 0..users {
+        let mut tx = store.begin().await.expect("transaction");
+        let user = tx
+            .create_user(
+                &format!("spend-{u}@example.com"),
+                &format!("spend-{u}"),
+                "user",
+            )
+            .await
+            .expect("user");
+        let key = tx
+            .create_key(
+                user,
+                "spend",
+                &tollgate::keys::hash_hex(&tollgate::keys::generate().expect("key")),
+                "tg_spend",
+                &serde_json::json!([]),
+                None,
+                &Default::default(),
+            )
+            .await
+            .expect("key");
+        tx.commit_unaudited().await.expect("commit");
+        let grant = Grant {
+            user_id: user,
+            amount: Decimal::from(1_000_000_000),
+            expires_at: None,
+            action: "grant",
+            note: None,
+            idempotency: None,
+            idempotency_ttl: chrono::Duration::hours(24),
+        };
+        store
+            .grant_credits(&actor, &grant, now)
+            .await
+            .expect("grant");
+        store
+            .set_budget(
+                &actor,
+                BudgetOwner::User(user),
+                Metric::Cost,
+                Period::Day,
+                Decimal::from(1_000_000_000),
+                now,
+            )
+            .await
+            .expect("budget");
+        owners.push((user, key));
+    }
+    (fixture, owners)
+}
+
+fn settle_postgres(c: &mut Criterion) {
+    let Some(admin_url) = std::env::var("TEST_DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+    else {
+        println!("settle_postgres: skipped (TEST_DATABASE_URL is not set)");
+        return;
+    };
+    let rt = runtime();
+    let mut g = c.benchmark_group("settle_postgres");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(5))
+        .sampling_mode(SamplingMode::Flat)
+        .throughput(Throughput::Elements(1000));
+    for users in SPEND_USERS {
+        let db = rt.block_on(PgBenchDb::create(&admin_url));
+        let store = rt.block_on(Store::connect(&db.url, 2)).expect("pg store");
+        let (fixture, owners) = rt.block_on(seed_spend(&store, users));
+        g.bench_with_input(BenchmarkId::new("users", users), &users, |b, _| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let mut timed = Duration::ZERO;
+                    for _ in 0..iters {
+                        let mut rows = batch(&fixture, 1000);
+                        for (i, r) in rows.iter_mut().enumerate() {
+                            (r.user_id, r.api_key_id) = owners[i % owners.len()];
+                        }
+                        let started = Instant::now();
+                        let inserted = store.insert_usage(&rows).await.expect("insert_usage");
+                        timed += started.elapsed();
+                        assert_eq!(inserted, 1000, "every request id is fresh");
+                    }
+                    timed
+                })
+            })
+        });
+        let report = rt.block_on(store.spend_invariants()).expect("invariants");
+        assert!(report.holds(), "{report:?}");
+        rt.block_on(store.close());
+        drop(db);
+    }
+    g.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
 // SSE parsing
 
 const TARGET_STREAM_BYTES: usize = 1 << 20;
@@ -463,5 +576,12 @@ fn enqueue(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, insert_postgres, insert_sqlite, sse, enqueue);
+criterion_group!(
+    benches,
+    insert_postgres,
+    settle_postgres,
+    insert_sqlite,
+    sse,
+    enqueue
+);
 criterion_main!(benches);
