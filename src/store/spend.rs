@@ -299,6 +299,51 @@ async fn lock_budget_period(
     )))
 }
 
+/// [`lock_budget_period`] for a batch's periods: (spent, leased) by period. On PostgreSQL one
+/// upsert over arrays, its rows taken in key order (as a sorted loop of single upserts would
+/// lock them); on SQLite one statement a period. Periods of deleted budgets are absent.
+async fn lock_budget_periods(
+    tx: &mut Tx,
+    periods: &BTreeSet<(i64, i64, DateTime<Utc>)>,
+) -> Result<HashMap<(i64, i64, DateTime<Utc>), (Decimal, Decimal)>, StoreError> {
+    let mut out = HashMap::with_capacity(periods.len());
+    if periods.is_empty() {
+        return Ok(out);
+    }
+    if let TxConn::Postgres(c) = &mut tx.conn {
+        let rows = sqlx::query(
+            "INSERT INTO budget_usage (budget_id, subject_id, period_start, spent, leased) \
+             SELECT b.id, x.sub, x.p, 0, 0 \
+             FROM UNNEST($1::int8[], $2::int8[], $3::timestamptz[]) WITH ORDINALITY AS x(b, sub, p, o) \
+             JOIN budgets b ON b.id = x.b ORDER BY x.o \
+             ON CONFLICT (budget_id, subject_id, period_start) DO UPDATE SET spent = budget_usage.spent \
+             RETURNING budget_id, subject_id, period_start, spent, leased",
+        )
+        .bind(periods.iter().map(|k| k.0).collect::<Vec<_>>())
+        .bind(periods.iter().map(|k| k.1).collect::<Vec<_>>())
+        .bind(periods.iter().map(|k| k.2).collect::<Vec<_>>())
+        .fetch_all(&mut **c)
+        .await?;
+        for r in rows {
+            out.insert(
+                (
+                    r.try_get("budget_id")?,
+                    r.try_get("subject_id")?,
+                    r.try_get("period_start")?,
+                ),
+                (r.try_get("spent")?, r.try_get("leased")?),
+            );
+        }
+        return Ok(out);
+    }
+    for &(b, s, p) in periods {
+        if let Some((_, spent, leased)) = lock_budget_period(tx, b, s, p).await? {
+            out.insert((b, s, p), (spent, leased));
+        }
+    }
+    Ok(out)
+}
+
 async fn write_budget_period(
     tx: &mut Tx,
     budget_id: i64,
@@ -408,6 +453,61 @@ async fn open_grants(
         let remaining = r.dec("remaining")?;
         if remaining > Decimal::ZERO {
             out.push((r.i64("id")?, remaining, r.ots("expires_at")?));
+        }
+    }
+    Ok(out)
+}
+
+/// [`lock_balance`] for several users in one statement (the usage writer's batch): the rows
+/// locked in user order, as one statement each in a sorted loop would. Users not prepaid are
+/// absent.
+async fn lock_balances(
+    tx: &mut Tx,
+    users: &BTreeSet<i64>,
+) -> Result<HashMap<i64, (Decimal, Decimal, Decimal)>, StoreError> {
+    let mut out = HashMap::with_capacity(users.len());
+    if users.is_empty() {
+        return Ok(out);
+    }
+    let sql = format!(
+        "SELECT user_id, balance, leased, overdraft FROM credit_balances \
+         WHERE user_id IN ({}) ORDER BY user_id{}",
+        placeholders(1, users.len()),
+        tx.lock()
+    );
+    let args: Vec<V> = users.iter().map(|u| V::I(*u)).collect();
+    for r in tx.rows(&sql, &args).await? {
+        out.insert(
+            r.i64("user_id")?,
+            (r.dec("balance")?, r.dec("leased")?, r.dec("overdraft")?),
+        );
+    }
+    Ok(out)
+}
+
+/// [`open_grants`] for several users in one statement, by user.
+async fn open_grants_of(
+    tx: &mut Tx,
+    users: &BTreeSet<i64>,
+) -> Result<HashMap<i64, Vec<(i64, Decimal, Option<DateTime<Utc>>)>>, StoreError> {
+    let mut out: HashMap<i64, Vec<_>> = HashMap::with_capacity(users.len());
+    if users.is_empty() {
+        return Ok(out);
+    }
+    let sql = format!(
+        "SELECT user_id, id, remaining, expires_at FROM credit_grants WHERE user_id IN ({}) \
+         ORDER BY user_id, (expires_at IS NULL), expires_at, id",
+        placeholders(1, users.len())
+    );
+    let args: Vec<V> = users.iter().map(|u| V::I(*u)).collect();
+    for r in tx.rows(&sql, &args).await? {
+        let remaining = r.dec("remaining")?;
+        if remaining > Decimal::ZERO {
+            out.entry(r.i64("user_id")?).or_default().push((
+                r.i64("id")?,
+                remaining,
+                r.ots("expires_at")?,
+            ));
         }
     }
     Ok(out)
@@ -1090,18 +1190,8 @@ pub(super) async fn settle(
             }
         }
     }
-    let mut budgets: HashMap<(i64, i64, DateTime<Utc>), (Decimal, Decimal)> = HashMap::new();
-    for &(b, s, p) in &budget_pools {
-        if let Some((_, spent, leased)) = lock_budget_period(tx, b, s, p).await? {
-            budgets.insert((b, s, p), (spent, leased));
-        }
-    }
-    let mut balances: HashMap<i64, (Decimal, Decimal, Decimal)> = HashMap::new();
-    for &u in &credit_pools {
-        if let Some(bal) = lock_balance(tx, u).await? {
-            balances.insert(u, bal);
-        }
-    }
+    let mut budgets = lock_budget_periods(tx, &budget_pools).await?;
+    let mut balances = lock_balances(tx, &credit_pools).await?;
 
     // Leases, by id.
     for (&lease_id, &(pool, amount)) in &from_lease {
@@ -1143,9 +1233,6 @@ pub(super) async fn settle(
             e.0 += *amount;
         }
     }
-    for (&(b, s, p), &(spent, leased)) in &budgets {
-        write_budget_period(tx, b, s, p, spent, leased).await?;
-    }
 
     // Balances: one ledger row per charged request, in the order the requests ended.
     let mut charges: Vec<&&UsageRecord> = billable
@@ -1160,13 +1247,17 @@ pub(super) async fn settle(
     // Worked out in memory, then written once: the ledger in multi-row inserts, each grant and
     // balance that changed in one update (a batch of a thousand charges is a handful of
     // statements, not thousands).
+    let charged_users: BTreeSet<i64> = by_user
+        .keys()
+        .copied()
+        .filter(|u| balances.contains_key(u))
+        .collect();
+    let mut open = open_grants_of(tx, &charged_users).await?;
     let mut entries: Vec<NewEntry> = Vec::new();
+    let mut settled = Settled::default();
     for (user_id, (balance, leased, overdraft)) in balances.iter_mut() {
         let charges = by_user.get(user_id).map(Vec::as_slice).unwrap_or(&[]);
-        let mut grants = match charges.is_empty() {
-            true => Vec::new(),
-            false => open_grants(tx, *user_id).await?,
-        };
+        let mut grants = open.remove(user_id).unwrap_or_default();
         let before: Vec<Decimal> = grants.iter().map(|g| g.1).collect();
         // What the balance and overdraft still cover, and what was collected in all (taken from
         // the grants once: earliest-expiring first, as charge by charge would).
@@ -1197,17 +1288,100 @@ pub(super) async fn settle(
         take_from_grants(&mut grants, collected);
         for (g, was) in grants.iter().zip(before) {
             if g.1 != was {
-                tx.exec(
-                    "UPDATE credit_grants SET remaining = $2 WHERE id = $1",
-                    &[V::I(g.0), V::D(g.1)],
-                )
-                .await?;
+                settled.grants.push((g.0, g.1));
             }
         }
-        write_balance(tx, *user_id, *balance, *leased, now).await?;
+        settled.balances.push((*user_id, *balance, *leased));
     }
+    settled.periods = budgets.into_iter().collect();
+    settled.write(tx, now).await?;
     insert_charges(tx, &entries).await?;
     Ok(())
+}
+
+/// What a batch's settlement writes back to the rows it locked.
+#[derive(Default)]
+struct Settled {
+    /// Budget periods: (budget, subject, period start) → (spent, leased).
+    periods: Vec<((i64, i64, DateTime<Utc>), (Decimal, Decimal))>,
+    /// Grants whose remaining changed: (id, remaining).
+    grants: Vec<(i64, Decimal)>,
+    /// Balances: (user, balance, leased).
+    balances: Vec<(i64, Decimal, Decimal)>,
+}
+
+impl Settled {
+    /// On PostgreSQL one `UPDATE … FROM UNNEST` per table, whatever the number of pools a batch
+    /// touched (each row is already locked by this transaction: the periods by their upsert, the
+    /// balances by `lock_balances`, and a user's grants are only written under the balance's
+    /// lock); on SQLite (in-process statements) one update per row.
+    async fn write(&self, tx: &mut Tx, now: DateTime<Utc>) -> Result<(), StoreError> {
+        if let TxConn::Postgres(c) = &mut tx.conn {
+            if !self.periods.is_empty() {
+                sqlx::query(
+                    "UPDATE budget_usage g SET spent = x.s, leased = x.l \
+                     FROM UNNEST($1::int8[], $2::int8[], $3::timestamptz[], $4::numeric[], $5::numeric[]) \
+                     AS x(b, sub, p, s, l) \
+                     WHERE g.budget_id = x.b AND g.subject_id = x.sub AND g.period_start = x.p",
+                )
+                .bind(self.periods.iter().map(|(k, _)| k.0).collect::<Vec<_>>())
+                .bind(self.periods.iter().map(|(k, _)| k.1).collect::<Vec<_>>())
+                .bind(self.periods.iter().map(|(k, _)| k.2).collect::<Vec<_>>())
+                .bind(self.periods.iter().map(|(_, v)| Numeric(v.0)).collect::<Vec<_>>())
+                .bind(self.periods.iter().map(|(_, v)| Numeric(v.1)).collect::<Vec<_>>())
+                .execute(&mut **c)
+                .await?;
+            }
+            if !self.grants.is_empty() {
+                sqlx::query(
+                    "UPDATE credit_grants g SET remaining = x.r \
+                     FROM UNNEST($1::int8[], $2::numeric[]) AS x(id, r) WHERE g.id = x.id",
+                )
+                .bind(self.grants.iter().map(|g| g.0).collect::<Vec<_>>())
+                .bind(self.grants.iter().map(|g| Numeric(g.1)).collect::<Vec<_>>())
+                .execute(&mut **c)
+                .await?;
+            }
+            if !self.balances.is_empty() {
+                sqlx::query(
+                    "UPDATE credit_balances c SET balance = x.b, leased = x.l, updated_at = $4 \
+                     FROM UNNEST($1::int8[], $2::numeric[], $3::numeric[]) AS x(u, b, l) \
+                     WHERE c.user_id = x.u",
+                )
+                .bind(self.balances.iter().map(|b| b.0).collect::<Vec<_>>())
+                .bind(
+                    self.balances
+                        .iter()
+                        .map(|b| Numeric(b.1))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    self.balances
+                        .iter()
+                        .map(|b| Numeric(b.2))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(now)
+                .execute(&mut **c)
+                .await?;
+            }
+            return Ok(());
+        }
+        for &((b, s, p), (spent, leased)) in &self.periods {
+            write_budget_period(tx, b, s, p, spent, leased).await?;
+        }
+        for &(id, remaining) in &self.grants {
+            tx.exec(
+                "UPDATE credit_grants SET remaining = $2 WHERE id = $1",
+                &[V::I(id), V::D(remaining)],
+            )
+            .await?;
+        }
+        for &(user_id, balance, leased) in &self.balances {
+            write_balance(tx, user_id, balance, leased, now).await?;
+        }
+        Ok(())
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
