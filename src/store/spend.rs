@@ -304,8 +304,8 @@ async fn lock_budget_period(
 /// lock them); on SQLite one statement a period. Periods of deleted budgets are absent.
 async fn lock_budget_periods(
     tx: &mut Tx,
-    periods: &BTreeSet<(i64, i64, DateTime<Utc>)>,
-) -> Result<HashMap<(i64, i64, DateTime<Utc>), (Decimal, Decimal)>, StoreError> {
+    periods: &BTreeSet<PeriodKey>,
+) -> Result<HashMap<PeriodKey, (Decimal, Decimal)>, StoreError> {
     let mut out = HashMap::with_capacity(periods.len());
     if periods.is_empty() {
         return Ok(out);
@@ -1027,6 +1027,9 @@ type Via = Option<(i64, DateTime<Utc>)>;
 /// A run of rows of one subject in one period: (subject, period start, period end, sum).
 type PeriodRun = (i64, DateTime<Utc>, Option<DateTime<Utc>>, Decimal);
 
+/// A budget period row's key: (budget, subject, period start).
+type PeriodKey = (i64, i64, DateTime<Utc>);
+
 /// What applies to rows of some keys and users: the budgets, each with the subscriber and
 /// subscription start a plan's budget applies through (`None` for a key's or user's own), and
 /// the users among them who are prepaid.
@@ -1106,7 +1109,7 @@ pub(super) async fn settle(
 
     // Budget periods charged, from the database's budgets; prepaid users among the rows.
     let Applicable { budgets, prepaid } = applicable(tx, &keys, &users).await?;
-    let mut charged: BTreeMap<(i64, i64, DateTime<Utc>), Decimal> = BTreeMap::new();
+    let mut charged: BTreeMap<PeriodKey, Decimal> = BTreeMap::new();
     for (b, via) in budgets {
         // A batch's rows of one subject mostly fall in one period: they are summed in `run`
         // (subject, period start and end, sum), and the period is worked out again only for a
@@ -1174,7 +1177,7 @@ pub(super) async fn settle(
     flush(&mut run);
 
     // Lock every pool in key order: budget periods first, then balances.
-    let mut budget_pools: BTreeSet<(i64, i64, DateTime<Utc>)> = charged.keys().copied().collect();
+    let mut budget_pools: BTreeSet<PeriodKey> = charged.keys().copied().collect();
     let mut credit_pools: BTreeSet<i64> = prepaid.clone();
     for (pool, _) in from_lease.values() {
         match PoolKey::of(pool) {
@@ -1303,7 +1306,7 @@ pub(super) async fn settle(
 #[derive(Default)]
 struct Settled {
     /// Budget periods: (budget, subject, period start) → (spent, leased).
-    periods: Vec<((i64, i64, DateTime<Utc>), (Decimal, Decimal))>,
+    periods: Vec<(PeriodKey, (Decimal, Decimal))>,
     /// Grants whose remaining changed: (id, remaining).
     grants: Vec<(i64, Decimal)>,
     /// Balances: (user, balance, leased).
