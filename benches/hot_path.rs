@@ -29,6 +29,9 @@ use tollgate::upstream::{Account, AccountSet, AccountSpec, AccountType, PeerTime
 use tollgate::usage::{self, Dialect, Usage};
 use tollgate::writer::{self, BatchSink, WriterOptions};
 
+#[path = "common/mod.rs"]
+mod common;
+
 // The gateway binary runs on mimalloc; allocation-heavy benches should see the same allocator.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -599,45 +602,14 @@ fn rate_limit_check(c: &mut Criterion) {
 fn spend_admission(c: &mut Criterion) {
     use tollgate::record::{Metric, Period};
     use tollgate::spend::{BudgetRef, FailPolicy, Spend, SpendPolicy, SpendSettings};
-    use tollgate::store::{Actor, BudgetOwner, Grant};
+    use tollgate::store::{Actor, BudgetOwner};
     let rt = runtime();
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}", dir.path().join("spend.db").display());
     let store = rt.block_on(Store::connect(&url, 2)).expect("store");
     let actor = Actor::system("bench");
-    let (user, key) = rt.block_on(async {
-        let mut tx = store.begin().await.expect("tx");
-        let user = tx
-            .create_user("b@example.com", "b", "user")
-            .await
-            .expect("user");
-        let key = tx
-            .create_key(
-                user,
-                "k",
-                "h",
-                "tg_b",
-                &serde_json::json!([]),
-                None,
-                &Default::default(),
-            )
-            .await
-            .expect("key");
-        tx.commit_unaudited().await.expect("commit");
-        (user, key)
-    });
+    let (user, key) = rt.block_on(common::prepaid_user(&store, "b"));
     let now = chrono::Utc::now();
-    let grant = Grant {
-        user_id: user,
-        amount: Decimal::from(1_000_000_000),
-        expires_at: None,
-        action: "grant",
-        note: None,
-        idempotency: None,
-        idempotency_ttl: chrono::Duration::hours(24),
-    };
-    rt.block_on(store.grant_credits(&actor, &grant, now))
-        .expect("grant");
     let budget = rt
         .block_on(store.set_budget(
             &actor,

@@ -25,6 +25,9 @@ use tollgate::upstream::AccountType;
 use tollgate::usage::{Dialect, Usage};
 use tollgate::writer::{self, BatchSink, WriterOptions};
 
+#[path = "common/mod.rs"]
+mod common;
+
 // The gateway binary runs on mimalloc; allocation-heavy benches should see the same allocator.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -276,51 +279,17 @@ fn insert_postgres(c: &mut Criterion) {
 /// budget period, a balance and its grants), so its cost grows with the users a batch touches.
 const SPEND_USERS: [usize; 3] = [1, 10, 100];
 
-/// `users` users, each granted credit, with a daily cost budget and one key; rows of
-/// `batch_spend` go round them. Made through the store's admin API (audited).
+/// `users` prepaid users (`common::prepaid_user`), each with a daily cost budget and one key;
+/// the benched batches go round them.
 async fn seed_spend(store: &Store, users: usize) -> (Fixture, Vec<(i64, i64)>) {
     use tollgate::record::{Metric, Period};
-    use tollgate::store::{Actor, BudgetOwner, Grant};
+    use tollgate::store::{Actor, BudgetOwner};
     let fixture = seed(store).await;
     let actor = Actor::system("bench");
     let now = chrono::Utc::now();
     let mut owners = Vec::new();
     for u in 0..users {
-        let mut tx = store.begin().await.expect("transaction");
-        let user = tx
-            .create_user(
-                &format!("spend-{u}@example.com"),
-                &format!("spend-{u}"),
-                "user",
-            )
-            .await
-            .expect("user");
-        let key = tx
-            .create_key(
-                user,
-                "spend",
-                &tollgate::keys::hash_hex(&tollgate::keys::generate().expect("key")),
-                "tg_spend",
-                &serde_json::json!([]),
-                None,
-                &Default::default(),
-            )
-            .await
-            .expect("key");
-        tx.commit_unaudited().await.expect("commit");
-        let grant = Grant {
-            user_id: user,
-            amount: Decimal::from(1_000_000_000),
-            expires_at: None,
-            action: "grant",
-            note: None,
-            idempotency: None,
-            idempotency_ttl: chrono::Duration::hours(24),
-        };
-        store
-            .grant_credits(&actor, &grant, now)
-            .await
-            .expect("grant");
+        let (user, key) = common::prepaid_user(store, &format!("spend-{u}")).await;
         store
             .set_budget(
                 &actor,
