@@ -150,9 +150,9 @@ fn parse_u64(v: &[u8]) -> Option<u64> {
 /// Image and audio parts in a request body, counted generously (an over-count only makes a
 /// reservation larger): every JSON string that starts with `image`, `input_image`, `audio`,
 /// `input_audio` or `file` (a key such as `"image_url"` or a `"type": "image"` value; PDFs are
-/// sized per page by their providers). Four vectorised searches with searchers built once; for
-/// a body that is not JSON (a multipart upload), since [`spend_fields`] counts a JSON body's
-/// parts in its walk.
+/// sized per page by their providers). Four vectorised searches with searchers built once. Used
+/// for a body that is not JSON (a multipart upload): [`spend_fields`] counts a JSON body's parts
+/// in its walk, by the same rule.
 pub fn media_parts(body: &[u8]) -> u64 {
     static FINDERS: LazyLock<[memmem::Finder<'static>; 4]> = LazyLock::new(|| {
         [
@@ -694,9 +694,10 @@ mod tests {
         check(r#"{"messages":[{"content":"\u4f60image"}]}"#, 1, 0);
         check(r#"{"a":"x","b":"image\n"}"#, 1, 1);
         check(r#"{"a":"ima","b":"ge"}"#, 1, 0);
-        check(r#"{"file":1}"#, 1, 1); // a key too (generous)
-                                      // Not one JSON object: the searches of the whole body (a multipart upload's
-                                      // `name="file"`), whatever was read before the fault.
+        // A key too (generous).
+        check(r#"{"file":1}"#, 1, 1);
+        // Not one JSON object: the searches of the whole body (a multipart upload's
+        // `name="file"`), whatever was read before the fault.
         check("--b\r\nContent-Disposition: form-data; name=\"file\"", 1, 1);
         check(r#"{"n":2,"messages":[{"type":"image"}]"#, 2, 1);
     }

@@ -372,18 +372,9 @@ async fn lock_balance(
     tx: &mut Tx,
     user_id: i64,
 ) -> Result<Option<(Decimal, Decimal, Decimal)>, StoreError> {
-    let sql = format!(
-        "SELECT balance, leased, overdraft FROM credit_balances WHERE user_id = $1{}",
-        tx.lock()
-    );
-    match tx.row(&sql, &[V::I(user_id)]).await? {
-        None => Ok(None),
-        Some(r) => Ok(Some((
-            r.dec("balance")?,
-            r.dec("leased")?,
-            r.dec("overdraft")?,
-        ))),
-    }
+    Ok(lock_balances(tx, &BTreeSet::from([user_id]))
+        .await?
+        .remove(&user_id))
 }
 
 async fn write_balance(
@@ -436,26 +427,24 @@ async fn ledger(
     Ok(row.i64("id")?)
 }
 
+async fn write_grant(tx: &mut Tx, id: i64, remaining: Decimal) -> Result<(), StoreError> {
+    tx.exec(
+        "UPDATE credit_grants SET remaining = $2 WHERE id = $1",
+        &[V::I(id), V::D(remaining)],
+    )
+    .await?;
+    Ok(())
+}
+
 /// A user's grants with something left, earliest-expiring first (never-expiring last).
 async fn open_grants(
     tx: &mut Tx,
     user_id: i64,
 ) -> Result<Vec<(i64, Decimal, Option<DateTime<Utc>>)>, StoreError> {
-    let rows = tx
-        .rows(
-            "SELECT id, remaining, expires_at FROM credit_grants WHERE user_id = $1 \
-             ORDER BY (expires_at IS NULL), expires_at, id",
-            &[V::I(user_id)],
-        )
-        .await?;
-    let mut out = Vec::new();
-    for r in rows {
-        let remaining = r.dec("remaining")?;
-        if remaining > Decimal::ZERO {
-            out.push((r.i64("id")?, remaining, r.ots("expires_at")?));
-        }
-    }
-    Ok(out)
+    Ok(open_grants_of(tx, &BTreeSet::from([user_id]))
+        .await?
+        .remove(&user_id)
+        .unwrap_or_default())
 }
 
 /// [`lock_balance`] for several users in one statement (the usage writer's batch): the rows
@@ -485,7 +474,7 @@ async fn lock_balances(
     Ok(out)
 }
 
-/// [`open_grants`] for several users in one statement, by user.
+/// [`open_grants`] for several users in one statement, by user (a user without any: absent).
 async fn open_grants_of(
     tx: &mut Tx,
     users: &BTreeSet<i64>,
@@ -633,11 +622,7 @@ async fn expire_grants(
             now,
         )
         .await?;
-        tx.exec(
-            "UPDATE credit_grants SET remaining = $2 WHERE id = $1",
-            &[V::I(id), V::D(remaining - x)],
-        )
-        .await?;
+        write_grant(tx, id, remaining - x).await?;
         balance -= x;
     }
     if balance != was {
@@ -1374,11 +1359,7 @@ impl Settled {
             write_budget_period(tx, b, s, p, spent, leased).await?;
         }
         for &(id, remaining) in &self.grants {
-            tx.exec(
-                "UPDATE credit_grants SET remaining = $2 WHERE id = $1",
-                &[V::I(id), V::D(remaining)],
-            )
-            .await?;
+            write_grant(tx, id, remaining).await?;
         }
         for &(user_id, balance, leased) in &self.balances {
             write_balance(tx, user_id, balance, leased, now).await?;
