@@ -1076,12 +1076,13 @@ async fn admin(
                     c.accounts_mismatched
                 );
                 eprintln!(
-                    "spend invariants {}: balances={} balances_mismatched={} balances_overdrawn={} ledger_orphans={} \
+                    "spend invariants {}: balances={} balances_mismatched={} balances_overdrawn={} ledger_breaks={} ledger_orphans={} \
                      charges_missing={} budget_periods={} budget_periods_mismatched={} leases_mismatched={}",
                     if s.holds() { "hold" } else { "VIOLATED" },
                     s.balances,
                     s.balances_mismatched,
                     s.balances_overdrawn,
+                    s.ledger_breaks,
                     s.ledger_orphans,
                     s.charges_missing,
                     s.budget_periods,

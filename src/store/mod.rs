@@ -281,6 +281,15 @@ impl Tx {
         Ok(())
     }
 
+    /// Rolls the transaction back (what it wrote is undone; nothing is notified).
+    pub(super) async fn rollback(self) -> Result<(), StoreError> {
+        match self.conn {
+            TxConn::Postgres(t) => t.rollback().await?,
+            TxConn::Sqlite(t) => t.rollback().await?,
+        }
+        Ok(())
+    }
+
     /// The database's "now" in the backend's column format.
     fn now_sql(&self) -> &'static str {
         self.store.now_sql()

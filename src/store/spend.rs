@@ -405,12 +405,13 @@ async fn ledger(
     metadata: serde_json::Value,
     at: DateTime<Utc>,
 ) -> Result<i64, StoreError> {
-    let row = tx
-        .row(
-            "INSERT INTO credit_transactions (user_id, action, amount, balance_before, balance_after, \
+    let id = ledger_ids(tx, 1).await?[0];
+    tx.exec(
+            "INSERT INTO credit_entries (id, user_id, action, amount, balance_before, balance_after, \
              grant_id, idempotency_key, metadata, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
             &[
+                V::I(id),
                 V::I(user_id),
                 V::T(action.into()),
                 V::D(amount),
@@ -422,9 +423,41 @@ async fn ledger(
                 V::Ts(at),
             ],
         )
+        .await?;
+    Ok(id)
+}
+
+/// `n` new ledger ids, ascending: one numbering for the entries of `credit_entries` and the
+/// charges on usage rows, in the order they are written (PostgreSQL: the sequence
+/// `credit_ledger_id_seq`; SQLite: the counter `credit_ledger_seq`, which this transaction's
+/// write lock serialises). Migration 0013.
+async fn ledger_ids(tx: &mut Tx, n: usize) -> Result<Vec<i64>, StoreError> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let count = i64::try_from(n).map_err(|_| StoreError::Invalid("too many ledger ids".into()))?;
+    if let TxConn::Postgres(_) = tx.conn {
+        let mut ids = tx
+            .rows(
+                "SELECT nextval('credit_ledger_id_seq') AS id FROM generate_series(1, $1)",
+                &[V::I(count)],
+            )
+            .await?
+            .iter()
+            .map(|r| r.i64("id"))
+            .collect::<Result<Vec<_>, _>>()?;
+        ids.sort_unstable();
+        return Ok(ids);
+    }
+    let last = tx
+        .row(
+            "UPDATE credit_ledger_seq SET last = last + $1 WHERE id = 1 RETURNING last",
+            &[V::I(count)],
+        )
         .await?
-        .ok_or_else(|| StoreError::Invalid("ledger insert returned nothing".into()))?;
-    Ok(row.i64("id")?)
+        .ok_or_else(|| StoreError::Invalid("credit_ledger_seq has no row".into()))?
+        .i64("last")?;
+    Ok((last - count + 1..=last).collect())
 }
 
 async fn write_grant(tx: &mut Tx, id: i64, remaining: Decimal) -> Result<(), StoreError> {
@@ -515,77 +548,36 @@ fn take_from_grants(grants: &mut [(i64, Decimal, Option<DateTime<Utc>>)], mut am
     }
 }
 
-/// A charge's ledger row, as settlement makes it.
-struct NewEntry<'a> {
-    user_id: i64,
-    amount: Decimal,
-    before: Decimal,
-    request_id: &'a str,
-    /// `None`: the column's default (`{}`), sent as nothing.
-    metadata: Option<serde_json::Value>,
-    at: DateTime<Utc>,
+/// A charge's ledger entry, carried by its usage row (migration 0013): written by
+/// [`settle`], inserted with the row by the usage writer (`usage.rs`).
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct LedgerCharge {
+    /// The entry's place in the ledger ([`ledger_ids`]).
+    pub id: i64,
+    /// What the balance was charged: ≤ 0, as ledger amounts are signed.
+    pub amount: Decimal,
+    /// The balance before the charge (after it: `before + amount`).
+    pub before: Decimal,
+    /// `None`: nothing to say (the view shows `{}`); else what could not be collected.
+    pub metadata: Option<serde_json::Value>,
 }
 
-/// Charge rows of the ledger: on PostgreSQL one `INSERT … SELECT FROM UNNEST` of arrays (as the
-/// usage rows are written: one plan however many rows; the request ids sent as text and stored
-/// as `uuid`, migration 0012), on SQLite multi-row inserts (500 rows, 3,500 parameters a
-/// statement).
-async fn insert_charges(tx: &mut Tx, entries: &[NewEntry<'_>]) -> Result<(), StoreError> {
-    if entries.is_empty() {
-        return Ok(());
+/// What [`settle`] worked out for a batch, for the insert that follows it in the same
+/// transaction.
+#[derive(Debug, Default)]
+pub(super) struct Settlement {
+    /// Something was locked or written: a row the insert then skips as a replay makes this
+    /// settlement wrong, and the transaction must be done again without that row.
+    pub touched: bool,
+    /// Row `i`'s ledger entry, aligned with the rows settled (empty: no row has one).
+    pub charges: Vec<Option<LedgerCharge>>,
+}
+
+impl Settlement {
+    /// Row `i`'s ledger entry, if it has one.
+    pub(super) fn charge(&self, i: usize) -> Option<&LedgerCharge> {
+        self.charges.get(i).and_then(Option::as_ref)
     }
-    if let TxConn::Postgres(c) = &mut tx.conn {
-        sqlx::query(
-            "INSERT INTO credit_transactions (user_id, amount, balance_before, balance_after, \
-             request_id, metadata, created_at, action) \
-             SELECT u, a, b, b + a, r::uuid, COALESCE(m, '{}'), t, 'charge' FROM UNNEST($1::int8[], $2::numeric[], \
-             $3::numeric[], $4::text[], $5::jsonb[], $6::timestamptz[]) AS x(u, a, b, r, m, t)",
-        )
-        .bind(entries.iter().map(|e| e.user_id).collect::<Vec<_>>())
-        .bind(entries.iter().map(|e| Numeric(e.amount)).collect::<Vec<_>>())
-        .bind(entries.iter().map(|e| Numeric(e.before)).collect::<Vec<_>>())
-        .bind(
-            entries
-                .iter()
-                .map(|e| e.request_id)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            entries
-                .iter()
-                .map(|e| e.metadata.as_ref().map(Json))
-                .collect::<Vec<_>>(),
-        )
-        .bind(entries.iter().map(|e| e.at).collect::<Vec<_>>())
-        .execute(&mut **c)
-        .await?;
-        return Ok(());
-    }
-    const COLUMNS: usize = 7;
-    for chunk in entries.chunks(500) {
-        let rows: Vec<String> = (0..chunk.len())
-            .map(|i| format!("({}, 'charge')", placeholders(1 + i * COLUMNS, COLUMNS)))
-            .collect();
-        let sql = format!(
-            "INSERT INTO credit_transactions (user_id, amount, balance_before, balance_after, \
-             request_id, metadata, created_at, action) VALUES {}",
-            rows.join(", ")
-        );
-        let mut args = Vec::with_capacity(chunk.len() * COLUMNS);
-        for e in chunk {
-            args.extend([
-                V::I(e.user_id),
-                V::D(e.amount),
-                V::D(e.before),
-                V::D(e.before + e.amount),
-                V::T(e.request_id.to_string()),
-                V::J(e.metadata.clone().unwrap_or_else(|| serde_json::json!({}))),
-                V::Ts(e.at),
-            ]);
-        }
-        tx.exec(&sql, &args).await?;
-    }
-    Ok(())
 }
 
 /// Expires what is left of grants past their expiry, as `expire` ledger rows, on a locked
@@ -1069,12 +1061,14 @@ async fn applicable(
     Ok(out)
 }
 
-/// Settles the charges of rows just inserted (never of rows a replay skipped), inside the usage
-/// write's transaction:
+/// Settles the charges of a batch of usage rows about to be inserted, inside the usage write's
+/// transaction (before the insert: each charge's ledger entry is carried by its row, so it is
+/// worked out first; if the insert then skips a row as a replay, the writer rolls back and
+/// settles again without it — see [`Settlement::touched`]):
 /// - every budget that applies to a row's key, user or the user's plan is charged the row's
 ///   amount in the period of the row's `created_at`;
-/// - a prepaid user's balance is charged each billable row's cost, one ledger row each (keyed by
-///   the request id), taken from the earliest-expiring grants; a charge larger than the balance
+/// - a prepaid user's balance is charged each billable row's cost, one ledger entry each (on the
+///   row itself), taken from the earliest-expiring grants; a charge larger than the balance
 ///   plus overdraft takes what is there and records the rest as `uncollected` (it can only
 ///   happen when a request spent more than its reservation: see `budget.rs`);
 /// - each lease a row's reservations came from shrinks by the row's amount, and so does its
@@ -1083,11 +1077,19 @@ pub(super) async fn settle(
     tx: &mut Tx,
     rows: &[&UsageRecord],
     now: DateTime<Utc>,
-) -> Result<(), StoreError> {
+) -> Result<Settlement, StoreError> {
     let billable: Vec<&UsageRecord> = rows.iter().copied().filter(|r| r.is_billable()).collect();
     let with_leases = rows.iter().any(|r| !r.charges.is_empty());
     if billable.is_empty() && !with_leases {
-        return Ok(());
+        return Ok(Settlement::default());
+    }
+    // PostgreSQL: the usage table's write lock before any pool's, as the insert that follows
+    // would take it: an admin change that holds the usage writes (`hold_usage_writes`, SHARE)
+    // and then seeds a budget period takes them in the same order, so the two wait, never
+    // deadlock.
+    if let TxConn::Postgres(_) = tx.conn {
+        tx.exec("LOCK TABLE usage_records IN ROW EXCLUSIVE MODE", &[])
+            .await?;
     }
     let keys: BTreeSet<i64> = billable.iter().map(|r| r.api_key_id).collect();
     let users: BTreeSet<i64> = billable.iter().map(|r| r.user_id).collect();
@@ -1222,18 +1224,23 @@ pub(super) async fn settle(
         }
     }
 
-    // Balances: one ledger row per charged request, in the order the requests ended.
-    let mut charges: Vec<&&UsageRecord> = billable
+    // Balances: one ledger entry per charged request, in the order the requests ended.
+    // (position in `rows`, row): the entry goes back to its row.
+    let mut charges: Vec<(usize, &UsageRecord)> = rows
         .iter()
-        .filter(|r| prepaid.contains(&r.user_id) && r.cost > Decimal::ZERO)
+        .copied()
+        .enumerate()
+        .filter(|(_, r)| r.is_billable() && prepaid.contains(&r.user_id) && r.cost > Decimal::ZERO)
         .collect();
-    charges.sort_by(|a, b| (a.created_at, &a.request_id).cmp(&(b.created_at, &b.request_id)));
-    let mut by_user: BTreeMap<i64, Vec<&UsageRecord>> = BTreeMap::new();
-    for r in charges {
-        by_user.entry(r.user_id).or_default().push(r);
+    charges.sort_by(|(_, a), (_, b)| {
+        (a.created_at, &a.request_id).cmp(&(b.created_at, &b.request_id))
+    });
+    let mut by_user: BTreeMap<i64, Vec<(usize, &UsageRecord)>> = BTreeMap::new();
+    for (i, r) in charges {
+        by_user.entry(r.user_id).or_default().push((i, r));
     }
-    // Worked out in memory, then written once: the ledger in multi-row inserts, each grant and
-    // balance that changed in one update (a batch of a thousand charges is a handful of
+    // Worked out in memory, then written once: each grant and balance that changed in one
+    // update, the ledger entries with their rows (a batch of a thousand charges is a handful of
     // statements, not thousands).
     let charged_users: BTreeSet<i64> = by_user
         .keys()
@@ -1241,7 +1248,7 @@ pub(super) async fn settle(
         .filter(|u| balances.contains_key(u))
         .collect();
     let mut open = open_grants_of(tx, &charged_users).await?;
-    let mut entries: Vec<NewEntry> = Vec::new();
+    let mut entries: Vec<(usize, LedgerCharge)> = Vec::new();
     let mut settled = Settled::default();
     for (user_id, (balance, leased, overdraft)) in balances.iter_mut() {
         let charges = by_user.get(user_id).map(Vec::as_slice).unwrap_or(&[]);
@@ -1251,24 +1258,25 @@ pub(super) async fn settle(
         // the grants once: earliest-expiring first, as charge by charge would).
         let mut room = *balance + *overdraft;
         let mut collected = Decimal::ZERO;
-        for r in charges {
+        for &(i, r) in charges {
             let collect = r.cost.min(room.max(Decimal::ZERO));
             // The row's cost is the charge itself (the request id names the row, its key and
             // model); metadata only says what could not be collected.
-            let meta = (collect < r.cost).then(|| {
+            let metadata = (collect < r.cost).then(|| {
                 serde_json::json!({
                     "cost": r.cost.to_string(),
                     "uncollected": (r.cost - collect).to_string(),
                 })
             });
-            entries.push(NewEntry {
-                user_id: *user_id,
-                amount: -collect,
-                before: *balance,
-                request_id: &r.request_id,
-                metadata: meta,
-                at: r.created_at,
-            });
+            entries.push((
+                i,
+                LedgerCharge {
+                    id: 0, // numbered below, in this order
+                    amount: -collect,
+                    before: *balance,
+                    metadata,
+                },
+            ));
             *balance -= collect;
             room -= collect;
             collected += collect;
@@ -1281,10 +1289,23 @@ pub(super) async fn settle(
         }
         settled.balances.push((*user_id, *balance, *leased));
     }
+    let touched =
+        !budgets.is_empty() || !settled.balances.is_empty() || !from_lease.is_empty();
     settled.periods = budgets.into_iter().collect();
     settled.write(tx, now).await?;
-    insert_charges(tx, &entries).await?;
-    Ok(())
+    let mut out = Settlement {
+        touched,
+        charges: Vec::new(),
+    };
+    if !entries.is_empty() {
+        out.charges = vec![None; rows.len()];
+        let ids = ledger_ids(tx, entries.len()).await?;
+        for ((i, mut entry), id) in entries.into_iter().zip(ids) {
+            entry.id = id;
+            out.charges[i] = Some(entry);
+        }
+    }
+    Ok(out)
 }
 
 /// What a batch's settlement writes back to the rows it locked.
@@ -1490,6 +1511,10 @@ pub struct SpendReport {
     pub balances_mismatched: i64,
     /// Balances below minus their overdraft.
     pub balances_overdrawn: i64,
+    /// Users whose ledger, read in its order, does not chain: an entry's balance_before is not
+    /// the balance_after of the user's entry before it (0 for the first), or its balance_after
+    /// is not balance_before + amount.
+    pub ledger_breaks: i64,
     /// Ledger charges whose request has no usage row, or a row that is not billable.
     pub ledger_orphans: i64,
     /// Billable rows of prepaid users with a cost, written after the user's first grant, with
@@ -1506,6 +1531,7 @@ impl SpendReport {
     pub fn holds(&self) -> bool {
         self.balances_mismatched == 0
             && self.balances_overdrawn == 0
+            && self.ledger_breaks == 0
             && self.ledger_orphans == 0
             && self.charges_missing == 0
             && self.budget_periods_mismatched == 0
@@ -1708,7 +1734,7 @@ impl Store {
         let mut tx = self.begin_read().await?;
         let rows = tx
             .rows(
-                "SELECT id, action, amount, balance_before, balance_after, CAST(request_id AS TEXT) AS request_id, idempotency_key, \
+                "SELECT id, action, amount, balance_before, balance_after, request_id, idempotency_key, \
                  metadata, created_at FROM credit_transactions WHERE user_id = $1 ORDER BY id DESC LIMIT $2",
                 &[V::I(user_id), V::I(limit)],
             )
@@ -1892,17 +1918,28 @@ impl Store {
             let user = b.i64("user_id")?;
             let balance = b.dec("balance")?;
             let mut sum = Decimal::ZERO;
+            let mut chained = true;
             for a in tx
                 .rows(
-                    "SELECT amount FROM credit_transactions WHERE user_id = $1",
+                    "SELECT amount, balance_before, balance_after FROM credit_transactions \
+                     WHERE user_id = $1 ORDER BY id",
                     &[V::I(user)],
                 )
                 .await?
             {
-                sum += a.dec("amount")?;
+                let (amount, before, after) = (
+                    a.dec("amount")?,
+                    a.dec("balance_before")?,
+                    a.dec("balance_after")?,
+                );
+                chained &= before == sum && after == before + amount;
+                sum += amount;
             }
             if sum != balance {
                 rep.balances_mismatched += 1;
+            }
+            if !chained {
+                rep.ledger_breaks += 1;
             }
             if balance < -b.dec("overdraft")? {
                 rep.balances_overdrawn += 1;
@@ -1921,16 +1958,19 @@ impl Store {
                 rep.leases_mismatched += 1;
             }
         }
+        // Charges are carried by their usage rows (migration 0013), so each has its row; a row
+        // that is not billable must carry none, and a charge left in credit_entries (one the
+        // migration found no row for) is an orphan.
         let orphans = format!(
-            "SELECT COUNT(*) AS n FROM credit_transactions t WHERE t.action = 'charge' AND NOT EXISTS \
-             (SELECT 1 FROM usage_records r WHERE r.request_id = CAST(t.request_id AS TEXT) AND {BILLABLE_SQL})"
+            "SELECT (SELECT COUNT(*) FROM credit_entries WHERE action = 'charge') \
+             + (SELECT COUNT(*) FROM usage_records r WHERE r.ledger_id IS NOT NULL AND NOT {BILLABLE_SQL}) AS n"
         );
         rep.ledger_orphans = tx.row(&orphans, &[]).await?.map_or(Ok(0), |r| r.i64("n"))?;
         // Rows with a cost (text on SQLite: compared after reading).
         let missing = format!(
             "SELECT r.cost FROM usage_records r JOIN credit_balances c ON c.user_id = r.user_id \
-             WHERE {BILLABLE_SQL} AND r.created_at >= (SELECT MIN(g.created_at) FROM credit_grants g WHERE g.user_id = r.user_id) \
-             AND NOT EXISTS (SELECT 1 FROM credit_transactions t WHERE CAST(t.request_id AS TEXT) = r.request_id)"
+             WHERE {BILLABLE_SQL} AND r.ledger_id IS NULL \
+             AND r.created_at >= (SELECT MIN(g.created_at) FROM credit_grants g WHERE g.user_id = r.user_id)"
         );
         for r in tx.rows(&missing, &[]).await? {
             if r.dec("cost")? > Decimal::ZERO {
