@@ -12,7 +12,7 @@ use chrono::{DateTime, Duration, Utc};
 use common::{client, dec, header, post, rows, usage_row, Db, Gateway, MockUpstream, Reply};
 use rust_decimal::Decimal;
 use tollgate::record::{Charge, Metric, Period, Pool, UsageRecord};
-use tollgate::store::{Actor, BudgetOwner, LeaseOutcome, Store};
+use tollgate::store::{Actor, BudgetOwner, Grant, LeaseOutcome, Store};
 
 /// USD per million tokens that make the mock's usage (12 + 3 tokens) cost exactly $0.015.
 const PRICES: &str = "[prices.\"gpt-4o-mini\"]\ninput = \"1000\"\noutput = \"1000\"\n";
@@ -689,4 +689,101 @@ async fn banned_user(db: Db) {
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "banned", "{body}");
     assert_eq!(mock.count(), 0);
+}
+
+both_dbs!(a_partly_replayed_batch_charges_its_new_rows_once, partly_replayed);
+/// A batch in which some rows were already written (a spool replay after a crash between the
+/// commit and its acknowledgement, sent again with newer rows): the new rows are charged, in
+/// order, the old ones not again, and the ledger still chains and sums to the balance. The
+/// settlement is worked out before the insert (charges ride on their rows), so this is the
+/// writer's redo path.
+async fn partly_replayed(db: Db) {
+    let test_db = common::TestDb::new(db).await.unwrap();
+    let store = Store::connect(&test_db.url, 2).await.unwrap();
+    let mut tx = store.begin().await.unwrap();
+    let user = tx
+        .create_user("alice@example.com", "alice", "user")
+        .await
+        .unwrap();
+    let key = tx
+        .create_key(
+            user,
+            "k",
+            "h1",
+            "tg_1",
+            &serde_json::json!([]),
+            None,
+            &Default::default(),
+        )
+        .await
+        .unwrap();
+    tx.commit_unaudited().await.unwrap();
+    let now = at("2026-12-01T12:00:00Z");
+    store
+        .set_budget(
+            &Actor::system("test"),
+            BudgetOwner::Key(key),
+            Metric::Cost,
+            Period::Day,
+            dec("100"),
+            now,
+        )
+        .await
+        .unwrap();
+    let grant = Grant {
+        user_id: user,
+        amount: dec("1.00"),
+        expires_at: None,
+        action: "grant",
+        note: None,
+        idempotency: None,
+        idempotency_ttl: Duration::hours(24),
+    };
+    store
+        .grant_credits(&Actor::system("test"), &grant, now)
+        .await
+        .unwrap();
+    let costing = |id: &str, cost: &str, s: i64| UsageRecord {
+        cost: dec(cost),
+        ..usage_row(id, key, user, 10, now + Duration::seconds(s))
+    };
+    let first = vec![costing("r1", "0.25", 1)];
+    assert_eq!(store.insert_usage(&first).await.unwrap(), 1);
+    // r1 again, between two new rows (written out of order: the ledger follows created_at).
+    let again = vec![
+        costing("r3", "0.5", 3),
+        costing("r1", "0.25", 1),
+        costing("r2", "0.125", 2),
+    ];
+    assert_eq!(store.insert_usage(&again).await.unwrap(), 2);
+    assert_eq!(store.insert_usage(&again).await.unwrap(), 0);
+    let mut history: Vec<_> = store
+        .credit_history(user, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| (t.action, t.amount, t.balance_before, t.request_id))
+        .collect();
+    history.reverse();
+    let charge = |id: &str, amount: &str, before: &str| {
+        ("charge".to_string(), dec(amount), dec(before), Some(id.to_string()))
+    };
+    assert_eq!(
+        history,
+        vec![
+            ("grant".to_string(), dec("1.00"), dec("0"), None),
+            charge("r1", "-0.25", "1.00"),
+            charge("r2", "-0.125", "0.75"),
+            charge("r3", "-0.5", "0.625"),
+        ]
+    );
+    let balance = store.credit_balance(user, now).await.unwrap();
+    assert_eq!(balance.balance, dec("0.125"));
+    // The key's budget counted each row once; the ledger chains and sums to the balance.
+    let listing = store.list_budgets(None, now).await.unwrap();
+    assert_eq!(listing[0].periods[0].spent, dec("0.875"));
+    let report = store.spend_invariants().await.unwrap();
+    assert!(report.holds(), "{report:?}");
+    assert_eq!(report.ledger_breaks, 0);
+    store.close().await;
 }
