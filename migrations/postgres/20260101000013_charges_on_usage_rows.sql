@@ -18,6 +18,10 @@
 -- the charged usage rows: run it at a quiet moment.
 ALTER TABLE credit_transactions RENAME TO credit_entries;
 ALTER SEQUENCE credit_transactions_id_seq RENAME TO credit_ledger_id_seq;
+ALTER TABLE credit_entries RENAME CONSTRAINT credit_transactions_pkey TO credit_entries_pkey;
+ALTER TABLE credit_entries RENAME CONSTRAINT credit_transactions_request_id_key TO credit_entries_request_id_key;
+ALTER TABLE credit_entries RENAME CONSTRAINT credit_transactions_action_check TO credit_entries_action_check;
+ALTER TABLE credit_entries RENAME CONSTRAINT credit_transactions_grant_id_fkey TO credit_entries_grant_id_fkey;
 
 ALTER TABLE usage_records
     ADD COLUMN ledger_id             BIGINT,

@@ -4,6 +4,8 @@
 -- add exactly), and ledger ids come from the one-row counter credit_ledger_seq (SQLite has no
 -- sequences), which every ledger write takes its ids from.
 ALTER TABLE credit_transactions RENAME TO credit_entries;
+DROP INDEX IF EXISTS credit_transactions_user_idx;
+CREATE INDEX credit_entries_user_idx ON credit_entries (user_id, id);
 
 CREATE TABLE credit_ledger_seq (
     id   INTEGER PRIMARY KEY CHECK (id = 1),
