@@ -345,10 +345,8 @@ fn row(
     }
 }
 
-both_dbs!(a_daily_budget_rolls_over_at_midnight, daily_rollover);
-async fn daily_rollover(db: Db) {
-    let test_db = common::TestDb::new(db).await.unwrap();
-    let store = Store::connect(&test_db.url, 2).await.unwrap();
+/// alice@example.com with a key, straight in the store: (user id, key id).
+async fn alice_with_a_key(store: &Store) -> (i64, i64) {
     let mut tx = store.begin().await.unwrap();
     let user = tx
         .create_user("alice@example.com", "alice", "user")
@@ -367,6 +365,14 @@ async fn daily_rollover(db: Db) {
         .await
         .unwrap();
     tx.commit_unaudited().await.unwrap();
+    (user, key)
+}
+
+both_dbs!(a_daily_budget_rolls_over_at_midnight, daily_rollover);
+async fn daily_rollover(db: Db) {
+    let test_db = common::TestDb::new(db).await.unwrap();
+    let store = Store::connect(&test_db.url, 2).await.unwrap();
+    let (user, key) = alice_with_a_key(&store).await;
     // The injected clock: a minute before midnight UTC.
     let before = at("2026-12-01T23:59:00Z");
     let budget = store
@@ -691,7 +697,10 @@ async fn banned_user(db: Db) {
     assert_eq!(mock.count(), 0);
 }
 
-both_dbs!(a_partly_replayed_batch_charges_its_new_rows_once, partly_replayed);
+both_dbs!(
+    a_partly_replayed_batch_charges_its_new_rows_once,
+    partly_replayed
+);
 /// A batch in which some rows were already written (a spool replay after a crash between the
 /// commit and its acknowledgement, sent again with newer rows): the new rows are charged, in
 /// order, the old ones not again, and the ledger still chains and sums to the balance. The
@@ -700,24 +709,7 @@ both_dbs!(a_partly_replayed_batch_charges_its_new_rows_once, partly_replayed);
 async fn partly_replayed(db: Db) {
     let test_db = common::TestDb::new(db).await.unwrap();
     let store = Store::connect(&test_db.url, 2).await.unwrap();
-    let mut tx = store.begin().await.unwrap();
-    let user = tx
-        .create_user("alice@example.com", "alice", "user")
-        .await
-        .unwrap();
-    let key = tx
-        .create_key(
-            user,
-            "k",
-            "h1",
-            "tg_1",
-            &serde_json::json!([]),
-            None,
-            &Default::default(),
-        )
-        .await
-        .unwrap();
-    tx.commit_unaudited().await.unwrap();
+    let (user, key) = alice_with_a_key(&store).await;
     let now = at("2026-12-01T12:00:00Z");
     store
         .set_budget(
@@ -766,7 +758,12 @@ async fn partly_replayed(db: Db) {
         .collect();
     history.reverse();
     let charge = |id: &str, amount: &str, before: &str| {
-        ("charge".to_string(), dec(amount), dec(before), Some(id.to_string()))
+        (
+            "charge".to_string(),
+            dec(amount),
+            dec(before),
+            Some(id.to_string()),
+        )
     };
     assert_eq!(
         history,

@@ -407,23 +407,23 @@ async fn ledger(
 ) -> Result<i64, StoreError> {
     let id = ledger_ids(tx, 1).await?[0];
     tx.exec(
-            "INSERT INTO credit_entries (id, user_id, action, amount, balance_before, balance_after, \
+        "INSERT INTO credit_entries (id, user_id, action, amount, balance_before, balance_after, \
              grant_id, idempotency_key, metadata, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            &[
-                V::I(id),
-                V::I(user_id),
-                V::T(action.into()),
-                V::D(amount),
-                V::D(before),
-                V::D(before + amount),
-                V::OI(grant_id),
-                V::OT(idempotency_key.map(str::to_string)),
-                V::J(metadata),
-                V::Ts(at),
-            ],
-        )
-        .await?;
+        &[
+            V::I(id),
+            V::I(user_id),
+            V::T(action.into()),
+            V::D(amount),
+            V::D(before),
+            V::D(before + amount),
+            V::OI(grant_id),
+            V::OT(idempotency_key.map(str::to_string)),
+            V::J(metadata),
+            V::Ts(at),
+        ],
+    )
+    .await?;
     Ok(id)
 }
 
@@ -1289,8 +1289,7 @@ pub(super) async fn settle(
         }
         settled.balances.push((*user_id, *balance, *leased));
     }
-    let touched =
-        !budgets.is_empty() || !settled.balances.is_empty() || !from_lease.is_empty();
+    let touched = !budgets.is_empty() || !settled.balances.is_empty() || !from_lease.is_empty();
     settled.periods = budgets.into_iter().collect();
     settled.write(tx, now).await?;
     let mut out = Settlement {

@@ -111,10 +111,18 @@ async fn insert_rows(
     match &mut tx.conn {
         TxConn::Postgres(c) => {
             let ids: Vec<String> = sqlx::query_scalar(PG_INSERT_USAGE)
-                .bind(rows.iter().map(|r| r.request_id.as_str()).collect::<Vec<_>>())
+                .bind(
+                    rows.iter()
+                        .map(|r| r.request_id.as_str())
+                        .collect::<Vec<_>>(),
+                )
                 .bind(rows.iter().map(|r| r.user_id).collect::<Vec<_>>())
                 .bind(rows.iter().map(|r| r.api_key_id).collect::<Vec<_>>())
-                .bind(rows.iter().map(|r| r.upstream_account_id).collect::<Vec<_>>())
+                .bind(
+                    rows.iter()
+                        .map(|r| r.upstream_account_id)
+                        .collect::<Vec<_>>(),
+                )
                 .bind(rows.iter().map(|r| r.method.as_str()).collect::<Vec<_>>())
                 .bind(rows.iter().map(|r| r.endpoint.as_str()).collect::<Vec<_>>())
                 .bind(rows.iter().map(|r| r.model.as_deref()).collect::<Vec<_>>())
@@ -123,19 +131,39 @@ async fn insert_rows(
                 .bind(rows.iter().map(|r| r.prompt_tokens).collect::<Vec<_>>())
                 .bind(rows.iter().map(|r| r.completion_tokens).collect::<Vec<_>>())
                 .bind(rows.iter().map(|r| r.cached_tokens).collect::<Vec<_>>())
-                .bind(rows.iter().map(|r| r.cache_creation_tokens).collect::<Vec<_>>())
+                .bind(
+                    rows.iter()
+                        .map(|r| r.cache_creation_tokens)
+                        .collect::<Vec<_>>(),
+                )
                 .bind(rows.iter().map(|r| r.tokens_used).collect::<Vec<_>>())
                 .bind(rows.iter().map(|r| Numeric(r.cost)).collect::<Vec<_>>())
-                .bind(rows.iter().map(|r| r.error_message.as_deref()).collect::<Vec<_>>())
+                .bind(
+                    rows.iter()
+                        .map(|r| r.error_message.as_deref())
+                        .collect::<Vec<_>>(),
+                )
                 .bind(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
-                .bind(rows.iter().map(|r| r.requested_model.as_deref()).collect::<Vec<_>>())
+                .bind(
+                    rows.iter()
+                        .map(|r| r.requested_model.as_deref())
+                        .collect::<Vec<_>>(),
+                )
                 .bind(
                     rows.iter()
                         .map(|r| r.usage_source.map(UsageSource::as_str))
                         .collect::<Vec<_>>(),
                 )
-                .bind(rows.iter().map(|r| r.upstream_error.as_deref()).collect::<Vec<_>>())
-                .bind((0..rows.len()).map(|i| charge(i).map(|e| e.id)).collect::<Vec<_>>())
+                .bind(
+                    rows.iter()
+                        .map(|r| r.upstream_error.as_deref())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    (0..rows.len())
+                        .map(|i| charge(i).map(|e| e.id))
+                        .collect::<Vec<_>>(),
+                )
                 .bind(
                     (0..rows.len())
                         .map(|i| charge(i).map(|e| Numeric(e.amount)))
