@@ -9,7 +9,8 @@
 #   bash benches/load.sh keys     memory with KEYS_N (100,000) keys cached, under load
 #   bash benches/load.sh syscalls system calls per request (strace -c -f, and perf stat on the
 #                                 syscall tracepoints) of nginx, bare pingora, bare hyper, tollgate
-#   bash benches/load.sh callgrind  instructions per request (valgrind --tool=callgrind) of the same
+#   bash benches/load.sh callgrind  instructions per request (valgrind --tool=callgrind) of the same,
+#                                 and of each LOAD_FEATURES stage variant
 #   bash benches/load.sh soak     tollgate on PostgreSQL (TEST_DATABASE_URL), one key, full metering,
 #                                 at full load for LOAD_SOAK_MINUTES: RSS every minute, then idle,
 #                                 then SSE streams; usage rows checked against requests served
@@ -53,7 +54,7 @@
 set -euo pipefail
 
 MODE=${1:-rps}
-case "$MODE" in rps | sse | all | keys | syscalls | callgrind | soak) ;; -h | --help) sed -n '2,51p' "$0"; exit 0 ;;
+case "$MODE" in rps | sse | all | keys | syscalls | callgrind | soak) ;; -h | --help) sed -n '2,53p' "$0"; exit 0 ;;
 *) echo "usage: bash benches/load.sh [rps|sse|all|keys|syscalls|callgrind|soak]" >&2; exit 2 ;; esac
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -720,8 +721,9 @@ if [ "$MODE" = callgrind ]; then
   setup_tollgates
   ANY_KEY=${KEY[tollgate-sqlite]:-${KEY[tollgate-pg]:-tg_nokey_000000000000000000000000000000}}
   READY_SECS=180
-  for c in $(engine_configs); do
-    lua_script "$T/$c.lua" "${KEY[$c]:-$ANY_KEY}"
+  for c in "${ACTIVE[@]}"; do # the stage variants too: a stage's instructions per request
+    [ "$c" = direct ] && continue
+    lua_script "$T/$c.lua" "${KEY[$c]:-${KEY[${c%%+*}]:-$ANY_KEY}}"
     rm -f "$T/cg-$c.out"*
     WRAP=(valgrind --tool=callgrind --callgrind-out-file="$T/cg-$c.out" --dump-instr=no --compress-strings=no)
     log "callgrind: starting $c under valgrind"
