@@ -140,10 +140,10 @@ HYPER=$TARGET/release/examples/bare_hyper
 if [[ $MODE != rps || " $CONFIGS " == *" tollgate-"* ]]; then
   [ -x "$TG" ] || die "$TG is missing (build it, or unset LOAD_SKIP_BUILD)"
 fi
-if [[ ($MODE != rps && $MODE != soak) || " $CONFIGS " == *" bare "* ]]; then
+if [[ ($MODE != rps && $MODE != soak && $MODE != syscalls && $MODE != callgrind) || " $CONFIGS " == *" bare "* ]]; then
   [ -x "$BARE" ] || die "$BARE is missing (build it, or unset LOAD_SKIP_BUILD)"
 fi
-if [[ ($MODE != rps && $MODE != soak) || " $CONFIGS " == *" hyper "* ]]; then
+if [[ ($MODE != rps && $MODE != soak && $MODE != syscalls && $MODE != callgrind) || " $CONFIGS " == *" hyper "* ]]; then
   [ -x "$HYPER" ] || die "$HYPER is missing (build it, or unset LOAD_SKIP_BUILD)"
 fi
 
