@@ -89,6 +89,7 @@ LAT_DELAY_MS=${LOAD_LAT_DELAY_MS:-4}
 if [[ $MODE == syscalls || $MODE == callgrind || $MODE == soak ]]; then LOGS=${LOAD_LOGS:-off}; else LOGS=${LOAD_LOGS:-on}; fi
 CONFIGS=${LOAD_CONFIGS:-direct nginx bare hyper tollgate-sqlite tollgate-pg}
 [ "$MODE" != soak ] || CONFIGS=tollgate-pg # the soak is tollgate on PostgreSQL only
+want() { [[ " $CONFIGS " == *" $1 "* ]]; }
 SSE_STREAMS=${SSE_STREAMS:-500}
 SSE_HOLD=${SSE_HOLD_SECS:-10}
 SSE_SEQ=${SSE_SEQUENTIAL:-50}
@@ -140,10 +141,12 @@ HYPER=$TARGET/release/examples/bare_hyper
 if [[ $MODE != rps || " $CONFIGS " == *" tollgate-"* ]]; then
   [ -x "$TG" ] || die "$TG is missing (build it, or unset LOAD_SKIP_BUILD)"
 fi
-if [[ ($MODE != rps && $MODE != soak && $MODE != syscalls && $MODE != callgrind) || " $CONFIGS " == *" bare "* ]]; then
+# rps, soak, syscalls and callgrind run only the configured proxies; the other modes need both.
+needs() { case $MODE in rps | soak | syscalls | callgrind) want "$1" ;; *) true ;; esac; }
+if needs bare; then
   [ -x "$BARE" ] || die "$BARE is missing (build it, or unset LOAD_SKIP_BUILD)"
 fi
-if [[ ($MODE != rps && $MODE != soak && $MODE != syscalls && $MODE != callgrind) || " $CONFIGS " == *" hyper "* ]]; then
+if needs hyper; then
   [ -x "$HYPER" ] || die "$HYPER is missing (build it, or unset LOAD_SKIP_BUILD)"
 fi
 
@@ -427,7 +430,6 @@ a = dict(x.split(":") for x in sys.argv[2].split())
 print(sum(int(v) - int(b.get(p, 0)) for p, v in a.items()))' "$1" "$2"
 }
 
-want() { [[ " $CONFIGS " == *" $1 "* ]]; }
 ACTIVE=()
 for c in direct nginx bare hyper tollgate-sqlite tollgate-pg; do
   want "$c" || continue
